@@ -1,0 +1,1 @@
+//! BAR0: the initialization segment and the MSI-X table and PBA.
