@@ -1,1 +1,23 @@
-//! vfio-user.
+//! vfio-user, both ends: message codecs, framing with SCM_RIGHTS, a server that
+//! validates every message before a [`server::Backend`] sees it, and a client.
+//!
+//! The protocol is QEMU's `docs/interop/vfio-user.rst`. This crate knows nothing about
+//! mlx5.
+
+pub mod caps;
+pub mod channel;
+pub mod client;
+pub mod dma;
+pub mod error;
+pub mod irq;
+pub mod proto;
+pub mod server;
+
+pub use client::{Client, RegionInfo};
+pub use dma::{Dma, DmaError, DmaWindow};
+pub use error::{Errno, VfuError};
+pub use irq::{IrqAction, IrqData, IrqIndexShape, IrqTable, SetIrqs};
+pub use server::{Backend, Connection, IrqDesc, Listener, RegionDesc, RegionMmap, ServerConfig};
+
+/// VFIO uAPI constants and structures, from `vfio-bindings`.
+pub use vfio_bindings::bindings::vfio as uapi;

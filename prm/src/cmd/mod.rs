@@ -1,0 +1,9 @@
+//! Firmware command messages: the generic headers, status codes and opcodes.
+//!
+//! One layout file per command family goes beside these (`hca.rs`, `migration.rs`, ...).
+
+pub mod header;
+pub mod opcode;
+
+pub use header::{cmd_status_to_errno, CmdInHeader, CmdOutHeader, CmdStatus, DRIVER_SYNDROME};
+pub use opcode::Opcode;

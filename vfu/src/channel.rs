@@ -1,0 +1,156 @@
+//! Framing: whole messages over a unix stream socket, fds by SCM_RIGHTS.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use crate::error::VfuError;
+use crate::proto::{Header, HEADER_SIZE};
+
+/// Most fds the kernel passes in one message (`SCM_MAX_FD`); we always offer room for
+/// this many so that an over-eager peer is detected (and its fds closed) instead of
+/// truncating the control data and losing sync.
+pub const SCM_MAX_FD: usize = 253;
+
+/// Chunk used to discard an oversized payload.
+const DRAIN_CHUNK: usize = 64 * 1024;
+
+/// A received message: header, payload (size - 16 bytes), and the fds that came with it.
+#[derive(Debug)]
+pub struct Message {
+    pub header: Header,
+    pub payload: Vec<u8>,
+    pub fds: Vec<File>,
+}
+
+/// What came off the socket.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A whole message within the size cap.
+    Message(Message),
+    /// A message larger than the cap: its payload was read and discarded.
+    Oversized(Header),
+    /// A size field smaller than the header: the stream cannot be trusted any more.
+    Undersized(Header),
+}
+
+/// One end of a vfio-user connection.
+pub struct Channel {
+    stream: UnixStream,
+}
+
+impl Channel {
+    pub fn new(stream: UnixStream) -> Self {
+        Channel { stream }
+    }
+
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
+    }
+
+    /// Reads exactly `buf.len()` bytes, collecting any fds that arrive on the way.
+    /// `Ok(false)` means the peer closed the connection before the first byte.
+    fn read_exact_fds(&self, buf: &mut [u8], fds: &mut Vec<File>) -> Result<bool, VfuError> {
+        let mut got = 0;
+        while got < buf.len() {
+            let mut raw = [-1 as RawFd; SCM_MAX_FD];
+            let mut iov = [libc::iovec {
+                iov_base: buf[got..].as_mut_ptr().cast(),
+                iov_len: buf.len() - got,
+            }];
+            // SAFETY: the iovec points into `buf[got..]`, which we borrow mutably and which
+            // outlives the call; the fd array has SCM_MAX_FD entries as passed.
+            let r = unsafe { self.stream.recv_with_fds(&mut iov, &mut raw) };
+            let (n, nfds) = match r {
+                Ok(v) => v,
+                Err(e) if e.errno() == libc::EINTR => continue,
+                Err(e) => return Err(VfuError::Io(e.into())),
+            };
+            for fd in &raw[..nfds] {
+                // SAFETY: recvmsg handed us ownership of these freshly received fds.
+                fds.push(unsafe { File::from_raw_fd(*fd) });
+            }
+            if n == 0 {
+                if got == 0 {
+                    return Ok(false);
+                }
+                return Err(VfuError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            got += n;
+        }
+        Ok(true)
+    }
+
+    /// Receives one message. A payload above `max_payload` is drained and reported as
+    /// `Oversized`, so the stream stays in sync. `Err(Disconnected)` on a clean EOF.
+    pub fn recv(&self, max_payload: usize) -> Result<Incoming, VfuError> {
+        let mut hb = [0u8; HEADER_SIZE];
+        let mut fds = Vec::new();
+        if !self.read_exact_fds(&mut hb, &mut fds)? {
+            return Err(VfuError::Disconnected);
+        }
+        let header = Header::decode(&hb);
+        let size = header.msg_size as usize;
+        if size < HEADER_SIZE {
+            return Ok(Incoming::Undersized(header));
+        }
+        let len = size - HEADER_SIZE;
+        if len > max_payload {
+            self.drain(len)?;
+            return Ok(Incoming::Oversized(header));
+        }
+        let mut payload = vec![0u8; len];
+        if len > 0 && !self.read_exact_fds(&mut payload, &mut fds)? {
+            return Err(VfuError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        Ok(Incoming::Message(Message {
+            header,
+            payload,
+            fds,
+        }))
+    }
+
+    fn drain(&self, mut len: usize) -> Result<(), VfuError> {
+        let mut chunk = vec![0u8; DRAIN_CHUNK.min(len)];
+        let mut s = &self.stream;
+        while len > 0 {
+            let n = chunk.len().min(len);
+            let got = s.read(&mut chunk[..n])?;
+            if got == 0 {
+                return Err(VfuError::Disconnected);
+            }
+            len -= got;
+        }
+        Ok(())
+    }
+
+    /// Sends one message, `fds` attached to its first byte.
+    pub fn send(&self, header: &Header, payload: &[u8], fds: &[RawFd]) -> Result<(), VfuError> {
+        let hb = header.encode();
+        let mut whole = Vec::with_capacity(HEADER_SIZE + payload.len());
+        whole.extend_from_slice(&hb);
+        whole.extend_from_slice(payload);
+        let mut sent = 0;
+        if !fds.is_empty() {
+            loop {
+                match self.stream.send_with_fds(&[&whole[..]], fds) {
+                    Ok(n) => {
+                        sent = n;
+                        break;
+                    }
+                    Err(e) if e.errno() == libc::EINTR => continue,
+                    Err(e) => return Err(VfuError::Io(e.into())),
+                }
+            }
+        }
+        (&self.stream).write_all(&whole[sent..])?;
+        Ok(())
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+}

@@ -1,0 +1,393 @@
+//! The IOVA space a client hands the device with DMA_MAP: memfds mapped with vm-memory.
+//!
+//! `Dma` is a cheap, cloneable handle: the connection thread maps and unmaps, device
+//! workers read and write. Each access takes the table lock only to find the mapping
+//! and copies outside it.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{FileOffset, VolatileMemory};
+
+use crate::error::Errno;
+
+/// DMA page size we accept (the `pgsizes` capability).
+pub const DMA_PAGE_SIZE: u64 = 4096;
+/// DMA windows valid at once (the `max_dma_maps` capability).
+pub const MAX_DMA_MAPS: usize = 16384;
+/// How long an unmap waits for in-flight device accesses to let go of the mapping.
+const UNMAP_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `flags` of DMA_MAP (`VFIO_DMA_MAP_FLAG_*`).
+pub use vfio_bindings::bindings::vfio::{VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE};
+
+/// Why a device access to the IOVA space failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DmaError {
+    #[error("IOVA {iova:#x}+{len:#x} is not mapped")]
+    NotMapped { iova: u64, len: u64 },
+    #[error("IOVA {iova:#x} is mapped without {access} permission")]
+    Permission { iova: u64, access: &'static str },
+    #[error("IOVA {iova:#x}+{len:#x} overflows the address space")]
+    Overflow { iova: u64, len: u64 },
+}
+
+struct Mapping {
+    iova: u64,
+    size: u64,
+    flags: u32,
+    region: MmapRegion<()>,
+}
+
+/// Description of one DMA window, for backends and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DmaWindow {
+    pub iova: u64,
+    pub size: u64,
+    pub flags: u32,
+}
+
+#[derive(Default)]
+struct Table {
+    maps: BTreeMap<u64, Arc<Mapping>>,
+}
+
+impl Table {
+    /// The mapping containing `iova`, if any.
+    fn find(&self, iova: u64) -> Option<&Arc<Mapping>> {
+        let (_, m) = self.maps.range(..=iova).next_back()?;
+        (iova - m.iova < m.size).then_some(m)
+    }
+
+    fn overlaps(&self, iova: u64, end: u64) -> bool {
+        if let Some((_, m)) = self.maps.range(..end).next_back() {
+            return m.iova + m.size > iova;
+        }
+        false
+    }
+}
+
+/// Handle to a function's IOVA space.
+#[derive(Clone)]
+pub struct Dma {
+    table: Arc<RwLock<Table>>,
+    max_maps: usize,
+}
+
+impl Default for Dma {
+    fn default() -> Self {
+        Dma::new(MAX_DMA_MAPS)
+    }
+}
+
+impl Dma {
+    pub fn new(max_maps: usize) -> Self {
+        Dma {
+            table: Arc::default(),
+            max_maps,
+        }
+    }
+
+    /// Maps `size` bytes of `file` from `offset` at `iova`. Everything is checked first:
+    /// alignment, overflow, the file's size (a map past the end of a memfd would raise
+    /// SIGBUS on access), overlap (`EEXIST`) and the window count (`ENOSPC`).
+    pub fn map(
+        &self,
+        iova: u64,
+        size: u64,
+        file: File,
+        offset: u64,
+        flags: u32,
+    ) -> Result<(), Errno> {
+        let known = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
+        if flags & !known != 0
+            || flags & VFIO_DMA_MAP_FLAG_READ == 0 && flags & VFIO_DMA_MAP_FLAG_WRITE == 0
+        {
+            return Err(Errno::EINVAL);
+        }
+        if size == 0
+            || !iova.is_multiple_of(DMA_PAGE_SIZE)
+            || !size.is_multiple_of(DMA_PAGE_SIZE)
+            || !offset.is_multiple_of(DMA_PAGE_SIZE)
+        {
+            return Err(Errno::EINVAL);
+        }
+        let end = iova.checked_add(size).ok_or(Errno::EINVAL)?;
+        let file_end = offset.checked_add(size).ok_or(Errno::EINVAL)?;
+        let file_len = file.metadata().map_err(|e| Errno::from_io(&e))?.len();
+        if file_end > file_len {
+            return Err(Errno::EINVAL);
+        }
+        let len = usize::try_from(size).map_err(|_| Errno::EINVAL)?;
+        {
+            let t = self.table.read().expect("dma table lock");
+            if t.overlaps(iova, end) {
+                return Err(Errno::EEXIST);
+            }
+            if t.maps.len() >= self.max_maps {
+                return Err(Errno::ENOSPC);
+            }
+        }
+        let mut prot = 0;
+        if flags & VFIO_DMA_MAP_FLAG_READ != 0 {
+            prot |= libc::PROT_READ;
+        }
+        if flags & VFIO_DMA_MAP_FLAG_WRITE != 0 {
+            prot |= libc::PROT_READ | libc::PROT_WRITE;
+        }
+        let region = MmapRegion::build(
+            Some(FileOffset::new(file, offset)),
+            len,
+            prot,
+            libc::MAP_SHARED,
+        )
+        .map_err(|_| Errno::ENOMEM)?;
+        let mut t = self.table.write().expect("dma table lock");
+        // Re-check under the write lock: the table may have changed while we mapped.
+        if t.overlaps(iova, end) {
+            return Err(Errno::EEXIST);
+        }
+        if t.maps.len() >= self.max_maps {
+            return Err(Errno::ENOSPC);
+        }
+        t.maps.insert(
+            iova,
+            Arc::new(Mapping {
+                iova,
+                size,
+                flags,
+                region,
+            }),
+        );
+        Ok(())
+    }
+
+    /// Unmaps exactly the window `iova..iova+size`; anything else is `ENOENT`. Returns
+    /// once no device access holds the mapping any more.
+    pub fn unmap(&self, iova: u64, size: u64) -> Result<(), Errno> {
+        let m = {
+            let mut t = self.table.write().expect("dma table lock");
+            match t.maps.get(&iova) {
+                Some(m) if m.size == size => t.maps.remove(&iova).expect("present"),
+                _ => return Err(Errno::ENOENT),
+            }
+        };
+        Self::wait_unused(m);
+        Ok(())
+    }
+
+    /// Unmaps every window; returns how many there were.
+    pub fn unmap_all(&self) -> usize {
+        let maps = std::mem::take(&mut self.table.write().expect("dma table lock").maps);
+        let n = maps.len();
+        for m in maps.into_values() {
+            Self::wait_unused(m);
+        }
+        n
+    }
+
+    fn wait_unused(m: Arc<Mapping>) {
+        let start = Instant::now();
+        while Arc::strong_count(&m) > 1 && start.elapsed() < UNMAP_DRAIN_TIMEOUT {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        if Arc::strong_count(&m) > 1 {
+            tracing::warn!(
+                iova = m.iova,
+                size = m.size,
+                "unmapped while a device access still held it"
+            );
+        }
+    }
+
+    /// The current windows, sorted by IOVA.
+    pub fn windows(&self) -> Vec<DmaWindow> {
+        self.table
+            .read()
+            .expect("dma table lock")
+            .maps
+            .values()
+            .map(|m| DmaWindow {
+                iova: m.iova,
+                size: m.size,
+                flags: m.flags,
+            })
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.read().expect("dma table lock").maps.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Walks `iova..iova+len` window by window, calling `f(mapping, offset in mapping,
+    /// offset in buffer, length)`. Fails before touching anything if any byte is unmapped
+    /// or lacks the permission.
+    fn walk(
+        &self,
+        iova: u64,
+        len: usize,
+        need: u32,
+        mut f: impl FnMut(&Mapping, usize, usize, usize),
+    ) -> Result<(), DmaError> {
+        let len64 = len as u64;
+        iova.checked_add(len64)
+            .ok_or(DmaError::Overflow { iova, len: len64 })?;
+        let mut pieces = Vec::new();
+        {
+            let t = self.table.read().expect("dma table lock");
+            let mut done = 0u64;
+            while done < len64 {
+                let at = iova + done;
+                let m = t.find(at).ok_or(DmaError::NotMapped {
+                    iova: at,
+                    len: len64 - done,
+                })?;
+                if m.flags & need == 0 {
+                    let access = if need == VFIO_DMA_MAP_FLAG_WRITE {
+                        "write"
+                    } else {
+                        "read"
+                    };
+                    return Err(DmaError::Permission { iova: at, access });
+                }
+                let off = at - m.iova;
+                let n = (m.size - off).min(len64 - done);
+                pieces.push((Arc::clone(m), off as usize, done as usize, n as usize));
+                done += n;
+            }
+        }
+        for (m, off, buf_off, n) in pieces {
+            f(&m, off, buf_off, n);
+        }
+        Ok(())
+    }
+
+    /// Device read of guest memory (the device reads what the driver wrote).
+    pub fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        self.walk(iova, buf.len(), VFIO_DMA_MAP_FLAG_READ, |m, off, b, n| {
+            let s = m.region.get_slice(off, n).expect("bounds checked by walk");
+            s.copy_to(&mut buf[b..b + n]);
+        })
+    }
+
+    /// Device write into guest memory.
+    pub fn write(&self, iova: u64, buf: &[u8]) -> Result<(), DmaError> {
+        self.walk(iova, buf.len(), VFIO_DMA_MAP_FLAG_WRITE, |m, off, b, n| {
+            let s = m.region.get_slice(off, n).expect("bounds checked by walk");
+            s.copy_from(&buf[b..b + n]);
+        })
+    }
+}
+
+/// A memfd of `size` bytes, for tests and for drivers that DMA-map their own memory.
+pub fn memfd(name: &str, size: u64) -> std::io::Result<File> {
+    let cname = std::ffi::CString::new(name).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    // SAFETY: `cname` is a valid NUL-terminated string; memfd_create has no other inputs.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create returned a new fd that nothing else owns.
+    let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(size)?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rw() -> u32 {
+        VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE
+    }
+
+    #[test]
+    fn map_read_write_unmap() {
+        let dma = Dma::default();
+        let f = memfd("t", 0x4000).unwrap();
+        dma.map(0x10000, 0x2000, f.try_clone().unwrap(), 0x1000, rw())
+            .unwrap();
+        dma.write(0x10ffe, &[1, 2, 3, 4]).unwrap();
+        let mut b = [0u8; 4];
+        dma.read(0x10ffe, &mut b).unwrap();
+        assert_eq!(b, [1, 2, 3, 4]);
+        // The bytes landed in the file at offset 0x1000 + 0xffe.
+        let mut fb = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut fb, 0x1ffe).unwrap();
+        assert_eq!(fb, [1, 2, 3, 4]);
+        assert_eq!(dma.unmap(0x10000, 0x1000), Err(Errno::ENOENT));
+        dma.unmap(0x10000, 0x2000).unwrap();
+        assert!(matches!(
+            dma.read(0x10000, &mut b),
+            Err(DmaError::NotMapped { .. })
+        ));
+    }
+
+    #[test]
+    fn overlap_is_eexist_and_bad_maps_einval() {
+        let dma = Dma::default();
+        let f = memfd("t", 0x10000).unwrap();
+        dma.map(0x2000, 0x2000, f.try_clone().unwrap(), 0, rw())
+            .unwrap();
+        assert_eq!(
+            dma.map(0x3000, 0x2000, f.try_clone().unwrap(), 0, rw()),
+            Err(Errno::EEXIST)
+        );
+        assert_eq!(
+            dma.map(0x1000, 0x2000, f.try_clone().unwrap(), 0, rw()),
+            Err(Errno::EEXIST)
+        );
+        assert_eq!(
+            dma.map(0x0, 0x1000, f.try_clone().unwrap(), 0x10000, rw()),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            dma.map(0x0, 0x1001, f.try_clone().unwrap(), 0, rw()),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            dma.map(u64::MAX - 0xfff, 0x2000, f.try_clone().unwrap(), 0, rw()),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            dma.map(0x0, 0x1000, f.try_clone().unwrap(), 0, 0),
+            Err(Errno::EINVAL)
+        );
+        dma.map(0x0, 0x2000, f, 0, rw()).unwrap();
+        assert_eq!(dma.len(), 2);
+    }
+
+    #[test]
+    fn access_spans_adjacent_windows_and_checks_permission() {
+        let dma = Dma::default();
+        let f = memfd("t", 0x2000).unwrap();
+        dma.map(0x0, 0x1000, f.try_clone().unwrap(), 0, rw())
+            .unwrap();
+        dma.map(
+            0x1000,
+            0x1000,
+            f.try_clone().unwrap(),
+            0x1000,
+            VFIO_DMA_MAP_FLAG_READ,
+        )
+        .unwrap();
+        let mut b = [0u8; 16];
+        dma.read(0xff8, &mut b).unwrap();
+        assert!(matches!(
+            dma.write(0xff8, &b),
+            Err(DmaError::Permission { .. })
+        ));
+        assert!(matches!(
+            dma.read(0x1ff8, &mut b),
+            Err(DmaError::NotMapped { .. })
+        ));
+        assert_eq!(dma.unmap_all(), 2);
+    }
+}

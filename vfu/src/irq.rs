@@ -1,0 +1,353 @@
+//! Interrupts: the decoded DEVICE_SET_IRQS request and a table of per-vector eventfds
+//! with VFIO's mask/unmask/trigger semantics, for backends to use.
+
+use std::fs::File;
+
+use vfio_bindings::bindings::vfio::{
+    VFIO_IRQ_SET_ACTION_MASK, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_TYPE_MASK,
+    VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_BOOL, VFIO_IRQ_SET_DATA_EVENTFD,
+    VFIO_IRQ_SET_DATA_NONE, VFIO_IRQ_SET_DATA_TYPE_MASK,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::error::Errno;
+
+/// What a SET_IRQS asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IrqAction {
+    Mask,
+    Unmask,
+    Trigger,
+}
+
+/// The data a SET_IRQS carries.
+#[derive(Debug)]
+pub enum IrqData {
+    None,
+    Bool(Vec<bool>),
+    /// One fd per vector from `start`; empty means de-assign `start..start+count`.
+    Eventfds(Vec<File>),
+}
+
+/// A validated DEVICE_SET_IRQS request.
+#[derive(Debug)]
+pub struct SetIrqs {
+    pub index: u32,
+    pub start: u32,
+    pub count: u32,
+    pub action: IrqAction,
+    pub data: IrqData,
+}
+
+impl SetIrqs {
+    /// Splits and checks `flags`: exactly one data type and exactly one action.
+    pub fn parse_flags(flags: u32) -> Result<(u32, IrqAction), Errno> {
+        let known = VFIO_IRQ_SET_DATA_TYPE_MASK | VFIO_IRQ_SET_ACTION_TYPE_MASK;
+        if flags & !known != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let data = flags & VFIO_IRQ_SET_DATA_TYPE_MASK;
+        if !matches!(
+            data,
+            VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_DATA_BOOL | VFIO_IRQ_SET_DATA_EVENTFD
+        ) {
+            return Err(Errno::EINVAL);
+        }
+        let action = match flags & VFIO_IRQ_SET_ACTION_TYPE_MASK {
+            VFIO_IRQ_SET_ACTION_MASK => IrqAction::Mask,
+            VFIO_IRQ_SET_ACTION_UNMASK => IrqAction::Unmask,
+            VFIO_IRQ_SET_ACTION_TRIGGER => IrqAction::Trigger,
+            _ => return Err(Errno::EINVAL),
+        };
+        Ok((data, action))
+    }
+}
+
+#[derive(Default)]
+struct Vector {
+    trigger: Option<EventFd>,
+    unmask: Option<EventFd>,
+    masked: bool,
+    pending: bool,
+}
+
+struct Index {
+    count: u32,
+    maskable: bool,
+    vectors: Vec<Vector>,
+}
+
+/// Per-index, per-vector interrupt state of one function.
+pub struct IrqTable {
+    indices: Vec<Index>,
+}
+
+/// Shape of one IRQ index: its vector count and whether it can be masked through
+/// SET_IRQS (MSI-X is masked in the table, which the VMM owns, so it is not).
+#[derive(Debug, Clone, Copy)]
+pub struct IrqIndexShape {
+    pub count: u32,
+    pub maskable: bool,
+}
+
+impl IrqTable {
+    pub fn new(shapes: &[IrqIndexShape]) -> Self {
+        IrqTable {
+            indices: shapes
+                .iter()
+                .map(|s| Index {
+                    count: s.count,
+                    maskable: s.maskable,
+                    vectors: (0..s.count).map(|_| Vector::default()).collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Applies a request the server already validated against the index's count.
+    pub fn apply(&mut self, req: SetIrqs) -> Result<(), Errno> {
+        let idx = self
+            .indices
+            .get_mut(req.index as usize)
+            .ok_or(Errno::EINVAL)?;
+        let start = req.start as usize;
+        let count = req.count as usize;
+        if start
+            .checked_add(count)
+            .is_none_or(|e| e > idx.count as usize)
+        {
+            return Err(Errno::EINVAL);
+        }
+        let range = start..start + count;
+        match (req.action, req.data) {
+            (IrqAction::Trigger, IrqData::None) if count == 0 => {
+                for v in &mut idx.vectors {
+                    *v = Vector::default();
+                }
+            }
+            (IrqAction::Trigger, IrqData::None) => {
+                for i in range {
+                    Self::fire(&mut idx.vectors[i]);
+                }
+            }
+            (IrqAction::Trigger, IrqData::Bool(b)) => {
+                for (i, on) in range.zip(b) {
+                    if on {
+                        Self::fire(&mut idx.vectors[i]);
+                    }
+                }
+            }
+            (IrqAction::Trigger, IrqData::Eventfds(fds)) => {
+                if fds.is_empty() {
+                    for i in range {
+                        idx.vectors[i].trigger = None;
+                    }
+                } else {
+                    if fds.len() != count {
+                        return Err(Errno::EINVAL);
+                    }
+                    for (i, f) in range.zip(fds) {
+                        idx.vectors[i].trigger = Some(eventfd_from_file(f));
+                        idx.vectors[i].pending = false;
+                    }
+                }
+            }
+            (IrqAction::Mask | IrqAction::Unmask, _) if !idx.maskable => return Err(Errno::EINVAL),
+            (IrqAction::Mask, IrqData::Eventfds(_)) => return Err(Errno::EINVAL),
+            (IrqAction::Mask, data) => {
+                let sel = Self::selection(count, data)?;
+                for (i, on) in range.zip(sel) {
+                    if on {
+                        idx.vectors[i].masked = true;
+                    }
+                }
+            }
+            (IrqAction::Unmask, IrqData::Eventfds(fds)) => {
+                if !fds.is_empty() && fds.len() != count {
+                    return Err(Errno::EINVAL);
+                }
+                let mut fds = fds.into_iter();
+                for i in range {
+                    idx.vectors[i].unmask = fds.next().map(eventfd_from_file);
+                }
+            }
+            (IrqAction::Unmask, data) => {
+                let sel = Self::selection(count, data)?;
+                for (i, on) in range.zip(sel) {
+                    if on {
+                        let v = &mut idx.vectors[i];
+                        v.masked = false;
+                        if v.pending {
+                            v.pending = false;
+                            Self::fire(v);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn selection(count: usize, data: IrqData) -> Result<Vec<bool>, Errno> {
+        match data {
+            IrqData::None => Ok(vec![true; count]),
+            IrqData::Bool(b) if b.len() == count => Ok(b),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    fn fire(v: &mut Vector) -> bool {
+        match (&v.trigger, v.masked) {
+            (Some(fd), false) => {
+                if let Err(e) = fd.write(1) {
+                    tracing::warn!(error = %e, "eventfd write failed");
+                }
+                true
+            }
+            _ => {
+                v.pending = true;
+                false
+            }
+        }
+    }
+
+    /// Raises `vector` of `index`: writes 1 to its eventfd, or marks it pending when it
+    /// is masked or has no eventfd. Returns whether it was delivered.
+    pub fn trigger(&mut self, index: u32, vector: u32) -> bool {
+        match self
+            .indices
+            .get_mut(index as usize)
+            .and_then(|i| i.vectors.get_mut(vector as usize))
+        {
+            Some(v) => Self::fire(v),
+            None => false,
+        }
+    }
+
+    /// Whether `vector` waits undelivered (the MSI-X PBA bit).
+    pub fn pending(&self, index: u32, vector: u32) -> bool {
+        self.indices
+            .get(index as usize)
+            .and_then(|i| i.vectors.get(vector as usize))
+            .is_some_and(|v| v.pending)
+    }
+
+    /// Clears a pending bit (the device no longer needs the interrupt).
+    pub fn clear_pending(&mut self, index: u32, vector: u32) {
+        if let Some(v) = self
+            .indices
+            .get_mut(index as usize)
+            .and_then(|i| i.vectors.get_mut(vector as usize))
+        {
+            v.pending = false;
+        }
+    }
+
+    /// Whether `vector` has a trigger eventfd.
+    pub fn has_eventfd(&self, index: u32, vector: u32) -> bool {
+        self.indices
+            .get(index as usize)
+            .and_then(|i| i.vectors.get(vector as usize))
+            .is_some_and(|v| v.trigger.is_some())
+    }
+
+    /// Number of vectors with a trigger eventfd, over all indices.
+    pub fn eventfd_count(&self) -> usize {
+        self.indices
+            .iter()
+            .flat_map(|i| &i.vectors)
+            .filter(|v| v.trigger.is_some() || v.unmask.is_some())
+            .count()
+    }
+
+    /// Drops every eventfd and mask/pending state (client disconnect, reset).
+    pub fn clear(&mut self) {
+        for i in &mut self.indices {
+            for v in &mut i.vectors {
+                *v = Vector::default();
+            }
+        }
+    }
+}
+
+fn eventfd_from_file(f: File) -> EventFd {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let fd = f.into_raw_fd();
+    // SAFETY: `fd` was just released from a `File` that owned it, so the EventFd takes
+    // sole ownership; a non-eventfd fd only makes later writes fail, which we log.
+    unsafe { EventFd::from_raw_fd(fd) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsRawFd, FromRawFd};
+
+    fn efd_pair() -> (EventFd, File) {
+        let e = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        // SAFETY: dup returns a new fd owned by the File.
+        let f = unsafe { File::from_raw_fd(libc::dup(e.as_raw_fd())) };
+        (e, f)
+    }
+
+    #[test]
+    fn trigger_mask_unmask_pending() {
+        let mut t = IrqTable::new(&[IrqIndexShape {
+            count: 2,
+            maskable: true,
+        }]);
+        let (e, f) = efd_pair();
+        t.apply(SetIrqs {
+            index: 0,
+            start: 1,
+            count: 1,
+            action: IrqAction::Trigger,
+            data: IrqData::Eventfds(vec![f]),
+        })
+        .unwrap();
+        assert!(t.trigger(0, 1));
+        assert_eq!(e.read().unwrap(), 1);
+        t.apply(SetIrqs {
+            index: 0,
+            start: 1,
+            count: 1,
+            action: IrqAction::Mask,
+            data: IrqData::None,
+        })
+        .unwrap();
+        assert!(!t.trigger(0, 1));
+        assert!(t.pending(0, 1));
+        t.apply(SetIrqs {
+            index: 0,
+            start: 1,
+            count: 1,
+            action: IrqAction::Unmask,
+            data: IrqData::None,
+        })
+        .unwrap();
+        assert!(!t.pending(0, 1));
+        assert_eq!(e.read().unwrap(), 1);
+        // Vector 0 has no eventfd: pending.
+        assert!(!t.trigger(0, 0));
+        assert!(t.pending(0, 0));
+        assert!(t
+            .apply(SetIrqs {
+                index: 0,
+                start: 1,
+                count: 2,
+                action: IrqAction::Trigger,
+                data: IrqData::None,
+            })
+            .is_err());
+    }
+
+    #[test]
+    fn flags_need_one_data_type_and_one_action() {
+        assert!(SetIrqs::parse_flags(0x24).is_ok());
+        assert!(SetIrqs::parse_flags(0x21).is_ok());
+        assert_eq!(SetIrqs::parse_flags(0x25), Err(Errno::EINVAL));
+        assert_eq!(SetIrqs::parse_flags(0x64), Err(Errno::EINVAL));
+        assert_eq!(SetIrqs::parse_flags(0x04), Err(Errno::EINVAL));
+        assert_eq!(SetIrqs::parse_flags(0x124), Err(Errno::EINVAL));
+    }
+}

@@ -1,0 +1,536 @@
+//! Wire format of vfio-user messages (QEMU `docs/interop/vfio-user.rst`).
+//!
+//! Every field is host endian (little endian on the machines we run on). Wire
+//! structures hold integers only; decoding checks lengths and returns a typed error.
+
+use crate::error::Errno;
+
+/// Size of the header that starts every message.
+pub const HEADER_SIZE: usize = 16;
+
+/// `flags` bits 0-3: message type.
+pub const FLAGS_TYPE_MASK: u32 = 0xf;
+/// Message type: command.
+pub const FLAGS_TYPE_COMMAND: u32 = 0;
+/// Message type: reply.
+pub const FLAGS_TYPE_REPLY: u32 = 1;
+/// `flags` bit 4: the sender wants no reply.
+pub const FLAGS_NO_REPLY: u32 = 1 << 4;
+/// `flags` bit 5: the reply carries an errno in `error`.
+pub const FLAGS_ERROR: u32 = 1 << 5;
+
+/// The protocol major version we speak.
+pub const VERSION_MAJOR: u16 = 0;
+/// The highest minor version we implement.
+pub const VERSION_MINOR: u16 = 0;
+
+/// Command numbers (spec section "Commands").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum Command {
+    Version = 1,
+    DmaMap = 2,
+    DmaUnmap = 3,
+    DeviceGetInfo = 4,
+    DeviceGetRegionInfo = 5,
+    DeviceGetRegionIoFds = 6,
+    DeviceGetIrqInfo = 7,
+    DeviceSetIrqs = 8,
+    RegionRead = 9,
+    RegionWrite = 10,
+    DmaRead = 11,
+    DmaWrite = 12,
+    DeviceReset = 13,
+    RegionWriteMulti = 15,
+    DeviceFeature = 16,
+    MigDataRead = 17,
+    MigDataWrite = 18,
+}
+
+impl Command {
+    /// The command for a wire number, or `None` for a number the spec does not define.
+    pub fn from_u16(v: u16) -> Option<Self> {
+        use Command::*;
+        Some(match v {
+            1 => Version,
+            2 => DmaMap,
+            3 => DmaUnmap,
+            4 => DeviceGetInfo,
+            5 => DeviceGetRegionInfo,
+            6 => DeviceGetRegionIoFds,
+            7 => DeviceGetIrqInfo,
+            8 => DeviceSetIrqs,
+            9 => RegionRead,
+            10 => RegionWrite,
+            11 => DmaRead,
+            12 => DmaWrite,
+            13 => DeviceReset,
+            15 => RegionWriteMulti,
+            16 => DeviceFeature,
+            17 => MigDataRead,
+            18 => MigDataWrite,
+            _ => return None,
+        })
+    }
+
+    /// The spec's name, for logs.
+    pub fn name(self) -> &'static str {
+        use Command::*;
+        match self {
+            Version => "VERSION",
+            DmaMap => "DMA_MAP",
+            DmaUnmap => "DMA_UNMAP",
+            DeviceGetInfo => "DEVICE_GET_INFO",
+            DeviceGetRegionInfo => "DEVICE_GET_REGION_INFO",
+            DeviceGetRegionIoFds => "DEVICE_GET_REGION_IO_FDS",
+            DeviceGetIrqInfo => "DEVICE_GET_IRQ_INFO",
+            DeviceSetIrqs => "DEVICE_SET_IRQS",
+            RegionRead => "REGION_READ",
+            RegionWrite => "REGION_WRITE",
+            DmaRead => "DMA_READ",
+            DmaWrite => "DMA_WRITE",
+            DeviceReset => "DEVICE_RESET",
+            RegionWriteMulti => "REGION_WRITE_MULTI",
+            DeviceFeature => "DEVICE_FEATURE",
+            MigDataRead => "MIG_DATA_READ",
+            MigDataWrite => "MIG_DATA_WRITE",
+        }
+    }
+}
+
+/// Name of a raw command number, for logs (unknown numbers included).
+pub fn command_name(v: u16) -> &'static str {
+    Command::from_u16(v).map_or("UNKNOWN", Command::name)
+}
+
+/// The 16-byte header of every message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Header {
+    pub msg_id: u16,
+    pub command: u16,
+    pub msg_size: u32,
+    pub flags: u32,
+    pub error: u32,
+}
+
+impl Header {
+    pub fn decode(b: &[u8; HEADER_SIZE]) -> Self {
+        Header {
+            msg_id: u16::from_le_bytes([b[0], b[1]]),
+            command: u16::from_le_bytes([b[2], b[3]]),
+            msg_size: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+            flags: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+            error: u32::from_le_bytes([b[12], b[13], b[14], b[15]]),
+        }
+    }
+
+    pub fn encode(&self) -> [u8; HEADER_SIZE] {
+        let mut b = [0u8; HEADER_SIZE];
+        b[0..2].copy_from_slice(&self.msg_id.to_le_bytes());
+        b[2..4].copy_from_slice(&self.command.to_le_bytes());
+        b[4..8].copy_from_slice(&self.msg_size.to_le_bytes());
+        b[8..12].copy_from_slice(&self.flags.to_le_bytes());
+        b[12..16].copy_from_slice(&self.error.to_le_bytes());
+        b
+    }
+
+    pub fn msg_type(&self) -> u32 {
+        self.flags & FLAGS_TYPE_MASK
+    }
+
+    pub fn no_reply(&self) -> bool {
+        self.flags & FLAGS_NO_REPLY != 0
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.flags & FLAGS_ERROR != 0
+    }
+}
+
+/// A little-endian reader over a payload with bounds checks that yield `EINVAL`.
+pub struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        Reader { buf, pos: 0 }
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], Errno> {
+        let end = self.pos.checked_add(n).ok_or(Errno::EINVAL)?;
+        let s = self.buf.get(self.pos..end).ok_or(Errno::EINVAL)?;
+        self.pos = end;
+        Ok(s)
+    }
+
+    pub fn u16(&mut self) -> Result<u16, Errno> {
+        let b = self.bytes(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    pub fn u32(&mut self) -> Result<u32, Errno> {
+        let b = self.bytes(4)?;
+        Ok(u32::from_le_bytes(b.try_into().expect("4 bytes")))
+    }
+
+    pub fn u64(&mut self) -> Result<u64, Errno> {
+        let b = self.bytes(8)?;
+        Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    }
+
+    pub fn rest(&mut self) -> &'a [u8] {
+        let s = &self.buf[self.pos..];
+        self.pos = self.buf.len();
+        s
+    }
+
+    pub fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+}
+
+/// A little-endian writer building a payload.
+#[derive(Default)]
+pub struct Writer {
+    pub buf: Vec<u8>,
+}
+
+impl Writer {
+    pub fn new() -> Self {
+        Writer::default()
+    }
+    pub fn u16(&mut self, v: u16) -> &mut Self {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn u32(&mut self, v: u32) -> &mut Self {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn u64(&mut self, v: u64) -> &mut Self {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn bytes(&mut self, b: &[u8]) -> &mut Self {
+        self.buf.extend_from_slice(b);
+        self
+    }
+    pub fn finish(self) -> Vec<u8> {
+        self.buf
+    }
+}
+
+/// DMA_MAP request (32 bytes, plus 0 or 1 fd).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DmaMap {
+    pub argsz: u32,
+    pub flags: u32,
+    pub offset: u64,
+    pub address: u64,
+    pub size: u64,
+}
+
+impl DmaMap {
+    pub const SIZE: usize = 32;
+    pub fn decode(p: &[u8]) -> Result<Self, Errno> {
+        let mut r = Reader::new(p);
+        Ok(DmaMap {
+            argsz: r.u32()?,
+            flags: r.u32()?,
+            offset: r.u64()?,
+            address: r.u64()?,
+            size: r.u64()?,
+        })
+    }
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u32(self.argsz)
+            .u32(self.flags)
+            .u64(self.offset)
+            .u64(self.address)
+            .u64(self.size);
+        w.finish()
+    }
+}
+
+/// DMA_UNMAP request and reply (24 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DmaUnmap {
+    pub argsz: u32,
+    pub flags: u32,
+    pub address: u64,
+    pub size: u64,
+}
+
+impl DmaUnmap {
+    pub const SIZE: usize = 24;
+    pub fn decode(p: &[u8]) -> Result<Self, Errno> {
+        let mut r = Reader::new(p);
+        Ok(DmaUnmap {
+            argsz: r.u32()?,
+            flags: r.u32()?,
+            address: r.u64()?,
+            size: r.u64()?,
+        })
+    }
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u32(self.argsz)
+            .u32(self.flags)
+            .u64(self.address)
+            .u64(self.size);
+        w.finish()
+    }
+}
+
+/// DEVICE_GET_INFO request and reply (`struct vfio_device_info`, 16 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeviceInfo {
+    pub argsz: u32,
+    pub flags: u32,
+    pub num_regions: u32,
+    pub num_irqs: u32,
+}
+
+impl DeviceInfo {
+    pub const SIZE: usize = 16;
+    pub fn decode(p: &[u8]) -> Result<Self, Errno> {
+        let mut r = Reader::new(p);
+        Ok(DeviceInfo {
+            argsz: r.u32()?,
+            flags: r.u32()?,
+            num_regions: r.u32()?,
+            num_irqs: r.u32()?,
+        })
+    }
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u32(self.argsz)
+            .u32(self.flags)
+            .u32(self.num_regions)
+            .u32(self.num_irqs);
+        w.finish()
+    }
+}
+
+/// DEVICE_GET_REGION_INFO request and fixed reply part (`struct vfio_region_info`, 32 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RegionInfoWire {
+    pub argsz: u32,
+    pub flags: u32,
+    pub index: u32,
+    pub cap_offset: u32,
+    pub size: u64,
+    pub offset: u64,
+}
+
+impl RegionInfoWire {
+    pub const SIZE: usize = 32;
+    pub fn decode(p: &[u8]) -> Result<Self, Errno> {
+        let mut r = Reader::new(p);
+        Ok(RegionInfoWire {
+            argsz: r.u32()?,
+            flags: r.u32()?,
+            index: r.u32()?,
+            cap_offset: r.u32()?,
+            size: r.u64()?,
+            offset: r.u64()?,
+        })
+    }
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u32(self.argsz)
+            .u32(self.flags)
+            .u32(self.index)
+            .u32(self.cap_offset)
+            .u64(self.size)
+            .u64(self.offset);
+        w.finish()
+    }
+}
+
+/// DEVICE_GET_IRQ_INFO request and reply (`struct vfio_irq_info`, 16 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IrqInfoWire {
+    pub argsz: u32,
+    pub flags: u32,
+    pub index: u32,
+    pub count: u32,
+}
+
+impl IrqInfoWire {
+    pub const SIZE: usize = 16;
+    pub fn decode(p: &[u8]) -> Result<Self, Errno> {
+        let mut r = Reader::new(p);
+        Ok(IrqInfoWire {
+            argsz: r.u32()?,
+            flags: r.u32()?,
+            index: r.u32()?,
+            count: r.u32()?,
+        })
+    }
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u32(self.argsz)
+            .u32(self.flags)
+            .u32(self.index)
+            .u32(self.count);
+        w.finish()
+    }
+}
+
+/// DEVICE_SET_IRQS fixed part (`struct vfio_irq_set`, 20 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IrqSetWire {
+    pub argsz: u32,
+    pub flags: u32,
+    pub index: u32,
+    pub start: u32,
+    pub count: u32,
+}
+
+impl IrqSetWire {
+    pub const SIZE: usize = 20;
+    pub fn decode(p: &[u8]) -> Result<Self, Errno> {
+        let mut r = Reader::new(p);
+        Ok(IrqSetWire {
+            argsz: r.u32()?,
+            flags: r.u32()?,
+            index: r.u32()?,
+            start: r.u32()?,
+            count: r.u32()?,
+        })
+    }
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u32(self.argsz)
+            .u32(self.flags)
+            .u32(self.index)
+            .u32(self.start)
+            .u32(self.count);
+        w.finish()
+    }
+}
+
+/// REGION_READ / REGION_WRITE fixed part (16 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RegionAccess {
+    pub offset: u64,
+    pub region: u32,
+    pub count: u32,
+}
+
+impl RegionAccess {
+    pub const SIZE: usize = 16;
+    pub fn decode(p: &[u8]) -> Result<Self, Errno> {
+        let mut r = Reader::new(p);
+        Ok(RegionAccess {
+            offset: r.u64()?,
+            region: r.u32()?,
+            count: r.u32()?,
+        })
+    }
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u64(self.offset).u32(self.region).u32(self.count);
+        w.finish()
+    }
+}
+
+/// One entry of REGION_WRITE_MULTI (24 bytes: offset, region, count, data[8]).
+pub const WRITE_MULTI_ENTRY_SIZE: usize = 24;
+/// Largest data of one REGION_WRITE_MULTI entry.
+pub const WRITE_MULTI_DATA_MAX: usize = 8;
+
+/// DEVICE_FEATURE fixed part (`struct vfio_device_feature`, 8 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeviceFeatureWire {
+    pub argsz: u32,
+    pub flags: u32,
+}
+
+impl DeviceFeatureWire {
+    pub const SIZE: usize = 8;
+}
+
+/// MIG_DATA_READ / MIG_DATA_WRITE fixed part (8 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MigData {
+    pub argsz: u32,
+    pub size: u32,
+}
+
+impl MigData {
+    pub const SIZE: usize = 8;
+}
+
+/// Size of `struct vfio_region_sparse_mmap_area` (offset u64, size u64).
+pub const SPARSE_AREA_SIZE: usize = 16;
+/// Size of a capability header (id u16, version u16, next u32).
+pub const CAP_HEADER_SIZE: usize = 8;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trips() {
+        let h = Header {
+            msg_id: 0x1234,
+            command: 5,
+            msg_size: 48,
+            flags: FLAGS_TYPE_REPLY | FLAGS_ERROR,
+            error: 22,
+        };
+        let b = h.encode();
+        assert_eq!(b.len(), HEADER_SIZE);
+        assert_eq!(Header::decode(&b), h);
+        assert_eq!(&b[8..12], &0x21u32.to_le_bytes());
+    }
+
+    #[test]
+    fn wire_sizes_match_spec() {
+        let m = DmaMap {
+            argsz: 32,
+            flags: 3,
+            offset: 1,
+            address: 2,
+            size: 3,
+        };
+        assert_eq!(m.encode().len(), DmaMap::SIZE);
+        assert_eq!(DmaMap::decode(&m.encode()).unwrap(), m);
+        let u = DmaUnmap {
+            argsz: 24,
+            flags: 0,
+            address: 4,
+            size: 5,
+        };
+        assert_eq!(u.encode().len(), DmaUnmap::SIZE);
+        assert_eq!(DeviceInfo::default().encode().len(), DeviceInfo::SIZE);
+        assert_eq!(
+            RegionInfoWire::default().encode().len(),
+            RegionInfoWire::SIZE
+        );
+        assert_eq!(IrqInfoWire::default().encode().len(), IrqInfoWire::SIZE);
+        assert_eq!(IrqSetWire::default().encode().len(), IrqSetWire::SIZE);
+        assert_eq!(RegionAccess::default().encode().len(), RegionAccess::SIZE);
+    }
+
+    #[test]
+    fn short_payload_is_einval() {
+        assert_eq!(DmaMap::decode(&[0u8; 31]), Err(Errno::EINVAL));
+    }
+
+    #[test]
+    fn command_numbers_round_trip() {
+        for n in 0..32u16 {
+            if let Some(c) = Command::from_u16(n) {
+                assert_eq!(c as u16, n);
+            }
+        }
+        assert!(Command::from_u16(14).is_none());
+        assert!(Command::from_u16(0).is_none());
+    }
+}

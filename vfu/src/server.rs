@@ -1,0 +1,759 @@
+//! The server side: a listening socket, one client at a time, every message decoded,
+//! validated and dispatched to a [`Backend`].
+//!
+//! The server owns framing, negotiation, DMA maps and all bounds checks; a backend
+//! sees only requests that already fit its regions and IRQ indices. Every backend
+//! method has a default that answers "not supported", so a backend implements only
+//! what its device has.
+
+use std::fs::File;
+use std::os::fd::RawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use vfio_bindings::bindings::vfio::{
+    VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MASK, VFIO_DEVICE_FEATURE_PROBE,
+    VFIO_DEVICE_FEATURE_SET, VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET,
+    VFIO_DMA_UNMAP_FLAG_ALL, VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, VFIO_IRQ_SET_DATA_BOOL,
+    VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_REGION_INFO_CAP_SPARSE_MMAP,
+    VFIO_REGION_INFO_CAP_TYPE, VFIO_REGION_INFO_FLAG_CAPS, VFIO_REGION_INFO_FLAG_MMAP,
+    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+};
+
+use crate::caps::{Capabilities, MAX_VERSION_JSON, SERVER_MAX_DATA_XFER, SERVER_MAX_MSG_FDS};
+use crate::channel::{Channel, Incoming, Message};
+use crate::dma::{Dma, DmaWindow};
+use crate::error::{Errno, VfuError};
+use crate::irq::{IrqAction, IrqData, SetIrqs};
+use crate::proto::*;
+
+/// Most entries in one REGION_WRITE_MULTI (QEMU batches at most 200).
+pub const MAX_WRITE_MULTI: u64 = 1024;
+/// Room for the fixed part of any message on top of the data cap.
+const FIXED_OVERHEAD: usize = 4096;
+
+/// How a region's memory may be mmapped by the client.
+#[derive(Debug, Clone)]
+pub struct RegionMmap {
+    /// The fd sent with the region info; the backend keeps it open.
+    pub fd: RawFd,
+    /// File offset of the region's start.
+    pub offset: u64,
+    /// Mappable areas (offset, size) inside the region; empty means all of it.
+    pub sparse_areas: Vec<(u64, u64)>,
+}
+
+/// One region as the backend describes it.
+#[derive(Debug, Clone, Default)]
+pub struct RegionDesc {
+    /// `VFIO_REGION_INFO_FLAG_READ | _WRITE` (MMAP and CAPS are added by the server).
+    pub flags: u32,
+    pub size: u64,
+    pub mmap: Option<RegionMmap>,
+    /// `VFIO_REGION_INFO_CAP_TYPE` (type, subtype), for device-specific regions.
+    pub type_cap: Option<(u32, u32)>,
+}
+
+/// One IRQ index as the backend describes it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IrqDesc {
+    pub flags: u32,
+    pub count: u32,
+}
+
+/// The device behind a socket. Requests arrive validated: region accesses lie inside
+/// the region and respect its READ/WRITE flags, IRQ ranges lie inside the index.
+pub trait Backend {
+    /// `VFIO_DEVICE_FLAGS_*` for DEVICE_GET_INFO.
+    fn device_flags(&self) -> u32 {
+        VFIO_DEVICE_FLAGS_PCI | VFIO_DEVICE_FLAGS_RESET
+    }
+    fn num_regions(&self) -> u32 {
+        0
+    }
+    fn region(&self, _index: u32) -> Option<RegionDesc> {
+        None
+    }
+    fn num_irqs(&self) -> u32 {
+        0
+    }
+    fn irq(&self, _index: u32) -> Option<IrqDesc> {
+        None
+    }
+    fn region_read(&mut self, _index: u32, _offset: u64, _data: &mut [u8]) -> Result<(), Errno> {
+        Err(Errno::ENOTSUP)
+    }
+    fn region_write(&mut self, _index: u32, _offset: u64, _data: &[u8]) -> Result<(), Errno> {
+        Err(Errno::ENOTSUP)
+    }
+    fn set_irqs(&mut self, _req: SetIrqs) -> Result<(), Errno> {
+        Err(Errno::ENOTSUP)
+    }
+    fn reset(&mut self) -> Result<(), Errno> {
+        Err(Errno::ENOTSUP)
+    }
+    /// DEVICE_GET_REGION_IO_FDS: the reply payload after the 16-byte fixed part, and fds.
+    fn region_io_fds(&mut self, _index: u32, _argsz: u32) -> Result<(Vec<u8>, Vec<RawFd>), Errno> {
+        Err(Errno::ENOTSUP)
+    }
+    /// DEVICE_FEATURE: `ops` is GET/SET/PROBE bits; returns the reply data that follows
+    /// the 8-byte fixed part.
+    fn device_feature(
+        &mut self,
+        _feature: u32,
+        _ops: u32,
+        _data: &[u8],
+        _argsz: u32,
+    ) -> Result<Vec<u8>, Errno> {
+        Err(Errno::ENOTSUP)
+    }
+    /// MIG_DATA_READ: at most `max` bytes; fewer means the end of the data.
+    fn mig_data_read(&mut self, _max: u32) -> Result<Vec<u8>, Errno> {
+        Err(Errno::ENOTSUP)
+    }
+    fn mig_data_write(&mut self, _data: &[u8]) -> Result<(), Errno> {
+        Err(Errno::ENOTSUP)
+    }
+    /// A window was added to the DMA space.
+    fn dma_mapped(&mut self, _window: DmaWindow) {}
+    /// A window is about to leave the DMA space; the device must stop using it.
+    fn dma_unmapping(&mut self, _window: DmaWindow) {}
+    /// The client went away: drop its IRQ fds, keep device state.
+    fn disconnected(&mut self) {}
+}
+
+/// Limits of a server.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerConfig {
+    pub max_msg_fds: u32,
+    pub max_data_xfer_size: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_msg_fds: SERVER_MAX_MSG_FDS,
+            max_data_xfer_size: SERVER_MAX_DATA_XFER,
+        }
+    }
+}
+
+/// A listening vfio-user socket that removes its file when dropped.
+pub struct Listener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Listener {
+    /// Binds `path`. A stale socket file (nobody accepts on it) is replaced; a live one
+    /// is an error.
+    pub fn bind(path: &Path) -> Result<Self, VfuError> {
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(VfuError::SocketInUse(path.display().to_string()));
+            }
+            std::fs::remove_file(path)?;
+        }
+        let listener = UnixListener::bind(path)?;
+        Ok(Listener {
+            listener,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves clients one after another until `accept` fails.
+    pub fn serve<B: Backend>(
+        &self,
+        backend: &mut B,
+        dma: &Dma,
+        cfg: ServerConfig,
+    ) -> Result<(), VfuError> {
+        loop {
+            let (stream, _) = self.listener.accept()?;
+            tracing::info!(socket = %self.path.display(), "client connected");
+            match Connection::new(stream, cfg).run(backend, dma) {
+                Ok(()) => tracing::info!(socket = %self.path.display(), "client disconnected"),
+                Err(e) => {
+                    tracing::warn!(socket = %self.path.display(), error = %e, "connection ended")
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The reply to one message: a payload and fds to send, or an errno.
+type Reply = Result<(Vec<u8>, Vec<RawFd>), Errno>;
+
+fn ok(payload: Vec<u8>) -> Reply {
+    Ok((payload, Vec::new()))
+}
+
+/// One client connection.
+pub struct Connection {
+    chan: Channel,
+    cfg: ServerConfig,
+    client: Option<Capabilities>,
+}
+
+impl Connection {
+    pub fn new(stream: UnixStream, cfg: ServerConfig) -> Self {
+        Connection {
+            chan: Channel::new(stream),
+            cfg,
+            client: None,
+        }
+    }
+
+    fn max_payload(&self) -> usize {
+        self.cfg.max_data_xfer_size as usize + FIXED_OVERHEAD.max(MAX_VERSION_JSON)
+    }
+
+    /// Serves until the client disconnects; then drops every DMA map and tells the
+    /// backend (which drops IRQ fds and keeps device state).
+    pub fn run<B: Backend>(mut self, backend: &mut B, dma: &Dma) -> Result<(), VfuError> {
+        let r = self.serve(backend, dma);
+        for w in dma.windows() {
+            backend.dma_unmapping(w);
+        }
+        let n = dma.unmap_all();
+        backend.disconnected();
+        tracing::debug!(dma_maps_dropped = n, "connection state released");
+        match r {
+            Err(VfuError::Disconnected) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn serve<B: Backend>(&mut self, backend: &mut B, dma: &Dma) -> Result<(), VfuError> {
+        loop {
+            match self.chan.recv(self.max_payload())? {
+                Incoming::Message(msg) => self.handle(msg, backend, dma)?,
+                Incoming::Oversized(h) => {
+                    tracing::warn!(
+                        cmd = command_name(h.command),
+                        id = h.msg_id,
+                        size = h.msg_size,
+                        "message above the size cap, payload discarded"
+                    );
+                    self.reply_err(&h, Errno::E2BIG)?;
+                }
+                Incoming::Undersized(h) => {
+                    tracing::warn!(
+                        cmd = command_name(h.command),
+                        id = h.msg_id,
+                        size = h.msg_size,
+                        "message size below the header: closing, the stream cannot be resynchronised"
+                    );
+                    self.reply_err(&h, Errno::EINVAL)?;
+                    return Err(VfuError::BadMessageSize {
+                        size: h.msg_size,
+                        min: HEADER_SIZE,
+                        max: HEADER_SIZE + self.max_payload(),
+                    });
+                }
+            }
+        }
+    }
+
+    fn reply_err(&self, h: &Header, errno: Errno) -> Result<(), VfuError> {
+        if h.no_reply() {
+            return Ok(());
+        }
+        let rh = Header {
+            msg_id: h.msg_id,
+            command: h.command,
+            msg_size: HEADER_SIZE as u32,
+            flags: FLAGS_TYPE_REPLY | FLAGS_ERROR,
+            error: errno.raw() as u32,
+        };
+        self.chan.send(&rh, &[], &[])
+    }
+
+    fn handle<B: Backend>(
+        &mut self,
+        msg: Message,
+        backend: &mut B,
+        dma: &Dma,
+    ) -> Result<(), VfuError> {
+        let h = msg.header;
+        let span = tracing::debug_span!("vfio-user", cmd = command_name(h.command), id = h.msg_id);
+        let _g = span.enter();
+        let nfds = msg.fds.len();
+        let reply = self.dispatch(msg, backend, dma);
+        match reply {
+            Ok((payload, fds)) => {
+                tracing::debug!(size = h.msg_size, fds = nfds, reply = payload.len(), "ok");
+                if h.no_reply() {
+                    return Ok(());
+                }
+                let rh = Header {
+                    msg_id: h.msg_id,
+                    command: h.command,
+                    msg_size: (HEADER_SIZE + payload.len()) as u32,
+                    flags: FLAGS_TYPE_REPLY,
+                    error: 0,
+                };
+                self.chan.send(&rh, &payload, &fds)
+            }
+            Err(errno) => {
+                if h.no_reply() {
+                    tracing::warn!(size = h.msg_size, fds = nfds, %errno, "posted request failed (no reply sent)");
+                } else {
+                    tracing::debug!(size = h.msg_size, fds = nfds, %errno, "error reply");
+                }
+                self.reply_err(&h, errno)
+            }
+        }
+    }
+
+    fn dispatch<B: Backend>(&mut self, msg: Message, backend: &mut B, dma: &Dma) -> Reply {
+        let h = msg.header;
+        if h.msg_type() != FLAGS_TYPE_COMMAND {
+            return Err(Errno::EINVAL);
+        }
+        if msg.fds.len() > self.cfg.max_msg_fds as usize {
+            return Err(Errno::EINVAL);
+        }
+        let Some(cmd) = Command::from_u16(h.command) else {
+            return Err(Errno::ENOSYS);
+        };
+        let takes_fds = matches!(cmd, Command::DmaMap | Command::DeviceSetIrqs);
+        if !takes_fds && !msg.fds.is_empty() {
+            return Err(Errno::EINVAL);
+        }
+        if cmd == Command::Version {
+            return self.version(&msg.payload);
+        }
+        if self.client.is_none() {
+            // The spec has VERSION first; anything else before it is a protocol error.
+            return Err(Errno::EINVAL);
+        }
+        let p = &msg.payload[..];
+        match cmd {
+            Command::Version => unreachable!("handled above"),
+            Command::DmaMap => self.dma_map(p, msg.fds, backend, dma),
+            Command::DmaUnmap => self.dma_unmap(p, backend, dma),
+            Command::DeviceGetInfo => {
+                let req = DeviceInfo::decode(p)?;
+                if (req.argsz as usize) < DeviceInfo::SIZE {
+                    return Err(Errno::EINVAL);
+                }
+                ok(DeviceInfo {
+                    argsz: DeviceInfo::SIZE as u32,
+                    flags: backend.device_flags(),
+                    num_regions: backend.num_regions(),
+                    num_irqs: backend.num_irqs(),
+                }
+                .encode())
+            }
+            Command::DeviceGetRegionInfo => self.region_info(p, backend),
+            Command::DeviceGetRegionIoFds => {
+                let req = IrqInfoWire::decode(p)?; // same 16-byte shape: argsz, flags, index, count
+                if (req.argsz as usize) < 16 || req.index >= backend.num_regions() {
+                    return Err(Errno::EINVAL);
+                }
+                let (tail, fds) = backend.region_io_fds(req.index, req.argsz)?;
+                let mut out = req.encode();
+                out.extend_from_slice(&tail);
+                Ok((out, fds))
+            }
+            Command::DeviceGetIrqInfo => {
+                let req = IrqInfoWire::decode(p)?;
+                if (req.argsz as usize) < IrqInfoWire::SIZE {
+                    return Err(Errno::EINVAL);
+                }
+                let irq = (req.index < backend.num_irqs())
+                    .then(|| backend.irq(req.index))
+                    .flatten()
+                    .ok_or(Errno::EINVAL)?;
+                ok(IrqInfoWire {
+                    argsz: IrqInfoWire::SIZE as u32,
+                    flags: irq.flags,
+                    index: req.index,
+                    count: irq.count,
+                }
+                .encode())
+            }
+            Command::DeviceSetIrqs => self.set_irqs(p, msg.fds, backend),
+            Command::RegionRead => {
+                let req = RegionAccess::decode(p)?;
+                if p.len() != RegionAccess::SIZE {
+                    return Err(Errno::EINVAL);
+                }
+                self.check_access(
+                    backend,
+                    req.region,
+                    req.offset,
+                    req.count as u64,
+                    VFIO_REGION_INFO_FLAG_READ,
+                )?;
+                let mut out = req.encode();
+                out.resize(RegionAccess::SIZE + req.count as usize, 0);
+                backend.region_read(req.region, req.offset, &mut out[RegionAccess::SIZE..])?;
+                ok(out)
+            }
+            Command::RegionWrite => {
+                let req = RegionAccess::decode(p)?;
+                let data = &p[RegionAccess::SIZE..];
+                if data.len() != req.count as usize {
+                    return Err(Errno::EINVAL);
+                }
+                self.check_access(
+                    backend,
+                    req.region,
+                    req.offset,
+                    req.count as u64,
+                    VFIO_REGION_INFO_FLAG_WRITE,
+                )?;
+                backend.region_write(req.region, req.offset, data)?;
+                ok(req.encode())
+            }
+            // Server-to-client commands have no meaning in this direction.
+            Command::DmaRead | Command::DmaWrite => Err(Errno::EINVAL),
+            Command::DeviceReset => {
+                if !p.is_empty() {
+                    return Err(Errno::EINVAL);
+                }
+                backend.reset()?;
+                ok(Vec::new())
+            }
+            Command::RegionWriteMulti => self.write_multi(p, backend),
+            Command::DeviceFeature => {
+                let mut r = Reader::new(p);
+                let argsz = r.u32()?;
+                let flags = r.u32()?;
+                let ops = flags & !VFIO_DEVICE_FEATURE_MASK;
+                let all =
+                    VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_PROBE;
+                if ops & !all != 0 || ops == 0 {
+                    return Err(Errno::EINVAL);
+                }
+                let get_set = VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_SET;
+                if ops & get_set == get_set && ops & VFIO_DEVICE_FEATURE_PROBE == 0 {
+                    return Err(Errno::EINVAL);
+                }
+                if (argsz as usize) < DeviceFeatureWire::SIZE {
+                    return Err(Errno::EINVAL);
+                }
+                let data = r.rest();
+                let tail =
+                    backend.device_feature(flags & VFIO_DEVICE_FEATURE_MASK, ops, data, argsz)?;
+                let mut w = Writer::new();
+                w.u32((DeviceFeatureWire::SIZE + tail.len()) as u32)
+                    .u32(flags)
+                    .bytes(&tail);
+                ok(w.finish())
+            }
+            Command::MigDataRead => {
+                let mut r = Reader::new(p);
+                let _argsz = r.u32()?;
+                let size = r.u32()?;
+                if r.remaining() != 0 || size > self.cfg.max_data_xfer_size {
+                    return Err(Errno::EINVAL);
+                }
+                let data = backend.mig_data_read(size)?;
+                if data.len() > size as usize {
+                    tracing::error!(
+                        asked = size,
+                        got = data.len(),
+                        "backend returned more migration data than asked"
+                    );
+                    return Err(Errno::EIO);
+                }
+                let mut w = Writer::new();
+                w.u32((MigData::SIZE + data.len()) as u32)
+                    .u32(data.len() as u32)
+                    .bytes(&data);
+                ok(w.finish())
+            }
+            Command::MigDataWrite => {
+                let mut r = Reader::new(p);
+                let _argsz = r.u32()?;
+                let size = r.u32()?;
+                let data = r.rest();
+                if data.len() != size as usize || size > self.cfg.max_data_xfer_size {
+                    return Err(Errno::EINVAL);
+                }
+                backend.mig_data_write(data)?;
+                ok(Vec::new())
+            }
+        }
+    }
+
+    fn version(&mut self, p: &[u8]) -> Reply {
+        if self.client.is_some() {
+            return Err(Errno::EINVAL);
+        }
+        let mut r = Reader::new(p);
+        let major = r.u16()?;
+        let minor = r.u16()?;
+        if major != VERSION_MAJOR {
+            return Err(Errno::ENOTSUP);
+        }
+        let client = Capabilities::parse(r.rest())?;
+        if client.max_msg_fds == 0 {
+            return Err(Errno::EINVAL);
+        }
+        let ours = Capabilities::server_reply(&client);
+        tracing::info!(
+            major,
+            minor,
+            client_max_fds = client.max_msg_fds,
+            client_max_xfer = client.max_data_xfer_size,
+            migration = client.migration,
+            "version negotiated"
+        );
+        self.client = Some(client);
+        // Never above the client's proposal (today we implement minor 0 only).
+        #[allow(clippy::unnecessary_min_or_max)]
+        let minor = minor.min(VERSION_MINOR);
+        let mut w = Writer::new();
+        w.u16(VERSION_MAJOR).u16(minor).bytes(&ours.to_json());
+        ok(w.finish())
+    }
+
+    fn check_access<B: Backend>(
+        &self,
+        backend: &B,
+        index: u32,
+        offset: u64,
+        count: u64,
+        need: u32,
+    ) -> Result<(), Errno> {
+        if index >= backend.num_regions() {
+            return Err(Errno::EINVAL);
+        }
+        let r = backend.region(index).ok_or(Errno::EINVAL)?;
+        if r.flags & need == 0 || count > self.cfg.max_data_xfer_size as u64 {
+            return Err(Errno::EINVAL);
+        }
+        let end = offset.checked_add(count).ok_or(Errno::EINVAL)?;
+        if end > r.size {
+            return Err(Errno::EINVAL);
+        }
+        Ok(())
+    }
+
+    fn dma_map<B: Backend>(&self, p: &[u8], fds: Vec<File>, backend: &mut B, dma: &Dma) -> Reply {
+        let req = DmaMap::decode(p)?;
+        if p.len() != DmaMap::SIZE || (req.argsz as usize) < DmaMap::SIZE {
+            return Err(Errno::EINVAL);
+        }
+        if fds.len() > 1 {
+            return Err(Errno::EINVAL);
+        }
+        let Some(file) = fds.into_iter().next() else {
+            // We serve DMA only from shared memory; without an fd the client would have to
+            // serve DMA_READ/WRITE, which this server does not issue.
+            tracing::warn!(
+                iova = req.address,
+                size = req.size,
+                "DMA_MAP without an fd refused: back guest RAM with a shared memfd"
+            );
+            return Err(Errno::ENOTSUP);
+        };
+        dma.map(req.address, req.size, file, req.offset, req.flags)?;
+        let w = DmaWindow {
+            iova: req.address,
+            size: req.size,
+            flags: req.flags,
+        };
+        tracing::debug!(iova = w.iova, size = w.size, flags = w.flags, "dma mapped");
+        backend.dma_mapped(w);
+        ok(Vec::new())
+    }
+
+    fn dma_unmap<B: Backend>(&self, p: &[u8], backend: &mut B, dma: &Dma) -> Reply {
+        let req = DmaUnmap::decode(p)?;
+        if p.len() != DmaUnmap::SIZE || (req.argsz as usize) < DmaUnmap::SIZE {
+            return Err(Errno::EINVAL);
+        }
+        if req.flags & VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP != 0 {
+            return Err(Errno::ENOTSUP);
+        }
+        if req.flags & !VFIO_DMA_UNMAP_FLAG_ALL != 0 {
+            return Err(Errno::EINVAL);
+        }
+        if req.flags & VFIO_DMA_UNMAP_FLAG_ALL != 0 {
+            if req.address != 0 || req.size != 0 {
+                return Err(Errno::EINVAL);
+            }
+            for w in dma.windows() {
+                backend.dma_unmapping(w);
+            }
+            dma.unmap_all();
+        } else {
+            let w = dma
+                .windows()
+                .into_iter()
+                .find(|w| w.iova == req.address && w.size == req.size)
+                .ok_or(Errno::ENOENT)?;
+            backend.dma_unmapping(w);
+            dma.unmap(req.address, req.size)?;
+        }
+        ok(DmaUnmap {
+            argsz: DmaUnmap::SIZE as u32,
+            ..req
+        }
+        .encode())
+    }
+
+    fn region_info<B: Backend>(&self, p: &[u8], backend: &B) -> Reply {
+        let req = RegionInfoWire::decode(p)?;
+        if (req.argsz as usize) < RegionInfoWire::SIZE || req.index >= backend.num_regions() {
+            return Err(Errno::EINVAL);
+        }
+        let r = backend.region(req.index).ok_or(Errno::EINVAL)?;
+        let mut flags = r.flags & (VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE);
+        // Capability chain; offsets count from the start of vfio_region_info.
+        let mut caps: Vec<(u16, Vec<u8>)> = Vec::new();
+        if let Some(m) = &r.mmap {
+            flags |= VFIO_REGION_INFO_FLAG_MMAP;
+            if !m.sparse_areas.is_empty() {
+                let mut w = Writer::new();
+                w.u32(m.sparse_areas.len() as u32).u32(0);
+                for &(off, size) in &m.sparse_areas {
+                    w.u64(off).u64(size);
+                }
+                caps.push((VFIO_REGION_INFO_CAP_SPARSE_MMAP as u16, w.finish()));
+            }
+        }
+        if let Some((ty, sub)) = r.type_cap {
+            let mut w = Writer::new();
+            w.u32(ty).u32(sub);
+            caps.push((VFIO_REGION_INFO_CAP_TYPE as u16, w.finish()));
+        }
+        let caps_len: usize = caps.iter().map(|(_, b)| CAP_HEADER_SIZE + b.len()).sum();
+        let needed = RegionInfoWire::SIZE + caps_len;
+        let fits = req.argsz as usize >= needed;
+        let mut info = RegionInfoWire {
+            argsz: needed as u32,
+            flags,
+            index: req.index,
+            cap_offset: 0,
+            size: r.size,
+            offset: r.mmap.as_ref().map_or(0, |m| m.offset),
+        };
+        if !caps.is_empty() {
+            info.flags |= VFIO_REGION_INFO_FLAG_CAPS;
+        }
+        let mut out = Vec::new();
+        if fits && !caps.is_empty() {
+            info.cap_offset = RegionInfoWire::SIZE as u32;
+            out = info.encode();
+            let mut at = RegionInfoWire::SIZE;
+            let n = caps.len();
+            for (i, (id, body)) in caps.into_iter().enumerate() {
+                let next_at = at + CAP_HEADER_SIZE + body.len();
+                let next = if i + 1 < n { next_at as u32 } else { 0 };
+                let mut w = Writer::new();
+                w.u16(id).u16(1).u32(next).bytes(&body);
+                out.extend_from_slice(&w.finish());
+                at = next_at;
+            }
+        } else {
+            out.extend_from_slice(&info.encode());
+        }
+        // The fd goes with the reply that carries the whole description.
+        let fds = match &r.mmap {
+            Some(m) if fits => vec![m.fd],
+            _ => Vec::new(),
+        };
+        Ok((out, fds))
+    }
+
+    fn set_irqs<B: Backend>(&self, p: &[u8], fds: Vec<File>, backend: &mut B) -> Reply {
+        let req = IrqSetWire::decode(p)?;
+        if (req.argsz as usize) < IrqSetWire::SIZE {
+            return Err(Errno::EINVAL);
+        }
+        let (data_type, action) = SetIrqs::parse_flags(req.flags)?;
+        let irq = (req.index < backend.num_irqs())
+            .then(|| backend.irq(req.index))
+            .flatten()
+            .ok_or(Errno::EINVAL)?;
+        let disable_all =
+            data_type == VFIO_IRQ_SET_DATA_NONE && action == IrqAction::Trigger && req.count == 0;
+        let end = req.start.checked_add(req.count).ok_or(Errno::EINVAL)?;
+        if end > irq.count || (req.count == 0 && !disable_all) {
+            return Err(Errno::EINVAL);
+        }
+        let tail = &p[IrqSetWire::SIZE..];
+        let data = match data_type {
+            VFIO_IRQ_SET_DATA_NONE => {
+                if !tail.is_empty() || !fds.is_empty() {
+                    return Err(Errno::EINVAL);
+                }
+                IrqData::None
+            }
+            VFIO_IRQ_SET_DATA_BOOL => {
+                if tail.len() != req.count as usize
+                    || !fds.is_empty()
+                    || tail.iter().any(|&b| b > 1)
+                {
+                    return Err(Errno::EINVAL);
+                }
+                IrqData::Bool(tail.iter().map(|&b| b == 1).collect())
+            }
+            VFIO_IRQ_SET_DATA_EVENTFD => {
+                if !tail.is_empty() || !(fds.is_empty() || fds.len() == req.count as usize) {
+                    return Err(Errno::EINVAL);
+                }
+                IrqData::Eventfds(fds)
+            }
+            _ => return Err(Errno::EINVAL),
+        };
+        backend.set_irqs(SetIrqs {
+            index: req.index,
+            start: req.start,
+            count: req.count,
+            action,
+            data,
+        })?;
+        ok(Vec::new())
+    }
+
+    fn write_multi<B: Backend>(&self, p: &[u8], backend: &mut B) -> Reply {
+        let mut r = Reader::new(p);
+        let n = r.u64()?;
+        if n == 0
+            || n > MAX_WRITE_MULTI
+            || r.remaining() as u64 != n * WRITE_MULTI_ENTRY_SIZE as u64
+        {
+            return Err(Errno::EINVAL);
+        }
+        // Validate every entry before applying any, so a bad batch changes nothing.
+        let mut writes = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let a = RegionAccess::decode(r.bytes(RegionAccess::SIZE)?)?;
+            let data = r.bytes(WRITE_MULTI_DATA_MAX)?;
+            if a.count as usize > WRITE_MULTI_DATA_MAX {
+                return Err(Errno::EINVAL);
+            }
+            self.check_access(
+                backend,
+                a.region,
+                a.offset,
+                a.count as u64,
+                VFIO_REGION_INFO_FLAG_WRITE,
+            )?;
+            writes.push((a, &data[..a.count as usize]));
+        }
+        for (a, data) in writes {
+            backend.region_write(a.region, a.offset, data)?;
+        }
+        let mut w = Writer::new();
+        w.u64(n);
+        ok(w.finish())
+    }
+}
