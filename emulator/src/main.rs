@@ -1,1 +1,85 @@
-fn main() {}
+//! `mlx5-emu`: serve an emulated mlx5 adapter over vfio-user sockets.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use mlx5_emulator::{Adapter, AdapterConfig};
+
+/// A software mlx5 (ConnectX) adapter: one PF and N VFs, each a vfio-user socket.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Directory for the sockets (pf.sock, vf0.sock, ...).
+    #[arg(long, default_value = "mlx5-emu")]
+    dir: PathBuf,
+    /// Number of VFs.
+    #[arg(long, default_value_t = 1)]
+    vfs: u16,
+    /// Log level or filter (error, warn, info, debug, trace, or an env-filter string).
+    #[arg(long, default_value = "info")]
+    log: String,
+}
+
+/// Blocks SIGTERM and SIGINT in this thread (and so in every thread spawned after)
+/// and returns the set, for `sigwait`.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it, and
+    // pthread_sigmask only changes this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| {
+        eprintln!("mlx5-emu: bad --log {:?}, using info", args.log);
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let set = block_signals();
+    let adapter = match Adapter::start(&AdapterConfig {
+        dir: args.dir.clone(),
+        vfs: args.vfs,
+    }) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("mlx5-emu: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for f in adapter.functions() {
+        let s = f.lock();
+        println!(
+            "{} {:04x}:{:04x} vhca_id {} at {}",
+            match f.id.kind {
+                mlx5_emulator::pci::FunctionKind::Pf => "PF",
+                mlx5_emulator::pci::FunctionKind::Vf => "VF",
+            },
+            s.config.vendor_id(),
+            s.config.device_id(),
+            f.id.vhca_id,
+            adapter.dir().join(f.id.socket_name()).display()
+        );
+    }
+    println!("serving; SIGTERM or Ctrl-C stops");
+    let mut sig: libc::c_int = 0;
+    // SAFETY: `set` was initialised by block_signals; sigwait writes the signal number.
+    let rc = unsafe { libc::sigwait(&set, &mut sig) };
+    if rc != 0 {
+        eprintln!("mlx5-emu: sigwait failed: {rc}");
+    }
+    tracing::info!(signal = sig, "stopping");
+    adapter.stop();
+    ExitCode::SUCCESS
+}

@@ -7,9 +7,11 @@
 //! what its device has.
 
 use std::fs::File;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MASK, VFIO_DEVICE_FEATURE_PROBE,
@@ -142,6 +144,9 @@ impl Default for ServerConfig {
 pub struct Listener {
     listener: UnixListener,
     path: PathBuf,
+    /// A handle on the connection being served, so `shutdown` can end it.
+    current: Mutex<Option<UnixStream>>,
+    stopping: AtomicBool,
 }
 
 impl Listener {
@@ -158,6 +163,8 @@ impl Listener {
         Ok(Listener {
             listener,
             path: path.to_path_buf(),
+            current: Mutex::new(None),
+            stopping: AtomicBool::new(false),
         })
     }
 
@@ -173,14 +180,42 @@ impl Listener {
         cfg: ServerConfig,
     ) -> Result<(), VfuError> {
         loop {
-            let (stream, _) = self.listener.accept()?;
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(_) if self.stopping.load(Ordering::SeqCst) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if self.stopping.load(Ordering::SeqCst) {
+                return Ok(());
+            }
             tracing::info!(socket = %self.path.display(), "client connected");
-            match Connection::new(stream, cfg).run(backend, dma) {
+            *self.current.lock().unwrap_or_else(|p| p.into_inner()) = stream.try_clone().ok();
+            let r = Connection::new(stream, cfg).run(backend, dma);
+            *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            match r {
                 Ok(()) => tracing::info!(socket = %self.path.display(), "client disconnected"),
                 Err(e) => {
                     tracing::warn!(socket = %self.path.display(), error = %e, "connection ended")
                 }
             }
+        }
+    }
+}
+
+impl Listener {
+    /// Stops `serve`: wakes the accept and ends the connection being served.
+    pub fn shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        // SAFETY: shutdown(2) on a socket fd we own; it only changes the socket's state.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        if let Some(s) = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let _ = s.shutdown(std::net::Shutdown::Both);
         }
     }
 }

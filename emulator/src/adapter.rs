@@ -1,0 +1,155 @@
+//! The device complex: one PF and N VFs, each served on its own vfio-user socket.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use vfu::{Listener, ServerConfig, VfuError};
+
+use crate::function::{Function, FunctionId};
+use crate::pci::PciError;
+use crate::server::FunctionBackend;
+
+/// Most VFs one adapter offers (ConnectX VFs per PF are bounded similarly).
+pub const MAX_VFS: u16 = 127;
+
+/// How to build an adapter.
+#[derive(Debug, Clone)]
+pub struct AdapterConfig {
+    /// Directory holding `pf.sock` and `vfN.sock`.
+    pub dir: PathBuf,
+    /// Number of VFs.
+    pub vfs: u16,
+}
+
+impl Default for AdapterConfig {
+    fn default() -> Self {
+        AdapterConfig {
+            dir: PathBuf::from("mlx5-emu"),
+            vfs: 1,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    #[error("--vfs {got}: expected 0..={max}")]
+    TooManyVfs { got: u16, max: u16 },
+    #[error("cannot create socket directory {dir}: {source}")]
+    Dir { dir: String, source: std::io::Error },
+    #[error("cannot serve {socket}: {source}")]
+    Socket { socket: String, source: VfuError },
+    #[error("bad PCI configuration: {0}")]
+    Pci(#[from] PciError),
+    #[error("cannot start a server thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// A running adapter. Dropping it stops the servers and removes the sockets.
+pub struct Adapter {
+    functions: Vec<Arc<Function>>,
+    listeners: Vec<Arc<Listener>>,
+    threads: Vec<JoinHandle<()>>,
+    dir: PathBuf,
+}
+
+impl Adapter {
+    /// Binds every socket first (so a live socket fails the start before anything is
+    /// served), then serves each function on its own thread.
+    pub fn start(cfg: &AdapterConfig) -> Result<Adapter, AdapterError> {
+        if cfg.vfs > MAX_VFS {
+            return Err(AdapterError::TooManyVfs {
+                got: cfg.vfs,
+                max: MAX_VFS,
+            });
+        }
+        std::fs::create_dir_all(&cfg.dir).map_err(|source| AdapterError::Dir {
+            dir: cfg.dir.display().to_string(),
+            source,
+        })?;
+        let ids: Vec<FunctionId> = std::iter::once(FunctionId::pf())
+            .chain((0..cfg.vfs).map(FunctionId::vf))
+            .collect();
+        let mut functions = Vec::new();
+        let mut listeners = Vec::new();
+        for id in ids {
+            let path = cfg.dir.join(id.socket_name());
+            let l = Listener::bind(&path).map_err(|source| AdapterError::Socket {
+                socket: path.display().to_string(),
+                source,
+            })?;
+            functions.push(Function::new(id)?);
+            listeners.push(Arc::new(l));
+        }
+        let mut threads = Vec::new();
+        for (f, l) in functions.iter().zip(&listeners) {
+            let (f, l) = (Arc::clone(f), Arc::clone(l));
+            let name = format!("vfu-{}", f.id.socket_name().trim_end_matches(".sock"));
+            let t = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || {
+                    let dma = f.dma().clone();
+                    let mut backend = FunctionBackend::new(Arc::clone(&f));
+                    if let Err(e) = l.serve(&mut backend, &dma, ServerConfig::default()) {
+                        tracing::error!(socket = %l.path().display(), error = %e, "server stopped");
+                    }
+                })
+                .map_err(AdapterError::Thread)?;
+            threads.push(t);
+        }
+        Ok(Adapter {
+            functions,
+            listeners,
+            threads,
+            dir: cfg.dir.clone(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn pf(&self) -> &Arc<Function> {
+        &self.functions[0]
+    }
+
+    /// VF `n`, if the adapter has it.
+    pub fn vf(&self, n: u16) -> Option<&Arc<Function>> {
+        self.functions.get(n as usize + 1)
+    }
+
+    pub fn functions(&self) -> &[Arc<Function>] {
+        &self.functions
+    }
+
+    /// Socket paths, PF first.
+    pub fn sockets(&self) -> Vec<PathBuf> {
+        self.listeners
+            .iter()
+            .map(|l| l.path().to_path_buf())
+            .collect()
+    }
+
+    /// Stops serving and removes the sockets.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        for l in &self.listeners {
+            l.shutdown();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        for l in &self.listeners {
+            let _ = std::fs::remove_file(l.path());
+        }
+    }
+}
+
+impl Drop for Adapter {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

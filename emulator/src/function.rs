@@ -1,0 +1,188 @@
+//! One PCI function of the adapter (the PF or a VF): its config space, BAR0 and
+//! interrupt state, behind one short-held lock.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vfu::uapi::{
+    VFIO_IRQ_INFO_AUTOMASKED, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_MASKABLE,
+    VFIO_IRQ_INFO_NORESIZE, VFIO_PCI_ERR_IRQ_INDEX, VFIO_PCI_INTX_IRQ_INDEX,
+    VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_REQ_IRQ_INDEX,
+};
+use vfu::{Dma, IrqDesc, IrqIndexShape, IrqTable};
+
+use crate::bar0::{Bar0, BAR0_SIZE, MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET};
+use crate::pci::{ConfigParams, ConfigSpace, FunctionKind, PciError, INTERRUPT_PIN_NONE};
+
+/// MSI-X vectors of every function.
+pub const MSIX_VECTORS: u16 = 16;
+
+/// Static description of a function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FunctionId {
+    pub kind: FunctionKind,
+    /// VF number (0 for the PF).
+    pub index: u16,
+    /// The firmware's name for the function (`vhca_id`): 0 for the PF, 1 + n for VF n.
+    pub vhca_id: u16,
+}
+
+impl FunctionId {
+    pub fn pf() -> Self {
+        FunctionId {
+            kind: FunctionKind::Pf,
+            index: 0,
+            vhca_id: 0,
+        }
+    }
+
+    pub fn vf(n: u16) -> Self {
+        FunctionId {
+            kind: FunctionKind::Vf,
+            index: n,
+            vhca_id: n + 1,
+        }
+    }
+
+    /// Socket file name: `pf.sock` or `vfN.sock`.
+    pub fn socket_name(&self) -> String {
+        match self.kind {
+            FunctionKind::Pf => "pf.sock".into(),
+            FunctionKind::Vf => format!("vf{}.sock", self.index),
+        }
+    }
+}
+
+/// The mutable state of a function.
+pub struct FunctionState {
+    pub config: ConfigSpace,
+    pub bar0: Bar0,
+    pub irqs: IrqTable,
+}
+
+/// One function: identity, state, and the IOVA space its client mapped.
+pub struct Function {
+    pub id: FunctionId,
+    state: Mutex<FunctionState>,
+    dma: Dma,
+}
+
+impl Function {
+    pub fn new(id: FunctionId) -> Result<Arc<Self>, PciError> {
+        let config = ConfigSpace::new(
+            id.kind,
+            ConfigParams {
+                msix_vectors: MSIX_VECTORS,
+                bar0_size: BAR0_SIZE,
+                bar2_size: None,
+                msix_table_offset: MSIX_TABLE_OFFSET as u32,
+                msix_pba_offset: MSIX_PBA_OFFSET as u32,
+            },
+        )?;
+        let irqs = IrqTable::new(&Self::irq_shapes(&config));
+        Ok(Arc::new(Function {
+            id,
+            state: Mutex::new(FunctionState {
+                config,
+                bar0: Bar0::new(MSIX_VECTORS),
+                irqs,
+            }),
+            dma: Dma::default(),
+        }))
+    }
+
+    fn irq_shapes(config: &ConfigSpace) -> Vec<IrqIndexShape> {
+        (0..VFIO_PCI_NUM_IRQS)
+            .map(|i| {
+                let d = Self::irq_desc_for(config, i);
+                IrqIndexShape {
+                    count: d.count,
+                    maskable: d.flags & VFIO_IRQ_INFO_MASKABLE != 0,
+                }
+            })
+            .collect()
+    }
+
+    /// The IRQ index as DEVICE_GET_IRQ_INFO reports it.
+    fn irq_desc_for(config: &ConfigSpace, index: u32) -> IrqDesc {
+        match index {
+            // A VF has no INTx pin (as SR-IOV VFs); the PF has INTA.
+            VFIO_PCI_INTX_IRQ_INDEX if config.interrupt_pin() != INTERRUPT_PIN_NONE => IrqDesc {
+                flags: VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_AUTOMASKED,
+                count: 1,
+            },
+            VFIO_PCI_INTX_IRQ_INDEX | VFIO_PCI_MSI_IRQ_INDEX => IrqDesc {
+                flags: VFIO_IRQ_INFO_EVENTFD,
+                count: 0,
+            },
+            VFIO_PCI_MSIX_IRQ_INDEX => IrqDesc {
+                flags: VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_NORESIZE,
+                count: MSIX_VECTORS as u32,
+            },
+            VFIO_PCI_ERR_IRQ_INDEX | VFIO_PCI_REQ_IRQ_INDEX => IrqDesc {
+                flags: VFIO_IRQ_INFO_EVENTFD,
+                count: 1,
+            },
+            _ => IrqDesc::default(),
+        }
+    }
+
+    pub fn irq_desc(&self, index: u32) -> IrqDesc {
+        Self::irq_desc_for(&self.lock().config, index)
+    }
+
+    /// The state lock. Held only for register-sized work, never across I/O.
+    pub fn lock(&self) -> MutexGuard<'_, FunctionState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn dma(&self) -> &Dma {
+        &self.dma
+    }
+
+    /// Raises MSI-X `vector`: delivered through its eventfd when MSI-X is enabled and
+    /// not function-masked and the VMM gave an eventfd; otherwise its PBA bit is set.
+    pub fn raise_msix(&self, vector: u16) -> bool {
+        let mut s = self.lock();
+        s.raise_msix(vector)
+    }
+
+    /// FLR or DEVICE_RESET: the function returns to its power-on state. The VMM's
+    /// eventfds and DMA maps stay: they belong to the VMM, not to the function.
+    pub fn reset(&self) {
+        let mut s = self.lock();
+        s.config.reset();
+        s.bar0.reset();
+        tracing::info!(
+            vhca_id = self.id.vhca_id,
+            "function reset to power-on state"
+        );
+    }
+}
+
+impl FunctionState {
+    fn msix_deliverable(&self, vector: u16) -> bool {
+        self.config.msix_enabled()
+            && !self.config.msix_function_masked()
+            && self
+                .irqs
+                .has_eventfd(VFIO_PCI_MSIX_IRQ_INDEX, vector as u32)
+    }
+
+    pub fn raise_msix(&mut self, vector: u16) -> bool {
+        let delivered = self.msix_deliverable(vector)
+            && self.irqs.trigger(VFIO_PCI_MSIX_IRQ_INDEX, vector as u32);
+        // Undelivered interrupts wait in the PBA until the vector becomes deliverable.
+        self.bar0.msix_mut().set_pending(vector, !delivered);
+        delivered
+    }
+
+    /// Delivers pending vectors that became deliverable (MSI-X enabled, function
+    /// unmasked, eventfd assigned), as the PCI spec has a device do on unmask.
+    pub fn flush_pending(&mut self) {
+        for v in 0..MSIX_VECTORS {
+            if self.bar0.msix().pending(v) && self.msix_deliverable(v) {
+                self.raise_msix(v);
+            }
+        }
+    }
+}

@@ -1,0 +1,348 @@
+use super::caps::*;
+use super::*;
+
+const BAR0_SIZE: u64 = 1 << 20;
+
+fn params(msix_vectors: u16) -> ConfigParams {
+    ConfigParams {
+        msix_vectors,
+        bar0_size: BAR0_SIZE,
+        bar2_size: None,
+        msix_table_offset: 0x4000,
+        msix_pba_offset: 0x5000,
+    }
+}
+
+fn space(kind: FunctionKind) -> ConfigSpace {
+    ConfigSpace::new(kind, params(16)).unwrap()
+}
+
+fn read_n<const N: usize>(cs: &ConfigSpace, offset: usize) -> [u8; N] {
+    let mut buf = [0; N];
+    cs.read(offset as u64, &mut buf).unwrap();
+    buf
+}
+
+fn r16(cs: &ConfigSpace, offset: usize) -> u16 {
+    u16::from_le_bytes(read_n(cs, offset))
+}
+
+fn r32(cs: &ConfigSpace, offset: usize) -> u32 {
+    u32::from_le_bytes(read_n(cs, offset))
+}
+
+fn w16(cs: &mut ConfigSpace, offset: usize, v: u16) -> ConfigWriteEffects {
+    cs.write(offset as u64, &v.to_le_bytes()).unwrap()
+}
+
+fn w32(cs: &mut ConfigSpace, offset: usize, v: u32) -> ConfigWriteEffects {
+    cs.write(offset as u64, &v.to_le_bytes()).unwrap()
+}
+
+#[test]
+fn ids_and_class_read_back() {
+    for (kind, device, subsystem, pin) in [
+        (
+            FunctionKind::Pf,
+            0x101d,
+            SUBSYSTEM_ID_PF,
+            INTERRUPT_PIN_INTA,
+        ),
+        (
+            FunctionKind::Vf,
+            0x101e,
+            SUBSYSTEM_ID_VF,
+            INTERRUPT_PIN_NONE,
+        ),
+    ] {
+        let cs = space(kind);
+        assert_eq!(r16(&cs, VENDOR_ID_OFFSET), 0x15b3);
+        assert_eq!(r16(&cs, DEVICE_ID_OFFSET), device);
+        assert_eq!((cs.vendor_id(), cs.device_id()), (0x15b3, device));
+        // Revision, prog-if, subclass, class.
+        assert_eq!(read_n::<4>(&cs, REVISION_ID_OFFSET), [0, 0x00, 0x00, 0x02]);
+        assert_eq!(read_n::<1>(&cs, HEADER_TYPE_OFFSET), [0]);
+        assert_eq!(r16(&cs, SUBSYSTEM_VENDOR_ID_OFFSET), 0x15b3);
+        assert_eq!(r16(&cs, SUBSYSTEM_ID_OFFSET), subsystem);
+        assert_eq!(r16(&cs, STATUS_OFFSET), STATUS_CAP_LIST);
+        assert_eq!(cs.interrupt_pin(), pin);
+        assert_eq!(r32(&cs, ROM_ADDRESS_OFFSET), 0);
+        assert!(!cs.memory_enabled() && !cs.bus_master() && !cs.msix_enabled());
+    }
+}
+
+#[test]
+fn bar0_sizing_round_trip() {
+    let mut cs = space(FunctionKind::Vf);
+    let flags = BAR_MEM_TYPE_64 | BAR_MEM_PREFETCH;
+    assert_eq!(r32(&cs, BAR0_OFFSET), flags);
+    w32(&mut cs, BAR0_OFFSET, 0xffff_ffff);
+    w32(&mut cs, BAR0_OFFSET + 4, 0xffff_ffff);
+    let lo = r32(&cs, BAR0_OFFSET);
+    let hi = r32(&cs, BAR0_OFFSET + 4);
+    assert_eq!((lo, hi), (0xfff0_0000 | flags, 0xffff_ffff));
+    let mask = u64::from(hi) << 32 | u64::from(lo & BAR_MEM_ADDRESS_MASK);
+    assert_eq!(!mask + 1, BAR0_SIZE);
+
+    // A real address sticks, the type bits stay.
+    w32(&mut cs, BAR0_OFFSET, 0xc010_0000);
+    w32(&mut cs, BAR0_OFFSET + 4, 0x0000_0001);
+    assert_eq!(r32(&cs, BAR0_OFFSET), 0xc010_0000 | flags);
+    assert_eq!(r32(&cs, BAR0_OFFSET + 4), 1);
+}
+
+#[test]
+fn bar2_only_when_configured_and_other_bars_read_zero() {
+    let mut p = params(16);
+    p.bar2_size = Some(1 << 32);
+    let mut cs = ConfigSpace::new(FunctionKind::Vf, p).unwrap();
+    for off in (BAR2_OFFSET..=0x24).step_by(4) {
+        w32(&mut cs, off, 0xffff_ffff);
+    }
+    w32(&mut cs, ROM_ADDRESS_OFFSET, 0xffff_ffff);
+    let flags = BAR_MEM_TYPE_64 | BAR_MEM_PREFETCH;
+    assert_eq!(r32(&cs, BAR2_OFFSET), flags);
+    assert_eq!(r32(&cs, BAR2_OFFSET + 4), 0xffff_ffff);
+    assert_eq!([r32(&cs, 0x20), r32(&cs, 0x24)], [0, 0]);
+    assert_eq!(r32(&cs, ROM_ADDRESS_OFFSET), 0);
+
+    let mut cs = space(FunctionKind::Vf);
+    for off in (BAR2_OFFSET..=0x24).step_by(4) {
+        w32(&mut cs, off, 0xffff_ffff);
+        assert_eq!(r32(&cs, off), 0);
+    }
+}
+
+#[test]
+fn read_only_bits_are_not_writable() {
+    let mut cs = space(FunctionKind::Pf);
+    let before = read_n::<CONFIG_SPACE_SIZE>(&cs, 0);
+    w32(&mut cs, VENDOR_ID_OFFSET, 0);
+    w32(&mut cs, REVISION_ID_OFFSET, 0xffff_ffff);
+    w16(&mut cs, HEADER_TYPE_OFFSET, 0xffff);
+    w32(&mut cs, SUBSYSTEM_VENDOR_ID_OFFSET, 0);
+    w32(&mut cs, CAPABILITY_LIST_OFFSET, 0);
+    w16(&mut cs, INTERRUPT_PIN_OFFSET, 0xffff);
+    w32(&mut cs, PCIE_CAP_OFFSET + PCIE_DEVCAP_OFFSET, 0);
+    w32(&mut cs, PCIE_CAP_OFFSET + PCIE_LNKCAP_OFFSET, 0);
+    w32(&mut cs, MSIX_CAP_OFFSET, 0);
+    w32(&mut cs, MSIX_CAP_OFFSET + MSIX_TABLE_OFFSET, 0xffff_ffff);
+    w32(&mut cs, ARI_EXT_CAP_OFFSET, 0);
+    cs.write(0x200, &[0xaa; 0x100]).unwrap();
+    let after = read_n::<CONFIG_SPACE_SIZE>(&cs, 0);
+    // Only the writable bytes (interrupt line, here) may differ.
+    for (i, (a, b)) in before.iter().zip(after.iter()).enumerate() {
+        assert!(a == b || i == INTERRUPT_LINE_OFFSET, "byte {i:#x} changed");
+    }
+
+    // Command: only Memory, Bus Master and INTx Disable stick, and the change is reported.
+    let fx = w16(&mut cs, COMMAND_OFFSET, 0xffff);
+    assert_eq!(r16(&cs, COMMAND_OFFSET), COMMAND_WRITABLE);
+    assert_eq!(fx.command, Some(COMMAND_WRITABLE));
+    assert!(cs.memory_enabled() && cs.bus_master() && cs.intx_disabled());
+    assert_eq!(w16(&mut cs, COMMAND_OFFSET, 0xffff).command, None);
+    // Status: Capabilities List stays, nothing else appears.
+    w16(&mut cs, STATUS_OFFSET, 0xffff);
+    assert_eq!(r16(&cs, STATUS_OFFSET), STATUS_CAP_LIST);
+}
+
+#[test]
+fn rw1c_bits_clear_on_one_only() {
+    let mut cs = space(FunctionKind::Vf);
+    cs.record_status_error(STATUS_REC_MASTER_ABORT | STATUS_SIG_TARGET_ABORT | STATUS_CAP_LIST);
+    let latched = STATUS_CAP_LIST | STATUS_REC_MASTER_ABORT | STATUS_SIG_TARGET_ABORT;
+    assert_eq!(r16(&cs, STATUS_OFFSET), latched);
+    w16(&mut cs, STATUS_OFFSET, 0);
+    assert_eq!(r16(&cs, STATUS_OFFSET), latched);
+    // A dword write of command + status clears one bit and sets command bits.
+    let fx = w32(
+        &mut cs,
+        COMMAND_OFFSET,
+        u32::from(STATUS_REC_MASTER_ABORT) << 16 | u32::from(COMMAND_BUS_MASTER),
+    );
+    assert_eq!(fx.command, Some(COMMAND_BUS_MASTER));
+    assert_eq!(
+        r16(&cs, STATUS_OFFSET),
+        STATUS_CAP_LIST | STATUS_SIG_TARGET_ABORT
+    );
+
+    let devsta = PCIE_CAP_OFFSET + PCIE_DEVSTA_OFFSET;
+    cs.record_device_error(PCIE_DEVSTA_URD | PCIE_DEVSTA_CED | 1 << 5);
+    assert_eq!(r16(&cs, devsta), PCIE_DEVSTA_URD | PCIE_DEVSTA_CED);
+    w16(&mut cs, devsta, 0xffff);
+    assert_eq!(r16(&cs, devsta), 0);
+}
+
+#[test]
+fn flr_reports_event_and_reads_zero() {
+    let mut cs = space(FunctionKind::Vf);
+    let devctl = PCIE_CAP_OFFSET + PCIE_DEVCTL_OFFSET;
+    assert_eq!(r16(&cs, devctl), PCIE_DEVCTL_RESET);
+    assert_ne!(
+        r32(&cs, PCIE_CAP_OFFSET + PCIE_DEVCAP_OFFSET) & PCIE_DEVCAP_FLR,
+        0
+    );
+
+    let fx = w16(&mut cs, devctl, PCIE_DEVCTL_BCR_FLR | PCIE_DEVCTL_EXT_TAG);
+    assert!(fx.flr);
+    assert_eq!(r16(&cs, devctl), PCIE_DEVCTL_EXT_TAG);
+
+    // A byte write of just the upper half triggers too; a write without the bit does not.
+    assert!(cs.write((devctl + 1) as u64, &[0x80]).unwrap().flr);
+    assert!(!w16(&mut cs, devctl, PCIE_DEVCTL_RESET).flr);
+    assert!(!cs.write(devctl as u64, &[0xff]).unwrap().flr);
+    assert!(w32(&mut cs, devctl, u32::from(PCIE_DEVCTL_BCR_FLR)).flr);
+    assert_eq!(r16(&cs, devctl) & PCIE_DEVCTL_BCR_FLR, 0);
+}
+
+#[test]
+fn msix_capability_fields() {
+    let mut p = params(64);
+    p.msix_table_offset = 0x2_0000;
+    p.msix_pba_offset = 0x3_0008;
+    let mut cs = ConfigSpace::new(FunctionKind::Pf, p).unwrap();
+    let flags = MSIX_CAP_OFFSET + MSIX_FLAGS_OFFSET;
+    assert_eq!(MSIX_CAP_OFFSET, 0x9c);
+    assert_eq!(r16(&cs, flags) & MSIX_FLAGS_QSIZE, 63);
+    let table = r32(&cs, MSIX_CAP_OFFSET + MSIX_TABLE_OFFSET);
+    let pba = r32(&cs, MSIX_CAP_OFFSET + MSIX_PBA_OFFSET);
+    assert_eq!(
+        (table & MSIX_BIR_MASK, table & MSIX_OFFSET_MASK),
+        (0, 0x2_0000)
+    );
+    assert_eq!((pba & MSIX_BIR_MASK, pba & MSIX_OFFSET_MASK), (0, 0x3_0008));
+
+    let fx = w16(&mut cs, flags, 0xffff);
+    assert_eq!(r16(&cs, flags), MSIX_FLAGS_ENABLE | MSIX_FLAGS_MASKALL | 63);
+    assert_eq!(
+        (fx.msix_enable, fx.msix_function_mask),
+        (Some(true), Some(true))
+    );
+    assert!(cs.msix_enabled() && cs.msix_function_masked());
+    let fx = w16(&mut cs, flags, MSIX_FLAGS_ENABLE);
+    assert_eq!((fx.msix_enable, fx.msix_function_mask), (None, Some(false)));
+    assert!(cs.msix_enabled() && !cs.msix_function_masked());
+    assert!(w16(&mut cs, flags, MSIX_FLAGS_ENABLE).is_empty());
+}
+
+#[test]
+fn capability_chain_terminates_with_pcie_and_msix() {
+    let cs = space(FunctionKind::Vf);
+    let mut ids = Vec::new();
+    let mut ptr = read_n::<1>(&cs, CAPABILITY_LIST_OFFSET)[0] & CAPABILITY_POINTER_MASK;
+    // 48 is the most capabilities that fit in the 192 bytes after the header.
+    for _ in 0..48 {
+        if ptr == CAP_NEXT_END {
+            break;
+        }
+        let [id, next] = read_n::<2>(&cs, ptr.into());
+        ids.push((id, ptr));
+        ptr = next & CAPABILITY_POINTER_MASK;
+    }
+    assert_eq!(ptr, CAP_NEXT_END, "chain does not terminate");
+    assert_eq!(ids, [(CAP_ID_PCIE, 0x60), (CAP_ID_MSIX, 0x9c)]);
+
+    let pcie_flags = r16(&cs, PCIE_CAP_OFFSET + PCIE_FLAGS_OFFSET);
+    assert_eq!((pcie_flags & 0xf, pcie_flags >> 4 & 0xf), (2, 0));
+    let lnksta = r16(&cs, PCIE_CAP_OFFSET + PCIE_LNKSTA_OFFSET);
+    assert_eq!((lnksta & 0xf, lnksta >> 4 & 0x3f), (4, 8));
+
+    let ext = r32(&cs, HEADER_SPACE_SIZE);
+    assert_eq!(ext & 0xffff, u32::from(EXT_CAP_ID_ARI));
+    assert_eq!(ext >> EXT_CAP_NEXT_SHIFT, 0);
+}
+
+#[test]
+fn out_of_range_reads_all_ones_and_writes_drop() {
+    let mut cs = space(FunctionKind::Vf);
+    let mut buf = [0u8; 4];
+    cs.read(0xffe, &mut buf).unwrap();
+    assert_eq!(buf, [0, 0, 0xff, 0xff]);
+    cs.read(0x1_0000, &mut buf).unwrap();
+    assert_eq!(buf, [0xff; 4]);
+    cs.read(u64::MAX - 4, &mut buf).unwrap();
+    assert_eq!(buf, [0xff; 4]);
+
+    let before = read_n::<CONFIG_SPACE_SIZE>(&cs, 0);
+    assert!(cs.write(0x1000, &[0xff; 8]).unwrap().is_empty());
+    assert!(cs.write(u64::MAX - 8, &[0xff; 8]).unwrap().is_empty());
+    assert_eq!(read_n::<CONFIG_SPACE_SIZE>(&cs, 0), before);
+
+    // Unaligned multi-register access within range works byte-wise.
+    assert_eq!(read_n::<3>(&cs, 0x01), [0x15, 0x1e, 0x10]);
+    cs.read(0, &mut []).unwrap();
+}
+
+#[test]
+fn overflowing_offset_is_an_error() {
+    let mut cs = space(FunctionKind::Pf);
+    let mut buf = [0u8; 2];
+    let err = PciError::AccessOverflow {
+        offset: u64::MAX,
+        len: 2,
+    };
+    assert_eq!(cs.read(u64::MAX, &mut buf), Err(err.clone()));
+    assert_eq!(cs.write(u64::MAX, &buf), Err(err));
+}
+
+#[test]
+fn reset_restores_power_on_values() {
+    let mut cs = space(FunctionKind::Pf);
+    let fresh = read_n::<CONFIG_SPACE_SIZE>(&cs, 0);
+    w16(&mut cs, COMMAND_OFFSET, COMMAND_WRITABLE);
+    w32(&mut cs, BAR0_OFFSET, 0xfeb0_0000);
+    w16(&mut cs, MSIX_CAP_OFFSET + MSIX_FLAGS_OFFSET, 0xc000);
+    w16(&mut cs, PCIE_CAP_OFFSET + PCIE_DEVCTL_OFFSET, 0x7fff);
+    cs.write(INTERRUPT_LINE_OFFSET as u64, &[11]).unwrap();
+    cs.record_status_error(STATUS_DETECTED_PARITY);
+    cs.record_device_error(PCIE_DEVSTA_FED);
+    assert_ne!(read_n::<CONFIG_SPACE_SIZE>(&cs, 0), fresh);
+    cs.reset();
+    assert_eq!(read_n::<CONFIG_SPACE_SIZE>(&cs, 0), fresh);
+    assert!(!cs.msix_enabled() && !cs.bus_master() && !cs.memory_enabled());
+}
+
+#[test]
+fn bad_params_are_rejected() {
+    let bad = |f: fn(&mut ConfigParams)| {
+        let mut p = params(16);
+        f(&mut p);
+        ConfigSpace::new(FunctionKind::Vf, p).unwrap_err()
+    };
+    assert!(matches!(
+        bad(|p| p.msix_vectors = 7),
+        PciError::MsixVectors { got: 7, .. }
+    ));
+    assert!(matches!(
+        bad(|p| p.msix_vectors = 2049),
+        PciError::MsixVectors { .. }
+    ));
+    assert!(matches!(
+        bad(|p| p.bar0_size = 3 << 20),
+        PciError::BarSize { bar: 0, .. }
+    ));
+    assert!(matches!(
+        bad(|p| p.bar0_size = 2048),
+        PciError::BarSize { bar: 0, .. }
+    ));
+    assert!(matches!(
+        bad(|p| p.bar2_size = Some(0)),
+        PciError::BarSize { bar: 2, .. }
+    ));
+    assert!(matches!(
+        bad(|p| p.msix_table_offset = 0x4004),
+        PciError::MsixPlacement { .. }
+    ));
+    assert!(matches!(
+        bad(|p| p.msix_pba_offset = 0xffff_fff8),
+        PciError::MsixPlacement { .. }
+    ));
+    assert!(matches!(
+        bad(|p| p.msix_pba_offset = 0x40f8),
+        PciError::MsixOverlap { .. }
+    ));
+    // Table (256 bytes) ending exactly where the PBA starts is fine.
+    let mut p = params(16);
+    p.msix_pba_offset = 0x4100;
+    assert!(ConfigSpace::new(FunctionKind::Vf, p).is_ok());
+}

@@ -1,0 +1,147 @@
+//! The vfio-user backend of one function: regions, IRQs, reset, and what register
+//! writes set in motion.
+
+use std::sync::Arc;
+
+use vfu::uapi::{
+    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
+    VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_READ,
+    VFIO_REGION_INFO_FLAG_WRITE,
+};
+use vfu::{Backend, Errno, IrqDesc, RegionDesc, SetIrqs};
+
+use crate::bar0::{Bar0Effect, BAR0_SIZE};
+use crate::function::Function;
+use crate::pci::CONFIG_SPACE_SIZE;
+
+/// The backend serving one function's socket.
+pub struct FunctionBackend {
+    func: Arc<Function>,
+}
+
+impl FunctionBackend {
+    pub fn new(func: Arc<Function>) -> Self {
+        FunctionBackend { func }
+    }
+
+    fn bar0_effects(&self, effects: Vec<Bar0Effect>) {
+        for e in effects {
+            match e {
+                Bar0Effect::CommandDoorbell(mask) => {
+                    // Command execution arrives with the command interface; until then a
+                    // doorbell is recorded and no slot is consumed.
+                    tracing::debug!(
+                        vhca_id = self.func.id.vhca_id,
+                        mask = format_args!("{mask:#x}"),
+                        "command doorbell"
+                    );
+                }
+                Bar0Effect::CmdqAddress(addr) => {
+                    tracing::debug!(
+                        vhca_id = self.func.id.vhca_id,
+                        addr = format_args!("{addr:#x}"),
+                        "command queue address"
+                    );
+                }
+                Bar0Effect::NicInterface(state) => {
+                    tracing::info!(vhca_id = self.func.id.vhca_id, state, "nic_interface");
+                }
+                other => {
+                    tracing::trace!(vhca_id = self.func.id.vhca_id, effect = ?other, "bar0 effect")
+                }
+            }
+        }
+    }
+}
+
+const RW: u32 = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
+
+impl Backend for FunctionBackend {
+    fn num_regions(&self) -> u32 {
+        VFIO_PCI_NUM_REGIONS
+    }
+
+    fn region(&self, index: u32) -> Option<RegionDesc> {
+        match index {
+            VFIO_PCI_BAR0_REGION_INDEX => Some(RegionDesc {
+                flags: RW,
+                size: BAR0_SIZE,
+                ..Default::default()
+            }),
+            VFIO_PCI_CONFIG_REGION_INDEX => Some(RegionDesc {
+                flags: RW,
+                size: CONFIG_SPACE_SIZE as u64,
+                ..Default::default()
+            }),
+            i if i < VFIO_PCI_NUM_REGIONS => Some(RegionDesc::default()),
+            _ => None,
+        }
+    }
+
+    fn num_irqs(&self) -> u32 {
+        VFIO_PCI_NUM_IRQS
+    }
+
+    fn irq(&self, index: u32) -> Option<IrqDesc> {
+        (index < VFIO_PCI_NUM_IRQS).then(|| self.func.irq_desc(index))
+    }
+
+    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), Errno> {
+        let s = self.func.lock();
+        match index {
+            VFIO_PCI_BAR0_REGION_INDEX => s.bar0.read(offset, data).map_err(|_| Errno::EINVAL),
+            VFIO_PCI_CONFIG_REGION_INDEX => s.config.read(offset, data).map_err(|_| Errno::EINVAL),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        match index {
+            VFIO_PCI_BAR0_REGION_INDEX => {
+                let effects = self
+                    .func
+                    .lock()
+                    .bar0
+                    .write(offset, data)
+                    .map_err(|_| Errno::EINVAL)?;
+                self.bar0_effects(effects);
+                Ok(())
+            }
+            VFIO_PCI_CONFIG_REGION_INDEX => {
+                let fx = {
+                    let mut s = self.func.lock();
+                    let fx = s.config.write(offset, data).map_err(|_| Errno::EINVAL)?;
+                    if fx.msix_enable.is_some() || fx.msix_function_mask.is_some() {
+                        s.flush_pending();
+                    }
+                    fx
+                };
+                if fx.flr {
+                    tracing::info!(vhca_id = self.func.id.vhca_id, "function level reset");
+                    self.func.reset();
+                }
+                Ok(())
+            }
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    fn set_irqs(&mut self, req: SetIrqs) -> Result<(), Errno> {
+        let mut s = self.func.lock();
+        let index = req.index;
+        s.irqs.apply(req)?;
+        if index == VFIO_PCI_MSIX_IRQ_INDEX {
+            s.flush_pending();
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Result<(), Errno> {
+        self.func.reset();
+        Ok(())
+    }
+
+    fn disconnected(&mut self) {
+        self.func.lock().irqs.clear();
+    }
+}
