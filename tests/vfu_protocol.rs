@@ -512,7 +512,26 @@ fn hostile_dma_and_irq_requests() {
         remote_errno(c.dma_map(0x40000, 0x1000, mem.as_raw_fd(), 0, 0)),
         Errno::EINVAL
     );
-    // Without an fd: refused with a clear error.
+    // Without an fd: guest RAM (writable) is refused with a clear error; a read-only
+    // window (QEMU's ROM ranges) is recorded but the device cannot reach it.
+    let ro = DmaMap {
+        argsz: 32,
+        flags: VFIO_DMA_MAP_FLAG_READ,
+        offset: 0,
+        address: 0xc0000,
+        size: 0x20000,
+    };
+    assert!(c
+        .send_raw(Command::DmaMap as u16, 0, &ro.encode(), &[])
+        .unwrap()
+        .unwrap()
+        .is_ok());
+    let mut x = [0u8; 4];
+    assert_eq!(
+        vf.dma().read(0xc0000, &mut x),
+        Err(vfu::DmaError::NoBacking { iova: 0xc0000 })
+    );
+    c.dma_unmap(0xc0000, 0x20000).unwrap();
     let dm = DmaMap {
         argsz: 32,
         flags: 3,

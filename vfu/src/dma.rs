@@ -31,6 +31,8 @@ pub enum DmaError {
     NotMapped { iova: u64, len: u64 },
     #[error("IOVA {iova:#x} is mapped without {access} permission")]
     Permission { iova: u64, access: &'static str },
+    #[error("IOVA {iova:#x} is a window the client mapped without memory (no fd)")]
+    NoBacking { iova: u64 },
     #[error("IOVA {iova:#x}+{len:#x} overflows the address space")]
     Overflow { iova: u64, len: u64 },
 }
@@ -39,7 +41,8 @@ struct Mapping {
     iova: u64,
     size: u64,
     flags: u32,
-    region: MmapRegion<()>,
+    /// `None` for a read-only window mapped without an fd (see `map_unbacked`).
+    region: Option<MmapRegion<()>>,
 }
 
 /// Description of one DMA window, for backends and logs.
@@ -102,35 +105,14 @@ impl Dma {
         offset: u64,
         flags: u32,
     ) -> Result<(), Errno> {
-        let known = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
-        if flags & !known != 0
-            || flags & VFIO_DMA_MAP_FLAG_READ == 0 && flags & VFIO_DMA_MAP_FLAG_WRITE == 0
-        {
-            return Err(Errno::EINVAL);
-        }
-        if size == 0
-            || !iova.is_multiple_of(DMA_PAGE_SIZE)
-            || !size.is_multiple_of(DMA_PAGE_SIZE)
-            || !offset.is_multiple_of(DMA_PAGE_SIZE)
-        {
-            return Err(Errno::EINVAL);
-        }
-        let end = iova.checked_add(size).ok_or(Errno::EINVAL)?;
+        Self::check_window(iova, size, offset, flags)?;
         let file_end = offset.checked_add(size).ok_or(Errno::EINVAL)?;
         let file_len = file.metadata().map_err(|e| Errno::from_io(&e))?.len();
         if file_end > file_len {
             return Err(Errno::EINVAL);
         }
         let len = usize::try_from(size).map_err(|_| Errno::EINVAL)?;
-        {
-            let t = self.table.read().expect("dma table lock");
-            if t.overlaps(iova, end) {
-                return Err(Errno::EEXIST);
-            }
-            if t.maps.len() >= self.max_maps {
-                return Err(Errno::ENOSPC);
-            }
-        }
+        self.check_free(iova, size)?;
         let mut prot = 0;
         if flags & VFIO_DMA_MAP_FLAG_READ != 0 {
             prot |= libc::PROT_READ;
@@ -145,9 +127,61 @@ impl Dma {
             libc::MAP_SHARED,
         )
         .map_err(|_| Errno::ENOMEM)?;
+        self.insert(iova, size, flags, Some(region))
+    }
+
+    /// Records a read-only window the client mapped without an fd (QEMU does this for
+    /// ROM and BIOS shadow ranges). The device cannot reach its memory: an access fails
+    /// with `DmaError::NoBacking`. A writable window without an fd is guest RAM the
+    /// device could never reach, so it is refused with `ENOTSUP`.
+    pub fn map_unbacked(&self, iova: u64, size: u64, flags: u32) -> Result<(), Errno> {
+        Self::check_window(iova, size, 0, flags)?;
+        if flags & VFIO_DMA_MAP_FLAG_WRITE != 0 {
+            return Err(Errno::ENOTSUP);
+        }
+        self.check_free(iova, size)?;
+        self.insert(iova, size, flags, None)
+    }
+
+    fn check_window(iova: u64, size: u64, offset: u64, flags: u32) -> Result<(), Errno> {
+        let known = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
+        if flags & !known != 0
+            || flags & VFIO_DMA_MAP_FLAG_READ == 0 && flags & VFIO_DMA_MAP_FLAG_WRITE == 0
+        {
+            return Err(Errno::EINVAL);
+        }
+        if size == 0
+            || !iova.is_multiple_of(DMA_PAGE_SIZE)
+            || !size.is_multiple_of(DMA_PAGE_SIZE)
+            || !offset.is_multiple_of(DMA_PAGE_SIZE)
+        {
+            return Err(Errno::EINVAL);
+        }
+        iova.checked_add(size).ok_or(Errno::EINVAL)?;
+        Ok(())
+    }
+
+    fn check_free(&self, iova: u64, size: u64) -> Result<(), Errno> {
+        let t = self.table.read().expect("dma table lock");
+        if t.overlaps(iova, iova + size) {
+            return Err(Errno::EEXIST);
+        }
+        if t.maps.len() >= self.max_maps {
+            return Err(Errno::ENOSPC);
+        }
+        Ok(())
+    }
+
+    fn insert(
+        &self,
+        iova: u64,
+        size: u64,
+        flags: u32,
+        region: Option<MmapRegion<()>>,
+    ) -> Result<(), Errno> {
         let mut t = self.table.write().expect("dma table lock");
-        // Re-check under the write lock: the table may have changed while we mapped.
-        if t.overlaps(iova, end) {
+        // Re-check under the write lock: the table may have changed meanwhile.
+        if t.overlaps(iova, iova + size) {
             return Err(Errno::EEXIST);
         }
         if t.maps.len() >= self.max_maps {
@@ -249,6 +283,9 @@ impl Dma {
                     iova: at,
                     len: len64 - done,
                 })?;
+                if m.region.is_none() {
+                    return Err(DmaError::NoBacking { iova: at });
+                }
                 if m.flags & need == 0 {
                     let access = if need == VFIO_DMA_MAP_FLAG_WRITE {
                         "write"
@@ -272,16 +309,20 @@ impl Dma {
     /// Device read of guest memory (the device reads what the driver wrote).
     pub fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
         self.walk(iova, buf.len(), VFIO_DMA_MAP_FLAG_READ, |m, off, b, n| {
-            let s = m.region.get_slice(off, n).expect("bounds checked by walk");
-            s.copy_to(&mut buf[b..b + n]);
+            if let Some(r) = &m.region {
+                let s = r.get_slice(off, n).expect("bounds checked by walk");
+                s.copy_to(&mut buf[b..b + n]);
+            }
         })
     }
 
     /// Device write into guest memory.
     pub fn write(&self, iova: u64, buf: &[u8]) -> Result<(), DmaError> {
         self.walk(iova, buf.len(), VFIO_DMA_MAP_FLAG_WRITE, |m, off, b, n| {
-            let s = m.region.get_slice(off, n).expect("bounds checked by walk");
-            s.copy_from(&buf[b..b + n]);
+            if let Some(r) = &m.region {
+                let s = r.get_slice(off, n).expect("bounds checked by walk");
+                s.copy_from(&buf[b..b + n]);
+            }
         })
     }
 }
@@ -362,6 +403,27 @@ mod tests {
         );
         dma.map(0x0, 0x2000, f, 0, rw()).unwrap();
         assert_eq!(dma.len(), 2);
+    }
+
+    #[test]
+    fn fdless_windows_are_read_only_and_unbacked() {
+        let dma = Dma::default();
+        assert_eq!(
+            dma.map_unbacked(0xc0000, 0x20000, rw()),
+            Err(Errno::ENOTSUP)
+        );
+        dma.map_unbacked(0xc0000, 0x20000, VFIO_DMA_MAP_FLAG_READ)
+            .unwrap();
+        let mut b = [0u8; 4];
+        assert_eq!(
+            dma.read(0xc0000, &mut b),
+            Err(DmaError::NoBacking { iova: 0xc0000 })
+        );
+        assert_eq!(
+            dma.map_unbacked(0xd0000, 0x1000, VFIO_DMA_MAP_FLAG_READ),
+            Err(Errno::EEXIST)
+        );
+        dma.unmap(0xc0000, 0x20000).unwrap();
     }
 
     #[test]

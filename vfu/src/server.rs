@@ -588,14 +588,35 @@ impl Connection {
             return Err(Errno::EINVAL);
         }
         let Some(file) = fds.into_iter().next() else {
-            // We serve DMA only from shared memory; without an fd the client would have to
-            // serve DMA_READ/WRITE, which this server does not issue.
-            tracing::warn!(
-                iova = req.address,
-                size = req.size,
-                "DMA_MAP without an fd refused: back guest RAM with a shared memfd"
-            );
-            return Err(Errno::ENOTSUP);
+            // We serve DMA only from shared memory and never issue DMA_READ/WRITE. A
+            // read-only window without an fd (QEMU's ROM and BIOS ranges) is recorded so
+            // that its unmap matches, but the device cannot reach it; guest RAM without an
+            // fd is refused.
+            match dma.map_unbacked(req.address, req.size, req.flags) {
+                Ok(()) => {
+                    tracing::info!(
+                        iova = req.address,
+                        size = req.size,
+                        "read-only DMA window without an fd: recorded, not reachable by the device"
+                    );
+                    let w = DmaWindow {
+                        iova: req.address,
+                        size: req.size,
+                        flags: req.flags,
+                    };
+                    backend.dma_mapped(w);
+                    return ok(Vec::new());
+                }
+                Err(Errno::ENOTSUP) => {
+                    tracing::warn!(
+                        iova = req.address,
+                        size = req.size,
+                        "writable DMA_MAP without an fd refused: back guest RAM with a shared memfd (memory-backend-memfd,share=on)"
+                    );
+                    return Err(Errno::ENOTSUP);
+                }
+                Err(e) => return Err(e),
+            }
         };
         dma.map(req.address, req.size, file, req.offset, req.flags)?;
         let w = DmaWindow {
