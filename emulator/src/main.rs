@@ -1,5 +1,6 @@
 //! `mlx5-emu`: serve an emulated mlx5 adapter over vfio-user sockets.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
