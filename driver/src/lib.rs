@@ -1,1 +1,3 @@
 //! mlx5vf.
+
+pub mod migration;
