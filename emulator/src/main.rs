@@ -1,6 +1,6 @@
 //! `mlx5-emu`: serve an emulated mlx5 adapter over vfio-user sockets.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -59,21 +59,27 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // What we serve, on stdout. A closed stdout (e.g. `| head -1`) must not stop the
+    // server, so write errors are ignored rather than panicking as println! would.
+    let mut out = std::io::stdout().lock();
     for f in adapter.functions() {
         let s = f.lock();
-        println!(
-            "{} {:04x}:{:04x} vhca_id {} at {}",
-            match f.id.kind {
-                mlx5_emulator::pci::FunctionKind::Pf => "PF",
-                mlx5_emulator::pci::FunctionKind::Vf => "VF",
-            },
+        let kind = match f.id.kind {
+            mlx5_emulator::pci::FunctionKind::Pf => "PF",
+            mlx5_emulator::pci::FunctionKind::Vf => "VF",
+        };
+        let _ = writeln!(
+            out,
+            "{kind} {:04x}:{:04x} vhca_id {} at {}",
             s.config.vendor_id(),
             s.config.device_id(),
             f.id.vhca_id,
             adapter.dir().join(f.id.socket_name()).display()
         );
     }
-    println!("serving; SIGTERM or Ctrl-C stops");
+    let _ = writeln!(out, "serving; SIGTERM or Ctrl-C stops");
+    let _ = out.flush();
+    drop(out);
     let mut sig: libc::c_int = 0;
     // SAFETY: `set` was initialised by block_signals; sigwait writes the signal number.
     let rc = unsafe { libc::sigwait(&set, &mut sig) };

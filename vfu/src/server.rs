@@ -153,7 +153,14 @@ impl Listener {
     /// Binds `path`. A stale socket file (nobody accepts on it) is replaced; a live one
     /// is an error.
     pub fn bind(path: &Path) -> Result<Self, VfuError> {
-        if path.exists() {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(VfuError::Io(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket", path.display()),
+                )));
+            }
             if UnixStream::connect(path).is_ok() {
                 return Err(VfuError::SocketInUse(path.display().to_string()));
             }
@@ -186,11 +193,16 @@ impl Listener {
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(e) => return Err(e.into()),
             };
-            if self.stopping.load(Ordering::SeqCst) {
-                return Ok(());
+            {
+                // Checked and stored under one lock, so `shutdown` either sees this
+                // connection or stops us before we serve it.
+                let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+                if self.stopping.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                *cur = stream.try_clone().ok();
             }
             tracing::info!(socket = %self.path.display(), "client connected");
-            *self.current.lock().unwrap_or_else(|p| p.into_inner()) = stream.try_clone().ok();
             let r = Connection::new(stream, cfg).run(backend, dma);
             *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
             match r {
@@ -206,15 +218,11 @@ impl Listener {
 impl Listener {
     /// Stops `serve`: wakes the accept and ends the connection being served.
     pub fn shutdown(&self) {
+        let cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
         self.stopping.store(true, Ordering::SeqCst);
         // SAFETY: shutdown(2) on a socket fd we own; it only changes the socket's state.
         unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
-        if let Some(s) = self
-            .current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
+        if let Some(s) = cur.as_ref() {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
     }
