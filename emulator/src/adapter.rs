@@ -6,8 +6,8 @@ use std::thread::JoinHandle;
 
 use vfu::{Listener, ServerConfig, VfuError};
 
-use crate::function::{Function, FunctionId};
-use crate::pci::PciError;
+use crate::fabric::Fabric;
+use crate::function::{Function, FunctionError, FunctionId};
 use crate::server::FunctionBackend;
 
 /// Most VFs one adapter offers (ConnectX VFs per PF are bounded similarly).
@@ -39,8 +39,8 @@ pub enum AdapterError {
     Dir { dir: String, source: std::io::Error },
     #[error("cannot serve {socket}: {source}")]
     Socket { socket: String, source: VfuError },
-    #[error("bad PCI configuration: {0}")]
-    Pci(#[from] PciError),
+    #[error("cannot build a function: {0}")]
+    Function(#[from] FunctionError),
     #[error("cannot start a server thread: {0}")]
     Thread(std::io::Error),
 }
@@ -70,6 +70,7 @@ impl Adapter {
         let ids: Vec<FunctionId> = std::iter::once(FunctionId::pf())
             .chain((0..cfg.vfs).map(FunctionId::vf))
             .collect();
+        let fabric = Arc::new(Fabric::new());
         let mut functions = Vec::new();
         let mut listeners = Vec::new();
         for id in ids {
@@ -78,7 +79,7 @@ impl Adapter {
                 socket: path.display().to_string(),
                 source,
             })?;
-            functions.push(Function::new(id)?);
+            functions.push(Function::with_fabric(id, Arc::clone(&fabric))?);
             listeners.push(Arc::new(l));
         }
         let mut threads = Vec::new();

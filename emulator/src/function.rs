@@ -1,6 +1,7 @@
 //! One PCI function of the adapter (the PF or a VF): its config space, BAR0 and
 //! interrupt state, behind one short-held lock.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vfu::uapi::{
@@ -11,6 +12,9 @@ use vfu::uapi::{
 use vfu::{Dma, IrqDesc, IrqIndexShape, IrqTable};
 
 use crate::bar0::{Bar0, BAR0_SIZE, MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET};
+use crate::cmdq::{self, Work, WorkSender};
+use crate::fabric::Fabric;
+use crate::firmware::{CmdRecord, Firmware, HcaState, ObjectCounts};
 use crate::pci::{ConfigParams, ConfigSpace, FunctionKind, PciError, INTERRUPT_PIN_NONE};
 
 /// MSI-X vectors of every function.
@@ -59,15 +63,41 @@ pub struct FunctionState {
     pub irqs: IrqTable,
 }
 
+/// Why a function could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum FunctionError {
+    #[error("bad PCI configuration: {0}")]
+    Pci(#[from] PciError),
+    #[error("cannot start the firmware worker: {0}")]
+    Worker(std::io::Error),
+}
+
 /// One function: identity, state, and the IOVA space its client mapped.
+///
+/// Two locks, never nested in either order by this type: `state` (config space, BAR0,
+/// IRQs; register-sized work) and `firmware` (the firmware state; one command). Neither
+/// is held across socket I/O.
 pub struct Function {
     pub id: FunctionId,
     state: Mutex<FunctionState>,
     dma: Dma,
+    firmware: Mutex<Firmware>,
+    fabric: Arc<Fabric>,
+    cmdq: WorkSender,
+    /// Bumped by every FLR / DEVICE_RESET; queued command work from an older epoch is
+    /// dropped.
+    epoch: AtomicU64,
 }
 
 impl Function {
-    pub fn new(id: FunctionId) -> Result<Arc<Self>, PciError> {
+    /// A function on its own fabric (tests; an adapter uses [`Function::with_fabric`]).
+    pub fn new(id: FunctionId) -> Result<Arc<Self>, FunctionError> {
+        Self::with_fabric(id, Arc::new(Fabric::new()))
+    }
+
+    /// A function of the adapter whose functions `fabric` lists; registers itself there
+    /// and starts its firmware worker.
+    pub fn with_fabric(id: FunctionId, fabric: Arc<Fabric>) -> Result<Arc<Self>, FunctionError> {
         let config = ConfigSpace::new(
             id.kind,
             ConfigParams {
@@ -79,7 +109,8 @@ impl Function {
             },
         )?;
         let irqs = IrqTable::new(&Self::irq_shapes(&config));
-        Ok(Arc::new(Function {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let f = Arc::new(Function {
             id,
             state: Mutex::new(FunctionState {
                 config,
@@ -87,7 +118,15 @@ impl Function {
                 irqs,
             }),
             dma: Dma::default(),
-        }))
+            firmware: Mutex::new(Firmware::new(id)),
+            fabric,
+            cmdq: tx,
+            epoch: AtomicU64::new(0),
+        });
+        let name = format!("fw-{}", id.socket_name().trim_end_matches(".sock"));
+        cmdq::spawn_worker(Arc::downgrade(&f), rx, name).map_err(FunctionError::Worker)?;
+        f.fabric.register(&f);
+        Ok(f)
     }
 
     fn irq_shapes(config: &ConfigSpace) -> Vec<IrqIndexShape> {
@@ -139,6 +178,82 @@ impl Function {
         &self.dma
     }
 
+    /// The firmware lock. Held for one command or one doorbell update. A PF may take a
+    /// VF's while holding its own (never the reverse).
+    pub fn firmware(&self) -> MutexGuard<'_, Firmware> {
+        self.firmware.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The adapter's functions.
+    pub fn fabric(&self) -> &Fabric {
+        &self.fabric
+    }
+
+    /// The reset epoch (see [`crate::cmdq`]).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// How many EQs, UARs, PDs, mkeys and pages the firmware holds.
+    pub fn object_counts(&self) -> ObjectCounts {
+        self.firmware().object_counts()
+    }
+
+    /// The last commands executed or refused (at most
+    /// [`crate::firmware::CMD_LOG_CAPACITY`]), oldest first.
+    pub fn command_log(&self) -> Vec<CmdRecord> {
+        self.firmware().command_log()
+    }
+
+    /// The HCA life-cycle state.
+    pub fn hca_state(&self) -> HcaState {
+        self.firmware().state()
+    }
+
+    /// `cmd_dbell` was written with `mask`: queue the slots for the firmware worker.
+    /// Returns at once.
+    pub fn command_doorbell(&self, mask: u32) {
+        let cmdq = self.lock().bar0.cmdq_address();
+        let events = self.firmware().cmd_eq().is_some();
+        let work = Work {
+            mask,
+            cmdq,
+            events,
+            epoch: self.epoch(),
+        };
+        tracing::debug!(
+            vhca_id = self.id.vhca_id,
+            mask = format_args!("{mask:#x}"),
+            events,
+            "command doorbell"
+        );
+        if self.cmdq.send(work).is_err() {
+            tracing::error!(
+                vhca_id = self.id.vhca_id,
+                "firmware worker is gone; doorbell dropped"
+            );
+        }
+    }
+
+    /// A 4-byte write to UAR page `page`: EQ arm / consumer-index doorbells.
+    pub fn uar_write(&self, page: u32, offset: u32, value: u32) {
+        let fire = {
+            let mut fw = self.firmware();
+            if !fw.has_uar(page) {
+                tracing::trace!(
+                    vhca_id = self.id.vhca_id,
+                    page,
+                    "write to an unallocated UAR page"
+                );
+                return;
+            }
+            fw.uar_write(page, offset, value)
+        };
+        if let Some(v) = fire {
+            self.raise_msix(v);
+        }
+    }
+
     /// Raises MSI-X `vector`: delivered through its eventfd when MSI-X is enabled and
     /// not function-masked and the VMM gave an eventfd; otherwise its PBA bit is set.
     pub fn raise_msix(&self, vector: u16) -> bool {
@@ -149,6 +264,8 @@ impl Function {
     /// FLR or DEVICE_RESET: the function returns to its power-on state. The VMM's
     /// eventfds and DMA maps stay: they belong to the VMM, not to the function.
     pub fn reset(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.firmware().reset();
         let mut s = self.lock();
         s.config.reset();
         s.bar0.reset();

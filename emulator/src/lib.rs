@@ -2,13 +2,19 @@
 //!
 //! Layers, outside in: [`adapter`] (the device complex and its sockets), [`server`]
 //! (the vfio-user backend of a function), [`function`] (a function's state),
-//! [`pci`] (config space) and [`bar0`] (the init segment and MSI-X).
+//! [`pci`] (config space), [`bar0`] (the init segment and MSI-X), [`cmdq`] (the
+//! command queue engine), [`firmware`] (command execution) and [`fabric`] (how
+//! functions find each other).
 
 pub mod adapter;
 pub mod bar0;
+pub mod cmdq;
+pub mod fabric;
+pub mod firmware;
 pub mod function;
 pub mod pci;
 pub mod server;
 
 pub use adapter::{Adapter, AdapterConfig, AdapterError};
-pub use function::{Function, FunctionId};
+pub use firmware::{CmdRecord, HcaState, Mkey, ObjectCounts};
+pub use function::{Function, FunctionError, FunctionId};

@@ -27,15 +27,12 @@ impl FunctionBackend {
     fn bar0_effects(&self, effects: Vec<Bar0Effect>) {
         for e in effects {
             match e {
-                Bar0Effect::CommandDoorbell(mask) => {
-                    // Command execution arrives with the command interface; until then a
-                    // doorbell is recorded and no slot is consumed.
-                    tracing::debug!(
-                        vhca_id = self.func.id.vhca_id,
-                        mask = format_args!("{mask:#x}"),
-                        "command doorbell"
-                    );
-                }
+                Bar0Effect::CommandDoorbell(mask) => self.func.command_doorbell(mask),
+                Bar0Effect::UarWrite {
+                    page,
+                    offset,
+                    value,
+                } => self.func.uar_write(page, offset, value),
                 Bar0Effect::CmdqAddress(addr) => {
                     tracing::debug!(
                         vhca_id = self.func.id.vhca_id,

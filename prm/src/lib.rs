@@ -68,9 +68,11 @@ pub mod cmd;
 pub mod cmdq;
 pub mod errno;
 pub mod error;
+pub mod ifc;
 pub mod iseg;
 
 pub use cmd::{CmdInHeader, CmdOutHeader, CmdStatus, Opcode};
 pub use cmdq::{CmdLayout, CmdProtBlock, DeliveryStatus};
 pub use error::PrmError;
+pub use ifc::{Field, IfcError};
 pub use iseg::{HealthBuffer, NicInterface};

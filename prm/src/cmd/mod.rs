@@ -2,8 +2,14 @@
 //!
 //! One layout file per command family goes beside these (`hca.rs`, `migration.rs`, ...).
 
+pub mod caps;
+pub mod eq;
+pub mod hca;
 pub mod header;
 pub mod opcode;
+pub mod pages;
+pub mod pd_mkey;
+pub mod uar;
 
 pub use header::{cmd_status_to_errno, CmdInHeader, CmdOutHeader, CmdStatus, DRIVER_SYNDROME};
 pub use opcode::Opcode;

@@ -1,0 +1,46 @@
+//! The adapter's functions as the firmware sees them: how a PF finds a VF by
+//! `vhca_id` (QUERY_HCA_CAP with `other_function`, and later the migration commands).
+//!
+//! Functions are held weakly: the fabric never keeps a function alive, and a function
+//! holds the fabric, so there is no reference cycle.
+
+use std::sync::{Arc, RwLock, Weak};
+
+use crate::function::Function;
+
+/// Every function of one adapter, by `vhca_id`.
+#[derive(Default)]
+pub struct Fabric {
+    functions: RwLock<Vec<Weak<Function>>>,
+}
+
+impl Fabric {
+    pub fn new() -> Self {
+        Fabric::default()
+    }
+
+    /// Adds a function (the adapter does this once per function at start).
+    pub fn register(&self, f: &Arc<Function>) {
+        let mut v = self.functions.write().unwrap_or_else(|p| p.into_inner());
+        v.retain(|w| w.strong_count() > 0);
+        v.push(Arc::downgrade(f));
+    }
+
+    /// The function whose `vhca_id` is `vhca_id` (PF 0, VF n = n + 1), if it is alive.
+    pub fn by_vhca_id(&self, vhca_id: u16) -> Option<Arc<Function>> {
+        let v = self.functions.read().unwrap_or_else(|p| p.into_inner());
+        v.iter()
+            .filter_map(Weak::upgrade)
+            .find(|f| f.id.vhca_id == vhca_id)
+    }
+
+    /// Number of live functions.
+    pub fn len(&self) -> usize {
+        let v = self.functions.read().unwrap_or_else(|p| p.into_inner());
+        v.iter().filter(|w| w.strong_count() > 0).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

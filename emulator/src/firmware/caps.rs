@@ -1,0 +1,312 @@
+//! QUERY_HCA_CAP and SET_HCA_CAP, and the capability pages this device advertises
+//! (mlx5-device.md §4.1–4.4, kernel-mlx5vf.md §4.2).
+//!
+//! The GENERAL page carries the values that keep stock mlx5_core on its minimal path
+//! (every optional feature bit 0, port type ETH, no pages EQ) plus the migration
+//! capability; GENERAL_2 carries the migration extensions. Every other known page type
+//! reads as zeros (its feature bit is 0, so a driver that follows the caps never asks).
+
+use super::{Cmd, CmdFail, CmdResult, Env, Firmware};
+use crate::function::FunctionId;
+use crate::pci::FunctionKind;
+use mlx5_prm::cmd::caps::*;
+use mlx5_prm::ifc::{get, set, Field};
+
+/// `log_max_eq_sz`: EQs of up to 2^16 entries (the async EQ needs 2^13).
+pub const LOG_MAX_EQ_SZ: u64 = 16;
+/// `max_num_eqs`: EQs per function.
+pub const MAX_NUM_EQS: u64 = 8;
+/// `log_max_eq` matching [`MAX_NUM_EQS`].
+pub const LOG_MAX_EQ: u64 = 3;
+/// `log_max_qp`.
+pub const LOG_MAX_QP: u64 = 10;
+/// `log_max_pd`: 2^10 PDs.
+pub const LOG_MAX_PD: u64 = 10;
+/// `log_max_mkey`: 2^12 mkeys.
+pub const LOG_MAX_MKEY: u64 = 12;
+/// `log_bf_reg_size`.
+pub const LOG_BF_REG_SIZE: u64 = 9;
+
+/// The GENERAL capability page, MAX limits (also the power-on CUR values).
+pub fn general_max(id: FunctionId) -> Box<[u8]> {
+    use cmd_hca_cap as c;
+    let mut p = vec![0u8; HCA_CAP_SIZE].into_boxed_slice();
+    let values: &[(Field, u64)] = &[
+        // No run-time page requests: no pages EQ (boot/init pages are still asked for).
+        (c::PAGE_REQUEST_DISABLE, 1),
+        // GENERAL_2 exists (it carries the migration extensions).
+        (c::HCA_CAP_2, 1),
+        (c::VHCA_ID, u64::from(id.vhca_id)),
+        (c::LOG_MAX_QP, LOG_MAX_QP),
+        (c::LOG_MAX_EQ_SZ, LOG_MAX_EQ_SZ),
+        (c::LOG_MAX_MKEY, LOG_MAX_MKEY),
+        (c::LOG_MAX_EQ, LOG_MAX_EQ),
+        (c::MAX_NUM_EQS, MAX_NUM_EQS),
+        (c::LOG_MAX_PD, LOG_MAX_PD),
+        (c::PORT_TYPE, PORT_TYPE_ETH),
+        (c::NUM_PORTS, 1),
+        // SET_DRIVER_VERSION is implemented; let the driver send it.
+        (c::DRIVER_VERSION, 1),
+        (c::LOG_BF_REG_SIZE, LOG_BF_REG_SIZE),
+        (c::NUM_OF_UARS_PER_PAGE, 1),
+        (c::MIGRATION, 1),
+    ];
+    for &(f, v) in values {
+        set(&mut p, f, v);
+    }
+    p
+}
+
+/// The GENERAL_2 page (CUR = MAX).
+pub fn general2() -> Box<[u8]> {
+    use cmd_hca_cap_2 as c;
+    let mut p = vec![0u8; HCA_CAP_SIZE].into_boxed_slice();
+    for f in [
+        c::MIGRATION_MULTI_LOAD,
+        c::MIGRATION_TRACKING_STATE,
+        c::MIGRATION_IN_CHUNKS,
+    ] {
+        set(&mut p, f, 1);
+    }
+    p
+}
+
+/// GENERAL fields SET_HCA_CAP may change, and whether the new value must not exceed the
+/// MAX value. Everything else in the written page is ignored (the driver writes back a
+/// modified copy of CUR, so the rest is what we reported).
+const SETTABLE: &[(Field, bool)] = &[
+    (cmd_hca_cap::PKEY_TABLE_SIZE, false),
+    (cmd_hca_cap::CMDIF_CHECKSUM, false),
+    (cmd_hca_cap::CACHE_LINE_128BYTE, false),
+    (cmd_hca_cap::LOG_UAR_PAGE_SZ, false),
+    (cmd_hca_cap::RELEASE_ALL_PAGES, true),
+    (cmd_hca_cap::NUM_VHCA_PORTS, true),
+    (cmd_hca_cap::LOG_MAX_QP, true),
+    (cmd_hca_cap::SW_OWNER_ID, true),
+    (cmd_hca_cap::DRIVER_VERSION, true),
+    (cmd_hca_cap::UAR_4K, true),
+];
+
+fn cap_type(op_mod: u16) -> Result<(CapType, CapMode), CmdFail> {
+    let (raw, mode) = split_op_mod(op_mod);
+    let t = CapType::try_from(raw).map_err(|_| CmdFail::bad_op_mod())?;
+    Ok((t, mode))
+}
+
+impl Firmware {
+    /// The capability page of `t` in `mode`, as this function reports it.
+    pub fn cap_page(&self, t: CapType, mode: CapMode) -> Box<[u8]> {
+        match (t, mode) {
+            (CapType::General, CapMode::Cur) => self.general_cur.clone(),
+            (CapType::General, CapMode::Max) => general_max(self.id),
+            (CapType::General2, _) => general2(),
+            _ => vec![0u8; HCA_CAP_SIZE].into_boxed_slice(),
+        }
+    }
+
+    /// Current value of a GENERAL capability field.
+    pub fn general_cap(&self, f: Field) -> u64 {
+        get(&self.general_cur, f)
+    }
+
+    pub(super) fn query_hca_cap(&mut self, env: &Env<'_>, cmd: &Cmd<'_>) -> CmdResult {
+        let mut out = cmd.lengths(QUERY_HCA_CAP_IN_LEN, QUERY_HCA_CAP_OUT_LEN)?;
+        let (t, mode) = cap_type(cmd.op_mod)?;
+        if cmd.get(HCA_CAP_IN_EC_VF_FUNCTION) != 0 {
+            return Err(CmdFail::bad_param());
+        }
+        let page = match self.other_function(env, cmd)? {
+            None => self.cap_page(t, mode),
+            // Lock order PF → VF (only a PF gets here; see the module docs).
+            Some(peer) => peer.firmware().cap_page(t, mode),
+        };
+        out[HCA_CAP_MSG_OFFSET..].copy_from_slice(&page);
+        Ok(out)
+    }
+
+    pub(super) fn set_hca_cap(&mut self, env: &Env<'_>, cmd: &Cmd<'_>) -> CmdResult {
+        let out = cmd.lengths(SET_HCA_CAP_IN_LEN, SET_HCA_CAP_OUT_LEN)?;
+        let (t, _) = cap_type(cmd.op_mod)?;
+        if cmd.op_mod & HCA_CAP_OPMOD_MODE_MASK != 0 || cmd.get(HCA_CAP_IN_EC_VF_FUNCTION) != 0 {
+            return Err(CmdFail::bad_param());
+        }
+        let page = &cmd.input[HCA_CAP_MSG_OFFSET..SET_HCA_CAP_IN_LEN];
+        match self.other_function(env, cmd)? {
+            None => self.apply_caps(t, page)?,
+            Some(peer) => peer.firmware().apply_caps(t, page)?,
+        }
+        Ok(out)
+    }
+
+    /// Applies a written capability page: GENERAL updates the settable fields (all or
+    /// nothing), other types are accepted and ignored (nothing in them is settable here).
+    fn apply_caps(&mut self, t: CapType, page: &[u8]) -> Result<(), CmdFail> {
+        if t != CapType::General {
+            return Ok(());
+        }
+        let max = general_max(self.id);
+        for &(f, bounded) in SETTABLE {
+            if bounded && get(page, f) > get(&max, f) {
+                tracing::info!(field = ?f, value = get(page, f), max = get(&max, f), "SET_HCA_CAP above MAX");
+                return Err(CmdFail::bad_param());
+            }
+        }
+        for &(f, _) in SETTABLE {
+            set(&mut self.general_cur, f, get(page, f));
+        }
+        Ok(())
+    }
+
+    /// `other_function` / `function_id` of QUERY/SET_HCA_CAP: `None` for this function,
+    /// the peer otherwise (PF only).
+    fn other_function(
+        &self,
+        env: &Env<'_>,
+        cmd: &Cmd<'_>,
+    ) -> Result<Option<std::sync::Arc<crate::Function>>, CmdFail> {
+        if cmd.get(HCA_CAP_IN_OTHER_FUNCTION) == 0 {
+            return Ok(None);
+        }
+        let fid = cmd.get(HCA_CAP_IN_FUNCTION_ID) as u16;
+        if self.id.kind == FunctionKind::Pf && fid == self.id.vhca_id {
+            return Ok(None);
+        }
+        self.check_other_function(env, fid)?;
+        env.fabric
+            .by_vhca_id(fid)
+            .map(Some)
+            .ok_or_else(CmdFail::bad_function)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::syndrome;
+    use super::super::test_support::*;
+    use super::*;
+    use mlx5_prm::CmdStatus;
+    use mlx5_prm::Opcode;
+
+    fn query(b: &mut Bench, op_mod: u16) -> Vec<u8> {
+        let r = b.run(
+            Opcode::QueryHcaCap,
+            op_mod,
+            16,
+            QUERY_HCA_CAP_OUT_LEN,
+            |_| {},
+        );
+        ok(&r);
+        assert_eq!(r.out.len(), QUERY_HCA_CAP_OUT_LEN);
+        r.out[HCA_CAP_MSG_OFFSET..].to_vec()
+    }
+
+    #[test]
+    fn general_caps_keep_mlx5_core_minimal_and_advertise_migration() {
+        let mut b = Bench::vf();
+        ok(&b.simple(Opcode::EnableHca));
+        for mode in [CapMode::Cur, CapMode::Max] {
+            let p = query(&mut b, query_op_mod(CapType::General, mode));
+            assert_eq!(get(&p, cmd_hca_cap::VHCA_ID), 1);
+            assert_eq!(get(&p, cmd_hca_cap::MIGRATION), 1);
+            assert_eq!(get(&p, cmd_hca_cap::PORT_TYPE), PORT_TYPE_ETH);
+            assert_eq!(get(&p, cmd_hca_cap::HCA_CAP_2), 1);
+            for f in [
+                cmd_hca_cap::ETH_NET_OFFLOADS,
+                cmd_hca_cap::ROCE,
+                cmd_hca_cap::NIC_FLOW_TABLE,
+                cmd_hca_cap::ESWITCH_MANAGER,
+                cmd_hca_cap::EVENT_CAP,
+                cmd_hca_cap::PG,
+                cmd_hca_cap::ATOMIC,
+                cmd_hca_cap::UCTX_CAP,
+                cmd_hca_cap::CMDIF_CHECKSUM,
+                cmd_hca_cap::DISABLE_LOCAL_LB_MC,
+                cmd_hca_cap::DISABLE_LOCAL_LB_UC,
+            ] {
+                assert_eq!(get(&p, f), 0, "{f:?}");
+            }
+        }
+        let p2 = query(&mut b, query_op_mod(CapType::General2, CapMode::Cur));
+        assert_eq!(get(&p2, cmd_hca_cap_2::MIGRATION_MULTI_LOAD), 1);
+        assert_eq!(get(&p2, cmd_hca_cap_2::MIGRATION_TRACKING_STATE), 1);
+        assert_eq!(get(&p2, cmd_hca_cap_2::MIGRATION_IN_CHUNKS), 1);
+        let roce = query(&mut b, query_op_mod(CapType::Roce, CapMode::Max));
+        assert!(roce.iter().all(|&x| x == 0));
+        let r = b.run(Opcode::QueryHcaCap, 0x7e, 16, QUERY_HCA_CAP_OUT_LEN, |_| {});
+        fails(&r, CmdStatus::BadParamErr, syndrome::BAD_OP_MOD);
+        let r = b.run(Opcode::QueryHcaCap, 1, 16, 0x100, |_| {});
+        fails(&r, CmdStatus::BadOutpLenErr, syndrome::SHORT_OUTPUT);
+    }
+
+    #[test]
+    fn set_hca_cap_changes_settable_fields_only_and_checks_max() {
+        let mut b = Bench::vf();
+        ok(&b.simple(Opcode::EnableHca));
+        let mut page = query(&mut b, 1);
+        set(&mut page, cmd_hca_cap::PKEY_TABLE_SIZE, 0);
+        set(&mut page, cmd_hca_cap::LOG_MAX_QP, 5);
+        set(&mut page, cmd_hca_cap::VHCA_ID, 77);
+        let r = b.run(Opcode::SetHcaCap, 0, SET_HCA_CAP_IN_LEN, 16, |m| {
+            m[HCA_CAP_MSG_OFFSET..].copy_from_slice(&page)
+        });
+        ok(&r);
+        let cur = query(&mut b, 1);
+        assert_eq!(get(&cur, cmd_hca_cap::LOG_MAX_QP), 5);
+        assert_eq!(get(&cur, cmd_hca_cap::VHCA_ID), 1, "read-only");
+        set(&mut page, cmd_hca_cap::LOG_MAX_QP, LOG_MAX_QP + 1);
+        let r = b.run(Opcode::SetHcaCap, 0, SET_HCA_CAP_IN_LEN, 16, |m| {
+            m[HCA_CAP_MSG_OFFSET..].copy_from_slice(&page)
+        });
+        fails(&r, CmdStatus::BadParamErr, syndrome::BAD_PARAM);
+        let r = b.run(Opcode::SetHcaCap, 0, 16, 16, |_| {});
+        fails(&r, CmdStatus::BadInpLenErr, syndrome::SHORT_INPUT);
+        // A VF may not name another function.
+        let r = b.run(Opcode::QueryHcaCap, 1, 16, QUERY_HCA_CAP_OUT_LEN, |m| {
+            set(m, HCA_CAP_IN_OTHER_FUNCTION, 1);
+            set(m, HCA_CAP_IN_FUNCTION_ID, 2);
+        });
+        fails(&r, CmdStatus::BadParamErr, syndrome::BAD_FUNCTION);
+    }
+
+    #[test]
+    fn pf_queries_a_vf_by_function_id_and_sees_its_vhca_id() {
+        use crate::fabric::Fabric;
+        use crate::function::Function;
+        use mlx5_prm::ifc::hdr;
+        use std::sync::Arc;
+        let fabric = Arc::new(Fabric::new());
+        let pf = Function::with_fabric(FunctionId::pf(), Arc::clone(&fabric)).unwrap();
+        let _vf = Function::with_fabric(FunctionId::vf(0), Arc::clone(&fabric)).unwrap();
+        assert_eq!(fabric.len(), 2);
+        let run = |op: Opcode, other: bool, fid: u64| {
+            let mut m = vec![0u8; QUERY_HCA_CAP_OUT_LEN];
+            set(&mut m, hdr::OPCODE, u64::from(u16::from(op)));
+            set(&mut m, hdr::OP_MOD, 1);
+            set(&mut m, HCA_CAP_IN_OTHER_FUNCTION, u64::from(other));
+            set(&mut m, HCA_CAP_IN_FUNCTION_ID, fid);
+            let env = Env {
+                id: pf.id,
+                dma: pf.dma(),
+                fabric: pf.fabric(),
+            };
+            let len = if op == Opcode::QueryHcaCap {
+                16
+            } else {
+                0x1010
+            };
+            pf.firmware()
+                .execute(&env, &Cmd::new(&m[..len], QUERY_HCA_CAP_OUT_LEN))
+        };
+        ok(&run(Opcode::EnableHca, false, 0));
+        let r = run(Opcode::QueryHcaCap, true, 1);
+        ok(&r);
+        assert_eq!(get(&r.out[HCA_CAP_MSG_OFFSET..], cmd_hca_cap::VHCA_ID), 1);
+        let r = run(Opcode::QueryHcaCap, true, 0);
+        ok(&r);
+        assert_eq!(get(&r.out[HCA_CAP_MSG_OFFSET..], cmd_hca_cap::VHCA_ID), 0);
+        let r = run(Opcode::QueryHcaCap, false, 1);
+        assert_eq!(get(&r.out[HCA_CAP_MSG_OFFSET..], cmd_hca_cap::VHCA_ID), 0);
+        let r = run(Opcode::QueryHcaCap, true, 2);
+        fails(&r, CmdStatus::BadParamErr, syndrome::BAD_FUNCTION);
+    }
+}

@@ -1,0 +1,419 @@
+//! CREATE_EQ / DESTROY_EQ, the EQ rings in guest memory, their arm and consumer-index
+//! doorbells in the UAR, and posting EQEs (mlx5-device.md §3.7).
+//!
+//! An EQ is a ring of 2^log_eq_size 64-byte EQEs laid over the pages of its PAS list
+//! (page size 4 KiB << log_page_size). The device writes EQE `pi` with owner
+//! `(pi >> log_eq_size) & 1`, then, if the EQ is armed, raises MSI-X `intr` and disarms
+//! it. Writing `(ci | eqn << 24)` to UAR + 0x40 updates the consumer index and arms;
+//! UAR + 0x48 only updates it. Arming while EQEs the driver has not consumed are present
+//! fires at once (so an EQE posted between the driver's last poll and its arm is never
+//! left without an interrupt).
+
+use mlx5_prm::cmd::eq::*;
+use mlx5_prm::ifc::set;
+
+use super::caps::{LOG_MAX_EQ_SZ, MAX_NUM_EQS};
+use super::{first_free, Cmd, CmdFail, CmdResult, Env, Firmware};
+use crate::function::MSIX_VECTORS;
+
+/// Largest eqc `log_page_size` accepted (EQ pages of up to 256 MiB).
+pub const MAX_EQ_LOG_PAGE_SIZE: u64 = 16;
+/// Lowest EQ number handed out (0 is never used, so a driver that ignores the returned
+/// number is caught).
+pub const FIRST_EQN: u32 = 1;
+
+/// One EQ.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EqState {
+    pub eqn: u8,
+    /// UAR index of its doorbell page.
+    pub uar: u32,
+    /// MSI-X vector.
+    pub intr: u16,
+    pub log_size: u32,
+    /// EQ page size in bytes.
+    pub page_size: u64,
+    /// DMA address of each EQ page.
+    pub pas: Vec<u64>,
+    pub event_bitmask: [u64; CREATE_EQ_IN_EVENT_BITMASK_WORDS],
+    /// Next EQE index to fill (reserved).
+    pub pi: u32,
+    /// EQEs fully written to guest memory.
+    pub written: u32,
+    /// Consumer index from the last doorbell (24 bits).
+    pub ci: u32,
+    pub armed: bool,
+}
+
+impl EqState {
+    fn entries(&self) -> u32 {
+        1u32 << self.log_size
+    }
+
+    /// Guest address of EQE `index` (mod the ring size).
+    pub fn eqe_address(&self, index: u32) -> Option<u64> {
+        let slot = u64::from(index & (self.entries() - 1));
+        let off = slot.checked_mul(EQE_SIZE as u64)?;
+        let page = usize::try_from(off / self.page_size).ok()?;
+        self.pas.get(page)?.checked_add(off % self.page_size)
+    }
+
+    /// Whether EQEs were written that the last consumer index has not covered.
+    fn unconsumed(&self) -> bool {
+        self.written & EQ_DOORBELL_CI_MASK != self.ci
+    }
+
+    fn wants(&self, event_type: u8) -> bool {
+        let word = usize::from(event_type / 64);
+        self.event_bitmask
+            .get(word)
+            .is_some_and(|w| w & (1u64 << (event_type % 64)) != 0)
+    }
+}
+
+/// Where and how to write the next EQE: reserved by [`Firmware::reserve_cmd_eqe`],
+/// written by the caller outside the lock, then committed with
+/// [`Firmware::commit_eqe`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EqeSlot {
+    pub eqn: u8,
+    pub addr: u64,
+    pub owner: u8,
+}
+
+impl EqeSlot {
+    /// The 64-byte command-completion EQE for completed slots `vector`.
+    pub fn cmd_eqe(&self, vector: u32) -> [u8; EQE_SIZE] {
+        let mut e = [0u8; EQE_SIZE];
+        set(&mut e, EQE_TYPE, u64::from(EVENT_TYPE_CMD));
+        set(&mut e, EQE_CMD_VECTOR, u64::from(vector));
+        set(&mut e, EQE_OWNER, u64::from(self.owner));
+        e
+    }
+}
+
+impl Firmware {
+    pub fn eq(&self, eqn: u8) -> Option<&EqState> {
+        self.eqs.get(&eqn)
+    }
+
+    pub(super) fn create_eq(&mut self, env: &Env<'_>, cmd: &Cmd<'_>) -> CmdResult {
+        let mut out = cmd.lengths(CREATE_EQ_IN_LEN, CREATE_EQ_OUT_LEN)?;
+        let log_size = cmd.get(CREATE_EQ_IN_LOG_EQ_SIZE);
+        let uar = cmd.get(CREATE_EQ_IN_UAR_PAGE) as u32;
+        let intr = cmd.get(CREATE_EQ_IN_INTR);
+        let log_page = cmd.get(CREATE_EQ_IN_LOG_PAGE_SIZE);
+        if log_size > LOG_MAX_EQ_SZ
+            || log_page > MAX_EQ_LOG_PAGE_SIZE
+            || intr >= u64::from(MSIX_VECTORS)
+            || cmd.get(CREATE_EQ_IN_PAGE_OFFSET) != 0
+        {
+            tracing::info!(log_size, log_page, intr, "CREATE_EQ: bad eqc");
+            return Err(CmdFail::bad_param());
+        }
+        if !self.uars.contains(&uar) {
+            return Err(CmdFail::no_such_object());
+        }
+        let mut event_bitmask = [0u64; CREATE_EQ_IN_EVENT_BITMASK_WORDS];
+        for (i, w) in event_bitmask.iter_mut().enumerate() {
+            *w = CREATE_EQ_IN_EVENT_BITMASK.nth(i).map_or(0, |f| cmd.get(f));
+        }
+        let page_size = EQ_BASE_PAGE_SIZE << log_page;
+        let bytes = (EQE_SIZE as u64) << log_size;
+        let npages =
+            usize::try_from(bytes.div_ceil(page_size)).map_err(|_| CmdFail::bad_param())?;
+        cmd.need_in(create_eq_in_len(npages).ok_or_else(CmdFail::bad_param)?)?;
+        let mut pas = Vec::with_capacity(npages);
+        for i in 0..npages {
+            let pa = CREATE_EQ_IN_PAS.nth(i).map_or(0, |f| cmd.get(f));
+            let mut probe = [0u8; 1];
+            if pa == 0
+                || !pa.is_multiple_of(EQ_BASE_PAGE_SIZE)
+                || env.dma.read(pa, &mut probe).is_err()
+            {
+                tracing::info!(pa = format_args!("{pa:#x}"), "CREATE_EQ: bad page");
+                return Err(CmdFail::new(
+                    mlx5_prm::CmdStatus::BadParamErr,
+                    super::syndrome::BAD_PAGE,
+                ));
+            }
+            pas.push(pa);
+        }
+        let eq = EqState {
+            eqn: 0,
+            uar,
+            intr: intr as u16,
+            log_size: log_size as u32,
+            page_size,
+            pas,
+            event_bitmask,
+            pi: 0,
+            written: 0,
+            ci: 0,
+            armed: false,
+        };
+        let is_cmd = eq.wants(EVENT_TYPE_CMD);
+        if is_cmd && self.cmd_eq.is_some() {
+            tracing::info!("CREATE_EQ: a command EQ exists already");
+            return Err(CmdFail::bad_param());
+        }
+        let keys: Vec<u32> = self.eqs.keys().map(|&k| u32::from(k)).collect();
+        let last = FIRST_EQN + MAX_NUM_EQS as u32 - 1;
+        let eqn = first_free(keys.iter(), FIRST_EQN, last).ok_or_else(CmdFail::no_resources)? as u8;
+        self.eqs.insert(eqn, EqState { eqn, ..eq });
+        if is_cmd {
+            self.cmd_eq = Some(eqn);
+        }
+        set(&mut out, CREATE_EQ_OUT_EQ_NUMBER, u64::from(eqn));
+        Ok(out)
+    }
+
+    pub(super) fn destroy_eq(&mut self, cmd: &Cmd<'_>) -> CmdResult {
+        let out = cmd.lengths(DESTROY_EQ_IN_LEN, DESTROY_EQ_OUT_LEN)?;
+        let eqn = cmd.get(DESTROY_EQ_IN_EQ_NUMBER) as u8;
+        self.eqs.remove(&eqn).ok_or_else(CmdFail::no_such_object)?;
+        if self.cmd_eq == Some(eqn) {
+            self.cmd_eq = None;
+        }
+        Ok(out)
+    }
+
+    /// A 4-byte write to UAR page `uar` at `offset`. Returns the MSI-X vector to raise
+    /// (after the caller drops the lock), if the write armed an EQ with unconsumed EQEs.
+    pub fn uar_write(&mut self, uar: u32, offset: u32, value: u32) -> Option<u16> {
+        let arm = match offset {
+            EQ_DOORBELL_ARM_OFFSET => true,
+            EQ_DOORBELL_NOARM_OFFSET => false,
+            _ => {
+                tracing::trace!(uar, offset, value, "UAR write outside the EQ doorbells");
+                return None;
+            }
+        };
+        let (eqn, ci) = split_eq_doorbell(value);
+        let Some(eq) = self.eqs.get_mut(&eqn).filter(|eq| eq.uar == uar) else {
+            tracing::debug!(uar, eqn, "EQ doorbell for no EQ of this UAR");
+            return None;
+        };
+        eq.ci = ci;
+        if arm {
+            eq.armed = true;
+        }
+        if eq.armed && eq.unconsumed() {
+            eq.armed = false;
+            return Some(eq.intr);
+        }
+        None
+    }
+
+    /// Reserves the next EQE of the command EQ. `None` if there is no command EQ, or it
+    /// would overrun (the EQE is then dropped with a warning, as the driver must keep
+    /// its consumer index within the ring).
+    pub fn reserve_cmd_eqe(&mut self) -> Option<EqeSlot> {
+        let eqn = self.cmd_eq?;
+        let eq = self.eqs.get_mut(&eqn)?;
+        let outstanding = eq.pi.wrapping_sub(eq.ci) & EQ_DOORBELL_CI_MASK;
+        if outstanding >= eq.entries() {
+            tracing::warn!(
+                eqn,
+                pi = eq.pi,
+                ci = eq.ci,
+                "command EQ overrun; EQE dropped"
+            );
+            return None;
+        }
+        let addr = eq.eqe_address(eq.pi)?;
+        let owner = eqe_owner(eq.pi, eq.log_size);
+        eq.pi = eq.pi.wrapping_add(1);
+        Some(EqeSlot { eqn, addr, owner })
+    }
+
+    /// The EQE reserved in `slot` is in guest memory: returns the vector to raise if the
+    /// EQ was armed (it is then disarmed).
+    pub fn commit_eqe(&mut self, slot: &EqeSlot) -> Option<u16> {
+        let eq = self.eqs.get_mut(&slot.eqn)?;
+        eq.written = eq.written.wrapping_add(1);
+        if eq.armed {
+            eq.armed = false;
+            return Some(eq.intr);
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::syndrome;
+    use super::super::test_support::*;
+    use super::*;
+    use mlx5_prm::ifc::get;
+    use mlx5_prm::{CmdStatus, Opcode};
+
+    fn create(
+        b: &mut Bench,
+        log_size: u64,
+        uar: u32,
+        intr: u64,
+        cmd_events: bool,
+        pas: &[u64],
+    ) -> super::super::Reply {
+        let len = create_eq_in_len(pas.len()).unwrap();
+        b.run(Opcode::CreateEq, 0, len, 16, |m| {
+            set(m, CREATE_EQ_IN_LOG_EQ_SIZE, log_size);
+            set(m, CREATE_EQ_IN_UAR_PAGE, u64::from(uar));
+            set(m, CREATE_EQ_IN_INTR, intr);
+            if cmd_events {
+                set(m, CREATE_EQ_IN_EVENT_BITMASK, 1 << EVENT_TYPE_CMD);
+            }
+            for (i, &pa) in pas.iter().enumerate() {
+                set(m, CREATE_EQ_IN_PAS.nth(i).unwrap(), pa);
+            }
+        })
+    }
+
+    #[test]
+    fn cmd_eq_ring_addresses_owner_phase_and_arming() {
+        let mut b = Bench::vf();
+        b.bring_up();
+        b.map(0x40_0000, 0x2000);
+        ok(&b.simple(Opcode::AllocUar));
+        // 128 EQEs = 8 KiB = two 4 KiB pages.
+        let r = create(&mut b, 7, 3, 2, true, &[0x40_1000, 0x40_0000]);
+        ok(&r);
+        let eqn = get(&r.out, CREATE_EQ_OUT_EQ_NUMBER) as u8;
+        assert_eq!(eqn, 1);
+        assert_eq!(b.fw.cmd_eq(), Some(eqn));
+        // Not armed: EQEs are written without an interrupt.
+        let s = b.fw.reserve_cmd_eqe().unwrap();
+        assert_eq!((s.addr, s.owner), (0x40_1000, 0));
+        assert_eq!(b.fw.commit_eqe(&s), None);
+        // Arming with an unconsumed EQE fires at once and disarms.
+        assert_eq!(
+            b.fw.uar_write(3, EQ_DOORBELL_ARM_OFFSET, eq_doorbell_value(eqn, 0)),
+            Some(2)
+        );
+        assert!(!b.fw.eq(eqn).unwrap().armed);
+        // Consumed and armed: the next EQE fires.
+        assert_eq!(
+            b.fw.uar_write(3, EQ_DOORBELL_ARM_OFFSET, eq_doorbell_value(eqn, 1)),
+            None
+        );
+        let s = b.fw.reserve_cmd_eqe().unwrap();
+        assert_eq!(b.fw.commit_eqe(&s), Some(2));
+        // Update without arming.
+        assert_eq!(
+            b.fw.uar_write(3, EQ_DOORBELL_NOARM_OFFSET, eq_doorbell_value(eqn, 2)),
+            None
+        );
+        let s = b.fw.reserve_cmd_eqe().unwrap();
+        assert_eq!(b.fw.commit_eqe(&s), None);
+        // Wrong UAR or EQ number: ignored.
+        assert_eq!(
+            b.fw.uar_write(4, EQ_DOORBELL_ARM_OFFSET, eq_doorbell_value(eqn, 0)),
+            None
+        );
+        assert_eq!(
+            b.fw.uar_write(3, EQ_DOORBELL_ARM_OFFSET, eq_doorbell_value(9, 0)),
+            None
+        );
+        // Walk the ring: EQE 64 sits on the second page; after 128 the owner flips.
+        for i in 3..200u32 {
+            b.fw.uar_write(3, EQ_DOORBELL_NOARM_OFFSET, eq_doorbell_value(eqn, i));
+            let s = b.fw.reserve_cmd_eqe().unwrap();
+            let idx = i % 128;
+            let page = if idx < 64 { 0x40_1000 } else { 0x40_0000 };
+            assert_eq!(s.addr, page + u64::from(idx % 64) * 64, "eqe {i}");
+            assert_eq!(s.owner, u8::from(i >= 128));
+            b.fw.commit_eqe(&s);
+        }
+        let e = EqeSlot {
+            eqn,
+            addr: 0,
+            owner: 1,
+        }
+        .cmd_eqe(1 << 31);
+        assert_eq!((e[1], e[32], e[63]), (EVENT_TYPE_CMD, 0x80, 1));
+    }
+
+    #[test]
+    fn overrun_drops_the_eqe() {
+        let mut b = Bench::vf();
+        b.bring_up();
+        b.map(0x40_0000, 0x1000);
+        ok(&b.simple(Opcode::AllocUar));
+        ok(&create(&mut b, 1, 3, 0, true, &[0x40_0000]));
+        for _ in 0..2 {
+            let s = b.fw.reserve_cmd_eqe().unwrap();
+            b.fw.commit_eqe(&s);
+        }
+        assert_eq!(b.fw.reserve_cmd_eqe(), None);
+    }
+
+    #[test]
+    fn create_eq_checks_its_context_and_pages() {
+        let mut b = Bench::vf();
+        b.bring_up();
+        b.map(0x40_0000, 0x1000);
+        // No such UAR.
+        fails(
+            &create(&mut b, 5, 3, 0, false, &[0x40_0000]),
+            CmdStatus::BadResErr,
+            syndrome::NO_SUCH_OBJECT,
+        );
+        ok(&b.simple(Opcode::AllocUar));
+        fails(
+            &create(&mut b, 5, 3, 16, false, &[0x40_0000]),
+            CmdStatus::BadParamErr,
+            syndrome::BAD_PARAM,
+        );
+        fails(
+            &create(&mut b, 17, 3, 0, false, &[0x40_0000]),
+            CmdStatus::BadParamErr,
+            syndrome::BAD_PARAM,
+        );
+        fails(
+            &create(&mut b, 5, 3, 0, false, &[0x50_0000]),
+            CmdStatus::BadParamErr,
+            syndrome::BAD_PAGE,
+        );
+        fails(
+            &create(&mut b, 5, 3, 0, false, &[0x40_0010]),
+            CmdStatus::BadParamErr,
+            syndrome::BAD_PAGE,
+        );
+        // 2^7 EQEs need two pages; one given.
+        fails(
+            &create(&mut b, 7, 3, 0, false, &[0x40_0000]),
+            CmdStatus::BadInpLenErr,
+            syndrome::SHORT_INPUT,
+        );
+        ok(&create(&mut b, 5, 3, 0, true, &[0x40_0000]));
+        fails(
+            &create(&mut b, 5, 3, 0, true, &[0x40_0000]),
+            CmdStatus::BadParamErr,
+            syndrome::BAD_PARAM,
+        );
+        // The UAR is busy while the EQ uses it.
+        let r = b.run(Opcode::DeallocUar, 0, 16, 16, |m| {
+            set(m, mlx5_prm::cmd::uar::DEALLOC_UAR_IN_UAR, 3)
+        });
+        fails(&r, CmdStatus::ResBusy, syndrome::BUSY);
+        for _ in 1..MAX_NUM_EQS {
+            ok(&create(&mut b, 5, 3, 0, false, &[0x40_0000]));
+        }
+        fails(
+            &create(&mut b, 5, 3, 0, false, &[0x40_0000]),
+            CmdStatus::NoResErr,
+            syndrome::NO_RESOURCES,
+        );
+        assert_eq!(b.fw.object_counts().eqs, MAX_NUM_EQS as usize);
+        let r = b.run(Opcode::DestroyEq, 0, 16, 16, |m| {
+            set(m, DESTROY_EQ_IN_EQ_NUMBER, 1)
+        });
+        ok(&r);
+        assert_eq!(b.fw.cmd_eq(), None);
+        let r = b.run(Opcode::DestroyEq, 0, 16, 16, |m| {
+            set(m, DESTROY_EQ_IN_EQ_NUMBER, 1)
+        });
+        fails(&r, CmdStatus::BadResErr, syndrome::NO_SUCH_OBJECT);
+    }
+}
