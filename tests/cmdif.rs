@@ -1,0 +1,542 @@
+//! Issue 4 acceptance, driver side: mlx5vf's command interface and function bring-up
+//! against a real adapter over real sockets (mlx5-device.md §2–4).
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use mlx5_prm::cmd::caps::{
+    query_op_mod, CapMode, CapType, HCA_CAP_IN_FUNCTION_ID, HCA_CAP_IN_OTHER_FUNCTION,
+};
+use mlx5_prm::cmd::hca::{QUERY_ISSI_OUT_LEN, QUERY_ISSI_OUT_SUPPORTED_ISSI_DW0};
+use mlx5_prm::cmd::pages::{
+    manage_pages_in_len, manage_pages_out_len, ManagePagesOpMod, MANAGE_PAGES_IN_INPUT_NUM_ENTRIES,
+    MANAGE_PAGES_IN_PAS, MANAGE_PAGES_OUT_OUTPUT_NUM_ENTRIES, MANAGE_PAGES_OUT_PAS,
+};
+use mlx5_prm::ifc::{get, set};
+use mlx5_prm::iseg::CMDQ_ADDR_L_SZ_OFFSET;
+use mlx5_prm::Opcode;
+use mlx5_testbed::{init_tracing, Function, Testbed};
+use mlx5vf::cmdif::{new_input, CmdError, CmdIf, CmdIfConfig, Mode, BAR0};
+use mlx5vf::hca::{Hca, HcaOptions};
+
+const QUERY_HCA_CAP_OUT: usize = 0x1010;
+
+fn config() -> CmdIfConfig {
+    CmdIfConfig {
+        timeout: Duration::from_secs(10),
+        pre_init_timeout: Duration::from_secs(5),
+        init_timeout: Duration::from_secs(2),
+        ..Default::default()
+    }
+}
+
+fn up(client: vfu::Client, events: bool) -> Hca {
+    let cmd = CmdIf::new(client, config()).expect("command interface");
+    let mut hca = Hca::new(cmd);
+    hca.up(&HcaOptions {
+        events,
+        ..Default::default()
+    })
+    .expect("bring-up");
+    hca
+}
+
+fn assert_no_objects(f: &Function, when: &str) {
+    let c = f.object_counts();
+    assert!(c.is_empty(), "{when}: firmware still holds {c:?}");
+}
+
+fn caps_query(t: CapType, mode: CapMode, other: Option<u16>) -> Vec<u8> {
+    let mut m = new_input(Opcode::QueryHcaCap, query_op_mod(t, mode), 16);
+    if let Some(fid) = other {
+        set(&mut m, HCA_CAP_IN_OTHER_FUNCTION, 1);
+        set(&mut m, HCA_CAP_IN_FUNCTION_ID, fid.into());
+    }
+    m
+}
+
+/// Brings `f` up and down `n` times on one vfio-user connection, re-creating the
+/// command interface (DMA map, queue address) each time; nothing may leak, neither in
+/// the firmware nor in the driver's arena. Returns the time per cycle.
+fn cycle(f: &Function, socket: &std::path::Path, n: usize) -> Duration {
+    let mut client = vfu::Client::connect(socket).expect("connect");
+    let start = Instant::now();
+    for i in 0..n {
+        let events = i % 10 != 9; // every tenth cycle completes by polling only
+        let mut hca = up(client, events);
+        let info = hca.info().expect("info").clone();
+        assert_eq!(info.vhca_id, f.id.vhca_id);
+        assert_eq!(info.pages_given, f.object_counts().pages);
+        assert_eq!(
+            hca.cmd().mode(),
+            if events { Mode::Events } else { Mode::Polling }
+        );
+        hca.down().expect("teardown");
+        assert_no_objects(f, &format!("cycle {i}"));
+        let mut cmd = hca.into_cmdif();
+        let arena = cmd.arena_mut();
+        assert_eq!(
+            arena.free_pages(),
+            arena.page_capacity(),
+            "cycle {i}: arena pages leaked"
+        );
+        assert_eq!(cmd.in_flight(), 0);
+        let (c, r) = cmd.into_client();
+        r.expect("unmap");
+        client = c;
+    }
+    start.elapsed() / n as u32
+}
+
+#[test]
+fn pf_and_vf_bring_up_and_teardown_100_times_on_one_connection_leak_nothing() {
+    init_tracing();
+    let tb = Testbed::start(1);
+    let pf = tb.adapter.pf().clone();
+    let vf = tb.adapter.vf(0).unwrap().clone();
+    let per_pf = cycle(&pf, &tb.pf_socket(), 100);
+    let per_vf = cycle(&vf, &tb.vf_socket(0), 100);
+    eprintln!("bring-up + teardown: PF {per_pf:?}, VF {per_vf:?} per cycle");
+    assert_no_objects(&pf, "end");
+    assert_no_objects(&vf, "end");
+}
+
+#[test]
+fn query_hca_cap_output_spans_eight_mailboxes_byte_exact() {
+    init_tracing();
+    let tb = Testbed::start(1);
+    let vf = tb.adapter.vf(0).unwrap().clone();
+    let mut hca = up(tb.vf_client(0), true);
+    for (t, mode) in [
+        (CapType::General, CapMode::Max),
+        (CapType::General, CapMode::Cur),
+        (CapType::General2, CapMode::Cur),
+    ] {
+        let out = hca
+            .cmd()
+            .exec(&caps_query(t, mode, None), QUERY_HCA_CAP_OUT)
+            .unwrap();
+        assert_eq!(out.len(), QUERY_HCA_CAP_OUT);
+        assert_eq!(&out[..8], &[0; 8], "status and syndrome");
+        let want = vf.firmware().cap_page(t, mode);
+        assert_eq!(&out[16..], &want[..], "{t:?} {mode:?}");
+    }
+    // One output block: QUERY_ISSI (112 bytes).
+    let out = hca
+        .cmd()
+        .exec(&new_input(Opcode::QueryIssi, 0, 16), QUERY_ISSI_OUT_LEN)
+        .unwrap();
+    assert_eq!(out.len(), QUERY_ISSI_OUT_LEN);
+    assert_eq!(get(&out, QUERY_ISSI_OUT_SUPPORTED_ISSI_DW0), 0x3);
+    // No block at all: QUERY_PAGES (16 bytes each way), num_pages 0 at run time.
+    let out = hca
+        .cmd()
+        .exec(&new_input(Opcode::QueryPages, 3, 16), 16)
+        .unwrap();
+    assert_eq!(out.len(), 16);
+    assert_eq!(&out[..8], &[0; 8]);
+    assert_eq!(&out[12..16], &[0; 4]);
+    hca.down().unwrap();
+    assert_no_objects(&vf, "end");
+}
+
+/// MANAGE_PAGES GIVE of `n` pages in one command, then TAKE of all of them in one
+/// command: the addresses come back exactly, through input and output chains of many
+/// blocks.
+fn give_and_take_in_one_command(hca: &mut Hca, f: &Function, n: usize) {
+    let held_before = f.object_counts().pages;
+    let cmd = hca.cmd();
+    let pas: Vec<u64> = (0..n)
+        .map(|_| cmd.arena_mut().alloc_page().expect("page"))
+        .collect();
+    let mut m = new_input(
+        Opcode::ManagePages,
+        ManagePagesOpMod::Give.into(),
+        manage_pages_in_len(n).unwrap(),
+    );
+    set(&mut m, MANAGE_PAGES_IN_INPUT_NUM_ENTRIES, n as u64);
+    for (i, &p) in pas.iter().enumerate() {
+        set(&mut m, MANAGE_PAGES_IN_PAS.nth(i).unwrap(), p);
+    }
+    cmd.exec(&m, 16).expect("give");
+    assert_eq!(f.object_counts().pages, held_before + n);
+
+    let total = held_before + n;
+    let mut m = new_input(Opcode::ManagePages, ManagePagesOpMod::Take.into(), 16);
+    set(&mut m, MANAGE_PAGES_IN_INPUT_NUM_ENTRIES, n as u64);
+    let out = cmd
+        .exec(&m, manage_pages_out_len(n).unwrap())
+        .expect("take");
+    let got = get(&out, MANAGE_PAGES_OUT_OUTPUT_NUM_ENTRIES) as usize;
+    assert_eq!(got, n);
+    let back: BTreeSet<u64> = (0..got)
+        .map(|i| get(&out, MANAGE_PAGES_OUT_PAS.nth(i).unwrap()))
+        .collect();
+    let given: BTreeSet<u64> = pas.iter().copied().collect();
+    assert_eq!(f.object_counts().pages, total - n);
+    assert_eq!(back, given, "TAKE returned other pages than the {n} given");
+    for p in pas {
+        cmd.arena_mut().free_page(p).unwrap();
+    }
+}
+
+#[test]
+fn manage_pages_with_many_pages_round_trips_byte_exact() {
+    init_tracing();
+    let tb = Testbed::start(1);
+    let vf = tb.adapter.vf(0).unwrap().clone();
+    // The function is only enabled (no boot pages held), so TAKE can only return ours.
+    let mut cmd = CmdIf::new(tb.vf_client(0), config()).unwrap();
+    cmd.exec(&new_input(Opcode::EnableHca, 0, 16), 12).unwrap();
+    let mut hca = Hca::new(cmd);
+    for n in [1usize, 63, 64, 65, 1000] {
+        give_and_take_in_one_command(&mut hca, &vf, n);
+    }
+    hca.cmd()
+        .exec(&new_input(Opcode::DisableHca, 0, 16), 12)
+        .unwrap();
+    assert_no_objects(&vf, "end");
+}
+
+#[test]
+fn create_mkey_with_a_long_mtt_list_reaches_the_firmware_intact() {
+    init_tracing();
+    let tb = Testbed::start(1);
+    let vf = tb.adapter.vf(0).unwrap().clone();
+    let mut hca = up(tb.vf_client(0), true);
+    // 1000 pages: 0x110 + 8000 bytes of input = 16 blocks; not contiguous, reversed.
+    let mut mtt: Vec<u64> = (0..1000)
+        .map(|_| hca.cmd().arena_mut().alloc_page().unwrap())
+        .collect();
+    mtt.reverse();
+    let len = mtt.len() as u64 * 4096;
+    let key = hca.create_mkey(&mtt, 12, len, 0x5a).expect("create mkey");
+    {
+        let fw = vf.firmware();
+        let mk = fw.mkey(key >> 8).expect("mkey exists");
+        assert_eq!(mk.key(), key);
+        assert_eq!(mk.mtt, mtt);
+        assert_eq!((mk.start, mk.len, mk.log_page_size), (0, len, 12));
+        assert_eq!(mk.pd, hca.info().unwrap().pd);
+    }
+    assert_eq!(vf.object_counts().mkeys, 1);
+    // An odd count exercises the padding entry.
+    let key2 = hca.create_mkey(&mtt[..3], 12, 3 * 4096, 1).unwrap();
+    assert_eq!(vf.firmware().mkey(key2 >> 8).unwrap().mtt, &mtt[..3]);
+    hca.destroy_mkey(key2).unwrap();
+    hca.destroy_mkey(key).unwrap();
+    for p in mtt {
+        hca.cmd().arena_mut().free_page(p).unwrap();
+    }
+    hca.down().unwrap();
+    assert_no_objects(&vf, "end");
+}
+
+/// The 32 commands: 31 regular ones whose outputs differ (caps of different
+/// functions and types, ISSI, adapter, pages) and one MANAGE_PAGES, which must land
+/// in slot 31.
+fn thirty_two_commands(vfs: u16) -> Vec<(Vec<u8>, usize)> {
+    let mut cmds = Vec::new();
+    let variants = [
+        (
+            caps_query(CapType::General, CapMode::Cur, None),
+            QUERY_HCA_CAP_OUT,
+        ),
+        (
+            caps_query(CapType::General, CapMode::Max, None),
+            QUERY_HCA_CAP_OUT,
+        ),
+        (
+            caps_query(CapType::General2, CapMode::Cur, None),
+            QUERY_HCA_CAP_OUT,
+        ),
+        (new_input(Opcode::QueryIssi, 0, 16), QUERY_ISSI_OUT_LEN),
+        (new_input(Opcode::QueryAdapter, 0, 16), 0x110),
+        (new_input(Opcode::QueryPages, 3, 16), 16),
+    ];
+    let mut i = 0;
+    while cmds.len() < 31 {
+        if i % 3 == 2 {
+            let fid = 1 + (i as u16 / 3) % vfs;
+            let mode = if i % 2 == 0 {
+                CapMode::Cur
+            } else {
+                CapMode::Max
+            };
+            cmds.push((
+                caps_query(CapType::General, mode, Some(fid)),
+                QUERY_HCA_CAP_OUT,
+            ));
+        } else {
+            cmds.push(variants[i % variants.len()].clone());
+        }
+        i += 1;
+    }
+    cmds.insert(
+        13,
+        (
+            new_input(Opcode::ManagePages, ManagePagesOpMod::CantGive.into(), 16),
+            16,
+        ),
+    );
+    cmds
+}
+
+fn all_slots_in_flight(events: bool) {
+    init_tracing();
+    let vfs = 4;
+    let tb = Testbed::start(vfs);
+    let pf = tb.adapter.pf().clone();
+    let mut hca = up(vfu::Client::connect(&tb.pf_socket()).unwrap(), events);
+    let cmds = thirty_two_commands(vfs);
+    let one_by_one: Vec<Vec<u8>> = cmds
+        .iter()
+        .map(|(m, n)| hca.cmd().exec(m, *n).expect("alone"))
+        .collect();
+    let log_before = pf.command_log().len();
+    let stats_before = hca.cmd().stats();
+    let refs: Vec<(&[u8], usize)> = cmds.iter().map(|(m, n)| (m.as_slice(), *n)).collect();
+    let together = hca.cmd().exec_many(&refs);
+    let stats = hca.cmd().stats();
+    assert_eq!(
+        stats.doorbells - stats_before.doorbells,
+        1,
+        "one doorbell for all 32"
+    );
+    for (i, (r, want)) in together.into_iter().zip(&one_by_one).enumerate() {
+        let got = r.unwrap_or_else(|e| panic!("command {i}: {e}"));
+        assert_eq!(&got, want, "command {i} got another command's output");
+    }
+    let log = pf.command_log();
+    let batch = &log[log_before..];
+    assert_eq!(batch.len(), 32);
+    let slots: BTreeSet<u8> = batch.iter().map(|r| r.slot).collect();
+    assert_eq!(slots.len(), 32, "every slot used once");
+    let pages = batch
+        .iter()
+        .find(|r| r.opcode == u16::from(Opcode::ManagePages))
+        .unwrap();
+    assert_eq!(pages.slot, 31, "MANAGE_PAGES rides slot 31");
+    if events {
+        assert_eq!(stats.completed_by_eqe - stats_before.completed_by_eqe, 32);
+        assert_eq!(
+            stats.completed_by_polling,
+            stats_before.completed_by_polling
+        );
+    } else {
+        assert_eq!(
+            stats.completed_by_polling - stats_before.completed_by_polling,
+            32
+        );
+    }
+    // More commands than slots: waves of 31 + 1.
+    let many: Vec<(&[u8], usize)> = refs.iter().cycle().take(100).copied().collect();
+    for (i, r) in hca.cmd().exec_many(&many).into_iter().enumerate() {
+        assert_eq!(r.unwrap(), one_by_one[i % 32], "command {i} of 100");
+    }
+    hca.down().unwrap();
+    assert_no_objects(&pf, "end");
+}
+
+#[test]
+fn all_32_slots_in_flight_complete_each_with_its_own_output_polling() {
+    all_slots_in_flight(false);
+}
+
+#[test]
+fn all_32_slots_in_flight_complete_each_with_its_own_output_events() {
+    all_slots_in_flight(true);
+}
+
+#[test]
+fn commands_complete_by_eqe_and_msix_eventfd() {
+    init_tracing();
+    let tb = Testbed::start(1);
+    let mut hca = up(tb.vf_client(0), true);
+    assert_eq!(hca.cmd().mode(), Mode::Events);
+    let eqn = hca.info().unwrap().cmd_eqn.expect("cmd EQ");
+    assert_eq!(hca.cmd().event_queue().unwrap().eqn(), Some(eqn));
+    let before = hca.cmd().stats();
+    let n = 300; // more than the 256-entry ring: the owner phase flips
+    for _ in 0..n {
+        hca.cmd()
+            .exec(&new_input(Opcode::QueryIssi, 0, 16), QUERY_ISSI_OUT_LEN)
+            .unwrap();
+    }
+    let s = hca.cmd().stats();
+    assert_eq!(s.completed_by_eqe - before.completed_by_eqe, n);
+    assert_eq!(s.completed_by_polling, before.completed_by_polling);
+    assert!(s.eqes - before.eqes >= n);
+    assert!(s.interrupts > before.interrupts, "the eventfd fired");
+    assert!(hca.cmd().event_queue().unwrap().ci() >= 300);
+    hca.down().unwrap();
+    assert_eq!(hca.cmd().mode(), Mode::Polling);
+    assert_no_objects(tb.adapter.vf(0).unwrap(), "end");
+}
+
+#[test]
+fn status_errors_map_to_the_kernel_errno_and_the_next_command_works() {
+    init_tracing();
+    let tb = Testbed::start(1);
+    let mut hca = up(tb.vf_client(0), true);
+    let cases: Vec<(Vec<u8>, usize, u8, i32)> = vec![
+        // Unknown opcode: BAD_OP -> -EINVAL.
+        (
+            {
+                let mut m = vec![0u8; 16];
+                m[0..2].copy_from_slice(&0x0999u16.to_be_bytes());
+                m
+            },
+            16,
+            0x02,
+            -libc::EINVAL,
+        ),
+        // A VF naming another function: BAD_PARAM -> -EINVAL.
+        (
+            caps_query(CapType::General, CapMode::Cur, Some(2)),
+            QUERY_HCA_CAP_OUT,
+            0x03,
+            -libc::EINVAL,
+        ),
+        // INIT_HCA while initialized: BAD_SYS_STATE -> -EIO.
+        (new_input(Opcode::InitHca, 0, 32), 16, 0x04, -libc::EIO),
+    ];
+    for (m, out, status, errno) in cases {
+        match hca.cmd().exec(&m, out) {
+            Err(e @ CmdError::Status { .. }) => {
+                assert_eq!(e.status(), Some(status), "{e}");
+                assert_eq!(e.errno(), errno, "{e}");
+                let CmdError::Status {
+                    syndrome, opcode, ..
+                } = e
+                else {
+                    unreachable!()
+                };
+                assert_ne!(syndrome, 0);
+                assert_eq!(opcode, u16::from_be_bytes([m[0], m[1]]));
+            }
+            other => panic!("expected a status error, got {other:?}"),
+        }
+        hca.cmd()
+            .exec(&new_input(Opcode::QueryIssi, 0, 16), QUERY_ISSI_OUT_LEN)
+            .expect("next command");
+    }
+    hca.down().unwrap();
+    assert_no_objects(tb.adapter.vf(0).unwrap(), "end");
+}
+
+#[test]
+fn a_command_the_device_never_completes_times_out_and_keeps_its_slot() {
+    init_tracing();
+    let tb = Testbed::start(1);
+    let mut cmd = CmdIf::new(tb.vf_client(0), config()).unwrap();
+    // Point the device at a queue address nothing is mapped at: the doorbell cannot be
+    // served, so the entry stays hardware-owned.
+    let mut queue = [0u8; 4];
+    cmd.client()
+        .region_read(BAR0, CMDQ_ADDR_L_SZ_OFFSET, &mut queue)
+        .unwrap();
+    let real = u32::from_be_bytes(queue) & 0xffff_f000;
+    cmd.client()
+        .region_write(BAR0, CMDQ_ADDR_L_SZ_OFFSET, &0x7000_0000u32.to_be_bytes())
+        .unwrap();
+    cmd.set_timeout(Duration::from_millis(200));
+    let t = Instant::now();
+    let e = cmd
+        .exec(&new_input(Opcode::EnableHca, 0, 16), 12)
+        .unwrap_err();
+    assert!(matches!(e, CmdError::Timeout { slot: 0, .. }), "{e}");
+    assert_eq!(e.errno(), -libc::ETIMEDOUT);
+    assert!(t.elapsed() >= Duration::from_millis(200));
+    assert_eq!(cmd.stuck_slots(), 1);
+    cmd.client()
+        .region_write(BAR0, CMDQ_ADDR_L_SZ_OFFSET, &real.to_be_bytes())
+        .unwrap();
+    cmd.set_timeout(Duration::from_secs(10));
+    // The next command takes another slot and completes.
+    cmd.exec(&new_input(Opcode::EnableHca, 0, 16), 12)
+        .expect("next command");
+    cmd.exec(&new_input(Opcode::DisableHca, 0, 16), 12).unwrap();
+}
+
+#[test]
+fn pf_reads_a_vfs_caps_through_other_function() {
+    init_tracing();
+    let tb = Testbed::start(2);
+    let mut hca = up(vfu::Client::connect(&tb.pf_socket()).unwrap(), true);
+    assert_eq!(hca.info().unwrap().vhca_id, 0);
+    for n in 0..2u16 {
+        let other = hca.query_other_caps(n + 1).expect("other caps");
+        assert_eq!(other.vhca_id, n + 1);
+        assert!(other.migration.migration && other.migration.multi_load);
+        assert!(other.migration.tracking_state && other.migration.in_chunks);
+    }
+    let e = hca.query_other_caps(9).unwrap_err();
+    assert_eq!(e.errno(), -libc::EINVAL, "{e}");
+    hca.down().unwrap();
+    assert_no_objects(tb.adapter.pf(), "end");
+}
+
+fn run_cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(mlx5_testbed::mlx5vf_binary())
+        .args(args)
+        .output()
+        .expect("run mlx5vf");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn mlx5vf_info_prints_firmware_issi_vhca_id_and_migration_caps() {
+    init_tracing();
+    let tb = Testbed::start(1);
+    let vf0 = tb.vf_socket(0);
+    let (ok, stdout, stderr) = run_cli(&["info", "--socket", vf0.to_str().unwrap()]);
+    assert!(ok, "mlx5vf info failed: {stderr}");
+    for line in [
+        "firmware version: 22.39.1002",
+        "issi: 1",
+        "vhca_id: 1",
+        "migration: 1",
+        "migration_multi_load: 1",
+        "migration_tracking_state: 1",
+        "migration_in_chunks: 1",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l == line),
+            "missing {line:?} in:\n{stdout}"
+        );
+    }
+    assert_no_objects(tb.adapter.vf(0).unwrap(), "after info");
+
+    let pf = tb.pf_socket();
+    let (ok, stdout, stderr) = run_cli(&["info", "--socket", pf.to_str().unwrap(), "--vf", "0"]);
+    assert!(ok, "mlx5vf info --vf 0 failed: {stderr}");
+    for line in [
+        "vhca_id: 0",
+        "vf 0 vhca_id: 1",
+        "vf 0 migration: 1",
+        "vf 0 migration_in_chunks: 1",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l == line),
+            "missing {line:?} in:\n{stdout}"
+        );
+    }
+    assert_no_objects(tb.adapter.pf(), "after info --vf");
+
+    // Failures: a clear message with the errno name and a non-zero exit.
+    let (ok, _, stderr) = run_cli(&["info", "--socket", pf.to_str().unwrap(), "--vf", "7"]);
+    assert!(!ok);
+    assert!(stderr.contains("EINVAL"), "{stderr}");
+    assert!(stderr.contains("QUERY_HCA_CAP"), "{stderr}");
+    assert_no_objects(tb.adapter.pf(), "after a failed info --vf");
+    let missing = tb.dir().join("nope.sock");
+    let (ok, _, stderr) = run_cli(&["info", "--socket", missing.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(stderr.contains("nope.sock"), "{stderr}");
+}
