@@ -222,221 +222,67 @@ impl Writer {
     }
 }
 
-/// DMA_MAP request (32 bytes, plus 0 or 1 fd).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DmaMap {
-    pub argsz: u32,
-    pub flags: u32,
-    pub offset: u64,
-    pub address: u64,
-    pub size: u64,
+/// Declares a fixed-size wire structure of little-endian integers with its `SIZE`,
+/// `decode` (a short payload is `EINVAL`) and `encode`.
+macro_rules! wire_struct {
+    ($(#[$m:meta])* $name:ident { $($field:ident : $ty:ident),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+        pub struct $name {
+            $(pub $field: $ty),*
+        }
+
+        impl $name {
+            pub const SIZE: usize = 0 $(+ std::mem::size_of::<$ty>())*;
+
+            pub fn decode(p: &[u8]) -> Result<Self, Errno> {
+                let mut r = Reader::new(p);
+                Ok($name { $($field: r.$ty()?),* })
+            }
+
+            pub fn encode(&self) -> Vec<u8> {
+                let mut w = Writer::new();
+                $(w.$ty(self.$field);)*
+                w.finish()
+            }
+        }
+    };
 }
 
-impl DmaMap {
-    pub const SIZE: usize = 32;
-    pub fn decode(p: &[u8]) -> Result<Self, Errno> {
-        let mut r = Reader::new(p);
-        Ok(DmaMap {
-            argsz: r.u32()?,
-            flags: r.u32()?,
-            offset: r.u64()?,
-            address: r.u64()?,
-            size: r.u64()?,
-        })
-    }
-    pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::new();
-        w.u32(self.argsz)
-            .u32(self.flags)
-            .u64(self.offset)
-            .u64(self.address)
-            .u64(self.size);
-        w.finish()
-    }
+wire_struct! {
+    /// DMA_MAP request (32 bytes, plus 0 or 1 fd).
+    DmaMap { argsz: u32, flags: u32, offset: u64, address: u64, size: u64 }
 }
 
-/// DMA_UNMAP request and reply (24 bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DmaUnmap {
-    pub argsz: u32,
-    pub flags: u32,
-    pub address: u64,
-    pub size: u64,
+wire_struct! {
+    /// DMA_UNMAP request and reply (24 bytes).
+    DmaUnmap { argsz: u32, flags: u32, address: u64, size: u64 }
 }
 
-impl DmaUnmap {
-    pub const SIZE: usize = 24;
-    pub fn decode(p: &[u8]) -> Result<Self, Errno> {
-        let mut r = Reader::new(p);
-        Ok(DmaUnmap {
-            argsz: r.u32()?,
-            flags: r.u32()?,
-            address: r.u64()?,
-            size: r.u64()?,
-        })
-    }
-    pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::new();
-        w.u32(self.argsz)
-            .u32(self.flags)
-            .u64(self.address)
-            .u64(self.size);
-        w.finish()
-    }
+wire_struct! {
+    /// DEVICE_GET_INFO request and reply (`struct vfio_device_info`, 16 bytes).
+    DeviceInfo { argsz: u32, flags: u32, num_regions: u32, num_irqs: u32 }
 }
 
-/// DEVICE_GET_INFO request and reply (`struct vfio_device_info`, 16 bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct DeviceInfo {
-    pub argsz: u32,
-    pub flags: u32,
-    pub num_regions: u32,
-    pub num_irqs: u32,
+wire_struct! {
+    /// DEVICE_GET_REGION_INFO request and fixed reply part (`struct vfio_region_info`).
+    RegionInfoWire { argsz: u32, flags: u32, index: u32, cap_offset: u32, size: u64, offset: u64 }
 }
 
-impl DeviceInfo {
-    pub const SIZE: usize = 16;
-    pub fn decode(p: &[u8]) -> Result<Self, Errno> {
-        let mut r = Reader::new(p);
-        Ok(DeviceInfo {
-            argsz: r.u32()?,
-            flags: r.u32()?,
-            num_regions: r.u32()?,
-            num_irqs: r.u32()?,
-        })
-    }
-    pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::new();
-        w.u32(self.argsz)
-            .u32(self.flags)
-            .u32(self.num_regions)
-            .u32(self.num_irqs);
-        w.finish()
-    }
+wire_struct! {
+    /// DEVICE_GET_IRQ_INFO request and reply (`struct vfio_irq_info`), and the same
+    /// 16-byte shape of DEVICE_GET_REGION_IO_FDS (argsz, flags, index, count).
+    IrqInfoWire { argsz: u32, flags: u32, index: u32, count: u32 }
 }
 
-/// DEVICE_GET_REGION_INFO request and fixed reply part (`struct vfio_region_info`, 32 bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct RegionInfoWire {
-    pub argsz: u32,
-    pub flags: u32,
-    pub index: u32,
-    pub cap_offset: u32,
-    pub size: u64,
-    pub offset: u64,
+wire_struct! {
+    /// DEVICE_SET_IRQS fixed part (`struct vfio_irq_set`, 20 bytes).
+    IrqSetWire { argsz: u32, flags: u32, index: u32, start: u32, count: u32 }
 }
 
-impl RegionInfoWire {
-    pub const SIZE: usize = 32;
-    pub fn decode(p: &[u8]) -> Result<Self, Errno> {
-        let mut r = Reader::new(p);
-        Ok(RegionInfoWire {
-            argsz: r.u32()?,
-            flags: r.u32()?,
-            index: r.u32()?,
-            cap_offset: r.u32()?,
-            size: r.u64()?,
-            offset: r.u64()?,
-        })
-    }
-    pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::new();
-        w.u32(self.argsz)
-            .u32(self.flags)
-            .u32(self.index)
-            .u32(self.cap_offset)
-            .u64(self.size)
-            .u64(self.offset);
-        w.finish()
-    }
-}
-
-/// DEVICE_GET_IRQ_INFO request and reply (`struct vfio_irq_info`, 16 bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct IrqInfoWire {
-    pub argsz: u32,
-    pub flags: u32,
-    pub index: u32,
-    pub count: u32,
-}
-
-impl IrqInfoWire {
-    pub const SIZE: usize = 16;
-    pub fn decode(p: &[u8]) -> Result<Self, Errno> {
-        let mut r = Reader::new(p);
-        Ok(IrqInfoWire {
-            argsz: r.u32()?,
-            flags: r.u32()?,
-            index: r.u32()?,
-            count: r.u32()?,
-        })
-    }
-    pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::new();
-        w.u32(self.argsz)
-            .u32(self.flags)
-            .u32(self.index)
-            .u32(self.count);
-        w.finish()
-    }
-}
-
-/// DEVICE_SET_IRQS fixed part (`struct vfio_irq_set`, 20 bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct IrqSetWire {
-    pub argsz: u32,
-    pub flags: u32,
-    pub index: u32,
-    pub start: u32,
-    pub count: u32,
-}
-
-impl IrqSetWire {
-    pub const SIZE: usize = 20;
-    pub fn decode(p: &[u8]) -> Result<Self, Errno> {
-        let mut r = Reader::new(p);
-        Ok(IrqSetWire {
-            argsz: r.u32()?,
-            flags: r.u32()?,
-            index: r.u32()?,
-            start: r.u32()?,
-            count: r.u32()?,
-        })
-    }
-    pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::new();
-        w.u32(self.argsz)
-            .u32(self.flags)
-            .u32(self.index)
-            .u32(self.start)
-            .u32(self.count);
-        w.finish()
-    }
-}
-
-/// REGION_READ / REGION_WRITE fixed part (16 bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct RegionAccess {
-    pub offset: u64,
-    pub region: u32,
-    pub count: u32,
-}
-
-impl RegionAccess {
-    pub const SIZE: usize = 16;
-    pub fn decode(p: &[u8]) -> Result<Self, Errno> {
-        let mut r = Reader::new(p);
-        Ok(RegionAccess {
-            offset: r.u64()?,
-            region: r.u32()?,
-            count: r.u32()?,
-        })
-    }
-    pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::new();
-        w.u64(self.offset).u32(self.region).u32(self.count);
-        w.finish()
-    }
+wire_struct! {
+    /// REGION_READ / REGION_WRITE fixed part (16 bytes).
+    RegionAccess { offset: u64, region: u32, count: u32 }
 }
 
 /// One entry of REGION_WRITE_MULTI (24 bytes: offset, region, count, data[8]).
@@ -444,26 +290,14 @@ pub const WRITE_MULTI_ENTRY_SIZE: usize = 24;
 /// Largest data of one REGION_WRITE_MULTI entry.
 pub const WRITE_MULTI_DATA_MAX: usize = 8;
 
-/// DEVICE_FEATURE fixed part (`struct vfio_device_feature`, 8 bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct DeviceFeatureWire {
-    pub argsz: u32,
-    pub flags: u32,
+wire_struct! {
+    /// DEVICE_FEATURE fixed part (`struct vfio_device_feature`, 8 bytes).
+    DeviceFeatureWire { argsz: u32, flags: u32 }
 }
 
-impl DeviceFeatureWire {
-    pub const SIZE: usize = 8;
-}
-
-/// MIG_DATA_READ / MIG_DATA_WRITE fixed part (8 bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct MigData {
-    pub argsz: u32,
-    pub size: u32,
-}
-
-impl MigData {
-    pub const SIZE: usize = 8;
+wire_struct! {
+    /// MIG_DATA_READ / MIG_DATA_WRITE fixed part (8 bytes).
+    MigData { argsz: u32, size: u32 }
 }
 
 /// Size of `struct vfio_region_sparse_mmap_area` (offset u64, size u64).
@@ -516,6 +350,15 @@ mod tests {
         assert_eq!(IrqInfoWire::default().encode().len(), IrqInfoWire::SIZE);
         assert_eq!(IrqSetWire::default().encode().len(), IrqSetWire::SIZE);
         assert_eq!(RegionAccess::default().encode().len(), RegionAccess::SIZE);
+        assert_eq!(
+            (DmaMap::SIZE, DmaUnmap::SIZE, RegionInfoWire::SIZE),
+            (32, 24, 32)
+        );
+        assert_eq!(
+            (DeviceInfo::SIZE, IrqSetWire::SIZE, RegionAccess::SIZE),
+            (16, 20, 16)
+        );
+        assert_eq!((DeviceFeatureWire::SIZE, MigData::SIZE), (8, 8));
     }
 
     #[test]
