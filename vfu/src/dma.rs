@@ -113,6 +113,7 @@ impl Dma {
         }
         let len = usize::try_from(size).map_err(|_| Errno::EINVAL)?;
         self.check_free(iova, size)?;
+        seal_against_shrinking(&file, iova);
         let mut prot = 0;
         if flags & VFIO_DMA_MAP_FLAG_READ != 0 {
             prot |= libc::PROT_READ;
@@ -327,11 +328,35 @@ impl Dma {
     }
 }
 
+/// Makes sure the client can no longer shrink the file under our mapping: an access
+/// past the end of a truncated memfd would raise SIGBUS in the device. A memfd that
+/// allows sealing gets `F_SEAL_SHRINK` (QEMU's memfd backend is sealed already); a file
+/// that cannot be sealed is mapped with a warning.
+fn seal_against_shrinking(file: &File, iova: u64) {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl(F_GET_SEALS) on an fd we own; it takes no pointer.
+    let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+    if seals >= 0 && seals & libc::F_SEAL_SHRINK != 0 {
+        return;
+    }
+    // SAFETY: fcntl(F_ADD_SEALS) on an fd we own with an integer argument.
+    if seals >= 0 && unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) } == 0 {
+        tracing::debug!(iova, "sealed the DMA fd against shrinking");
+        return;
+    }
+    tracing::warn!(
+        iova,
+        "DMA fd cannot be sealed against shrinking: a client that truncates it can crash the device"
+    );
+}
+
 /// A memfd of `size` bytes, for tests and for drivers that DMA-map their own memory.
 pub fn memfd(name: &str, size: u64) -> std::io::Result<File> {
     let cname = std::ffi::CString::new(name).map_err(|_| std::io::ErrorKind::InvalidInput)?;
     // SAFETY: `cname` is a valid NUL-terminated string; memfd_create has no other inputs.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -369,6 +394,21 @@ mod tests {
             dma.read(0x10000, &mut b),
             Err(DmaError::NotMapped { .. })
         ));
+    }
+
+    #[test]
+    fn a_mapped_memfd_can_no_longer_shrink() {
+        let dma = Dma::default();
+        let f = memfd("t", 0x4000).unwrap();
+        dma.map(0x0, 0x4000, f.try_clone().unwrap(), 0, rw())
+            .unwrap();
+        assert!(
+            f.set_len(0x1000).is_err(),
+            "shrinking would SIGBUS the device"
+        );
+        f.set_len(0x8000).unwrap();
+        let mut b = [0u8; 8];
+        dma.read(0x3ff8, &mut b).unwrap();
     }
 
     #[test]
