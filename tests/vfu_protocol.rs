@@ -793,3 +793,32 @@ fn flr_returns_the_function_to_power_on() {
         "Initiate FLR reads 0"
     );
 }
+
+#[test]
+fn a_second_client_gets_ebusy_while_the_device_is_attached() {
+    init_tracing();
+    let tb = Testbed::start(1);
+    let mut first = tb.vf_client(0);
+    match Client::connect(&tb.vf_socket(0)) {
+        Err(VfuError::Remote { errno, .. }) => assert_eq!(errno, Errno::EBUSY),
+        other => panic!("expected EBUSY, got {:?}", other.map(|_| "a connection")),
+    }
+    assert_in_sync(&mut first);
+    first.shutdown();
+    drop(first);
+    // Once the first client is gone the device can be attached again.
+    let start = Instant::now();
+    let mut second = loop {
+        match Client::connect(&tb.vf_socket(0)) {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(5),
+                    "still refused: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    };
+    assert_in_sync(&mut second);
+}

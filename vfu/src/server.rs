@@ -179,13 +179,34 @@ impl Listener {
         &self.path
     }
 
-    /// Serves clients one after another until `accept` fails.
+    /// Serves clients one at a time until [`Listener::shutdown`] (then `Ok`) or until
+    /// `accept` fails. A VFIO device has one owner: while a client is attached, another
+    /// one gets `EBUSY` in answer to its VERSION and is closed.
     pub fn serve<B: Backend>(
         &self,
         backend: &mut B,
         dma: &Dma,
         cfg: ServerConfig,
     ) -> Result<(), VfuError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<UnixStream>(1);
+        std::thread::scope(|scope| {
+            let acceptor = scope.spawn(move || self.accept_loop(tx));
+            for stream in rx {
+                tracing::info!(socket = %self.path.display(), "client connected");
+                let r = Connection::new(stream, cfg).run(backend, dma);
+                *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                match r {
+                    Ok(()) => tracing::info!(socket = %self.path.display(), "client disconnected"),
+                    Err(e) => {
+                        tracing::warn!(socket = %self.path.display(), error = %e, "connection ended")
+                    }
+                }
+            }
+            acceptor.join().unwrap_or(Ok(()))
+        })
+    }
+
+    fn accept_loop(&self, tx: std::sync::mpsc::SyncSender<UnixStream>) -> Result<(), VfuError> {
         loop {
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
@@ -193,25 +214,53 @@ impl Listener {
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(e) => return Err(e.into()),
             };
-            {
-                // Checked and stored under one lock, so `shutdown` either sees this
-                // connection or stops us before we serve it.
-                let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
-                if self.stopping.load(Ordering::SeqCst) {
-                    return Ok(());
-                }
-                *cur = stream.try_clone().ok();
+            // A client that reconnects right after leaving may find its old connection
+            // still being torn down: give that a moment before calling the device busy.
+            let grace = std::time::Instant::now();
+            let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+            while cur.is_some() && grace.elapsed() < BUSY_GRACE {
+                drop(cur);
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
             }
-            tracing::info!(socket = %self.path.display(), "client connected");
-            let r = Connection::new(stream, cfg).run(backend, dma);
-            *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
-            match r {
-                Ok(()) => tracing::info!(socket = %self.path.display(), "client disconnected"),
-                Err(e) => {
-                    tracing::warn!(socket = %self.path.display(), error = %e, "connection ended")
-                }
+            // Checked and stored under one lock, so `shutdown` either sees this
+            // connection or stops us before we serve it.
+            if self.stopping.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            if cur.is_some() {
+                drop(cur);
+                tracing::warn!(socket = %self.path.display(), "second client refused: the device is attached");
+                refuse_busy(stream);
+                continue;
+            }
+            *cur = stream.try_clone().ok();
+            drop(cur);
+            if tx.send(stream).is_err() {
+                return Ok(());
             }
         }
+    }
+}
+
+/// How long a new client waits for the previous connection's teardown.
+const BUSY_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+/// How long a refused client has to send its VERSION before we hang up.
+const REFUSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Answers a refused client's first message with `EBUSY`, then closes.
+fn refuse_busy(stream: UnixStream) {
+    let _ = stream.set_read_timeout(Some(REFUSE_TIMEOUT));
+    let chan = Channel::new(stream);
+    if let Ok(Incoming::Message(m)) = chan.recv(MAX_VERSION_JSON) {
+        let h = Header {
+            msg_id: m.header.msg_id,
+            command: m.header.command,
+            msg_size: HEADER_SIZE as u32,
+            flags: FLAGS_TYPE_REPLY | FLAGS_ERROR,
+            error: Errno::EBUSY.raw() as u32,
+        };
+        let _ = chan.send(&h, &[], &[]);
     }
 }
 
