@@ -141,6 +141,7 @@ fn run_slot(f: &Function, work: &Work, slot: u8) {
                 vhca_id,
                 slot,
                 opcode = crate::firmware::opcode_name(header.opcode),
+                op_mod = header.op_mod,
                 delivery = d.name(),
                 "command refused at delivery"
             );

@@ -3,7 +3,9 @@
 //!
 //! The GENERAL page carries the values that keep stock mlx5_core on its minimal path
 //! (every optional feature bit 0, port type ETH, no pages EQ) plus the migration
-//! capability; GENERAL_2 carries the migration extensions. Every other known page type
+//! capability; GENERAL_2 carries the migration extensions. With these values the
+//! Debian 6.12 mlx5_core probes the VF with one warning only ("Missing
+//! eth_net_offloads capability": no netdev), see tests/qemu.rs. Every other known page type
 //! reads as zeros (its feature bit is 0, so a driver that follows the caps never asks).
 
 use super::{Cmd, CmdFail, CmdResult, Env, Firmware};
@@ -26,6 +28,10 @@ pub const LOG_MAX_PD: u64 = 10;
 pub const LOG_MAX_MKEY: u64 = 12;
 /// `log_bf_reg_size`.
 pub const LOG_BF_REG_SIZE: u64 = 9;
+/// `device_frequency_khz`: the rate of `internal_timer`, which counts nanoseconds
+/// (1 GHz). mlx5_core sets up its clock (and PTP) from it; 0 makes it warn
+/// "invalid device_frequency_khz" and skip the clock.
+pub const DEVICE_FREQUENCY_KHZ: u64 = 1_000_000;
 
 /// The GENERAL capability page, MAX limits (also the power-on CUR values).
 pub fn general_max(id: FunctionId) -> Box<[u8]> {
@@ -49,6 +55,7 @@ pub fn general_max(id: FunctionId) -> Box<[u8]> {
         (c::DRIVER_VERSION, 1),
         (c::LOG_BF_REG_SIZE, LOG_BF_REG_SIZE),
         (c::NUM_OF_UARS_PER_PAGE, 1),
+        (c::DEVICE_FREQUENCY_KHZ, DEVICE_FREQUENCY_KHZ),
         (c::MIGRATION, 1),
     ];
     for &(f, v) in values {
@@ -210,6 +217,8 @@ mod tests {
             assert_eq!(get(&p, cmd_hca_cap::MIGRATION), 1);
             assert_eq!(get(&p, cmd_hca_cap::PORT_TYPE), PORT_TYPE_ETH);
             assert_eq!(get(&p, cmd_hca_cap::HCA_CAP_2), 1);
+            // The rate of internal_timer (nanoseconds): mlx5_core's clock needs it.
+            assert_eq!(get(&p, cmd_hca_cap::DEVICE_FREQUENCY_KHZ), 1_000_000);
             for f in [
                 cmd_hca_cap::ETH_NET_OFFLOADS,
                 cmd_hca_cap::ROCE,
