@@ -72,6 +72,7 @@ impl Testbed {
         let adapter = Adapter::start(&AdapterConfig {
             dir: dir.path().to_path_buf(),
             vfs,
+            ..AdapterConfig::default()
         })
         .expect("start adapter");
         Testbed { adapter, dir }

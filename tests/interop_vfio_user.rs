@@ -41,6 +41,7 @@ const VENDOR_ID: u16 = 0x15b3;
 const DEVICE_ID: u16 = 0x101e;
 const NUM_REGIONS: u32 = 9;
 const BAR0_REGION: u32 = 0;
+const BAR2_REGION: u32 = 2;
 const CONFIG_REGION: u32 = 7;
 const BAR0_SIZE: u64 = 0x200_0000;
 const CONFIG_SIZE: u64 = 4096;
@@ -205,10 +206,17 @@ fn vfio_user_crate_client_negotiates_and_lists_regions_and_irqs() {
                 .region(index)
                 .unwrap_or_else(|| panic!("region {index} missing"));
             assert_eq!(r.index, index, "region {index} reports its own index");
-            assert!(r.sparse_areas.is_empty(), "region {index}: no sparse mmap");
-            assert!(r.file_offset.is_none(), "region {index}: no mmap fd");
+            // BAR2 (device memory) is the one mmappable region: one sparse area, an fd.
+            let bar2 = index == BAR2_REGION;
+            assert_eq!(
+                r.sparse_areas.len(),
+                usize::from(bar2),
+                "region {index}: sparse mmap"
+            );
+            assert_eq!(r.file_offset.is_some(), bar2, "region {index}: mmap fd");
             let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
             match index {
+                BAR2_REGION => assert_eq!(r.size, 1 << 20, "BAR2 = --dev-mem default"),
                 BAR0_REGION => {
                     assert_eq!(r.size, BAR0_SIZE, "BAR0 size");
                     assert_eq!(r.flags, rw, "BAR0 flags");

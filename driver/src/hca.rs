@@ -868,11 +868,43 @@ impl Hca {
         len: u64,
         variant: u8,
     ) -> Result<u32, HcaError> {
-        const STEP: &str = "create mkey failed";
         let pd = self
             .stages
             .pd
             .ok_or(HcaError::State("create mkey needs the function up (no PD)"))?;
+        self.create_mkey_in_pd(pd, mtt, log_page_size, len, variant)
+    }
+
+    /// ALLOC_PD for a caller that owns it (mlx5vf allocates one per migration file).
+    pub fn alloc_pd(&mut self) -> Result<u32, HcaError> {
+        let m = new_input(Opcode::AllocPd, 0, ALLOC_PD_IN_LEN);
+        let out = self
+            .cmd
+            .exec(&m, ALLOC_PD_OUT_LEN)
+            .map_err(step("alloc pd failed"))?;
+        Ok(get(&out, ALLOC_PD_OUT_PD) as u32)
+    }
+
+    /// DEALLOC_PD of a PD from [`Hca::alloc_pd`].
+    pub fn dealloc_pd(&mut self, pd: u32) -> Result<(), HcaError> {
+        let mut m = new_input(Opcode::DeallocPd, 0, DEALLOC_PD_IN_LEN);
+        set(&mut m, DEALLOC_PD_IN_PD, pd.into());
+        self.cmd
+            .exec(&m, DEALLOC_PD_OUT_LEN)
+            .map(drop)
+            .map_err(step("dealloc pd failed"))
+    }
+
+    /// [`Hca::create_mkey`] in a caller-chosen PD.
+    pub fn create_mkey_in_pd(
+        &mut self,
+        pd: u32,
+        mtt: &[u64],
+        log_page_size: u8,
+        len: u64,
+        variant: u8,
+    ) -> Result<u32, HcaError> {
+        const STEP: &str = "create mkey failed";
         let in_len = create_mkey_in_len(mtt.len()).ok_or(HcaError::State("MTT too long"))?;
         let mut m = new_input(Opcode::CreateMkey, 0, in_len);
         let oct = mtt_octwords(mtt.len()) as u64;

@@ -3,14 +3,37 @@
 //! `mlx5vf info --socket DIR/vf0.sock` brings the function up, prints what it learned
 //! and brings it down again; `--vf N` on the PF socket reads VF N's capabilities
 //! through the PF (`other_function`).
+//!
+//! `mlx5vf migrate --from A --to B --vf 0` live-migrates VF 0 of the adapter serving
+//! in directory A to VF 0 of the one in B, through each adapter's PF: pre-copy rounds
+//! until the dirty bytes fall below `--threshold`, then STOP_COPY, the rest of the
+//! stream into B's RESUMING, and B to RUNNING. It prints a summary line (bytes, rounds,
+//! downtime: from the source leaving PRE_COPY to the destination reaching RUNNING).
+//!
+//! `mlx5vf state --pf A/pf.sock --vf 0 [--set STATE]`: the VFIO migration state lives
+//! in the driver process that holds the data stream, so a separate process cannot see
+//! it. This command reports what the firmware says instead: QUERY_VHCA_MIGRATION_STATE
+//! (sizes, migration_state) and the suspend level, probed with SUSPEND_VHCA (a
+//! suspend that succeeds is undone at once with the matching RESUME_VHCA; one refused
+//! with BAD_RES_STATE means the VF is already suspended that far): RUNNING,
+//! RUNNING_P2P or STOP. `--set` walks the kernel's path from that inferred state to
+//! STOP, RUNNING_P2P or RUNNING (states with a data stream need `migrate`).
 
-use std::path::PathBuf;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use mlx5vf::cmdif::{errno_name, CmdIf, CmdIfConfig};
+use mlx5vf::cmdif::{errno_name, ArenaConfig, CmdIf, CmdIfConfig};
 use mlx5vf::hca::{Hca, HcaError, HcaOptions, MigrationCaps};
+use mlx5vf::migration::arcs::Fw;
+use mlx5vf::migration::fsm::MigState;
+use mlx5vf::migration::layout::{
+    RESUME_INITIATOR, RESUME_RESPONDER, STATUS_BAD_RES_STATE, SUSPEND_INITIATOR, SUSPEND_RESPONDER,
+};
+use mlx5vf::migration::{DataStream, MigError, MigrationDevice};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -43,6 +66,44 @@ enum Cmd {
         #[arg(long)]
         polling: bool,
     },
+    /// Live-migrate a VF from the adapter in one directory to the one in another.
+    Migrate {
+        /// Source adapter directory (holds pf.sock and vfN.sock).
+        #[arg(long)]
+        from: PathBuf,
+        /// Destination adapter directory.
+        #[arg(long)]
+        to: PathBuf,
+        /// The VF to migrate (the same number on both sides).
+        #[arg(long, default_value_t = 0)]
+        vf: u16,
+        /// Stop pre-copy once the dirty bytes are at most this many.
+        #[arg(long, default_value_t = 64 * 1024)]
+        threshold: u64,
+        /// Most pre-copy rounds before STOP_COPY regardless.
+        #[arg(long, default_value_t = 16)]
+        max_rounds: u32,
+        /// Size of each PF's DMA arena in MiB (SAVE/LOAD buffers live there).
+        #[arg(long, default_value_t = 64)]
+        arena_mib: u64,
+        /// Per-command timeout in milliseconds.
+        #[arg(long, default_value_t = 60_000)]
+        timeout_ms: u64,
+    },
+    /// Report (or set) a VF's migration state as the firmware sees it, through the PF.
+    State {
+        /// The PF's vfio-user socket.
+        #[arg(long)]
+        pf: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        vf: u16,
+        /// Walk to STOP, RUNNING_P2P or RUNNING.
+        #[arg(long)]
+        set: Option<MigState>,
+        /// Per-command timeout in milliseconds.
+        #[arg(long, default_value_t = 60_000)]
+        timeout_ms: u64,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +117,22 @@ enum CliError {
     Cmd(#[from] mlx5vf::cmdif::CmdError),
     #[error("{0}")]
     Hca(#[from] HcaError),
+    #[error("{what}: {source}")]
+    Mig {
+        what: String,
+        #[source]
+        source: Box<MigError>,
+    },
+    #[error("{0}")]
+    Usage(String),
+}
+
+fn mig(what: impl Into<String>) -> impl FnOnce(MigError) -> CliError {
+    let what = what.into();
+    move |source| CliError::Mig {
+        what,
+        source: Box::new(source),
+    }
 }
 
 impl CliError {
@@ -64,6 +141,8 @@ impl CliError {
             CliError::Connect { .. } => -libc::ECONNREFUSED,
             CliError::Cmd(e) => e.errno(),
             CliError::Hca(e) => e.errno(),
+            CliError::Mig { source, .. } => source.errno(),
+            CliError::Usage(_) => -libc::EINVAL,
         }
     }
 }
@@ -133,6 +212,260 @@ fn info(
     Ok(())
 }
 
+/// Connects to a PF socket and brings the PF up with an arena of `arena_mib` MiB.
+fn pf_up(socket: &Path, arena_mib: u64, timeout: Duration) -> Result<Arc<Mutex<Hca>>, CliError> {
+    let client = vfu::Client::connect(socket).map_err(|source| CliError::Connect {
+        path: socket.to_path_buf(),
+        source,
+    })?;
+    let cmd = CmdIf::new(
+        client,
+        CmdIfConfig {
+            timeout,
+            arena: ArenaConfig {
+                size: arena_mib.max(8) << 20,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )?;
+    let mut hca = Hca::new(cmd);
+    hca.up(&HcaOptions::default())?;
+    Ok(Arc::new(Mutex::new(hca)))
+}
+
+fn pf_down(pf: Arc<Mutex<Hca>>) {
+    let mut hca = pf.lock().unwrap_or_else(|e| e.into_inner());
+    if let Err(e) = hca.down() {
+        tracing::warn!(error = %e, "PF teardown");
+    }
+}
+
+struct MigrateArgs {
+    from: PathBuf,
+    to: PathBuf,
+    vf: u16,
+    threshold: u64,
+    max_rounds: u32,
+    arena_mib: u64,
+    timeout: Duration,
+}
+
+/// Most reads one transfer phase makes (1 TiB in 256 KiB reads).
+const MAX_PUMP_READS: u64 = 1 << 22;
+const PUMP_CHUNK: usize = 256 << 10;
+
+/// Copies the saving stream into the resuming one until the temporary end (ENOMSG,
+/// pre-copy) or the end (0, stop-copy). Returns the bytes moved.
+fn pump(
+    src: &mut DataStream,
+    dst: &mut DataStream,
+    bar: &indicatif::ProgressBar,
+) -> Result<u64, CliError> {
+    let mut buf = vec![0u8; PUMP_CHUNK];
+    let mut moved = 0u64;
+    for _ in 0..MAX_PUMP_READS {
+        let n = match src.read_data(&mut buf) {
+            Ok(0) | Err(MigError::NoMsg) => return Ok(moved),
+            Ok(n) => n,
+            Err(e) => return Err(mig("reading the source stream")(e)),
+        };
+        let mut off = 0;
+        while off < n {
+            let w = dst
+                .write_data(&buf[off..n])
+                .map_err(mig("writing the destination stream"))?;
+            if w == 0 {
+                return Err(CliError::Usage("destination accepted no bytes".into()));
+            }
+            off += w;
+        }
+        moved += n as u64;
+        bar.inc(n as u64);
+    }
+    Err(CliError::Usage(
+        "stream longer than the transfer bound".into(),
+    ))
+}
+
+fn migrate(a: &MigrateArgs) -> Result<(), CliError> {
+    let src_pf = pf_up(&a.from.join("pf.sock"), a.arena_mib, a.timeout)?;
+    let dst_pf = match pf_up(&a.to.join("pf.sock"), a.arena_mib, a.timeout) {
+        Ok(p) => p,
+        Err(e) => {
+            pf_down(src_pf);
+            return Err(e);
+        }
+    };
+    let r = migrate_between(a, &src_pf, &dst_pf);
+    pf_down(src_pf);
+    pf_down(dst_pf);
+    r
+}
+
+fn migrate_between(
+    a: &MigrateArgs,
+    src_pf: &Arc<Mutex<Hca>>,
+    dst_pf: &Arc<Mutex<Hca>>,
+) -> Result<(), CliError> {
+    let src = MigrationDevice::new(src_pf.clone(), a.vf).map_err(mig("source VF"))?;
+    let dst = MigrationDevice::new(dst_pf.clone(), a.vf).map_err(mig("destination VF"))?;
+    let r = run_migration(a, &src, &dst);
+    if r.is_err() {
+        // Abort: the source runs on, the destination is reset.
+        if src.state() != MigState::Running {
+            if let Err(e) = src.set_state(MigState::Running) {
+                tracing::warn!(error = %e, "source back to RUNNING");
+                src.reset();
+            }
+        }
+        dst.reset();
+    }
+    r
+}
+
+fn run_migration(
+    a: &MigrateArgs,
+    src: &MigrationDevice,
+    dst: &MigrationDevice,
+) -> Result<(), CliError> {
+    let start = Instant::now();
+    let estimate = src.data_size().map_err(mig("MIG_DATA_SIZE"))?;
+    let bar = if std::io::stderr().is_terminal() {
+        let b = indicatif::ProgressBar::new(estimate);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg:>10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
+        ) {
+            b.set_style(style.progress_chars("=> "));
+        }
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut out = dst
+        .set_state(MigState::Resuming)
+        .map_err(mig("destination to RESUMING"))?
+        .ok_or_else(|| CliError::Usage("RESUMING opened no stream".into()))?;
+    let mut input = src
+        .set_state(MigState::PreCopy)
+        .map_err(mig("source to PRE_COPY"))?
+        .ok_or_else(|| CliError::Usage("PRE_COPY opened no stream".into()))?;
+    let mut bytes = 0u64;
+    let mut rounds = 0u32;
+    bar.set_message("pre-copy");
+    loop {
+        bytes += pump(&mut input, &mut out, &bar)?;
+        rounds += 1;
+        let info = input.precopy_info().map_err(mig("PRECOPY_INFO"))?;
+        tracing::info!(
+            rounds,
+            initial = info.initial_bytes,
+            dirty = info.dirty_bytes,
+            "pre-copy round"
+        );
+        if info.dirty_bytes > 0 && bar.length().is_some_and(|l| l < bytes + info.dirty_bytes) {
+            bar.set_length(bytes + info.dirty_bytes);
+        }
+        if (info.initial_bytes == 0 && info.dirty_bytes <= a.threshold) || rounds >= a.max_rounds {
+            break;
+        }
+    }
+    let stop = Instant::now();
+    bar.set_message("stop-copy");
+    src.set_state(MigState::StopCopy)
+        .map_err(mig("source to STOP_COPY"))?;
+    bytes += pump(&mut input, &mut out, &bar)?;
+    dst.set_state(MigState::Running)
+        .map_err(mig("destination to RUNNING"))?;
+    let downtime = stop.elapsed();
+    src.set_state(MigState::Stop)
+        .map_err(mig("source to STOP"))?;
+    bar.finish_and_clear();
+    println!(
+        "migrated vf {} (vhca_id {} -> {}): {} bytes, {} pre-copy rounds, downtime {:.3} ms, total {:.3} ms",
+        a.vf,
+        src.info().vhca_id,
+        dst.info().vhca_id,
+        bytes,
+        rounds,
+        downtime.as_secs_f64() * 1e3,
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+fn is_bad_res_state(e: &MigError) -> bool {
+    matches!(e, MigError::Cmd { source, .. } if source.status() == Some(STATUS_BAD_RES_STATE))
+}
+
+/// The suspend level of the VF, probed with SUSPEND_VHCA and undone at once.
+fn probe_state(fw: &mut Fw<'_>) -> Result<MigState, MigError> {
+    match fw.suspend(SUSPEND_INITIATOR) {
+        Ok(()) => {
+            fw.resume(RESUME_INITIATOR)?;
+            Ok(MigState::Running)
+        }
+        Err(e) if is_bad_res_state(&e) => match fw.suspend(SUSPEND_RESPONDER) {
+            Ok(()) => {
+                fw.resume(RESUME_RESPONDER)?;
+                Ok(MigState::RunningP2p)
+            }
+            Err(e) if is_bad_res_state(&e) => Ok(MigState::Stop),
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    }
+}
+
+fn state(
+    pf_socket: &Path,
+    vf: u16,
+    set: Option<MigState>,
+    timeout: Duration,
+) -> Result<(), CliError> {
+    if let Some(t) = set {
+        if !matches!(t, MigState::Stop | MigState::RunningP2p | MigState::Running) {
+            return Err(CliError::Usage(format!(
+                "--set {t}: only STOP, RUNNING_P2P and RUNNING can be set from here; states with a data stream need `mlx5vf migrate`"
+            )));
+        }
+    }
+    let pf = pf_up(pf_socket, 8, timeout)?;
+    let r = state_on(&pf, vf, set);
+    pf_down(pf);
+    r
+}
+
+fn state_on(pf: &Arc<Mutex<Hca>>, vf: u16, set: Option<MigState>) -> Result<(), CliError> {
+    // Probe with a device in RUNNING first to learn vhca_id and chunk mode.
+    let probe_dev = MigrationDevice::new(pf.clone(), vf).map_err(mig("VF"))?;
+    let info = probe_dev.info();
+    let (cur, q) = {
+        let mut hca = pf.lock().unwrap_or_else(|e| e.into_inner());
+        let mut fw = Fw {
+            hca: &mut hca,
+            vhca_id: info.vhca_id,
+            chunk_mode: info.chunk_mode,
+        };
+        let cur = probe_state(&mut fw).map_err(mig("probing the suspend state"))?;
+        let q = fw.query(false).map_err(mig("QUERY_VHCA_MIGRATION_STATE"))?;
+        (cur, q)
+    };
+    println!("vf {vf} vhca_id: {}", info.vhca_id);
+    println!("chunk mode: {}", u8::from(info.chunk_mode));
+    println!("firmware migration_state: {}", q.migration_state);
+    println!("required_umem_size: {}", q.required_umem_size);
+    println!("data size: {}", q.total);
+    println!("state: {cur} (inferred from the firmware)");
+    if let Some(target) = set {
+        let dev = MigrationDevice::with_state(pf.clone(), vf, cur).map_err(mig("VF"))?;
+        dev.set_state(target)
+            .map_err(mig(format!("{cur} -> {target}")))?;
+        println!("state: {} (set)", dev.state());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
@@ -148,6 +481,29 @@ fn main() -> ExitCode {
             timeout_ms,
             polling,
         } => info(socket, vf, Duration::from_millis(timeout_ms), polling),
+        Cmd::Migrate {
+            from,
+            to,
+            vf,
+            threshold,
+            max_rounds,
+            arena_mib,
+            timeout_ms,
+        } => migrate(&MigrateArgs {
+            from,
+            to,
+            vf,
+            threshold,
+            max_rounds,
+            arena_mib,
+            timeout: Duration::from_millis(timeout_ms),
+        }),
+        Cmd::State {
+            pf,
+            vf,
+            set,
+            timeout_ms,
+        } => state(&pf, vf, set, Duration::from_millis(timeout_ms)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

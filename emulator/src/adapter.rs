@@ -20,6 +20,9 @@ pub struct AdapterConfig {
     pub dir: PathBuf,
     /// Number of VFs.
     pub vfs: u16,
+    /// Device memory (BAR2) of every function in bytes: a power of two,
+    /// [`crate::devmem::MIN_DEV_MEM_SIZE`]..=[`crate::devmem::MAX_DEV_MEM_SIZE`].
+    pub dev_mem: u64,
 }
 
 impl Default for AdapterConfig {
@@ -27,6 +30,7 @@ impl Default for AdapterConfig {
         AdapterConfig {
             dir: PathBuf::from("mlx5-emu"),
             vfs: 1,
+            dev_mem: crate::devmem::DEFAULT_DEV_MEM_SIZE,
         }
     }
 }
@@ -63,6 +67,8 @@ impl Adapter {
                 max: MAX_VFS,
             });
         }
+        crate::devmem::check_size(cfg.dev_mem)
+            .map_err(|e| AdapterError::Function(FunctionError::DevMem(e)))?;
         std::fs::create_dir_all(&cfg.dir).map_err(|source| AdapterError::Dir {
             dir: cfg.dir.display().to_string(),
             source,
@@ -79,7 +85,11 @@ impl Adapter {
                 socket: path.display().to_string(),
                 source,
             })?;
-            functions.push(Function::with_fabric(id, Arc::clone(&fabric))?);
+            functions.push(Function::with_dev_mem(
+                id,
+                Arc::clone(&fabric),
+                cfg.dev_mem,
+            )?);
             listeners.push(Arc::new(l));
         }
         let mut threads = Vec::new();

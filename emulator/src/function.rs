@@ -11,10 +11,14 @@ use vfu::uapi::{
 };
 use vfu::{Dma, IrqDesc, IrqIndexShape, IrqTable};
 
+use crate::bar0::iseg::CMD_DBELL_OFFSET;
 use crate::bar0::{Bar0, BAR0_SIZE, MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET};
 use crate::cmdq::{self, Work, WorkSender};
+use crate::devmem::{DevMem, DevMemError, DEFAULT_DEV_MEM_SIZE};
 use crate::fabric::Fabric;
-use crate::firmware::{CmdRecord, Firmware, HcaState, ObjectCounts};
+use crate::firmware::{
+    CmdRecord, Firmware, HcaState, MigCtl, MigState, ObjectCounts, Violation, ViolationKind,
+};
 use crate::pci::{ConfigParams, ConfigSpace, FunctionKind, PciError, INTERRUPT_PIN_NONE};
 
 /// MSI-X vectors of every function.
@@ -70,6 +74,8 @@ pub enum FunctionError {
     Pci(#[from] PciError),
     #[error("cannot start the firmware worker: {0}")]
     Worker(std::io::Error),
+    #[error("bad device memory: {0}")]
+    DevMem(#[from] DevMemError),
 }
 
 /// One function: identity, state, and the IOVA space its client mapped.
@@ -87,6 +93,10 @@ pub struct Function {
     /// Bumped by every FLR / DEVICE_RESET; queued command work from an older epoch is
     /// dropped.
     epoch: AtomicU64,
+    /// BAR2.
+    devmem: DevMem,
+    /// Suspend state, save session, violations (a leaf lock).
+    mig: Mutex<MigCtl>,
 }
 
 impl Function {
@@ -98,12 +108,22 @@ impl Function {
     /// A function of the adapter whose functions `fabric` lists; registers itself there
     /// and starts its firmware worker.
     pub fn with_fabric(id: FunctionId, fabric: Arc<Fabric>) -> Result<Arc<Self>, FunctionError> {
+        Self::with_dev_mem(id, fabric, DEFAULT_DEV_MEM_SIZE)
+    }
+
+    /// [`Function::with_fabric`] with `dev_mem` bytes of device memory (BAR2).
+    pub fn with_dev_mem(
+        id: FunctionId,
+        fabric: Arc<Fabric>,
+        dev_mem: u64,
+    ) -> Result<Arc<Self>, FunctionError> {
+        let devmem = DevMem::new(&format!("mlx5-emu-bar2-{}", id.vhca_id), dev_mem)?;
         let config = ConfigSpace::new(
             id.kind,
             ConfigParams {
                 msix_vectors: MSIX_VECTORS,
                 bar0_size: BAR0_SIZE,
-                bar2_size: None,
+                bar2_size: Some(dev_mem),
                 msix_table_offset: MSIX_TABLE_OFFSET as u32,
                 msix_pba_offset: MSIX_PBA_OFFSET as u32,
             },
@@ -122,6 +142,8 @@ impl Function {
             fabric,
             cmdq: tx,
             epoch: AtomicU64::new(0),
+            devmem,
+            mig: Mutex::new(MigCtl::default()),
         });
         let name = format!("fw-{}", id.socket_name().trim_end_matches(".sock"));
         cmdq::spawn_worker(Arc::downgrade(&f), rx, name).map_err(FunctionError::Worker)?;
@@ -189,6 +211,31 @@ impl Function {
         &self.fabric
     }
 
+    /// Device memory (BAR2).
+    pub fn devmem(&self) -> &DevMem {
+        &self.devmem
+    }
+
+    /// The migration control (a leaf lock: take nothing while holding it).
+    pub fn migration(&self) -> MutexGuard<'_, MigCtl> {
+        self.mig.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn migration_state(&self) -> MigState {
+        self.migration().state()
+    }
+
+    /// Writes refused while the function was responder-suspended, oldest first.
+    pub fn violations(&self) -> Vec<Violation> {
+        self.migration().violations()
+    }
+
+    /// Records and refuses a state-changing write while responder-suspended.
+    pub fn refuse_if_frozen(&self, kind: ViolationKind, address: u64) -> bool {
+        let writer = format!("client of {}", self.id.socket_name());
+        self.migration().refuse_if_frozen(kind, &writer, address)
+    }
+
     /// The reset epoch (see [`crate::cmdq`]).
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
@@ -213,6 +260,9 @@ impl Function {
     /// `cmd_dbell` was written with `mask`: queue the slots for the firmware worker.
     /// Returns at once.
     pub fn command_doorbell(&self, mask: u32) {
+        if self.refuse_if_frozen(ViolationKind::CommandDoorbell, u64::from(CMD_DBELL_OFFSET)) {
+            return;
+        }
         let cmdq = self.lock().bar0.cmdq_address();
         let events = self.firmware().cmd_eq().is_some();
         let work = Work {
@@ -237,6 +287,10 @@ impl Function {
 
     /// A 4-byte write to UAR page `page`: EQ arm / consumer-index doorbells.
     pub fn uar_write(&self, page: u32, offset: u32, value: u32) {
+        let address = u64::from(page) * crate::bar0::UAR_PAGE_SIZE + u64::from(offset);
+        if self.refuse_if_frozen(ViolationKind::UarDoorbell, address) {
+            return;
+        }
         let fire = {
             let mut fw = self.firmware();
             if !fw.has_uar(page) {
@@ -266,6 +320,8 @@ impl Function {
     pub fn reset(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.firmware().reset();
+        self.migration().reset();
+        self.devmem.reset();
         let mut s = self.lock();
         s.config.reset();
         s.bar0.reset();

@@ -9,12 +9,14 @@
 pub mod adapter;
 pub mod bar0;
 pub mod cmdq;
+pub mod devmem;
 pub mod fabric;
 pub mod firmware;
 pub mod function;
 pub mod pci;
 pub mod server;
+pub mod state;
 
 pub use adapter::{Adapter, AdapterConfig, AdapterError};
-pub use firmware::{CmdRecord, HcaState, Mkey, ObjectCounts};
+pub use firmware::{CmdRecord, HcaState, MigState, Mkey, ObjectCounts, Violation, ViolationKind};
 pub use function::{Function, FunctionError, FunctionId};

@@ -17,9 +17,32 @@ struct Args {
     /// Number of VFs.
     #[arg(long, default_value_t = 1)]
     vfs: u16,
+    /// Device memory (BAR2) per function in bytes: a power of two from 4096 up to
+    /// 256 MiB; a K, M or G suffix is accepted (e.g. 1M).
+    #[arg(long, default_value = "1M", value_parser = parse_dev_mem)]
+    dev_mem: u64,
     /// Log level or filter (error, warn, info, debug, trace, or an env-filter string).
     #[arg(long, default_value = "info")]
     log: String,
+}
+
+/// `--dev-mem`: bytes, or a number with a K/M/G suffix (binary units).
+fn parse_dev_mem(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 30),
+        _ => (t, 0),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (bytes, or with a K/M/G suffix)"))?;
+    let bytes = n
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?} overflows"))?;
+    mlx5_emulator::devmem::check_size(bytes).map_err(|e| e.to_string())?;
+    Ok(bytes)
 }
 
 /// Blocks SIGTERM and SIGINT in this thread (and so in every thread spawned after)
@@ -53,6 +76,7 @@ fn main() -> ExitCode {
     let adapter = match Adapter::start(&AdapterConfig {
         dir: args.dir.clone(),
         vfs: args.vfs,
+        dev_mem: args.dev_mem,
     }) {
         Ok(a) => a,
         Err(e) => {

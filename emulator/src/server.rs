@@ -4,13 +4,14 @@
 use std::sync::Arc;
 
 use vfu::uapi::{
-    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
-    VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_READ,
+    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_BAR2_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
+    VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_READ,
     VFIO_REGION_INFO_FLAG_WRITE,
 };
-use vfu::{Backend, Errno, IrqDesc, RegionDesc, SetIrqs};
+use vfu::{Backend, Errno, IrqDesc, RegionDesc, RegionMmap, SetIrqs};
 
 use crate::bar0::{Bar0Effect, BAR0_SIZE};
+use crate::firmware::ViolationKind;
 use crate::function::Function;
 use crate::pci::CONFIG_SPACE_SIZE;
 
@@ -70,6 +71,21 @@ impl Backend for FunctionBackend {
                 size: CONFIG_SPACE_SIZE as u64,
                 ..Default::default()
             }),
+            // Device memory: mmappable in full (one sparse area over the memfd), and
+            // reachable by REGION_READ/WRITE.
+            VFIO_PCI_BAR2_REGION_INDEX => {
+                let dm = self.func.devmem();
+                Some(RegionDesc {
+                    flags: RW,
+                    size: dm.size(),
+                    mmap: Some(RegionMmap {
+                        fd: dm.fd(),
+                        offset: 0,
+                        sparse_areas: vec![(0, dm.size())],
+                    }),
+                    ..Default::default()
+                })
+            }
             i if i < VFIO_PCI_NUM_REGIONS => Some(RegionDesc::default()),
             _ => None,
         }
@@ -84,6 +100,13 @@ impl Backend for FunctionBackend {
     }
 
     fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), Errno> {
+        if index == VFIO_PCI_BAR2_REGION_INDEX {
+            return self
+                .func
+                .devmem()
+                .read(offset, data)
+                .map_err(|_| Errno::EINVAL);
+        }
         let s = self.func.lock();
         match index {
             VFIO_PCI_BAR0_REGION_INDEX => s.bar0.read(offset, data).map_err(|_| Errno::EINVAL),
@@ -94,6 +117,20 @@ impl Backend for FunctionBackend {
 
     fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), Errno> {
         match index {
+            VFIO_PCI_BAR2_REGION_INDEX => {
+                // A write into a responder-suspended function's memory is refused and
+                // recorded, never silently dropped. The check and the write happen under
+                // the migration lock, so no write lands after SUSPEND_VHCA completes.
+                let writer = format!("client of {}", self.func.id.socket_name());
+                let mut mig = self.func.migration();
+                if mig.refuse_if_frozen(ViolationKind::DevMemWrite, &writer, offset) {
+                    return Err(Errno::EPERM);
+                }
+                self.func
+                    .devmem()
+                    .write(offset, data)
+                    .map_err(|_| Errno::EINVAL)
+            }
             VFIO_PCI_BAR0_REGION_INDEX => {
                 let effects = self
                     .func

@@ -70,6 +70,7 @@ pub mod errno;
 pub mod error;
 pub mod ifc;
 pub mod iseg;
+pub mod migration_stream;
 
 pub use cmd::{CmdInHeader, CmdOutHeader, CmdStatus, Opcode};
 pub use cmdq::{CmdLayout, CmdProtBlock, DeliveryStatus};

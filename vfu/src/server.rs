@@ -757,7 +757,9 @@ impl Connection {
             size: r.size,
             offset: r.mmap.as_ref().map_or(0, |m| m.offset),
         };
-        if !caps.is_empty() {
+        // CAPS only with the chain itself: QEMU's vfio-user client refuses CAPS with a
+        // cap_offset of 0 (EINVAL) instead of retrying; argsz alone asks it to retry.
+        if fits && !caps.is_empty() {
             info.flags |= VFIO_REGION_INFO_FLAG_CAPS;
         }
         let mut out = Vec::new();

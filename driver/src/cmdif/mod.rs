@@ -485,6 +485,61 @@ impl CmdIf {
         Ok((fw, geometry))
     }
 
+    /// Takes over a function whose command queue is already programmed (e.g. one that
+    /// was live-migrated here with its queue in `arena`): DMA-maps the arena at its
+    /// IOVA and reads the firmware revision and queue geometry, without touching the
+    /// queue address or waiting for `initializing`. Completion is by polling.
+    pub fn attach(
+        mut client: Client,
+        arena: DmaArena,
+        timeout: Duration,
+    ) -> Result<Self, CmdError> {
+        client.dma_map(
+            arena.iova(),
+            arena.size(),
+            arena.file().as_raw_fd(),
+            0,
+            VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
+        )?;
+        let probe = (|| {
+            let fw_rev = read32(&mut client, FW_REV_OFFSET)?;
+            let cmdif = read32(&mut client, CMDIF_REV_FW_SUB_OFFSET)?;
+            let fw = FwRev {
+                major: (fw_rev & FW_REV_MAJOR_MASK) as u16,
+                minor: (fw_rev >> FW_REV_MINOR_SHIFT) as u16,
+                sub: (cmdif & FW_SUB_MASK) as u16,
+                cmdif_rev: (cmdif >> CMDIF_REV_SHIFT) as u16,
+            };
+            let geometry = Geometry::from_register(read32(&mut client, CMDQ_ADDR_L_SZ_OFFSET)?)?;
+            Ok::<_, CmdError>((fw, geometry))
+        })();
+        match probe {
+            Ok((fw, geometry)) => Ok(CmdIf {
+                client,
+                arena,
+                fw,
+                geometry,
+                slots: (0..geometry.slots()).map(|_| Slot::Free).collect(),
+                next_token: 1,
+                next_seq: 1,
+                events: None,
+                timeout,
+                stats: CmdStats::default(),
+            }),
+            Err(e) => {
+                let _ = client.dma_unmap(arena.iova(), arena.size());
+                Err(e)
+            }
+        }
+    }
+
+    /// Hands back the connection and the arena without unmapping (the function keeps
+    /// using the queue in the arena; see [`CmdIf::attach`]). Commands in flight are
+    /// abandoned.
+    pub fn into_parts(self) -> (Client, DmaArena) {
+        (self.client, self.arena)
+    }
+
     /// Unmaps the arena and hands the connection back. Commands still in flight are
     /// abandoned; after the unmap the device can no longer write our memory.
     pub fn into_client(mut self) -> (Client, Result<(), CmdError>) {

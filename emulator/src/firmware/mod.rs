@@ -31,6 +31,7 @@
 mod caps;
 mod eq;
 mod hca;
+mod migration;
 mod pages;
 mod pd_mkey;
 mod uar;
@@ -46,6 +47,7 @@ use crate::fabric::Fabric;
 use crate::function::FunctionId;
 
 pub use eq::{EqState, EqeSlot};
+pub use migration::{mig_syndrome, MigCtl, MigState, Violation, ViolationKind};
 pub use pd_mkey::{Mkey, MkeyError};
 
 /// Commands kept in the command log (oldest dropped first).
@@ -409,6 +411,11 @@ impl Firmware {
             Opcode::DeallocPd => self.dealloc_pd(cmd),
             Opcode::CreateMkey => self.create_mkey(cmd),
             Opcode::DestroyMkey => self.destroy_mkey(cmd),
+            Opcode::SuspendVhca => self.suspend_vhca(env, cmd),
+            Opcode::ResumeVhca => self.resume_vhca(env, cmd),
+            Opcode::QueryVhcaMigrationState => self.query_vhca_migration_state(env, cmd),
+            Opcode::SaveVhcaState => self.save_vhca_state(env, cmd),
+            Opcode::LoadVhcaState => self.load_vhca_state(env, cmd),
             _ => Err(CmdFail::new(CmdStatus::BadOpErr, syndrome::UNKNOWN_OPCODE)),
         }
     }

@@ -6,6 +6,7 @@ pub mod caps;
 pub mod eq;
 pub mod hca;
 pub mod header;
+pub mod migration;
 pub mod opcode;
 pub mod pages;
 pub mod pd_mkey;

@@ -1,0 +1,346 @@
+//! Device memory: BAR2 of every function, backed by a memfd.
+//!
+//! The client may mmap it (the region info offers the memfd with a sparse-mmap area
+//! covering the whole BAR) and may also reach it with REGION_READ/WRITE. The emulator
+//! maps the same memfd, so every path sees the same bytes.
+//!
+//! # Dirty tracking
+//!
+//! Writes through the client's mmap are invisible to the device, so what changed since
+//! a save is found by comparing a digest (xxh3-64) of each page with the digest of what
+//! the last save carried. That is correct whatever the write path. Writes the device
+//! does see (REGION_WRITE, DMA, LOAD) also set a bit in a bitmap, so they count even in
+//! the (theoretical) case of a digest collision. A page is dirty when its bit is set or
+//! its digest differs from the baseline.
+//!
+//! Races are resolved by copying first and hashing the copy: a write that lands after
+//! (or during) the copy leaves memory different from the copy, so the page is found
+//! dirty next time.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Mutex;
+
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{FileOffset, VolatileMemory};
+use xxhash_rust::xxh3::xxh3_64;
+
+/// Bytes of a device-memory page (the unit of tracking and of the state image).
+pub const DEV_MEM_PAGE_SIZE: u64 = 4096;
+/// `--dev-mem` default: 1 MiB.
+pub const DEFAULT_DEV_MEM_SIZE: u64 = 1 << 20;
+/// Smallest device memory: one page.
+pub const MIN_DEV_MEM_SIZE: u64 = DEV_MEM_PAGE_SIZE;
+/// Largest device memory a function may have (256 MiB): bounds images and scans.
+pub const MAX_DEV_MEM_SIZE: u64 = 256 << 20;
+
+/// Why device memory could not be built or accessed.
+#[derive(Debug, thiserror::Error)]
+pub enum DevMemError {
+    #[error("device memory size {size:#x}: expected a power of two in {min:#x}..={max:#x}")]
+    BadSize { size: u64, min: u64, max: u64 },
+    #[error("cannot create the device memory memfd: {0}")]
+    Memfd(std::io::Error),
+    #[error("cannot map device memory: {0}")]
+    Mmap(String),
+    #[error("access {offset:#x}+{len:#x} is outside the {size:#x}-byte device memory")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+}
+
+/// Checks a `--dev-mem` value.
+pub fn check_size(size: u64) -> Result<(), DevMemError> {
+    if !size.is_power_of_two() || !(MIN_DEV_MEM_SIZE..=MAX_DEV_MEM_SIZE).contains(&size) {
+        return Err(DevMemError::BadSize {
+            size,
+            min: MIN_DEV_MEM_SIZE,
+            max: MAX_DEV_MEM_SIZE,
+        });
+    }
+    Ok(())
+}
+
+/// Digest of one page.
+pub fn page_digest(page: &[u8]) -> u64 {
+    xxh3_64(page)
+}
+
+struct Track {
+    /// One bit per page: written by a path the device sees since the last save.
+    written: Vec<u64>,
+    /// Digest of each page as the destination has it after the last save, or `None`
+    /// when no save session is open.
+    baseline: Option<Vec<u64>>,
+}
+
+/// One function's device memory.
+pub struct DevMem {
+    file: File,
+    region: MmapRegion<()>,
+    size: u64,
+    track: Mutex<Track>,
+}
+
+impl std::fmt::Debug for DevMem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevMem").field("size", &self.size).finish()
+    }
+}
+
+/// A page copied out of device memory: its index, bytes and digest.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PageCopy {
+    pub index: u32,
+    pub data: Box<[u8]>,
+    pub digest: u64,
+}
+
+impl std::fmt::Debug for PageCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PageCopy({}, {:#x})", self.index, self.digest)
+    }
+}
+
+impl DevMem {
+    /// Zeroed device memory of `size` bytes (see [`check_size`]).
+    pub fn new(name: &str, size: u64) -> Result<Self, DevMemError> {
+        check_size(size)?;
+        let file = vfu::dma::memfd(name, size).map_err(DevMemError::Memfd)?;
+        // The client gets this fd: a client that shrank it would make our own mapping
+        // fault (SIGBUS), so its size is sealed.
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl(F_ADD_SEALS) on an fd we own with an integer argument.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(DevMemError::Memfd(std::io::Error::last_os_error()));
+        }
+        let clone = file.try_clone().map_err(DevMemError::Memfd)?;
+        let len = usize::try_from(size).map_err(|_| DevMemError::Mmap("size".into()))?;
+        let region = MmapRegion::<()>::from_file(FileOffset::new(clone, 0), len)
+            .map_err(|e| DevMemError::Mmap(e.to_string()))?;
+        let pages = Self::pages_of(size);
+        Ok(DevMem {
+            file,
+            region,
+            size,
+            track: Mutex::new(Track {
+                written: vec![0; pages.div_ceil(64)],
+                baseline: None,
+            }),
+        })
+    }
+
+    fn pages_of(size: u64) -> usize {
+        // size <= MAX_DEV_MEM_SIZE, so the page count fits any usize.
+        (size / DEV_MEM_PAGE_SIZE) as usize
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Number of pages.
+    pub fn pages(&self) -> usize {
+        Self::pages_of(self.size)
+    }
+
+    /// The memfd, for the region info's mmap offer.
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    fn track(&self) -> std::sync::MutexGuard<'_, Track> {
+        self.track.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check(&self, offset: u64, len: usize) -> Result<(usize, usize), DevMemError> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.size => Ok((offset as usize, len)),
+            _ => Err(DevMemError::OutOfRange {
+                offset,
+                len: len as u64,
+                size: self.size,
+            }),
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DevMemError> {
+        let (off, len) = self.check(offset, buf.len())?;
+        let s = self
+            .region
+            .get_slice(off, len)
+            .map_err(|e| DevMemError::Mmap(e.to_string()))?;
+        s.copy_to(buf);
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` and marks the pages it touches as written.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), DevMemError> {
+        let (off, len) = self.check(offset, data.len())?;
+        let s = self
+            .region
+            .get_slice(off, len)
+            .map_err(|e| DevMemError::Mmap(e.to_string()))?;
+        s.copy_from(data);
+        if len > 0 {
+            let first = off / DEV_MEM_PAGE_SIZE as usize;
+            let last = (off + len - 1) / DEV_MEM_PAGE_SIZE as usize;
+            let mut t = self.track();
+            for p in first..=last {
+                if let Some(w) = t.written.get_mut(p / 64) {
+                    *w |= 1 << (p % 64);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies page `index` and hashes the copy.
+    pub fn copy_page(&self, index: u32) -> Result<PageCopy, DevMemError> {
+        let mut data = vec![0u8; DEV_MEM_PAGE_SIZE as usize].into_boxed_slice();
+        self.read(u64::from(index) * DEV_MEM_PAGE_SIZE, &mut data)?;
+        let digest = page_digest(&data);
+        Ok(PageCopy {
+            index,
+            data,
+            digest,
+        })
+    }
+
+    /// Every page, copied.
+    pub fn copy_all(&self) -> Result<Vec<PageCopy>, DevMemError> {
+        (0..self.pages() as u32)
+            .map(|i| self.copy_page(i))
+            .collect()
+    }
+
+    /// Whether a save session (a baseline) is open.
+    pub fn tracking(&self) -> bool {
+        self.track().baseline.is_some()
+    }
+
+    /// Pages that differ from the baseline (or were written by a path the device sees),
+    /// copied, in page order. Without a baseline, every page.
+    pub fn dirty_pages(&self) -> Result<Vec<PageCopy>, DevMemError> {
+        let (written, baseline) = {
+            let t = self.track();
+            (t.written.clone(), t.baseline.clone())
+        };
+        let mut out = Vec::new();
+        for i in 0..self.pages() {
+            let c = self.copy_page(i as u32)?;
+            let bit = written
+                .get(i / 64)
+                .is_some_and(|w| w & (1 << (i % 64)) != 0);
+            let differs = baseline
+                .as_ref()
+                .and_then(|b| b.get(i))
+                .is_none_or(|&d| d != c.digest);
+            if bit || differs {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Opens a new save session whose destination has nothing but zeros yet: the
+    /// baseline becomes the zero-page digest everywhere, and the written bits clear.
+    /// Pages then count as dirty exactly when they are not all zeros.
+    pub fn begin_session(&self) {
+        let zero = page_digest(&[0u8; DEV_MEM_PAGE_SIZE as usize]);
+        let mut t = self.track();
+        t.baseline = Some(vec![zero; self.pages()]);
+        t.written.iter_mut().for_each(|w| *w = 0);
+    }
+
+    /// Records that the destination now has `pages` (their digests become the
+    /// baseline; their written bits clear). Bits of pages written after the copy may be
+    /// cleared here too; the digest comparison still finds those pages dirty.
+    pub fn commit(&self, pages: &[PageCopy]) {
+        let mut t = self.track();
+        let Track { written, baseline } = &mut *t;
+        for p in pages {
+            let i = p.index as usize;
+            if let Some(w) = written.get_mut(i / 64) {
+                *w &= !(1 << (i % 64));
+            }
+            if let Some(d) = baseline.as_mut().and_then(|b| b.get_mut(i)) {
+                *d = p.digest;
+            }
+        }
+    }
+
+    /// Closes the save session.
+    pub fn end_session(&self) {
+        self.track().baseline = None;
+    }
+
+    /// Fills device memory with zeros (marking every page written).
+    pub fn zero(&self) -> Result<(), DevMemError> {
+        let zero = vec![0u8; DEV_MEM_PAGE_SIZE as usize];
+        for i in 0..self.pages() as u64 {
+            self.write(i * DEV_MEM_PAGE_SIZE, &zero)?;
+        }
+        Ok(())
+    }
+
+    /// Back to power-on: zeros, no session.
+    pub fn reset(&self) {
+        let _ = self.zero();
+        let mut t = self.track();
+        t.baseline = None;
+        t.written.iter_mut().for_each(|w| *w = 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_checked() {
+        assert!(check_size(4096).is_ok());
+        assert!(check_size(1 << 20).is_ok());
+        for bad in [0, 2048, 4096 + 1, 3 << 20, MAX_DEV_MEM_SIZE * 2] {
+            assert!(check_size(bad).is_err(), "{bad:#x}");
+        }
+    }
+
+    #[test]
+    fn reads_writes_and_bounds() {
+        let m = DevMem::new("t", 16 << 10).unwrap();
+        m.write(4090, b"0123456789").unwrap();
+        let mut b = [0u8; 10];
+        m.read(4090, &mut b).unwrap();
+        assert_eq!(&b, b"0123456789");
+        assert!(m.write(16 << 10, b"x").is_err());
+        assert!(m.read(u64::MAX, &mut b).is_err());
+        assert!(m.write((16 << 10) - 1, b"xy").is_err());
+    }
+
+    #[test]
+    fn dirty_pages_follow_writes_by_any_path() {
+        let m = DevMem::new("t", 64 << 10).unwrap();
+        // Without a session every page is dirty.
+        assert_eq!(m.dirty_pages().unwrap().len(), 16);
+        m.begin_session();
+        assert!(
+            m.dirty_pages().unwrap().is_empty(),
+            "zeros match the baseline"
+        );
+        m.write(5 * 4096 + 7, &[1]).unwrap();
+        let d = m.dirty_pages().unwrap();
+        assert_eq!(d.iter().map(|p| p.index).collect::<Vec<_>>(), vec![5]);
+        m.commit(&d);
+        assert!(m.dirty_pages().unwrap().is_empty());
+        // A write the device does not see (a second mapping of the memfd, as the client's
+        // mmap) is found by its digest.
+        let other =
+            MmapRegion::<()>::from_file(FileOffset::new(m.file.try_clone().unwrap(), 0), 64 << 10)
+                .unwrap();
+        other.get_slice(9 * 4096, 1).unwrap().copy_from(&[0xaau8]);
+        let d = m.dirty_pages().unwrap();
+        assert_eq!(d.iter().map(|p| p.index).collect::<Vec<_>>(), vec![9]);
+        m.end_session();
+        assert!(!m.tracking());
+    }
+}

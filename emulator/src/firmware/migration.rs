@@ -1,0 +1,969 @@
+//! SUSPEND_VHCA, RESUME_VHCA, QUERY_VHCA_MIGRATION_STATE, SAVE_VHCA_STATE and
+//! LOAD_VHCA_STATE (kernel-mlx5vf.md §3.2–3.4, §4), and the per-function migration
+//! state they drive.
+//!
+//! The commands run on the PF and name a VF by `vhca_id`; a VF naming any function, or
+//! the PF naming itself, gets BAD_PARAM. The PF's firmware lock is held for the whole
+//! command (as for every command: the queue engine executes under it), which also
+//! serialises all migration commands; the VF's locks are taken briefly, never across a
+//! DMA.
+//!
+//! # Suspend and resume
+//!
+//! ```text
+//!  Running --SUSPEND(0 initiator)--> InitiatorSuspended --SUSPEND(1 responder)--> ResponderSuspended
+//!     ^                                |      ^                                        |
+//!     +-------RESUME(1 initiator)------+      +----------RESUME(0 responder)-----------+
+//! ```
+//!
+//! Any other order completes with BAD_RES_STATE. A responder-suspended function refuses
+//! everything that would change its state (BAR2 writes, command and UAR doorbells) and
+//! records each refusal as a [`Violation`].
+//!
+//! # Save sessions
+//!
+//! A SAVE with `incremental` = 0 writes a *base* image and opens a save session: from
+//! then on device-memory pages are compared with what the session has sent
+//! ([`crate::devmem`]). SAVE with `incremental` = 1 writes a *delta* of the session
+//! (the HCA state and objects in full, the pages that changed). Which calls are legal:
+//!
+//! | incremental | set_track | Running / InitiatorSuspended        | ResponderSuspended |
+//! |---|---|---|---|
+//! | 0 | 1 | base image, tracked session (pre-copy start) | BAD_RES_STATE |
+//! | 0 | 0 | with a tracked session: ends it, writes nothing (mlx5vf's pre-copy cleanup); else BAD_RES_STATE | base image (stop-copy) |
+//! | 1 | 1 | delta (pre-copy round); no session: BAD_RES_STATE | BAD_RES_STATE |
+//! | 1 | 0 | delta; no session: BAD_RES_STATE | delta (final image, or the next chunk) |
+//!
+//! A SAVE writes at most `size` bytes. Pages that do not fit stay dirty: a tracked
+//! session sends them in a later round, and in chunk mode (QUERY's `chunk` bit)
+//! `next_required_umem_size` asks for the next chunk, which the driver fetches with
+//! `incremental` = 1. Without chunk mode an untracked SAVE that does not fit fails
+//! (BAD_PARAM) and changes nothing. A session without tracking ends when all is sent.
+//!
+//! # Loading
+//!
+//! LOAD is legal only while the function is responder-suspended. The image is read
+//! whole, validated ([`crate::state::validate`], then [`Firmware::from_image`], which
+//! reruns the live commands' checks), and only then applied: the new firmware state is
+//! built aside and swapped in under the lock. A base image may come at any time; a
+//! delta must follow the image it was made against (multi-load), else BAD_RES_STATE.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use mlx5_prm::cmd::caps::{HCA_CAP_MSG_OFFSET, SET_HCA_CAP_IN_LEN};
+use mlx5_prm::cmd::eq::{EQE_SIZE, EQ_BASE_PAGE_SIZE, EQ_DOORBELL_CI_MASK, EVENT_TYPE_CMD};
+use mlx5_prm::cmd::hca::{SET_ISSI_IN_CURRENT_ISSI, SET_ISSI_IN_LEN};
+use mlx5_prm::cmd::migration::*;
+use mlx5_prm::cmd::pd_mkey::mkey_to_index;
+use mlx5_prm::ifc::{self, hdr, set};
+use mlx5_prm::{CmdStatus, Opcode};
+use vfu::Dma;
+
+use super::caps::{LOG_MAX_EQ_SZ, MAX_NUM_EQS};
+use super::eq::{EqState, FIRST_EQN, MAX_EQ_LOG_PAGE_SIZE};
+use super::pages::{MAX_FW_PAGES, STARTUP_PAGES};
+use super::pd_mkey::{
+    Mkey, MAX_MKEYS, MAX_PDS, MKEY_MAX_LOG_PAGE_SIZE, MKEY_MIN_LOG_PAGE_SIZE, MTT_PERM_MASK,
+};
+use super::uar::{FIRST_UAR, LAST_UAR};
+use super::{Cmd, CmdFail, CmdResult, Env, Firmware, HcaState};
+use crate::bar0::iseg::{CMDQ_ADDR_H_OFFSET, CMDQ_ADDR_L_SZ_OFFSET, NIC_IFC_SHIFT};
+use crate::devmem::{page_digest, PageCopy, DEV_MEM_PAGE_SIZE};
+use crate::function::{Function, FunctionId, MSIX_VECTORS};
+use crate::pci::FunctionKind;
+use crate::state::{
+    self, EqImage, HcaImage, Image, ImageFunction, ImageHeader, ImageKind, IsegImage, MkeyImage,
+    ObjectsImage, PageImage, StateError,
+};
+
+/// Syndromes of the migration commands (the high half spells "MG").
+pub mod mig_syndrome {
+    /// The command is not legal in the function's migration state (BAD_RES_STATE).
+    pub const WRONG_MIG_STATE: u32 = 0x4d47_0001;
+    /// A delta image that does not follow the last image loaded (BAD_RES_STATE).
+    pub const OUT_OF_ORDER: u32 = 0x4d47_0002;
+    /// The image failed validation (BAD_PARAM); the trace says why.
+    pub const BAD_IMAGE: u32 = 0x4d47_0003;
+    /// The image's checksum does not match (BAD_PARAM).
+    pub const BAD_CHECKSUM: u32 = 0x4d47_0004;
+    /// The image is for another kind of function or device-memory size (BAD_PARAM).
+    pub const INCOMPATIBLE: u32 = 0x4d47_0005;
+    /// The buffer is too small for the image (BAD_PARAM).
+    pub const BUFFER_TOO_SMALL: u32 = 0x4d47_0006;
+    /// The mkey does not exist, or va/size lie outside it (BAD_PARAM).
+    pub const BAD_MKEY: u32 = 0x4d47_0007;
+    /// Reading or writing the buffer faulted (BAD_PARAM).
+    pub const DMA_FAULT: u32 = 0x4d47_0008;
+    /// `size` is 0 or above the largest image (BAD_PARAM).
+    pub const BAD_SIZE: u32 = 0x4d47_0009;
+}
+
+/// Violations kept per function (the oldest are dropped; the total keeps counting).
+pub const VIOLATION_LOG_CAPACITY: usize = 1024;
+
+/// The migration state of a function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigState {
+    /// Normal operation.
+    Running,
+    /// Issues no new DMA (VFIO RUNNING_P2P); still accepts doorbells and writes.
+    InitiatorSuspended,
+    /// Internal state frozen (VFIO STOP): changes are refused and recorded.
+    ResponderSuspended,
+}
+
+/// What tried to change a responder-suspended function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ViolationKind {
+    /// A write to device memory (BAR2).
+    DevMemWrite,
+    /// The command doorbell (BAR0 `cmd_dbell`).
+    CommandDoorbell,
+    /// A UAR doorbell (EQ arm / consumer index).
+    UarDoorbell,
+}
+
+/// One refused change (a "P2P race violation").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub kind: ViolationKind,
+    /// Who wrote: the socket of the client whose write was refused.
+    pub writer: String,
+    /// BAR offset of the write.
+    pub address: u64,
+    pub at: SystemTime,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SaveSession {
+    id: u64,
+    /// Number of the last image written in this session.
+    seq: u32,
+    /// Tracking was asked for (set_track), so the session outlives a complete image.
+    track: bool,
+}
+
+/// Per-function migration control: the suspend state, the save session, what was
+/// loaded, and the violation log. Its lock is a leaf: nothing is taken under it.
+#[derive(Debug)]
+pub struct MigCtl {
+    state: MigState,
+    session: Option<SaveSession>,
+    /// (session, seq) of the last image loaded.
+    loaded: Option<(u64, u32)>,
+    /// The saver said (QUERY `chunk`) it fetches images in chunks.
+    chunk_mode: bool,
+    violations: VecDeque<Violation>,
+    violations_total: u64,
+}
+
+impl Default for MigCtl {
+    fn default() -> Self {
+        MigCtl {
+            state: MigState::Running,
+            session: None,
+            loaded: None,
+            chunk_mode: false,
+            violations: VecDeque::new(),
+            violations_total: 0,
+        }
+    }
+}
+
+impl MigCtl {
+    pub fn state(&self) -> MigState {
+        self.state
+    }
+
+    /// The recorded violations, oldest first.
+    pub fn violations(&self) -> Vec<Violation> {
+        self.violations.iter().cloned().collect()
+    }
+
+    /// Violations ever recorded (including those dropped from the log).
+    pub fn violations_total(&self) -> u64 {
+        self.violations_total
+    }
+
+    /// If the function is responder-suspended, records the write and returns true
+    /// (the caller then refuses it).
+    pub fn refuse_if_frozen(&mut self, kind: ViolationKind, writer: &str, address: u64) -> bool {
+        if self.state != MigState::ResponderSuspended {
+            return false;
+        }
+        tracing::warn!(
+            ?kind,
+            writer,
+            address = format_args!("{address:#x}"),
+            "P2P race violation: write to a responder-suspended function refused"
+        );
+        if self.violations.len() >= VIOLATION_LOG_CAPACITY {
+            self.violations.pop_front();
+        }
+        self.violations.push_back(Violation {
+            kind,
+            writer: writer.to_string(),
+            address,
+            at: SystemTime::now(),
+        });
+        self.violations_total += 1;
+        true
+    }
+
+    /// FLR / DEVICE_RESET: running, no session, nothing loaded. The log is kept.
+    pub fn reset(&mut self) {
+        self.state = MigState::Running;
+        self.session = None;
+        self.loaded = None;
+        self.chunk_mode = false;
+    }
+}
+
+/// The quiesce gate of initiator suspend: every DMA the function has in flight must
+/// finish before SUSPEND_VHCA(initiator) completes, and none may start after.
+///
+/// Today the only DMA a function issues is its command queue's (entry fetch, mailboxes,
+/// output, EQEs), done by its firmware worker under its firmware lock for the execute
+/// step; taking and dropping that lock waits for a command being executed. When the DMA
+/// engine (`dma/`) lands, this is where it is told to stop fetching work and to drain.
+fn quiesce_initiator(f: &Function) {
+    drop(f.firmware());
+    tracing::debug!(
+        vhca_id = f.id.vhca_id,
+        "initiator quiesced (no DMA engine yet)"
+    );
+}
+
+fn bad_res_state() -> CmdFail {
+    CmdFail::new(CmdStatus::BadResStateErr, mig_syndrome::WRONG_MIG_STATE)
+}
+
+fn bad(syndrome: u32) -> CmdFail {
+    CmdFail::new(CmdStatus::BadParamErr, syndrome)
+}
+
+/// The status and syndrome a refused image completes with.
+fn image_fail(e: &StateError) -> CmdFail {
+    match e {
+        StateError::Checksum { .. } => bad(mig_syndrome::BAD_CHECKSUM),
+        StateError::DevMemSize { .. } | StateError::FunctionKind { .. } => {
+            bad(mig_syndrome::INCOMPATIBLE)
+        }
+        _ => bad(mig_syndrome::BAD_IMAGE),
+    }
+}
+
+/// A fresh session id: unique per process and unlikely to repeat across processes.
+fn new_session_id(vhca_id: u16) -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(1);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let t = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut b = [0u8; 26];
+    b[..8].copy_from_slice(&n.to_le_bytes());
+    b[8..16].copy_from_slice(&t.to_le_bytes());
+    b[16..20].copy_from_slice(&std::process::id().to_le_bytes());
+    b[20..22].copy_from_slice(&vhca_id.to_le_bytes());
+    xxhash_rust::xxh3::xxh3_64(&b) | 1
+}
+
+/// What a SAVE will produce, decided before anything changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SavePlan {
+    /// A base image; opens a session (tracked or not).
+    Base { track: bool },
+    /// A delta of the open session.
+    Delta { session: SaveSession, track: bool },
+    /// mlx5vf's pre-copy cleanup: end the tracked session, write nothing.
+    EndTracking,
+}
+
+fn plan_save(ctl: &MigCtl, incremental: bool, track: bool) -> Result<SavePlan, CmdFail> {
+    let frozen = ctl.state == MigState::ResponderSuspended;
+    match (incremental, track) {
+        (false, true) if frozen => Err(bad_res_state()),
+        (false, true) => Ok(SavePlan::Base { track: true }),
+        (false, false) if frozen => Ok(SavePlan::Base { track: false }),
+        (false, false) => match ctl.session {
+            Some(s) if s.track => Ok(SavePlan::EndTracking),
+            _ => Err(bad_res_state()),
+        },
+        (true, true) if frozen => Err(bad_res_state()),
+        (true, _) => match ctl.session {
+            Some(session) => Ok(SavePlan::Delta { session, track }),
+            None => Err(bad_res_state()),
+        },
+    }
+}
+
+impl Firmware {
+    /// The function a migration command names: a VF, named by the PF.
+    fn mig_target(&self, env: &Env<'_>, cmd: &Cmd<'_>) -> Result<Arc<Function>, CmdFail> {
+        let vhca_id = cmd.get(IN_VHCA_ID) as u16;
+        if self.id.kind != FunctionKind::Pf || vhca_id == self.id.vhca_id {
+            return Err(CmdFail::bad_function());
+        }
+        if self.state == HcaState::Disabled {
+            return Err(CmdFail::wrong_state());
+        }
+        env.fabric
+            .by_vhca_id(vhca_id)
+            .ok_or_else(CmdFail::bad_function)
+    }
+
+    /// The PF's mkey `key` (index and variant must both match).
+    fn mig_mkey(&self, key: u32) -> Result<&Mkey, CmdFail> {
+        self.mkey(mkey_to_index(key))
+            .filter(|m| m.key() == key)
+            .ok_or_else(|| bad(mig_syndrome::BAD_MKEY))
+    }
+
+    pub(super) fn suspend_vhca(&mut self, env: &Env<'_>, cmd: &Cmd<'_>) -> CmdResult {
+        let out = cmd.lengths(SUSPEND_VHCA_IN_LEN, SUSPEND_VHCA_OUT_LEN)?;
+        let f = self.mig_target(env, cmd)?;
+        let (from, to) = match cmd.op_mod {
+            SUSPEND_OP_MOD_INITIATOR => (MigState::Running, MigState::InitiatorSuspended),
+            SUSPEND_OP_MOD_RESPONDER => {
+                (MigState::InitiatorSuspended, MigState::ResponderSuspended)
+            }
+            _ => return Err(CmdFail::bad_op_mod()),
+        };
+        if f.migration().state != from {
+            return Err(bad_res_state());
+        }
+        if to == MigState::InitiatorSuspended {
+            // Drain before the state says "suspended" (and before we answer).
+            quiesce_initiator(&f);
+        }
+        f.migration().state = to;
+        tracing::info!(vhca_id = f.id.vhca_id, ?from, ?to, "SUSPEND_VHCA");
+        Ok(out)
+    }
+
+    pub(super) fn resume_vhca(&mut self, env: &Env<'_>, cmd: &Cmd<'_>) -> CmdResult {
+        let out = cmd.lengths(RESUME_VHCA_IN_LEN, RESUME_VHCA_OUT_LEN)?;
+        let f = self.mig_target(env, cmd)?;
+        let (from, to) = match cmd.op_mod {
+            RESUME_OP_MOD_RESPONDER => (MigState::ResponderSuspended, MigState::InitiatorSuspended),
+            RESUME_OP_MOD_INITIATOR => (MigState::InitiatorSuspended, MigState::Running),
+            _ => return Err(CmdFail::bad_op_mod()),
+        };
+        let mut m = f.migration();
+        if m.state != from {
+            return Err(bad_res_state());
+        }
+        m.state = to;
+        drop(m);
+        tracing::info!(vhca_id = f.id.vhca_id, ?from, ?to, "RESUME_VHCA");
+        Ok(out)
+    }
+
+    pub(super) fn query_vhca_migration_state(&mut self, env: &Env<'_>, cmd: &Cmd<'_>) -> CmdResult {
+        let mut out = cmd.lengths(
+            QUERY_VHCA_MIGRATION_STATE_IN_LEN,
+            QUERY_VHCA_MIGRATION_STATE_OUT_LEN,
+        )?;
+        if cmd.op_mod != 0 {
+            return Err(CmdFail::bad_op_mod());
+        }
+        let f = self.mig_target(env, cmd)?;
+        let incremental = cmd.get(QUERY_VHCA_MIGRATION_STATE_IN_INCREMENTAL) != 0;
+        let chunk = cmd.get(QUERY_VHCA_MIGRATION_STATE_IN_CHUNK) != 0;
+        let session = {
+            let mut m = f.migration();
+            m.chunk_mode = chunk;
+            m.session
+        };
+        let objects_len = state::objects_len(&f.firmware().image_objects());
+        // incremental: what a delta of the open session would carry now; otherwise what
+        // a base image would (pages that are not all zeros).
+        let pages = if incremental && session.is_some() {
+            f.devmem().dirty_pages().map(|p| p.len())
+        } else {
+            nonzero_pages(&f).map(|p| p.len())
+        }
+        .map_err(|_| CmdFail::new(CmdStatus::IntErr, mig_syndrome::DMA_FAULT))?;
+        let (required, remaining, mig_state) = if incremental && session.is_none() {
+            (0, 0, MIG_STATE_OPER_MIGRATION_IDLE)
+        } else {
+            let total = state::image_len(objects_len, pages);
+            let per_chunk = if chunk {
+                total.min(MAX_CHUNK_SIZE as usize)
+            } else {
+                total
+            };
+            let st = match session {
+                None => MIG_STATE_OPER_MIGRATION_IDLE,
+                Some(_) if pages > 0 => MIG_STATE_OPER_MIGRATION_DIRTY,
+                Some(_) => MIG_STATE_OPER_MIGRATION_READY,
+            };
+            (per_chunk, total, st)
+        };
+        set(
+            &mut out,
+            QUERY_VHCA_MIGRATION_STATE_OUT_REQUIRED_UMEM_SIZE,
+            required as u64,
+        );
+        set(
+            &mut out,
+            QUERY_VHCA_MIGRATION_STATE_OUT_REMAINING_TOTAL_SIZE,
+            remaining as u64,
+        );
+        set(
+            &mut out,
+            QUERY_VHCA_MIGRATION_STATE_OUT_MIGRATION_STATE,
+            u64::from(mig_state),
+        );
+        tracing::debug!(
+            vhca_id = f.id.vhca_id,
+            incremental,
+            chunk,
+            required,
+            remaining,
+            "QUERY_VHCA_MIGRATION_STATE"
+        );
+        Ok(out)
+    }
+
+    pub(super) fn save_vhca_state(&mut self, env: &Env<'_>, cmd: &Cmd<'_>) -> CmdResult {
+        let mut out = cmd.lengths(SAVE_VHCA_STATE_IN_LEN, SAVE_VHCA_STATE_OUT_LEN)?;
+        if cmd.op_mod != 0 {
+            return Err(CmdFail::bad_op_mod());
+        }
+        let f = self.mig_target(env, cmd)?;
+        let incremental = cmd.get(SAVE_VHCA_STATE_IN_INCREMENTAL) != 0;
+        let track = cmd.get(SAVE_VHCA_STATE_IN_SET_TRACK) != 0;
+        let va = cmd.get(SAVE_VHCA_STATE_IN_VA);
+        let size = cmd.get(SAVE_VHCA_STATE_IN_SIZE);
+        let key = cmd.get(SAVE_VHCA_STATE_IN_MKEY) as u32;
+        let (plan, chunk_mode) = {
+            let m = f.migration();
+            (plan_save(&m, incremental, track)?, m.chunk_mode)
+        };
+        if plan == SavePlan::EndTracking {
+            f.migration().session = None;
+            f.devmem().end_session();
+            tracing::info!(vhca_id = f.id.vhca_id, "SAVE_VHCA_STATE: tracking ended");
+            return Ok(out);
+        }
+        if size == 0 {
+            return Err(bad(mig_syndrome::BAD_SIZE));
+        }
+        let runs = self
+            .mig_mkey(key)?
+            .translate(va, size)
+            .map_err(|_| bad(mig_syndrome::BAD_MKEY))?;
+        // The function's state, each piece taken under its own short lock.
+        let (hca, objects) = {
+            let fw = f.firmware();
+            (fw.image_hca(), fw.image_objects())
+        };
+        let iseg = {
+            let s = f.lock();
+            IsegImage {
+                cmdq_address: s.bar0.cmdq_address(),
+                nic_interface: s.bar0.nic_interface(),
+            }
+        };
+        let pages = match plan {
+            SavePlan::Base { .. } => nonzero_pages(&f),
+            _ => f.devmem().dirty_pages(),
+        }
+        .map_err(|_| CmdFail::new(CmdStatus::IntErr, mig_syndrome::DMA_FAULT))?;
+        let objects_len = state::objects_len(&objects);
+        let fixed = state::image_len(objects_len, 0);
+        let size = size as usize; // 32-bit field
+        if size < fixed {
+            return Err(bad(mig_syndrome::BUFFER_TOO_SMALL));
+        }
+        let fit = ((size - fixed) / state::PAGE_ENTRY_LEN).min(pages.len());
+        let remaining = pages.len() - fit;
+        // Only a tracked session (later rounds) or a chunked fetch carries the rest.
+        let keeps_track = matches!(plan, SavePlan::Base { track: true })
+            || matches!(plan, SavePlan::Delta { track: true, .. });
+        if remaining > 0 && !keeps_track && !chunk_mode {
+            return Err(bad(mig_syndrome::BUFFER_TOO_SMALL));
+        }
+        let (kind, session_id, seq, base_seq) = match plan {
+            SavePlan::Base { .. } => (ImageKind::Base, new_session_id(f.id.vhca_id), 1, 0),
+            SavePlan::Delta { session, .. } => (
+                ImageKind::Delta,
+                session.id,
+                session.seq.checked_add(1).ok_or_else(bad_res_state)?,
+                session.seq,
+            ),
+            // Returned above, before any image is built.
+            SavePlan::EndTracking => return Ok(out),
+        };
+        let sent = &pages[..fit];
+        let image = Image {
+            header: ImageHeader {
+                function: image_function(f.id),
+                kind,
+                session: session_id,
+                seq,
+                base_seq,
+                dev_mem_size: f.devmem().size(),
+            },
+            hca,
+            iseg,
+            objects,
+            pages: sent
+                .iter()
+                .map(|p| PageImage {
+                    index: p.index,
+                    data: p.data.clone(),
+                })
+                .collect(),
+        };
+        let bytes = image.to_bytes();
+        write_runs(env.dma, &runs, &bytes)?;
+        // The image is in the buffer: now the session moves on.
+        let track_on = keeps_track;
+        let open = track_on || remaining > 0;
+        if kind == ImageKind::Base {
+            f.devmem().begin_session();
+        }
+        f.devmem().commit(sent);
+        if !open {
+            f.devmem().end_session();
+        }
+        f.migration().session = open.then_some(SaveSession {
+            id: session_id,
+            seq,
+            track: track_on,
+        });
+        let next = if remaining > 0 && chunk_mode {
+            state::image_len(objects_len, remaining)
+                .min(size)
+                .max(state::image_len(objects_len, 1))
+        } else {
+            0
+        };
+        set(
+            &mut out,
+            SAVE_VHCA_STATE_OUT_ACTUAL_IMAGE_SIZE,
+            bytes.len() as u64,
+        );
+        set(
+            &mut out,
+            SAVE_VHCA_STATE_OUT_NEXT_REQUIRED_UMEM_SIZE,
+            next as u64,
+        );
+        tracing::info!(
+            vhca_id = f.id.vhca_id,
+            ?kind,
+            seq,
+            incremental,
+            track,
+            image = bytes.len(),
+            pages = fit,
+            pages_left = remaining,
+            next,
+            "SAVE_VHCA_STATE"
+        );
+        Ok(out)
+    }
+
+    pub(super) fn load_vhca_state(&mut self, env: &Env<'_>, cmd: &Cmd<'_>) -> CmdResult {
+        let out = cmd.lengths(LOAD_VHCA_STATE_IN_LEN, LOAD_VHCA_STATE_OUT_LEN)?;
+        if cmd.op_mod != 0 {
+            return Err(CmdFail::bad_op_mod());
+        }
+        let f = self.mig_target(env, cmd)?;
+        if f.migration().state != MigState::ResponderSuspended {
+            return Err(bad_res_state());
+        }
+        let va = cmd.get(LOAD_VHCA_STATE_IN_VA);
+        let size = cmd.get(LOAD_VHCA_STATE_IN_SIZE);
+        let key = cmd.get(LOAD_VHCA_STATE_IN_MKEY) as u32;
+        if size == 0 || size > state::MAX_IMAGE_LEN as u64 {
+            return Err(bad(mig_syndrome::BAD_SIZE));
+        }
+        let runs = self
+            .mig_mkey(key)?
+            .translate(va, size)
+            .map_err(|_| bad(mig_syndrome::BAD_MKEY))?;
+        let bytes = read_runs(env.dma, &runs, size as usize)?;
+        let image = state::validate(&bytes).map_err(|e| {
+            tracing::info!(vhca_id = f.id.vhca_id, error = %e, "LOAD_VHCA_STATE: image refused");
+            image_fail(&e)
+        })?;
+        let compat = check_compatible(&f, &image.header);
+        let new_fw = compat
+            .and_then(|()| Firmware::from_image(env, f.id, &image.hca, &image.objects))
+            .map_err(|e| {
+                tracing::info!(vhca_id = f.id.vhca_id, error = %e, "LOAD_VHCA_STATE: image refused");
+                image_fail(&e)
+            })?;
+        let h = image.header;
+        if h.kind == ImageKind::Delta && f.migration().loaded != Some((h.session, h.base_seq)) {
+            tracing::info!(
+                vhca_id = f.id.vhca_id,
+                seq = h.seq,
+                base_seq = h.base_seq,
+                loaded = ?f.migration().loaded,
+                "LOAD_VHCA_STATE: delta does not follow the last image loaded"
+            );
+            return Err(CmdFail::new(
+                CmdStatus::BadResStateErr,
+                mig_syndrome::OUT_OF_ORDER,
+            ));
+        }
+        // Everything is checked: apply. Nothing below can fail on image content.
+        {
+            let mut fw = f.firmware();
+            let log = std::mem::take(&mut fw.log);
+            *fw = new_fw;
+            fw.log = log;
+        }
+        {
+            // The queue address and nic_interface as the source's driver programmed them
+            // (register writes: big-endian words, as the driver writes them).
+            let addr = image.iseg.cmdq_address;
+            let low = (addr as u32) | (u32::from(image.iseg.nic_interface) << NIC_IFC_SHIFT);
+            let mut s = f.lock();
+            let _ = s.bar0.write(
+                u64::from(CMDQ_ADDR_H_OFFSET),
+                &((addr >> 32) as u32).to_be_bytes(),
+            );
+            let _ = s
+                .bar0
+                .write(u64::from(CMDQ_ADDR_L_SZ_OFFSET), &low.to_be_bytes());
+        }
+        let dm = f.devmem();
+        if h.kind == ImageKind::Base {
+            let _ = dm.zero();
+        }
+        for p in &image.pages {
+            // Indices were checked against this size by validate + check_compatible.
+            let _ = dm.write(u64::from(p.index) * DEV_MEM_PAGE_SIZE, &p.data);
+        }
+        f.migration().loaded = Some((h.session, h.seq));
+        tracing::info!(
+            vhca_id = f.id.vhca_id,
+            kind = ?h.kind,
+            seq = h.seq,
+            image = bytes.len(),
+            pages = image.pages.len(),
+            "LOAD_VHCA_STATE applied"
+        );
+        Ok(out)
+    }
+
+    /// The HCA section of this function's image.
+    pub fn image_hca(&self) -> HcaImage {
+        HcaImage {
+            life_cycle: match self.state {
+                HcaState::Disabled => 0,
+                HcaState::Enabled => 1,
+                HcaState::Initialized => 2,
+            },
+            issi: self.issi,
+            caps: self.general_cur.clone(),
+        }
+    }
+
+    /// The OBJECTS section of this function's image.
+    pub fn image_objects(&self) -> ObjectsImage {
+        ObjectsImage {
+            uars: self.uars.iter().copied().collect(),
+            pds: self.pds.iter().copied().collect(),
+            cmd_eq: self.cmd_eq,
+            eqs: self
+                .eqs
+                .values()
+                .map(|e| EqImage {
+                    eqn: e.eqn,
+                    uar: e.uar,
+                    intr: e.intr,
+                    log_size: e.log_size,
+                    page_size: e.page_size,
+                    pas: e.pas.clone(),
+                    event_bitmask: e.event_bitmask,
+                    pi: e.pi,
+                    written: e.written,
+                    ci: e.ci,
+                    armed: e.armed,
+                })
+                .collect(),
+            mkeys: self
+                .mkeys
+                .values()
+                .map(|m| MkeyImage {
+                    index: m.index,
+                    variant: m.variant,
+                    pd: m.pd,
+                    start: m.start,
+                    len: m.len,
+                    log_page_size: m.log_page_size,
+                    mtt: m.mtt.clone(),
+                })
+                .collect(),
+            fw_pages: self.pages.iter().copied().collect(),
+        }
+    }
+
+    /// Builds (aside) the firmware state of function `id` from an image's HCA and
+    /// OBJECTS sections, with the checks the live commands apply: the ISSI through
+    /// SET_ISSI, the capabilities through SET_HCA_CAP, every object against the limits
+    /// of the command that creates it.
+    pub fn from_image(
+        env: &Env<'_>,
+        id: FunctionId,
+        hca: &HcaImage,
+        o: &ObjectsImage,
+    ) -> Result<Firmware, StateError> {
+        let bv = |what, got: u64, want| StateError::BadValue { what, got, want };
+        let mut fw = Firmware::new(id);
+        // ISSI and caps through the live commands (legal in the Enabled state).
+        fw.state = HcaState::Enabled;
+        let mut m = vec![0u8; SET_ISSI_IN_LEN];
+        ifc::set(&mut m, hdr::OPCODE, u64::from(u16::from(Opcode::SetIssi)));
+        ifc::set(&mut m, SET_ISSI_IN_CURRENT_ISSI, u64::from(hca.issi));
+        fw.set_issi(&Cmd::new(&m, 16))
+            .map_err(|_| bv("issi", hca.issi.into(), "a supported ISSI"))?;
+        // op_mod 0: the GENERAL page (SET_HCA_CAP takes no mode bit).
+        let mut m = vec![0u8; SET_HCA_CAP_IN_LEN];
+        ifc::set(&mut m, hdr::OPCODE, u64::from(u16::from(Opcode::SetHcaCap)));
+        m[HCA_CAP_MSG_OFFSET..].copy_from_slice(&hca.caps);
+        let cap_env = Env {
+            id,
+            dma: env.dma,
+            fabric: env.fabric,
+        };
+        fw.set_hca_cap(&cap_env, &Cmd::new(&m, 16))
+            .map_err(|_| bv("GENERAL caps", 0, "values SET_HCA_CAP accepts"))?;
+        fw.state = match hca.life_cycle {
+            0 => HcaState::Disabled,
+            1 => HcaState::Enabled,
+            2 => HcaState::Initialized,
+            v => return Err(bv("life_cycle", v.into(), "0, 1 or 2")),
+        };
+        // Firmware pages (MANAGE_PAGES): non-zero, aligned, distinct, bounded.
+        if o.fw_pages.len() > MAX_FW_PAGES {
+            return Err(bv(
+                "firmware pages",
+                o.fw_pages.len() as u64,
+                "<= MAX_FW_PAGES",
+            ));
+        }
+        for &pa in &o.fw_pages {
+            if pa == 0
+                || !pa.is_multiple_of(mlx5_prm::cmd::pages::FW_PAGE_SIZE)
+                || !fw.pages.insert(pa)
+            {
+                return Err(bv("firmware page", pa, "non-zero, 4 KiB aligned, once"));
+            }
+        }
+        if fw.state == HcaState::Initialized && fw.pages.len() < STARTUP_PAGES {
+            return Err(bv(
+                "firmware pages",
+                fw.pages.len() as u64,
+                "the startup pages of an initialized HCA",
+            ));
+        }
+        // UARs (ALLOC_UAR).
+        for &u in &o.uars {
+            if !(FIRST_UAR..=LAST_UAR).contains(&u) || !fw.uars.insert(u) {
+                return Err(bv("UAR", u.into(), "FIRST_UAR..=LAST_UAR, once"));
+            }
+        }
+        // PDs (ALLOC_PD).
+        for &pd in &o.pds {
+            if !(1..=MAX_PDS).contains(&pd) || !fw.pds.insert(pd) {
+                return Err(bv("PD", pd.into(), "1..=MAX_PDS, once"));
+            }
+        }
+        // EQs (CREATE_EQ).
+        let mut eqs = BTreeMap::new();
+        for e in &o.eqs {
+            let last = FIRST_EQN as u64 + MAX_NUM_EQS - 1;
+            if !(u64::from(FIRST_EQN)..=last).contains(&u64::from(e.eqn)) {
+                return Err(bv(
+                    "EQ number",
+                    e.eqn.into(),
+                    "FIRST_EQN..FIRST_EQN+MAX_NUM_EQS",
+                ));
+            }
+            if !fw.uars.contains(&e.uar) {
+                return Err(bv("EQ uar", e.uar.into(), "an allocated UAR"));
+            }
+            if e.intr >= MSIX_VECTORS || u64::from(e.log_size) > LOG_MAX_EQ_SZ {
+                return Err(bv(
+                    "EQ intr/log_size",
+                    e.log_size.into(),
+                    "within the EQ caps",
+                ));
+            }
+            let page_ok =
+                (0..=MAX_EQ_LOG_PAGE_SIZE).any(|lp| EQ_BASE_PAGE_SIZE << lp == e.page_size);
+            if !page_ok {
+                return Err(bv(
+                    "EQ page size",
+                    e.page_size,
+                    "4 KiB << 0..=MAX_EQ_LOG_PAGE_SIZE",
+                ));
+            }
+            let npages = ((EQE_SIZE as u64) << e.log_size).div_ceil(e.page_size);
+            if e.pas.len() as u64 != npages {
+                return Err(bv(
+                    "EQ PAS count",
+                    e.pas.len() as u64,
+                    "the pages the ring needs",
+                ));
+            }
+            if let Some(&pa) = e
+                .pas
+                .iter()
+                .find(|&&pa| pa == 0 || !pa.is_multiple_of(EQ_BASE_PAGE_SIZE))
+            {
+                return Err(bv("EQ page", pa, "non-zero, 4 KiB aligned"));
+            }
+            if e.ci > EQ_DOORBELL_CI_MASK {
+                return Err(bv("EQ ci", e.ci.into(), "24 bits"));
+            }
+            let st = EqState {
+                eqn: e.eqn,
+                uar: e.uar,
+                intr: e.intr,
+                log_size: e.log_size,
+                page_size: e.page_size,
+                pas: e.pas.clone(),
+                event_bitmask: e.event_bitmask,
+                pi: e.pi,
+                written: e.written,
+                ci: e.ci,
+                armed: e.armed,
+            };
+            if eqs.insert(e.eqn, st).is_some() {
+                return Err(bv("EQ number", e.eqn.into(), "once"));
+            }
+        }
+        if let Some(n) = o.cmd_eq {
+            let wants_cmd = eqs.get(&n).is_some_and(|e| {
+                let w = usize::from(EVENT_TYPE_CMD / 64);
+                e.event_bitmask[w] & (1u64 << (EVENT_TYPE_CMD % 64)) != 0
+            });
+            if !wants_cmd {
+                return Err(bv("command EQ", n.into(), "an EQ taking command events"));
+            }
+        }
+        fw.eqs = eqs;
+        fw.cmd_eq = o.cmd_eq;
+        // Mkeys (CREATE_MKEY, MTT mode).
+        for mk in &o.mkeys {
+            let lps = u64::from(mk.log_page_size);
+            if !(1..=MAX_MKEYS).contains(&mk.index)
+                || !fw.pds.contains(&mk.pd)
+                || !(MKEY_MIN_LOG_PAGE_SIZE..=MKEY_MAX_LOG_PAGE_SIZE).contains(&lps)
+                || mk.len == 0
+                || mk.start.checked_add(mk.len).is_none()
+            {
+                return Err(bv("mkey", mk.index.into(), "a context CREATE_MKEY accepts"));
+            }
+            let page = 1u64 << lps;
+            let needed = ((mk.start & (page - 1)) + mk.len).div_ceil(page);
+            if mk.mtt.len() as u64 != needed {
+                return Err(bv(
+                    "mkey MTT count",
+                    mk.mtt.len() as u64,
+                    "the pages the range needs",
+                ));
+            }
+            if let Some(&a) = mk
+                .mtt
+                .iter()
+                .find(|&&a| a == 0 || a & MTT_PERM_MASK != 0 || a & (page - 1) != 0)
+            {
+                return Err(bv("mkey MTT entry", a, "non-zero, page aligned"));
+            }
+            let m = Mkey {
+                index: mk.index,
+                variant: mk.variant,
+                pd: mk.pd,
+                start: mk.start,
+                len: mk.len,
+                log_page_size: mk.log_page_size,
+                mtt: mk.mtt.clone(),
+            };
+            if fw.mkeys.insert(mk.index, m).is_some() {
+                return Err(bv("mkey index", mk.index.into(), "once"));
+            }
+        }
+        Ok(fw)
+    }
+}
+
+fn image_function(id: FunctionId) -> ImageFunction {
+    match id.kind {
+        FunctionKind::Pf => ImageFunction::Pf,
+        FunctionKind::Vf => ImageFunction::Vf,
+    }
+}
+
+fn check_compatible(f: &Function, h: &ImageHeader) -> Result<(), StateError> {
+    let mine = image_function(f.id);
+    if h.function != mine {
+        return Err(StateError::FunctionKind {
+            image: h.function.name(),
+            function: mine.name(),
+        });
+    }
+    if h.dev_mem_size != f.devmem().size() {
+        return Err(StateError::DevMemSize {
+            image: h.dev_mem_size,
+            function: f.devmem().size(),
+        });
+    }
+    Ok(())
+}
+
+/// Pages of `f`'s device memory that are not all zeros (what a base image carries).
+fn nonzero_pages(f: &Function) -> Result<Vec<PageCopy>, crate::devmem::DevMemError> {
+    let zero = page_digest(&[0u8; DEV_MEM_PAGE_SIZE as usize]);
+    Ok(f.devmem()
+        .copy_all()?
+        .into_iter()
+        .filter(|p| p.digest != zero || p.data.iter().any(|&b| b != 0))
+        .collect())
+}
+
+/// Writes `bytes` at the start of the IOVA runs.
+fn write_runs(dma: &Dma, runs: &[(u64, u64)], bytes: &[u8]) -> Result<(), CmdFail> {
+    let mut done = 0usize;
+    for &(iova, len) in runs {
+        if done == bytes.len() {
+            break;
+        }
+        let n = (len as usize).min(bytes.len() - done);
+        dma.write(iova, &bytes[done..done + n]).map_err(|e| {
+            tracing::info!(iova, error = %e, "SAVE_VHCA_STATE: buffer write faulted");
+            bad(mig_syndrome::DMA_FAULT)
+        })?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// Reads `size` bytes from the IOVA runs.
+fn read_runs(dma: &Dma, runs: &[(u64, u64)], size: usize) -> Result<Vec<u8>, CmdFail> {
+    let mut out = vec![0u8; size];
+    let mut done = 0usize;
+    for &(iova, len) in runs {
+        let n = (len as usize).min(size - done);
+        dma.read(iova, &mut out[done..done + n]).map_err(|e| {
+            tracing::info!(iova, error = %e, "LOAD_VHCA_STATE: buffer read faulted");
+            bad(mig_syndrome::DMA_FAULT)
+        })?;
+        done += n;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,230 @@
+use super::*;
+
+pub(crate) fn sample() -> Image {
+    let mut caps = vec![0u8; HCA_CAP_SIZE];
+    caps[0x10] = 0x42;
+    Image {
+        header: ImageHeader {
+            function: ImageFunction::Vf,
+            kind: ImageKind::Base,
+            session: 0x1122_3344_5566_7788,
+            seq: 1,
+            base_seq: 0,
+            dev_mem_size: 32 << 10,
+        },
+        hca: HcaImage {
+            life_cycle: 2,
+            issi: 1,
+            caps: caps.into(),
+        },
+        iseg: IsegImage {
+            cmdq_address: 0x1_0000_1000,
+            nic_interface: 0,
+        },
+        objects: ObjectsImage {
+            uars: vec![3, 4],
+            pds: vec![1],
+            cmd_eq: Some(1),
+            eqs: vec![EqImage {
+                eqn: 1,
+                uar: 3,
+                intr: 0,
+                log_size: 6,
+                page_size: 4096,
+                pas: vec![0x10_0000],
+                event_bitmask: [1 << 10, 0, 0, 0],
+                pi: 5,
+                written: 5,
+                ci: 4,
+                armed: true,
+            }],
+            mkeys: vec![MkeyImage {
+                index: 1,
+                variant: 0x5a,
+                pd: 1,
+                start: 0,
+                len: 8192,
+                log_page_size: 12,
+                mtt: vec![0x20_0000, 0x30_0000],
+            }],
+            fw_pages: vec![0x1000, 0x2000],
+        },
+        pages: (0..3)
+            .map(|i| PageImage {
+                index: i * 2,
+                data: vec![i as u8 + 1; 4096].into(),
+            })
+            .collect(),
+    }
+}
+
+/// Recomputes the checksum after a deliberate edit, so deeper checks are reached.
+fn reseal(b: &mut [u8]) {
+    let end = b.len() - CHECKSUM_LEN;
+    let sum = xxh3_64(&b[..end]);
+    b[end..].copy_from_slice(&sum.to_le_bytes());
+}
+
+#[test]
+fn image_round_trips_and_has_the_predicted_length() {
+    let img = sample();
+    let b = img.to_bytes();
+    assert_eq!(b.len(), image_len(objects_len(&img.objects), 3));
+    assert_eq!(&b[..8], b"MLX5VHCA");
+    assert_eq!(validate(&b).unwrap(), img);
+}
+
+#[test]
+fn every_single_bit_flip_is_refused() {
+    let b = sample().to_bytes();
+    // Every bit of the header, table and objects; a stride through the pages.
+    let dense = HEADER_LEN
+        + SECTIONS_WRITTEN * SECTION_ENTRY_LEN
+        + HCA_SECTION_LEN
+        + ISEG_SECTION_LEN
+        + 400;
+    let positions = (0..dense).chain((dense..b.len()).step_by(97));
+    for at in positions {
+        for bit in 0..8 {
+            let mut c = b.clone();
+            c[at] ^= 1 << bit;
+            assert!(
+                validate(&c).is_err(),
+                "flip of byte {at} bit {bit} accepted"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_truncation_is_refused() {
+    let b = sample().to_bytes();
+    for len in (0..b.len()).rev().step_by(7).chain([b.len() - 1, 0, 71]) {
+        assert!(validate(&b[..len]).is_err(), "truncation to {len} accepted");
+    }
+    // Appending is refused as well.
+    let mut c = b.clone();
+    c.push(0);
+    assert!(validate(&c).is_err());
+}
+
+#[test]
+fn wrong_magic_and_version_are_refused_before_the_checksum() {
+    let mut b = sample().to_bytes();
+    b[0] = b'X';
+    assert!(matches!(validate(&b), Err(StateError::BadMagic { .. })));
+    let mut b = sample().to_bytes();
+    b[8] = 2;
+    reseal(&mut b);
+    assert_eq!(
+        validate(&b),
+        Err(StateError::BadVersion { got: 2, want: 1 })
+    );
+}
+
+/// Adds a 4th section of `len` bytes with `tag` and `flags` at the end of the payload.
+fn with_extra_section(tag_v: u16, flags: u16) -> Vec<u8> {
+    let img = sample();
+    let b = img.to_bytes();
+    let body = &b[..b.len() - CHECKSUM_LEN];
+    let payload = &body[HEADER_LEN + SECTIONS_WRITTEN * SECTION_ENTRY_LEN..];
+    let mut out = Vec::new();
+    out.extend_from_slice(&body[..HEADER_LEN]);
+    out[12..14].copy_from_slice(&(SECTIONS_WRITTEN as u16 + 1).to_le_bytes());
+    let shift = SECTION_ENTRY_LEN as u64;
+    for i in 0..SECTIONS_WRITTEN {
+        let at = HEADER_LEN + i * SECTION_ENTRY_LEN;
+        let mut e = body[at..at + SECTION_ENTRY_LEN].to_vec();
+        let off = le64(&e, 8) + shift;
+        e[8..16].copy_from_slice(&off.to_le_bytes());
+        out.extend_from_slice(&e);
+    }
+    let extra_off =
+        (HEADER_LEN + (SECTIONS_WRITTEN + 1) * SECTION_ENTRY_LEN + payload.len()) as u64;
+    let mut w = W(Vec::new());
+    w.u16(tag_v).u16(flags).u32(0).u64(extra_off).u64(4);
+    out.extend_from_slice(&w.0);
+    out.extend_from_slice(payload);
+    out.extend_from_slice(&[1, 2, 3, 4]);
+    let total = (out.len() + CHECKSUM_LEN) as u64;
+    out[16..24].copy_from_slice(&total.to_le_bytes());
+    out.extend_from_slice(&[0; CHECKSUM_LEN]);
+    reseal(&mut out);
+    out
+}
+
+#[test]
+fn unknown_mandatory_section_is_refused_and_optional_one_skipped() {
+    let b = with_extra_section(0x77, SECTION_MANDATORY);
+    assert_eq!(
+        validate(&b),
+        Err(StateError::UnknownMandatory { tag: 0x77 })
+    );
+    let b = with_extra_section(0x77, 0);
+    assert_eq!(validate(&b).unwrap(), sample());
+    let b = with_extra_section(tag::HCA, SECTION_MANDATORY);
+    assert!(validate(&b).is_err(), "duplicate HCA section");
+}
+
+#[test]
+fn oversized_lengths_and_counts_are_refused_without_allocating() {
+    // A section length past the end.
+    let mut b = sample().to_bytes();
+    let at = HEADER_LEN + 2 * SECTION_ENTRY_LEN + 16;
+    b[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+    reseal(&mut b);
+    assert!(matches!(
+        validate(&b),
+        Err(StateError::SectionBounds { .. })
+    ));
+    // Overlapping sections.
+    let mut b = sample().to_bytes();
+    let at = HEADER_LEN + SECTION_ENTRY_LEN + 8;
+    let off = le64(&b, at) - 4;
+    b[at..at + 8].copy_from_slice(&off.to_le_bytes());
+    reseal(&mut b);
+    assert!(validate(&b).is_err());
+    // The UAR count (first u32 of OBJECTS) claims 2^32 - 1 entries.
+    let mut b = sample().to_bytes();
+    let objects_at = le64(&b, HEADER_LEN + 2 * SECTION_ENTRY_LEN + 8) as usize;
+    b[objects_at..objects_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+    reseal(&mut b);
+    assert!(matches!(validate(&b), Err(StateError::Truncated { .. })));
+    // total_len disagrees with what came.
+    let mut b = sample().to_bytes();
+    b[16..24].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    reseal(&mut b);
+    assert!(matches!(
+        validate(&b),
+        Err(StateError::LengthMismatch { .. })
+    ));
+    // An image above the cap is refused on its length alone.
+    assert!(matches!(
+        validate(&vec![0u8; MAX_IMAGE_LEN + 1]),
+        Err(StateError::BadLength { .. })
+    ));
+    // Too many sections.
+    let mut b = sample().to_bytes();
+    b[12..14].copy_from_slice(&1000u16.to_le_bytes());
+    reseal(&mut b);
+    assert!(validate(&b).is_err());
+}
+
+#[test]
+fn page_indices_are_checked() {
+    let mut img = sample();
+    img.pages[1].index = 8; // 32 KiB = pages 0..8
+    assert!(validate(&img.to_bytes()).is_err());
+    let mut img = sample();
+    img.pages[1].index = 0;
+    assert!(validate(&img.to_bytes()).is_err(), "duplicate page");
+    let mut img = sample();
+    img.header.kind = ImageKind::Delta;
+    assert!(
+        validate(&img.to_bytes()).is_err(),
+        "delta with base_seq >= seq"
+    );
+    img.header.seq = 3;
+    img.header.base_seq = 2;
+    assert!(validate(&img.to_bytes()).is_ok());
+}
