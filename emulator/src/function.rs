@@ -1,8 +1,9 @@
 //! One PCI function of the adapter (the PF or a VF): its config space, BAR0 and
 //! interrupt state, behind one short-held lock.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use vfu::uapi::{
     VFIO_IRQ_INFO_AUTOMASKED, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_MASKABLE,
@@ -23,6 +24,12 @@ use crate::pci::{ConfigParams, ConfigSpace, FunctionKind, PciError, INTERRUPT_PI
 
 /// MSI-X vectors of every function.
 pub const MSIX_VECTORS: u16 = 16;
+
+/// How long SUSPEND_VHCA(responder) waits for the function's admitted work (queued and
+/// executing commands, register writes in progress) to drain before it gives up and
+/// fails, leaving the function initiator-suspended. Well below the driver's command
+/// timeout, so the PF's queue is never stuck behind a VF that does not drain.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Static description of a function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,11 +85,48 @@ pub enum FunctionError {
     DevMem(#[from] DevMemError),
 }
 
+/// Why a suspend or resume transition of a function did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SuspendError {
+    #[error("function is {got:?}, the transition needs {want:?}")]
+    WrongState { got: MigState, want: MigState },
+    #[error("{inflight} admitted work item(s) did not drain within {DRAIN_TIMEOUT:?}")]
+    DrainTimeout { inflight: usize },
+    #[error("function was reset while its work drained")]
+    Reset,
+}
+
+/// Permission to change a function's state, granted by [`Function::admit`] while the
+/// function is not responder-suspended. While one is alive, SUSPEND_VHCA(responder)
+/// waits; dropping it ends the change.
+#[must_use = "the change is admitted only while the admission lives"]
+pub struct Admission<'a> {
+    f: &'a Function,
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        self.f.work_done();
+    }
+}
+
 /// One function: identity, state, and the IOVA space its client mapped.
 ///
 /// Two locks, never nested in either order by this type: `state` (config space, BAR0,
 /// IRQs; register-sized work) and `firmware` (the firmware state; one command). Neither
-/// is held across socket I/O.
+/// is held across socket I/O. A third, `mig`, is a leaf.
+///
+/// # Freezing (responder suspend)
+///
+/// Everything that changes the function's state from outside — a command doorbell (the
+/// work it queues on the firmware worker, until that work has run), a UAR doorbell, a
+/// write to device memory or to the queue-address registers — first asks
+/// [`Function::admit`]. Admission and the suspend state live under the same lock, so
+/// SUSPEND_VHCA(responder) ([`Function::freeze`]) sets the state, from which point
+/// nothing more is admitted, and then waits until every admitted change has ended.
+/// When it completes the function's state cannot change until RESUME_VHCA(responder).
+/// What is refused is recorded as a [`Violation`]; see [`Function::command_doorbell`]
+/// for what becomes of a refused command doorbell.
 pub struct Function {
     pub id: FunctionId,
     state: Mutex<FunctionState>,
@@ -95,8 +139,14 @@ pub struct Function {
     epoch: AtomicU64,
     /// BAR2.
     devmem: DevMem,
-    /// Suspend state, save session, violations (a leaf lock).
+    /// Suspend state, admitted work, save session, violations (a leaf lock).
     mig: Mutex<MigCtl>,
+    /// Signalled when the admitted work of `mig` drops to zero.
+    mig_idle: Condvar,
+    /// Whether the firmware has a command EQ (decides completion by EQE). A copy kept
+    /// outside the firmware lock so that a doorbell never waits for a long command
+    /// (the firmware worker refreshes it after every command; LOAD and reset too).
+    cmd_events: AtomicBool,
 }
 
 impl Function {
@@ -144,6 +194,8 @@ impl Function {
             epoch: AtomicU64::new(0),
             devmem,
             mig: Mutex::new(MigCtl::default()),
+            mig_idle: Condvar::new(),
+            cmd_events: AtomicBool::new(false),
         });
         let name = format!("fw-{}", id.socket_name().trim_end_matches(".sock"));
         cmdq::spawn_worker(Arc::downgrade(&f), rx, name).map_err(FunctionError::Worker)?;
@@ -230,10 +282,138 @@ impl Function {
         self.migration().violations()
     }
 
-    /// Records and refuses a state-changing write while responder-suspended.
-    pub fn refuse_if_frozen(&self, kind: ViolationKind, address: u64) -> bool {
-        let writer = format!("client of {}", self.id.socket_name());
-        self.migration().refuse_if_frozen(kind, &writer, address)
+    /// Who is behind a write that reached this function's socket.
+    fn writer(&self) -> String {
+        format!("client of {}", self.id.socket_name())
+    }
+
+    /// Asks to change the function's state (a write at BAR `address`). Refused while the
+    /// function is responder-suspended: the attempt is then recorded as a [`Violation`]
+    /// and `None` is returned, and the caller must change nothing.
+    pub fn admit(&self, kind: ViolationKind, address: u64) -> Option<Admission<'_>> {
+        let writer = self.writer();
+        let admitted = self.migration().admit(kind, &writer, address);
+        // Built only when admitted: dropping one ends an admission.
+        admitted.then(|| Admission { f: self })
+    }
+
+    /// Admitted work items not yet finished (queued or executing commands, writes in
+    /// progress).
+    pub fn work_in_flight(&self) -> usize {
+        self.migration().inflight()
+    }
+
+    /// Ends one admitted work item.
+    pub(crate) fn work_done(&self) {
+        if self.migration().release() {
+            self.mig_idle.notify_all();
+        }
+    }
+
+    /// Sets the cached "a command EQ exists" (see `cmd_events`).
+    pub(crate) fn set_cmd_events(&self, on: bool) {
+        self.cmd_events.store(on, Ordering::Release);
+    }
+
+    /// SUSPEND_VHCA(initiator): Running to InitiatorSuspended.
+    ///
+    /// The function must stop issuing new (P2P) DMA, and what it has in flight must
+    /// finish first. Its command queue keeps running: the queue's DMA is the device
+    /// fetching the guest's own commands from system memory, which is not P2P, and the
+    /// uAPI says a RUNNING_P2P device "otherwise behaves as running" (a real ConnectX
+    /// keeps its command interface up while initiator-suspended). Stopping it here would
+    /// strand a command the guest rang just before the VMM paused it: its slot would stay
+    /// hardware-owned in guest memory and migrate that way to a destination that never
+    /// saw the doorbell. Instead, [`Function::freeze`] drains it. When the DMA engine
+    /// (`dma/`) lands, this is where it is told to stop fetching work and drain.
+    pub fn suspend_initiator(&self) -> Result<(), SuspendError> {
+        self.transition(MigState::Running, MigState::InitiatorSuspended)
+    }
+
+    /// RESUME_VHCA(initiator): InitiatorSuspended to Running.
+    pub fn resume_initiator(&self) -> Result<(), SuspendError> {
+        self.transition(MigState::InitiatorSuspended, MigState::Running)
+    }
+
+    fn transition(&self, from: MigState, to: MigState) -> Result<(), SuspendError> {
+        let mut m = self.migration();
+        if m.state() != from {
+            return Err(SuspendError::WrongState {
+                got: m.state(),
+                want: from,
+            });
+        }
+        m.set_state(to);
+        Ok(())
+    }
+
+    /// SUSPEND_VHCA(responder): InitiatorSuspended to ResponderSuspended, completing
+    /// only when the function's state can no longer change. From the moment the state is
+    /// set, nothing new is admitted; then this waits (at most `timeout`) until every
+    /// change admitted before has ended — in particular until the command work already
+    /// queued on the firmware worker has executed and completed. If that does not happen
+    /// in time the function goes back to InitiatorSuspended (doorbells refused meanwhile
+    /// are rung) and the suspend fails.
+    pub fn freeze(&self, timeout: Duration) -> Result<(), SuspendError> {
+        let deadline = Instant::now() + timeout;
+        let mut m = self.migration();
+        if m.state() != MigState::InitiatorSuspended {
+            return Err(SuspendError::WrongState {
+                got: m.state(),
+                want: MigState::InitiatorSuspended,
+            });
+        }
+        m.set_state(MigState::ResponderSuspended);
+        while m.inflight() > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                let inflight = m.inflight();
+                m.set_state(MigState::InitiatorSuspended);
+                let parked = m.unpark();
+                drop(m);
+                self.send_work(parked);
+                tracing::warn!(
+                    vhca_id = self.id.vhca_id,
+                    inflight,
+                    "responder suspend: work did not drain; back to initiator-suspended"
+                );
+                return Err(SuspendError::DrainTimeout { inflight });
+            }
+            m = self
+                .mig_idle
+                .wait_timeout(m, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        // An FLR during the wait puts the function back to Running.
+        if m.state() != MigState::ResponderSuspended {
+            return Err(SuspendError::Reset);
+        }
+        Ok(())
+    }
+
+    /// RESUME_VHCA(responder): ResponderSuspended to InitiatorSuspended. Command
+    /// doorbells refused while frozen are rung now (see [`Function::command_doorbell`]).
+    pub fn thaw(&self) -> Result<(), SuspendError> {
+        let mut m = self.migration();
+        if m.state() != MigState::ResponderSuspended {
+            return Err(SuspendError::WrongState {
+                got: m.state(),
+                want: MigState::ResponderSuspended,
+            });
+        }
+        m.set_state(MigState::InitiatorSuspended);
+        let parked = m.unpark();
+        drop(m);
+        if parked != 0 {
+            tracing::info!(
+                vhca_id = self.id.vhca_id,
+                mask = format_args!("{parked:#x}"),
+                "ringing command doorbells refused while frozen"
+            );
+        }
+        self.send_work(parked);
+        Ok(())
     }
 
     /// The reset epoch (see [`crate::cmdq`]).
@@ -259,12 +439,34 @@ impl Function {
 
     /// `cmd_dbell` was written with `mask`: queue the slots for the firmware worker.
     /// Returns at once.
+    ///
+    /// While the function is responder-suspended the doorbell is refused: recorded as a
+    /// [`Violation`], nothing fetched, executed or written, so the slots stay owned by
+    /// hardware in guest memory. Completing them with an error instead would itself be a
+    /// DMA write (status, and perhaps an EQE and an MSI-X) by a stopped device, which the
+    /// uAPI forbids in STOP. The rung slots are remembered outside the function's state
+    /// (not part of any image, cleared by reset) and rung at RESUME_VHCA(responder), as a
+    /// frozen device that latched the doorbell would do: the guest then sees a late
+    /// completion, not a lost one. A slot software took back meanwhile is skipped then
+    /// (its ownership bit is 0).
     pub fn command_doorbell(&self, mask: u32) {
-        if self.refuse_if_frozen(ViolationKind::CommandDoorbell, u64::from(CMD_DBELL_OFFSET)) {
+        let writer = self.writer();
+        let admitted = self
+            .migration()
+            .admit_doorbell(mask, &writer, u64::from(CMD_DBELL_OFFSET));
+        if admitted {
+            self.send_work(mask);
+        }
+    }
+
+    /// Queues `mask` on the firmware worker; the caller has admitted it (one work item,
+    /// ended by the worker). A zero mask queues nothing.
+    fn send_work(&self, mask: u32) {
+        if mask == 0 {
             return;
         }
         let cmdq = self.lock().bar0.cmdq_address();
-        let events = self.firmware().cmd_eq().is_some();
+        let events = self.cmd_events.load(Ordering::Acquire);
         let work = Work {
             mask,
             cmdq,
@@ -282,15 +484,16 @@ impl Function {
                 vhca_id = self.id.vhca_id,
                 "firmware worker is gone; doorbell dropped"
             );
+            self.work_done();
         }
     }
 
     /// A 4-byte write to UAR page `page`: EQ arm / consumer-index doorbells.
     pub fn uar_write(&self, page: u32, offset: u32, value: u32) {
         let address = u64::from(page) * crate::bar0::UAR_PAGE_SIZE + u64::from(offset);
-        if self.refuse_if_frozen(ViolationKind::UarDoorbell, address) {
+        let Some(_admitted) = self.admit(ViolationKind::UarDoorbell, address) else {
             return;
-        }
+        };
         let fire = {
             let mut fw = self.firmware();
             if !fw.has_uar(page) {
@@ -320,6 +523,7 @@ impl Function {
     pub fn reset(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.firmware().reset();
+        self.set_cmd_events(false);
         self.migration().reset();
         self.devmem.reset();
         let mut s = self.lock();

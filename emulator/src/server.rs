@@ -10,6 +10,7 @@ use vfu::uapi::{
 };
 use vfu::{Backend, Errno, IrqDesc, RegionDesc, RegionMmap, SetIrqs};
 
+use crate::bar0::iseg::{CMDQ_ADDR_H_OFFSET, CMD_DBELL_OFFSET};
 use crate::bar0::{Bar0Effect, BAR0_SIZE};
 use crate::firmware::ViolationKind;
 use crate::function::Function;
@@ -53,6 +54,14 @@ impl FunctionBackend {
 }
 
 const RW: u32 = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
+
+/// Whether a BAR0 write of `len` bytes at `offset` reaches `cmdq_addr_h` or
+/// `cmdq_addr_l_sz`, the init-segment registers that hold state.
+fn touches_iseg_state(offset: u64, len: usize) -> bool {
+    let start = u64::from(CMDQ_ADDR_H_OFFSET);
+    let end = u64::from(CMD_DBELL_OFFSET);
+    len > 0 && offset < end && offset.saturating_add(len as u64) > start
+}
 
 impl Backend for FunctionBackend {
     fn num_regions(&self) -> u32 {
@@ -119,19 +128,26 @@ impl Backend for FunctionBackend {
         match index {
             VFIO_PCI_BAR2_REGION_INDEX => {
                 // A write into a responder-suspended function's memory is refused and
-                // recorded, never silently dropped. The check and the write happen under
-                // the migration lock, so no write lands after SUSPEND_VHCA completes.
-                let writer = format!("client of {}", self.func.id.socket_name());
-                let mut mig = self.func.migration();
-                if mig.refuse_if_frozen(ViolationKind::DevMemWrite, &writer, offset) {
+                // recorded, never silently dropped. Admitted writes hold off
+                // SUSPEND_VHCA(responder) until they have landed.
+                let Some(_admitted) = self.func.admit(ViolationKind::DevMemWrite, offset) else {
                     return Err(Errno::EPERM);
-                }
+                };
                 self.func
                     .devmem()
                     .write(offset, data)
                     .map_err(|_| Errno::EINVAL)
             }
             VFIO_PCI_BAR0_REGION_INDEX => {
+                // The queue-address registers are state (they are in the image): a write
+                // to them is gated like a BAR2 write. The command doorbell and UAR
+                // doorbells are gated where their effects land.
+                let _admitted = if touches_iseg_state(offset, data.len()) {
+                    let a = self.func.admit(ViolationKind::RegisterWrite, offset);
+                    Some(a.ok_or(Errno::EPERM)?)
+                } else {
+                    None
+                };
                 let effects = self
                     .func
                     .lock()

@@ -94,6 +94,21 @@ impl Dma {
         }
     }
 
+    // The table is only ever changed by one insert or one remove, so a thread that
+    // panicked holding the lock left it consistent: recover it rather than spread the
+    // panic to every later access.
+    fn read_table(&self) -> std::sync::RwLockReadGuard<'_, Table> {
+        self.table
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write_table(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
+        self.table
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Maps `size` bytes of `file` from `offset` at `iova`. Everything is checked first:
     /// alignment, overflow, the file's size (a map past the end of a memfd would raise
     /// SIGBUS on access), overlap (`EEXIST`) and the window count (`ENOSPC`).
@@ -163,7 +178,7 @@ impl Dma {
     }
 
     fn check_free(&self, iova: u64, size: u64) -> Result<(), Errno> {
-        let t = self.table.read().expect("dma table lock");
+        let t = self.read_table();
         if t.overlaps(iova, iova + size) {
             return Err(Errno::EEXIST);
         }
@@ -180,7 +195,7 @@ impl Dma {
         flags: u32,
         region: Option<MmapRegion<()>>,
     ) -> Result<(), Errno> {
-        let mut t = self.table.write().expect("dma table lock");
+        let mut t = self.write_table();
         // Re-check under the write lock: the table may have changed meanwhile.
         if t.overlaps(iova, iova + size) {
             return Err(Errno::EEXIST);
@@ -204,7 +219,7 @@ impl Dma {
     /// once no device access holds the mapping any more.
     pub fn unmap(&self, iova: u64, size: u64) -> Result<(), Errno> {
         let m = {
-            let mut t = self.table.write().expect("dma table lock");
+            let mut t = self.write_table();
             match t.maps.get(&iova) {
                 Some(m) if m.size == size => t.maps.remove(&iova).expect("present"),
                 _ => return Err(Errno::ENOENT),
@@ -216,7 +231,7 @@ impl Dma {
 
     /// Unmaps every window; returns how many there were.
     pub fn unmap_all(&self) -> usize {
-        let maps = std::mem::take(&mut self.table.write().expect("dma table lock").maps);
+        let maps = std::mem::take(&mut self.write_table().maps);
         let n = maps.len();
         for m in maps.into_values() {
             Self::wait_unused(m);
@@ -242,7 +257,7 @@ impl Dma {
     pub fn windows(&self) -> Vec<DmaWindow> {
         self.table
             .read()
-            .expect("dma table lock")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .maps
             .values()
             .map(|m| DmaWindow {
@@ -254,7 +269,7 @@ impl Dma {
     }
 
     pub fn len(&self) -> usize {
-        self.table.read().expect("dma table lock").maps.len()
+        self.read_table().maps.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -276,7 +291,7 @@ impl Dma {
             .ok_or(DmaError::Overflow { iova, len: len64 })?;
         let mut pieces = Vec::new();
         {
-            let t = self.table.read().expect("dma table lock");
+            let t = self.read_table();
             let mut done = 0u64;
             while done < len64 {
                 let at = iova + done;

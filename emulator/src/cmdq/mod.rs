@@ -19,6 +19,13 @@
 //!   driver does not listen for command EQEs before that; §3.7).
 //! * After FLR / DEVICE_RESET, work queued before the reset is dropped and a command
 //!   executing across it writes nothing back.
+//! * Every doorbell is admitted by the function's migration control when it is rung,
+//!   and the work counts as in flight until the worker has finished it, so
+//!   SUSPEND_VHCA(responder) completes only after the work queued before it has run.
+//!   A doorbell rung while responder-suspended is refused and recorded, its slots stay
+//!   hardware-owned, and it is rung at RESUME_VHCA(responder)
+//!   ([`Function::command_doorbell`]).
+//! * Initiator suspend does not stop the queue (see [`Function::suspend_initiator`]).
 
 pub mod mailbox;
 
@@ -68,6 +75,9 @@ pub fn spawn_worker(
         while let Ok(work) = rx.recv() {
             let Some(f) = func.upgrade() else { break };
             run(&f, work);
+            // The doorbell was admitted when it was rung (Function::command_doorbell);
+            // a responder suspend waits for this.
+            f.work_done();
         }
     })
 }
@@ -182,7 +192,10 @@ fn execute(
             dma: f.dma(),
             fabric: f.fabric(),
         };
-        f.firmware().execute(&env, &cmd)
+        let mut fw = f.firmware();
+        let reply = fw.execute(&env, &cmd);
+        f.set_cmd_events(fw.cmd_eq().is_some());
+        reply
     };
     record.status = reply.status.into();
     record.syndrome = reply.syndrome;

@@ -16,9 +16,18 @@
 //!     +-------RESUME(1 initiator)------+      +----------RESUME(0 responder)-----------+
 //! ```
 //!
-//! Any other order completes with BAD_RES_STATE. A responder-suspended function refuses
-//! everything that would change its state (BAR2 writes, command and UAR doorbells) and
-//! records each refusal as a [`Violation`].
+//! Any other order completes with BAD_RES_STATE.
+//!
+//! * Initiator suspend (VFIO RUNNING_P2P) stops the function initiating new P2P DMA. Its
+//!   own command queue keeps running: see [`Function::suspend_initiator`] for why.
+//! * Responder suspend (VFIO STOP) completes only once the function's state can no
+//!   longer change: new changes are refused from the start of the command, and the
+//!   command waits ([`DRAIN_TIMEOUT`] at most, else INT_ERR and back to initiator
+//!   suspend) for the ones admitted before, including command work queued on the
+//!   function's firmware worker, to finish ([`Function::freeze`]). A refused change
+//!   (BAR2 write, queue-address register write, command or UAR doorbell) is recorded as
+//!   a [`Violation`]. A refused command doorbell leaves its slots hardware-owned and is
+//!   rung at RESUME_VHCA(responder) ([`Function::command_doorbell`]).
 //!
 //! # Save sessions
 //!
@@ -71,7 +80,7 @@ use super::uar::{FIRST_UAR, LAST_UAR};
 use super::{Cmd, CmdFail, CmdResult, Env, Firmware, HcaState};
 use crate::bar0::iseg::{CMDQ_ADDR_H_OFFSET, CMDQ_ADDR_L_SZ_OFFSET, NIC_IFC_SHIFT};
 use crate::devmem::{page_digest, PageCopy, DEV_MEM_PAGE_SIZE};
-use crate::function::{Function, FunctionId, MSIX_VECTORS};
+use crate::function::{Function, FunctionId, SuspendError, DRAIN_TIMEOUT, MSIX_VECTORS};
 use crate::pci::FunctionKind;
 use crate::state::{
     self, EqImage, HcaImage, Image, ImageFunction, ImageHeader, ImageKind, IsegImage, MkeyImage,
@@ -98,6 +107,9 @@ pub mod mig_syndrome {
     pub const DMA_FAULT: u32 = 0x4d47_0008;
     /// `size` is 0 or above the largest image (BAD_PARAM).
     pub const BAD_SIZE: u32 = 0x4d47_0009;
+    /// SUSPEND_VHCA(responder): the function's queued work did not drain in time
+    /// (INT_ERR); the function stays initiator-suspended.
+    pub const DRAIN_TIMEOUT: u32 = 0x4d47_000a;
 }
 
 /// Violations kept per function (the oldest are dropped; the total keeps counting).
@@ -108,7 +120,8 @@ pub const VIOLATION_LOG_CAPACITY: usize = 1024;
 pub enum MigState {
     /// Normal operation.
     Running,
-    /// Issues no new DMA (VFIO RUNNING_P2P); still accepts doorbells and writes.
+    /// Initiates no new P2P DMA (VFIO RUNNING_P2P); otherwise runs, its command queue
+    /// included, and accepts doorbells and writes.
     InitiatorSuspended,
     /// Internal state frozen (VFIO STOP): changes are refused and recorded.
     ResponderSuspended,
@@ -123,6 +136,8 @@ pub enum ViolationKind {
     CommandDoorbell,
     /// A UAR doorbell (EQ arm / consumer index).
     UarDoorbell,
+    /// A write to a BAR0 register that holds state (`cmdq_addr_h`, `cmdq_addr_l_sz`).
+    RegisterWrite,
 }
 
 /// One refused change (a "P2P race violation").
@@ -145,11 +160,16 @@ struct SaveSession {
     track: bool,
 }
 
-/// Per-function migration control: the suspend state, the save session, what was
-/// loaded, and the violation log. Its lock is a leaf: nothing is taken under it.
+/// Per-function migration control: the suspend state, the admitted work, the save
+/// session, what was loaded, and the violation log. Its lock is a leaf: nothing is taken
+/// under it.
 #[derive(Debug)]
 pub struct MigCtl {
     state: MigState,
+    /// Admitted state changes not yet ended (see [`crate::function::Function::admit`]).
+    inflight: usize,
+    /// Command doorbell bits refused while responder-suspended, rung at resume.
+    parked: u32,
     session: Option<SaveSession>,
     /// (session, seq) of the last image loaded.
     loaded: Option<(u64, u32)>,
@@ -163,6 +183,8 @@ impl Default for MigCtl {
     fn default() -> Self {
         MigCtl {
             state: MigState::Running,
+            inflight: 0,
+            parked: 0,
             session: None,
             loaded: None,
             chunk_mode: false,
@@ -187,9 +209,54 @@ impl MigCtl {
         self.violations_total
     }
 
+    pub(crate) fn set_state(&mut self, state: MigState) {
+        self.state = state;
+    }
+
+    /// Admitted changes not yet ended.
+    pub fn inflight(&self) -> usize {
+        self.inflight
+    }
+
+    /// Admits a change unless the function is responder-suspended, in which case the
+    /// attempt is recorded and false returned.
+    pub fn admit(&mut self, kind: ViolationKind, writer: &str, address: u64) -> bool {
+        if self.refuse_if_frozen(kind, writer, address) {
+            return false;
+        }
+        self.inflight += 1;
+        true
+    }
+
+    /// [`MigCtl::admit`] for a command doorbell: a refused one is also parked.
+    pub fn admit_doorbell(&mut self, mask: u32, writer: &str, address: u64) -> bool {
+        if self.admit(ViolationKind::CommandDoorbell, writer, address) {
+            return true;
+        }
+        self.parked |= mask;
+        false
+    }
+
+    /// Takes the parked doorbell bits; when there are some, they count as one admitted
+    /// work item (the caller queues them).
+    pub(crate) fn unpark(&mut self) -> u32 {
+        let parked = std::mem::take(&mut self.parked);
+        if parked != 0 {
+            self.inflight += 1;
+        }
+        parked
+    }
+
+    /// Ends one admitted change; true when none is left.
+    pub(crate) fn release(&mut self) -> bool {
+        debug_assert!(self.inflight > 0, "release without admission");
+        self.inflight = self.inflight.saturating_sub(1);
+        self.inflight == 0
+    }
+
     /// If the function is responder-suspended, records the write and returns true
     /// (the caller then refuses it).
-    pub fn refuse_if_frozen(&mut self, kind: ViolationKind, writer: &str, address: u64) -> bool {
+    fn refuse_if_frozen(&mut self, kind: ViolationKind, writer: &str, address: u64) -> bool {
         if self.state != MigState::ResponderSuspended {
             return false;
         }
@@ -212,28 +279,28 @@ impl MigCtl {
         true
     }
 
-    /// FLR / DEVICE_RESET: running, no session, nothing loaded. The log is kept.
+    /// FLR / DEVICE_RESET: running, no session, nothing loaded, no parked doorbell. The
+    /// log is kept, and so is the count of admitted work (each item still ends).
     pub fn reset(&mut self) {
         self.state = MigState::Running;
+        self.parked = 0;
         self.session = None;
         self.loaded = None;
         self.chunk_mode = false;
     }
 }
 
-/// The quiesce gate of initiator suspend: every DMA the function has in flight must
-/// finish before SUSPEND_VHCA(initiator) completes, and none may start after.
-///
-/// Today the only DMA a function issues is its command queue's (entry fetch, mailboxes,
-/// output, EQEs), done by its firmware worker under its firmware lock for the execute
-/// step; taking and dropping that lock waits for a command being executed. When the DMA
-/// engine (`dma/`) lands, this is where it is told to stop fetching work and to drain.
-fn quiesce_initiator(f: &Function) {
-    drop(f.firmware());
-    tracing::debug!(
-        vhca_id = f.id.vhca_id,
-        "initiator quiesced (no DMA engine yet)"
-    );
+/// The status a refused suspend or resume completes with: BAD_RES_STATE for the wrong
+/// state (mlx5vf's pre-copy logic depends on it) or a reset meanwhile, INT_ERR when the
+/// function's work did not drain.
+fn suspend_fail(r: &Result<(), SuspendError>) -> Result<(), CmdFail> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(SuspendError::WrongState { .. } | SuspendError::Reset) => Err(bad_res_state()),
+        Err(SuspendError::DrainTimeout { .. }) => {
+            Err(CmdFail::new(CmdStatus::IntErr, mig_syndrome::DRAIN_TIMEOUT))
+        }
+    }
 }
 
 fn bad_res_state() -> CmdFail {
@@ -325,40 +392,31 @@ impl Firmware {
     pub(super) fn suspend_vhca(&mut self, env: &Env<'_>, cmd: &Cmd<'_>) -> CmdResult {
         let out = cmd.lengths(SUSPEND_VHCA_IN_LEN, SUSPEND_VHCA_OUT_LEN)?;
         let f = self.mig_target(env, cmd)?;
-        let (from, to) = match cmd.op_mod {
-            SUSPEND_OP_MOD_INITIATOR => (MigState::Running, MigState::InitiatorSuspended),
-            SUSPEND_OP_MOD_RESPONDER => {
-                (MigState::InitiatorSuspended, MigState::ResponderSuspended)
-            }
+        let from = f.migration_state();
+        let done = match cmd.op_mod {
+            SUSPEND_OP_MOD_INITIATOR => f.suspend_initiator(),
+            // Waits (under this PF's firmware lock, which also keeps other migration
+            // commands out) until the VF's admitted work has drained. The VF's own work
+            // never takes a PF lock, so this cannot deadlock.
+            SUSPEND_OP_MOD_RESPONDER => f.freeze(DRAIN_TIMEOUT),
             _ => return Err(CmdFail::bad_op_mod()),
         };
-        if f.migration().state != from {
-            return Err(bad_res_state());
-        }
-        if to == MigState::InitiatorSuspended {
-            // Drain before the state says "suspended" (and before we answer).
-            quiesce_initiator(&f);
-        }
-        f.migration().state = to;
-        tracing::info!(vhca_id = f.id.vhca_id, ?from, ?to, "SUSPEND_VHCA");
+        suspend_fail(&done)?;
+        tracing::info!(vhca_id = f.id.vhca_id, ?from, to = ?f.migration_state(), "SUSPEND_VHCA");
         Ok(out)
     }
 
     pub(super) fn resume_vhca(&mut self, env: &Env<'_>, cmd: &Cmd<'_>) -> CmdResult {
         let out = cmd.lengths(RESUME_VHCA_IN_LEN, RESUME_VHCA_OUT_LEN)?;
         let f = self.mig_target(env, cmd)?;
-        let (from, to) = match cmd.op_mod {
-            RESUME_OP_MOD_RESPONDER => (MigState::ResponderSuspended, MigState::InitiatorSuspended),
-            RESUME_OP_MOD_INITIATOR => (MigState::InitiatorSuspended, MigState::Running),
+        let from = f.migration_state();
+        let done = match cmd.op_mod {
+            RESUME_OP_MOD_RESPONDER => f.thaw(),
+            RESUME_OP_MOD_INITIATOR => f.resume_initiator(),
             _ => return Err(CmdFail::bad_op_mod()),
         };
-        let mut m = f.migration();
-        if m.state != from {
-            return Err(bad_res_state());
-        }
-        m.state = to;
-        drop(m);
-        tracing::info!(vhca_id = f.id.vhca_id, ?from, ?to, "RESUME_VHCA");
+        suspend_fail(&done)?;
+        tracing::info!(vhca_id = f.id.vhca_id, ?from, to = ?f.migration_state(), "RESUME_VHCA");
         Ok(out)
     }
 
@@ -620,6 +678,7 @@ impl Firmware {
             let log = std::mem::take(&mut fw.log);
             *fw = new_fw;
             fw.log = log;
+            f.set_cmd_events(fw.cmd_eq.is_some());
         }
         {
             // The queue address and nic_interface as the source's driver programmed them

@@ -106,7 +106,11 @@ impl Firmware {
         let mut out = vec![0u8; out_len];
         set(&mut out, MANAGE_PAGES_OUT_OUTPUT_NUM_ENTRIES, k as u64);
         for i in 0..k {
-            let (Some(pa), Some(f)) = (self.pages.pop_last(), MANAGE_PAGES_OUT_PAS.nth(i)) else {
+            // The field first: a page is taken only when it can be reported.
+            let Some(f) = MANAGE_PAGES_OUT_PAS.nth(i) else {
+                break;
+            };
+            let Some(pa) = self.pages.pop_last() else {
                 break;
             };
             set(&mut out, f, pa);

@@ -278,6 +278,55 @@ fn responder_suspended_function_refuses_and_records_doorbells() {
 }
 
 #[test]
+fn responder_suspend_completes_only_after_admitted_changes_end() {
+    let r = Rig::new();
+    ok(&r.suspend(SUSPEND_OP_MOD_INITIATOR));
+    let vf = Arc::clone(&r.vf);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer = std::thread::spawn(move || {
+        let admitted = vf.admit(ViolationKind::DevMemWrite, 0).unwrap();
+        tx.send(()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        vf.devmem().write(0, &[7]).unwrap();
+        drop(admitted);
+    });
+    rx.recv().unwrap();
+    let t = std::time::Instant::now();
+    ok(&r.suspend(SUSPEND_OP_MOD_RESPONDER));
+    assert!(t.elapsed() >= std::time::Duration::from_millis(100));
+    assert_eq!(
+        mem_of(&r.vf)[0],
+        7,
+        "the admitted write landed before SUSPEND completed"
+    );
+    assert!(r.vf.admit(ViolationKind::DevMemWrite, 0).is_none());
+    assert_eq!(r.vf.violations().len(), 1);
+    writer.join().unwrap();
+}
+
+#[test]
+fn responder_suspend_that_cannot_drain_fails_and_stays_initiator_suspended() {
+    let r = Rig::new();
+    ok(&r.suspend(SUSPEND_OP_MOD_INITIATOR));
+    let admitted = r.vf.admit(ViolationKind::UarDoorbell, 0x3000).unwrap();
+    assert_eq!(r.vf.work_in_flight(), 1);
+    assert_eq!(
+        r.vf.freeze(std::time::Duration::from_millis(30)),
+        Err(SuspendError::DrainTimeout { inflight: 1 })
+    );
+    assert_eq!(r.vf.migration_state(), MigState::InitiatorSuspended);
+    drop(admitted);
+    assert_eq!(r.vf.work_in_flight(), 0);
+    ok(&r.suspend(SUSPEND_OP_MOD_RESPONDER));
+    // Doorbells refused while frozen are parked, not queued; a reset forgets them.
+    r.vf.command_doorbell(0b101);
+    assert_eq!(r.vf.work_in_flight(), 0);
+    r.vf.reset();
+    assert_eq!(r.vf.migration_state(), MigState::Running);
+    assert_eq!(r.vf.violations().len(), 1);
+}
+
+#[test]
 fn save_is_refused_in_the_wrong_state_with_bad_res_state() {
     let r = Rig::new();
     let wrong = |x: &Reply| fails(x, CmdStatus::BadResStateErr, mig_syndrome::WRONG_MIG_STATE);
