@@ -19,6 +19,7 @@
 pub mod arena;
 pub mod entry;
 pub mod eq;
+pub mod health;
 
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
@@ -42,6 +43,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub use arena::{ArenaConfig, ArenaError, DmaArena};
 use entry::{build_chain, encode_entry, entry_out, free_chain, read_chain, Chain, ChainError};
 pub use eq::{EqError, EventQueue};
+pub use health::HealthFault;
 
 /// BAR0 is region 0.
 pub const BAR0: u32 = VFIO_PCI_BAR0_REGION_INDEX;

@@ -379,7 +379,11 @@ pub(crate) fn step(
                 None => Ok(()),
             };
             let was_error = inner.saving.as_ref().is_some_and(SaveFile::is_error);
-            inner.disable_fds(&mut fw);
+            if result.as_ref().is_err_and(MigError::unreachable) {
+                // The caller abandons the file: closing it would only time out again.
+            } else {
+                inner.disable_fds(&mut fw);
+            }
             match result {
                 Err(e) if e.is_fatal() => Err(e),
                 Err(e) => Err(MigError::Device {

@@ -17,8 +17,15 @@
 //! # ERROR
 //! mlx5vf never reports ERROR. This driver does when the device can no longer be
 //! trusted: a command that never completed or whose transport failed (it may or may
-//! not have run), or a LOAD that failed after part of the stream was applied. Any
-//! other failed arc leaves the device in the last state reached and returns the errno.
+//! not have run), a LOAD that failed after part of the stream was applied, or a PF
+//! whose health says the firmware failed ([`crate::cmdif::HealthFault`]: all-ones
+//! reads, interface disabled or reset, a health syndrome). Health is read before each
+//! arc and after any failure that came from the device (mlx5_core's poll timer plays
+//! that part in the kernel, where a fatal sensor makes every later command fail with
+//! ENXIO). After a command that never completed or with an unhealthy PF, the files are
+//! dropped without firmware cleanup (more commands could only time out; their pages
+//! are leaked, not reused). Any other failed arc leaves the device in the last state
+//! reached and returns the errno.
 
 pub mod arcs;
 pub mod fsm;
@@ -30,7 +37,7 @@ pub mod stream;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::cmdif::CmdError;
+use crate::cmdif::{CmdError, HealthFault};
 use crate::hca::{Hca, HcaError, MigrationCaps};
 use arcs::{Fw, Opened};
 use fsm::{FsmError, MigFlags, MigState};
@@ -84,6 +91,8 @@ pub enum MigError {
     NoDev,
     #[error("no more pre-copy data for now (temporary end of stream)")]
     NoMsg,
+    #[error("the PF's firmware is not healthy: {0}")]
+    Unhealthy(HealthFault),
 }
 
 impl MigError {
@@ -100,6 +109,8 @@ impl MigError {
             MigError::InError | MigError::NotPreCopy(_) => -libc::EINVAL,
             MigError::NoDev => -libc::ENODEV,
             MigError::NoMsg => -libc::ENOMSG,
+            // mlx5_cmd_exec once the core device is in INTERNAL_ERROR.
+            MigError::Unhealthy(_) => -libc::ENXIO,
         }
     }
 
@@ -110,8 +121,33 @@ impl MigError {
             MigError::Hca { source, .. } => source.cmd_error().is_some_and(cmd_is_fatal),
             MigError::Stream(e) => e.is_fatal(),
             MigError::Incomplete { loaded, .. } => *loaded > 0,
+            MigError::Unhealthy(_) => true,
             _ => false,
         }
+    }
+
+    /// Whether the firmware cannot be reached any more: a command that never completed,
+    /// a failed transport, an unhealthy PF.
+    pub(crate) fn unreachable(&self) -> bool {
+        match self {
+            MigError::Cmd { source, .. } => cmd_is_fatal(source),
+            MigError::Hca { source, .. } => source.cmd_error().is_some_and(cmd_is_fatal),
+            MigError::Stream(StreamError::Sink { source, .. }) => source.unreachable,
+            MigError::Unhealthy(_) => true,
+            _ => false,
+        }
+    }
+
+    /// Whether the failure came from the device or the command interface (as opposed
+    /// to the caller's request, the stream's content or the end of the data).
+    fn is_device_failure(&self) -> bool {
+        matches!(
+            self,
+            MigError::Cmd { .. }
+                | MigError::Hca { .. }
+                | MigError::Device { .. }
+                | MigError::Stream(StreamError::Sink { .. })
+        )
     }
 
     /// As an `io::Error` carrying this error (kind from the errno).
@@ -185,11 +221,35 @@ impl Inner {
         self.disable_fds(&mut fw);
     }
 
+    /// Drops both files without a firmware command: the device cannot be reached (or
+    /// trusted), so their buffers' pages are leaked rather than reused (the device may
+    /// still write them) and their mkeys and PDs stay in the firmware.
+    fn abandon_fds(&mut self) {
+        let saving = self.saving.take().is_some();
+        let resuming = self.resuming.take().is_some();
+        if saving || resuming {
+            tracing::warn!(
+                vhca_id = self.vhca_id,
+                saving,
+                resuming,
+                "migration files abandoned without firmware cleanup; their DMA pages are leaked"
+            );
+        }
+        self.generation += 1;
+    }
+
     /// The deferred reset: RUNNING, files closed. The function reset itself (FLR) is
     /// the caller's; RESUME_VHCA responder then initiator are issued best effort so a
-    /// function that was not reset is not left suspended.
+    /// function that was not reset is not left suspended (not if the PF is unhealthy:
+    /// they could only time out).
     fn do_reset(&mut self) {
         tracing::info!(vhca_id = self.vhca_id, from = %self.state, "reset: migration state back to RUNNING");
+        if let Err(e) = self.check_health() {
+            tracing::warn!(vhca_id = self.vhca_id, error = %e, "reset: PF unhealthy; RUNNING without RESUME_VHCA");
+            self.abandon_fds();
+            self.state = MigState::Running;
+            return;
+        }
         self.disable_fds_locked();
         let pf = self.pf.clone();
         let mut hca = lock(&pf);
@@ -217,11 +277,49 @@ impl Inner {
         f(&mut fw, self)
     }
 
-    /// After a failure: a fatal one puts the device in ERROR and closes the files.
+    /// The PF's health (BAR0 health buffer and nic_interface). A failure to read it is
+    /// a transport failure, itself fatal.
+    fn check_health(&mut self) -> Result<(), MigError> {
+        let fault = lock(&self.pf)
+            .cmd()
+            .health()
+            .map_err(|source| MigError::Cmd {
+                what: "read the PF's health",
+                source,
+            })?;
+        match fault {
+            None => Ok(()),
+            Some(f) => Err(MigError::Unhealthy(f)),
+        }
+    }
+
+    /// After a failure: a fatal one, or a device failure while the PF's health is bad
+    /// (the refusal may come from a failing firmware), puts the device in ERROR and
+    /// closes the files. The caller returns the original error.
     fn note_failure(&mut self, e: &MigError) {
-        if e.is_fatal() && self.state != MigState::Error {
-            tracing::error!(vhca_id = self.vhca_id, from = %self.state, error = %e, "device can no longer be trusted: ERROR");
-            self.disable_fds_locked();
+        if self.state == MigState::Error {
+            return;
+        }
+        // Whether the firmware can still be asked to free the files' buffers: not after
+        // a command that never completed (the queue may be wedged, the command may
+        // still write into them) nor when the PF is unhealthy.
+        let (untrusted, reachable) = if e.is_fatal() {
+            (Some(e.to_string()), !e.unreachable())
+        } else if !e.is_device_failure() {
+            (None, true)
+        } else {
+            match self.check_health() {
+                Ok(()) => (None, true),
+                Err(h) => (Some(format!("{e}; {h}")), false),
+            }
+        };
+        if let Some(why) = untrusted {
+            tracing::error!(vhca_id = self.vhca_id, from = %self.state, error = %why, "device can no longer be trusted: ERROR");
+            if reachable {
+                self.disable_fds_locked();
+            } else {
+                self.abandon_fds();
+            }
             self.state = MigState::Error;
         }
     }
@@ -409,7 +507,7 @@ impl MigrationDevice {
                 result = tracing::field::Empty
             );
             let _enter = span.enter();
-            match arcs::step(&mut g, from, to) {
+            match g.check_health().and_then(|()| arcs::step(&mut g, from, to)) {
                 Ok(o) => {
                     g.state = to;
                     span.record("result", "ok");

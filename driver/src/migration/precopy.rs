@@ -116,6 +116,12 @@ impl SaveFile {
         };
         match f.start(fw, track) {
             Ok(()) => Ok(f),
+            Err(e) if e.unreachable() => {
+                // Closing would issue commands to a firmware that does not answer; the
+                // buffers' pages are leaked (a late SAVE may still write them).
+                tracing::warn!(error = %e, "saving file abandoned without firmware cleanup");
+                Err(e)
+            }
             Err(e) => {
                 f.close(fw);
                 Err(e)

@@ -26,6 +26,7 @@ fn sink_err(e: MigError, fatal: bool) -> SinkError {
     SinkError {
         errno: e.errno(),
         fatal: fatal || e.is_fatal(),
+        unreachable: e.unreachable(),
         message: e.to_string(),
     }
 }
@@ -55,6 +56,7 @@ impl RecordSink for Sink<'_, '_> {
             errno: -libc::EINVAL,
             message: "image bytes before the buffer was prepared".into(),
             fatal: false,
+            unreachable: false,
         })?;
         buf.write(self.fw.hca.cmd().arena(), offset, data)
             .map_err(|e| sink_err(e, false))
@@ -65,6 +67,7 @@ impl RecordSink for Sink<'_, '_> {
             errno: -libc::EINVAL,
             message: "LOAD before the buffer was prepared".into(),
             fatal: false,
+            unreachable: false,
         })?;
         match self.fw.load(buf, size) {
             Ok(()) => {

@@ -92,6 +92,9 @@ pub struct SinkError {
     /// The device can no longer be trusted (a LOAD failed after another one applied,
     /// or a command never completed): the device goes to ERROR.
     pub fatal: bool,
+    /// The firmware cannot be reached (a command never completed, the transport or
+    /// the PF's health failed): the file is dropped without firmware cleanup.
+    pub unreachable: bool,
 }
 
 /// Why the resume side refused the stream.
@@ -465,6 +468,7 @@ mod tests {
                     errno: -libc::EINVAL,
                     message: "LOAD refused".into(),
                     fatal: false,
+                    unreachable: false,
                 });
             }
             self.loaded.push(std::mem::take(&mut self.cur));

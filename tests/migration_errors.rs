@@ -1,0 +1,763 @@
+//! Issue 5, the failure paths of mlx5vf's migration driver (kernel-mlx5vf.md §2.3, §3;
+//! CONVENTIONS items 12 and 16): one named test per path.
+//!
+//! The conditions are made with what a test can reach in process: the emulator's
+//! functions (the PF's BAR0 health buffer and all-ones mode, a VF's device memory and
+//! migration state) and the PF's own command interface acting behind the migration
+//! driver's back (a second vfio-user client of the PF is refused, so "another PF user"
+//! is the same command client, taken between the driver's calls). There is no fault
+//! injection framework yet; none is built here. Every test runs with short command
+//! timeouts and finishes in a few seconds.
+
+use std::io::Read;
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mlx5_emulator::MigState as FwState;
+use mlx5_prm::ifc::set;
+use mlx5_prm::iseg::{CMDQ_ADDR_L_SZ_OFFSET, HEALTH_SYND_FW_INTERNAL_ERR};
+use mlx5_prm::Opcode;
+use mlx5_testbed::{init_tracing, Function, Testbed};
+use mlx5vf::cmdif::{new_input, ArenaConfig, CmdError, CmdIf, CmdIfConfig, HealthFault};
+use mlx5vf::hca::{Hca, HcaOptions};
+use mlx5vf::migration::fsm::MigState;
+use mlx5vf::migration::layout::{
+    RECORD_HEADER_LEN, RESUME_INITIATOR, SUSPEND_INITIATOR, SUSPEND_RESUME_IN_LEN,
+    SUSPEND_RESUME_OUT_LEN, TAG_FW_DATA, VHCA_ID,
+};
+use mlx5vf::migration::stream::RecordHeader;
+use mlx5vf::migration::{DataStream, MigError, MigrationDevice};
+
+/// Commands that are expected to complete.
+const CMD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Commands that are expected never to complete.
+const SHORT_TIMEOUT: Duration = Duration::from_millis(300);
+/// What "promptly" means for a call that must not wait on the device.
+const PROMPT: Duration = Duration::from_secs(1);
+/// Where nothing is DMA-mapped: a command queue moved there is never served.
+const UNMAPPED_QUEUE: u32 = 0x7000_0000;
+
+/// An adapter with one VF, its PF brought up, and the VF's migration driver.
+struct Rig {
+    tb: Testbed,
+    pf: Arc<Mutex<Hca>>,
+    dev: MigrationDevice,
+}
+
+fn pf_up(socket: &Path) -> Arc<Mutex<Hca>> {
+    let cfg = CmdIfConfig {
+        timeout: CMD_TIMEOUT,
+        pre_init_timeout: Duration::from_secs(5),
+        arena: ArenaConfig {
+            size: 32 << 20,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let client = vfu::Client::connect(socket).expect("connect PF");
+    let mut hca = Hca::new(CmdIf::new(client, cfg).expect("PF cmdif"));
+    hca.up(&HcaOptions::default()).expect("PF up");
+    Arc::new(Mutex::new(hca))
+}
+
+fn rig() -> Rig {
+    let tb = Testbed::start(1);
+    let pf = pf_up(&tb.pf_socket());
+    let dev = MigrationDevice::new(pf.clone(), 0).expect("migration device");
+    Rig { tb, pf, dev }
+}
+
+impl Rig {
+    fn vf(&self) -> &Arc<Function> {
+        self.tb.adapter.vf(0).expect("VF 0")
+    }
+
+    fn pf_fn(&self) -> &Arc<Function> {
+        self.tb.adapter.pf()
+    }
+
+    /// The VF's migration state as the firmware holds it.
+    fn fw_state(&self) -> FwState {
+        self.vf().migration_state()
+    }
+
+    fn set_timeout(&self, t: Duration) {
+        self.pf.lock().unwrap().cmd().set_timeout(t);
+    }
+
+    /// SUSPEND_VHCA / RESUME_VHCA on the VF through the PF, behind the driver's back.
+    fn behind_back(&self, op: Opcode, op_mod: u16) -> Result<(), CmdError> {
+        let mut m = new_input(op, op_mod, SUSPEND_RESUME_IN_LEN);
+        set(&mut m, VHCA_ID, self.dev.info().vhca_id.into());
+        let mut hca = self.pf.lock().unwrap();
+        hca.cmd().exec(&m, SUSPEND_RESUME_OUT_LEN).map(drop)
+    }
+
+    /// Points the PF's command queue at an IOVA nothing is mapped at, from the device
+    /// side (the driver's locks are not needed): a doorbell then cannot be served and
+    /// its entry stays hardware-owned. Returns the register's real value.
+    fn break_cmdq(&self) -> u32 {
+        let mut s = self.pf_fn().lock();
+        let real = s.bar0.cmdq_address() as u32;
+        s.bar0
+            .write(CMDQ_ADDR_L_SZ_OFFSET, &UNMAPPED_QUEUE.to_be_bytes())
+            .expect("cmdq address write");
+        real
+    }
+
+    /// Puts the queue back where the driver has it. Commands posted meanwhile stay
+    /// lost (their doorbells were consumed); later ones are served.
+    fn restore_cmdq(&self, real: u32) {
+        self.pf_fn()
+            .lock()
+            .bar0
+            .write(CMDQ_ADDR_L_SZ_OFFSET, &real.to_be_bytes())
+            .expect("cmdq address write");
+    }
+
+    /// Fills the VF's device memory with a seeded pattern.
+    fn fill(&self, seed: u64) -> Vec<u8> {
+        let d = pattern(self.vf().devmem().size() as usize, seed);
+        self.vf().devmem().write(0, &d).unwrap();
+        d
+    }
+
+    fn dev_mem(&self) -> Vec<u8> {
+        let mut m = vec![0u8; self.vf().devmem().size() as usize];
+        self.vf().devmem().read(0, &mut m).unwrap();
+        m
+    }
+
+    /// The full stop-copy stream; the device is back in RUNNING afterwards.
+    fn capture(&self) -> Vec<u8> {
+        self.dev.set_state(MigState::Stop).expect("STOP");
+        let mut s = self
+            .dev
+            .set_state(MigState::StopCopy)
+            .expect("STOP_COPY")
+            .expect("saving stream");
+        let mut v = Vec::new();
+        s.read_to_end(&mut v).expect("read the stream");
+        self.dev.set_state(MigState::Stop).expect("STOP");
+        self.dev.set_state(MigState::Running).expect("RUNNING");
+        v
+    }
+
+    /// Loads `stream` in 4 KiB writes and runs the device.
+    fn load(&self, stream: &[u8]) {
+        let mut w = self
+            .dev
+            .set_state(MigState::Resuming)
+            .expect("RESUMING")
+            .expect("resuming stream");
+        for part in stream.chunks(4096) {
+            w.write_data(part).expect("write");
+        }
+        self.dev.set_state(MigState::Running).expect("RUNNING");
+    }
+}
+
+/// xorshift bytes.
+fn pattern(len: usize, mut seed: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        v.extend_from_slice(&seed.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Reads until the pre-copy temporary end (ENOMSG) or the end of the stream.
+fn drain(s: &mut DataStream, keep: &mut Vec<u8>) {
+    let mut buf = vec![0u8; 64 << 10];
+    for _ in 0..100_000 {
+        match s.read_data(&mut buf) {
+            Ok(0) | Err(MigError::NoMsg) => return,
+            Ok(n) => keep.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+    panic!("the stream did not end");
+}
+
+/// (offset of the payload, length) of every FW_DATA record.
+fn fw_data_records(stream: &[u8]) -> Vec<(usize, usize)> {
+    let mut v = Vec::new();
+    let mut at = 0;
+    while at + RECORD_HEADER_LEN <= stream.len() {
+        let mut h = [0u8; RECORD_HEADER_LEN];
+        h.copy_from_slice(&stream[at..at + RECORD_HEADER_LEN]);
+        let h = RecordHeader::decode(&h);
+        let payload = at + RECORD_HEADER_LEN;
+        if h.tag == TAG_FW_DATA {
+            v.push((payload, h.record_size as usize));
+        }
+        at = payload + h.record_size as usize;
+    }
+    v
+}
+
+fn errno_of<T: std::fmt::Debug>(r: Result<T, MigError>) -> i32 {
+    r.expect_err("expected an error").errno()
+}
+
+/// Runs `f` on a thread and waits at most `limit` for it (a hang fails the test
+/// instead of blocking the run).
+fn bounded<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|e| panic!("no answer within {limit:?}: {e}"))
+}
+
+/// PRE_COPY → STOP walks PRE_COPY → RUNNING → RUNNING_P2P → STOP. Another PF user
+/// suspends the VF (initiator) while the driver is in PRE_COPY: the first arc (the
+/// pre-copy cleanup SAVE) still succeeds, the second (SUSPEND_VHCA initiator) is
+/// refused with BAD_RES_STATE. The device stays in RUNNING, the last state reached,
+/// and the errno is returned, as mlx5vf does; not ERROR (the firmware answered).
+#[test]
+fn a_suspend_refused_mid_path_leaves_the_device_in_the_last_state_reached() {
+    init_tracing();
+    let r = rig();
+    r.fill(1);
+    let objects = r.pf_fn().object_counts();
+    let mut s = r
+        .dev
+        .set_state(MigState::PreCopy)
+        .unwrap()
+        .expect("saving stream");
+    drain(&mut s, &mut Vec::new());
+
+    r.behind_back(Opcode::SuspendVhca, SUSPEND_INITIATOR)
+        .expect("SUSPEND behind the driver's back");
+    assert_eq!(r.fw_state(), FwState::InitiatorSuspended);
+
+    let e = r.dev.set_state(MigState::Stop).unwrap_err();
+    eprintln!("PRE_COPY -> STOP: {e} [{}]", e.errno());
+    assert_eq!(e.errno(), -libc::EINVAL, "{e}");
+    assert!(
+        matches!(&e, MigError::Cmd { source, .. } if source.status() == Some(0x9)),
+        "the firmware's refusal comes back as is: {e:?}"
+    );
+    assert_eq!(r.dev.state(), MigState::Running, "the intermediate state");
+    assert_eq!(r.fw_state(), FwState::InitiatorSuspended);
+    // PRE_COPY -> RUNNING ended the session: the stream is closed, its buffers and PD
+    // are back to the firmware.
+    assert_eq!(errno_of(s.read_data(&mut [0u8; 16])), -libc::ENODEV);
+    assert_eq!(r.pf_fn().object_counts(), objects, "migration file leaked");
+
+    // The user may retry from there once the other user is done.
+    r.behind_back(Opcode::ResumeVhca, RESUME_INITIATOR)
+        .expect("RESUME behind the driver's back");
+    r.dev.set_state(MigState::Stop).expect("STOP on retry");
+    assert_eq!(r.fw_state(), FwState::ResponderSuspended);
+    r.dev.set_state(MigState::Running).expect("RUNNING");
+    assert_eq!(r.fw_state(), FwState::Running);
+}
+
+/// RUNNING → STOP_COPY walks RUNNING → RUNNING_P2P → STOP → STOP_COPY; with the PF's
+/// DMA arena exhausted the last arc cannot allocate its SAVE buffer: ENOMEM, and the
+/// device stays in STOP (suspended, as the two arcs left it), not ERROR.
+#[test]
+fn stop_copy_without_dma_memory_fails_with_enomem_and_stays_in_stop() {
+    init_tracing();
+    let r = rig();
+    r.fill(2);
+    let objects = r.pf_fn().object_counts();
+    let hoard: Vec<u64> = {
+        let mut hca = r.pf.lock().unwrap();
+        let arena = hca.cmd().arena_mut();
+        std::iter::from_fn(|| arena.alloc_page()).collect()
+    };
+    assert!(!hoard.is_empty());
+    let e = r.dev.set_state(MigState::StopCopy).unwrap_err();
+    eprintln!("RUNNING -> STOP_COPY: {e} [{}]", e.errno());
+    assert_eq!(e.errno(), -libc::ENOMEM, "{e}");
+    assert_eq!(r.dev.state(), MigState::Stop);
+    assert_eq!(r.fw_state(), FwState::ResponderSuspended);
+    assert_eq!(r.pf_fn().object_counts(), objects, "the failed open leaked");
+    {
+        let mut hca = r.pf.lock().unwrap();
+        let arena = hca.cmd().arena_mut();
+        for p in hoard {
+            arena.free_page(p).unwrap();
+        }
+    }
+    let mut s = r
+        .dev
+        .set_state(MigState::StopCopy)
+        .expect("STOP -> STOP_COPY with memory back")
+        .expect("stream");
+    let mut v = Vec::new();
+    s.read_to_end(&mut v).unwrap();
+    assert!(fw_data_records(&v).len() == 1);
+    r.dev.set_state(MigState::Running).expect("RUNNING");
+}
+
+/// A SUSPEND_VHCA the device never completes (the PF's command queue unreachable) on
+/// PRE_COPY → PRE_COPY_P2P, the first arc of PRE_COPY → STOP_COPY: CmdError::Timeout,
+/// ETIMEDOUT, and the device reports ERROR (0) after that one timeout (the pre-copy
+/// file is dropped without more commands, which could only time out too). Every SET
+/// from ERROR is refused with EINVAL, as are MIG_DATA_SIZE and PRECOPY_INFO, and the
+/// stream is dead; reset leaves ERROR for RUNNING, and once the queue is back the VF
+/// migrates again.
+#[test]
+fn a_command_that_never_completes_puts_the_device_in_error_until_reset() {
+    init_tracing();
+    let r = rig();
+    let data = r.fill(3);
+    let mut s = r
+        .dev
+        .set_state(MigState::PreCopy)
+        .unwrap()
+        .expect("saving stream");
+    drain(&mut s, &mut Vec::new());
+    r.set_timeout(SHORT_TIMEOUT);
+    let real = r.break_cmdq();
+
+    let t = Instant::now();
+    let e = r.dev.set_state(MigState::StopCopy).unwrap_err();
+    eprintln!(
+        "PRE_COPY -> STOP_COPY, queue unreachable: {e} after {:?}",
+        t.elapsed()
+    );
+    assert!(
+        matches!(
+            &e,
+            MigError::Cmd {
+                source: CmdError::Timeout { .. },
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(e.errno(), -libc::ETIMEDOUT);
+    assert!(
+        t.elapsed() < 2 * SHORT_TIMEOUT,
+        "one timeout, no cleanup commands: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(r.dev.state(), MigState::Error);
+    assert_eq!(errno_of(s.read_data(&mut [0u8; 16])), -libc::ENODEV);
+    assert_eq!(u32::from(r.dev.state()), 0);
+
+    for target in MigState::ALL {
+        let t = Instant::now();
+        let e = r.dev.set_state(target).unwrap_err();
+        assert!(matches!(e, MigError::InError), "{target}: {e:?}");
+        assert_eq!(e.errno(), -libc::EINVAL, "{target}");
+        assert!(
+            t.elapsed() < PROMPT,
+            "{target}: refusal waited on the device"
+        );
+        assert_eq!(r.dev.state(), MigState::Error);
+    }
+    assert_eq!(errno_of(r.dev.data_size()), -libc::EINVAL);
+    assert_eq!(errno_of(r.dev.precopy_info()), -libc::EINVAL);
+
+    r.restore_cmdq(real);
+    r.set_timeout(CMD_TIMEOUT);
+    r.dev.reset();
+    assert_eq!(r.dev.state(), MigState::Running);
+    // The SUSPEND never reached the firmware.
+    assert_eq!(r.fw_state(), FwState::Running);
+    assert_eq!(errno_of(s.read_data(&mut [0u8; 16])), -libc::ENODEV);
+
+    let b = rig();
+    let stream = r.capture();
+    b.load(&stream);
+    assert!(b.dev_mem() == data, "device memory differs after the retry");
+    assert_eq!(r.dev.state(), MigState::Running);
+}
+
+/// A health syndrome in the PF's BAR0 health buffer (firmware internal error) while the
+/// VF is in PRE_COPY: the next SET reads it before its first arc, issues nothing, and
+/// the device goes to ERROR with ENXIO (what mlx5_cmd_exec returns once mlx5_core is in
+/// INTERNAL_ERROR); the pre-copy stream dies. A reset while the syndrome is still there
+/// lands in RUNNING, but the next SET fails the same way; once it is cleared, reset
+/// recovers and the VF migrates.
+#[test]
+fn a_firmware_health_syndrome_puts_the_device_in_error_and_reset_recovers_once_cleared() {
+    init_tracing();
+    let r = rig();
+    let data = r.fill(4);
+    let mut s = r
+        .dev
+        .set_state(MigState::PreCopy)
+        .unwrap()
+        .expect("saving stream");
+    drain(&mut s, &mut Vec::new());
+    r.pf_fn()
+        .lock()
+        .bar0
+        .set_health_syndrome(HEALTH_SYND_FW_INTERNAL_ERR, 0xbeef);
+
+    let e = r.dev.set_state(MigState::StopCopy).unwrap_err();
+    eprintln!("PRE_COPY -> STOP_COPY with a syndrome: {e} [{}]", e.errno());
+    assert_eq!(e.errno(), -libc::ENXIO);
+    assert!(
+        matches!(
+            e,
+            MigError::Unhealthy(HealthFault::Syndrome {
+                synd: HEALTH_SYND_FW_INTERNAL_ERR,
+                ext_synd: 0xbeef,
+                rfr: false
+            })
+        ),
+        "{e:?}"
+    );
+    assert_eq!(r.dev.state(), MigState::Error);
+    assert_eq!(r.fw_state(), FwState::Running, "no arc ran");
+    assert_eq!(errno_of(s.read_data(&mut [0u8; 16])), -libc::ENODEV);
+
+    r.dev.reset();
+    assert_eq!(r.dev.state(), MigState::Running);
+    assert_eq!(errno_of(r.dev.set_state(MigState::Stop)), -libc::ENXIO);
+    assert_eq!(r.dev.state(), MigState::Error, "the fault is still there");
+
+    r.pf_fn().lock().bar0.clear_health();
+    r.dev.reset();
+    assert_eq!(r.dev.state(), MigState::Running);
+    let b = rig();
+    b.load(&r.capture());
+    assert!(b.dev_mem() == data, "device memory differs after recovery");
+}
+
+/// The PF's BAR0 reading all-ones (the device fell off the bus): the health check
+/// before the arc sees health.fw_ver == 0xffffffff and the device goes to ERROR at
+/// once, without waiting out a command timeout (5 s here). Reset recovers once the
+/// BAR reads again.
+#[test]
+fn a_pf_reading_all_ones_puts_the_device_in_error_without_waiting_for_a_timeout() {
+    init_tracing();
+    let r = rig();
+    r.pf_fn().lock().bar0.set_all_ones(true);
+    let t = Instant::now();
+    let e = r.dev.set_state(MigState::Stop).unwrap_err();
+    eprintln!("RUNNING -> STOP, all-ones: {e} after {:?}", t.elapsed());
+    assert!(t.elapsed() < PROMPT, "waited {:?}", t.elapsed());
+    assert!(
+        matches!(e, MigError::Unhealthy(HealthFault::PciCommErr)),
+        "{e:?}"
+    );
+    assert_eq!(e.errno(), -libc::ENXIO);
+    assert_eq!(r.dev.state(), MigState::Error);
+    assert_eq!(r.fw_state(), FwState::Running);
+
+    r.pf_fn().lock().bar0.set_all_ones(false);
+    r.dev.reset();
+    assert_eq!(r.dev.state(), MigState::Running);
+    r.dev
+        .set_state(MigState::Stop)
+        .expect("STOP after recovery");
+    assert_eq!(r.fw_state(), FwState::ResponderSuspended);
+    r.dev.set_state(MigState::Running).expect("RUNNING");
+}
+
+/// A command refusal that alone would not be fatal (a corrupted base image refused by
+/// LOAD_VHCA_STATE, nothing applied yet: the device would stay in RESUMING) while the
+/// PF reports a health syndrome: the health read after the failure makes the device
+/// ERROR, and the write returns the LOAD's own errno.
+#[test]
+fn a_command_failure_while_the_firmware_reports_a_syndrome_is_fatal_and_keeps_its_errno() {
+    init_tracing();
+    let r = rig();
+    r.fill(8);
+    let mut stream = r.capture();
+    let (at, len) = fw_data_records(&stream)[0];
+    stream[at + len / 2] ^= 0x01;
+    let mut w = r
+        .dev
+        .set_state(MigState::Resuming)
+        .unwrap()
+        .expect("resuming stream");
+    r.pf_fn()
+        .lock()
+        .bar0
+        .set_health_syndrome(HEALTH_SYND_FW_INTERNAL_ERR, 1);
+    let e = w.write_data(&stream).unwrap_err();
+    eprintln!("LOAD refused with a syndrome set: {e} [{}]", e.errno());
+    assert_eq!(e.errno(), -libc::EINVAL, "{e}");
+    assert!(!e.is_fatal(), "the refusal itself is not fatal");
+    assert_eq!(r.dev.state(), MigState::Error);
+    assert_eq!(errno_of(w.write_data(&[0u8; 4])), -libc::ENODEV);
+    r.pf_fn().lock().bar0.clear_health();
+    r.dev.reset();
+    assert_eq!(r.dev.state(), MigState::Running);
+    assert_eq!(r.fw_state(), FwState::Running);
+}
+
+/// A pre-copy stream with two FW_DATA records: the tracked base image and the final
+/// incremental one (after device memory changed). Returns (stream, final memory).
+fn base_and_delta(src: &Rig) -> (Vec<u8>, Vec<u8>) {
+    src.fill(5);
+    let mut s = src
+        .dev
+        .set_state(MigState::PreCopy)
+        .unwrap()
+        .expect("saving stream");
+    let mut stream = Vec::new();
+    drain(&mut s, &mut stream);
+    src.vf().devmem().write(8192, &[0x5a; 8192]).unwrap();
+    src.dev.set_state(MigState::StopCopy).expect("STOP_COPY");
+    drain(&mut s, &mut stream);
+    let mem = src.dev_mem();
+    src.dev.set_state(MigState::Stop).unwrap();
+    src.dev.set_state(MigState::Running).unwrap();
+    assert_eq!(fw_data_records(&stream).len(), 2, "a base and a delta");
+    (stream, mem)
+}
+
+/// Multi-load: the base image is LOADed (the destination's memory is the source's
+/// base), then the delta, corrupted, is refused by the firmware (checksum, BAD_PARAM):
+/// the write returns EINVAL and, a record having already been applied, the
+/// destination is ERROR. Later writes get ENODEV, RESUMING → STOP is refused (EINVAL),
+/// and reset lands in RUNNING, after which the good stream loads.
+#[test]
+fn a_corrupted_delta_after_a_loaded_base_puts_the_destination_in_error() {
+    init_tracing();
+    let src = rig();
+    let dst = rig();
+    let (good, mem) = base_and_delta(&src);
+    let recs = fw_data_records(&good);
+    let (delta_at, delta_len) = recs[1];
+    let mut bad = good.clone();
+    bad[delta_at + delta_len / 2] ^= 0x01;
+    let base_mem = pattern(mem.len(), 5);
+
+    let mut w = dst
+        .dev
+        .set_state(MigState::Resuming)
+        .unwrap()
+        .expect("resuming stream");
+    let mut failure = None;
+    for part in bad.chunks(4096) {
+        if let Err(e) = w.write_data(part) {
+            failure = Some(e);
+            break;
+        }
+    }
+    let e = failure.expect("the corrupted delta is refused");
+    eprintln!("corrupted delta: {e} [{}]", e.errno());
+    assert_eq!(e.errno(), -libc::EINVAL, "{e}");
+    assert!(e.is_fatal());
+    assert_eq!(dst.dev.state(), MigState::Error);
+    assert!(
+        dst.dev_mem() == base_mem,
+        "the base was applied before the delta"
+    );
+    assert_eq!(errno_of(w.write_data(&[0u8; 16])), -libc::ENODEV);
+    assert_eq!(errno_of(dst.dev.set_state(MigState::Stop)), -libc::EINVAL);
+    assert_eq!(dst.dev.state(), MigState::Error);
+
+    dst.dev.reset();
+    assert_eq!(dst.dev.state(), MigState::Running);
+    assert_eq!(dst.fw_state(), FwState::Running);
+    dst.load(&good);
+    assert!(dst.dev_mem() == mem, "the good stream did not land");
+}
+
+/// Multi-load again, the stream ending inside the delta: every write is accepted
+/// (nothing to refuse yet), and RESUMING → STOP returns EINVAL; with the base already
+/// applied the destination is part-way, so ERROR. Reset → RUNNING.
+#[test]
+fn a_stream_ending_inside_the_delta_fails_resuming_to_stop_with_error() {
+    init_tracing();
+    let src = rig();
+    let dst = rig();
+    let (good, mem) = base_and_delta(&src);
+    let (delta_at, delta_len) = fw_data_records(&good)[1];
+    let cut = &good[..delta_at + delta_len / 2];
+    let mut w = dst
+        .dev
+        .set_state(MigState::Resuming)
+        .unwrap()
+        .expect("resuming stream");
+    for part in cut.chunks(4096) {
+        w.write_data(part)
+            .expect("a truncated stream is not refused early");
+    }
+    let e = dst.dev.set_state(MigState::Stop).unwrap_err();
+    eprintln!("RESUMING -> STOP, truncated delta: {e} [{}]", e.errno());
+    assert_eq!(e.errno(), -libc::EINVAL);
+    assert!(matches!(e, MigError::Incomplete { loaded: 1, .. }), "{e:?}");
+    assert_eq!(dst.dev.state(), MigState::Error);
+    assert_eq!(errno_of(w.write_data(&[0u8; 16])), -libc::ENODEV);
+    dst.dev.reset();
+    assert_eq!(dst.dev.state(), MigState::Running);
+    dst.load(&good);
+    assert!(dst.dev_mem() == mem);
+}
+
+/// STOP_COPY → PRE_COPY and → PRE_COPY_P2P: the kernel's table says ERROR, which the
+/// pre-2026 loop spun on forever (kernel-mlx5vf.md §1.4). Here both return EINVAL
+/// within a bounded wait, the device stays in STOP_COPY and its stream reads on to the
+/// end.
+#[test]
+fn stop_copy_to_pre_copy_returns_einval_promptly_and_stays_in_stop_copy() {
+    init_tracing();
+    let r = rig();
+    r.fill(6);
+    r.dev.set_state(MigState::Stop).unwrap();
+    let mut s = r
+        .dev
+        .set_state(MigState::StopCopy)
+        .unwrap()
+        .expect("saving stream");
+    for target in [MigState::PreCopy, MigState::PreCopyP2p] {
+        let dev = r.dev.clone();
+        let (errno, state) = bounded(Duration::from_secs(5), move || {
+            let e = dev.set_state(target).unwrap_err();
+            (e.errno(), dev.state())
+        });
+        assert_eq!(errno, -libc::EINVAL, "STOP_COPY -> {target}");
+        assert_eq!(state, MigState::StopCopy, "STOP_COPY -> {target}");
+    }
+    let mut v = Vec::new();
+    s.read_to_end(&mut v).expect("the stream is intact");
+    assert_eq!(fw_data_records(&v).len(), 1);
+    r.dev.set_state(MigState::Running).unwrap();
+}
+
+/// mlx5vf's deferred reset: a reset that arrives while set_state is blocked in a
+/// command (a SUSPEND the device never completes) returns at once and is carried out
+/// by set_state when it unlocks. set_state still reports its own failure (ETIMEDOUT);
+/// the device then is in RUNNING, not ERROR and not RUNNING_P2P, the firmware never
+/// saw the SUSPEND, and nothing was opened or leaked.
+#[test]
+fn a_reset_during_a_command_in_flight_takes_effect_when_the_command_ends() {
+    init_tracing();
+    let r = rig();
+    let objects = r.pf_fn().object_counts();
+    let timeout = Duration::from_millis(1500);
+    r.set_timeout(timeout);
+    let real = r.break_cmdq();
+    let dev = r.dev.clone();
+    let worker = std::thread::spawn(move || {
+        let r = dev.set_state(MigState::Stop);
+        (r.map(|_| ()), Instant::now())
+    });
+    // The SUSPEND is posted and its doorbell consumed; later commands will be served.
+    std::thread::sleep(Duration::from_millis(300));
+    r.restore_cmdq(real);
+    assert!(!worker.is_finished(), "set_state is blocked in the command");
+
+    let t = Instant::now();
+    r.dev.reset();
+    let reset_returned = Instant::now();
+    assert!(
+        t.elapsed() < Duration::from_millis(200),
+        "reset waited {:?} for the command",
+        t.elapsed()
+    );
+    assert!(!worker.is_finished(), "the reset did not end the command");
+
+    let (res, ended) = worker.join().expect("set_state thread");
+    let e = res.unwrap_err();
+    eprintln!("set_state under reset: {e}");
+    assert!(
+        matches!(
+            &e,
+            MigError::Cmd {
+                source: CmdError::Timeout { .. },
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(
+        ended > reset_returned,
+        "the command outlived the reset call"
+    );
+    assert_eq!(r.dev.state(), MigState::Running);
+    assert_eq!(r.fw_state(), FwState::Running);
+    assert_eq!(r.pf_fn().object_counts(), objects);
+
+    r.set_timeout(CMD_TIMEOUT);
+    r.dev
+        .set_state(MigState::Stop)
+        .expect("STOP after the reset");
+    assert_eq!(r.fw_state(), FwState::ResponderSuspended);
+    r.dev.set_state(MigState::Running).expect("RUNNING");
+}
+
+/// Hostile use of the data streams and MIG_DATA_SIZE, with the kernel's errnos
+/// (kernel-mlx5vf.md §2.2, §3.3, §3.4):
+/// - a saving stream after STOP_COPY → STOP: ENODEV (mlx5vf_disable_fds marks the
+///   file ERROR), also for PRECOPY_INFO on it (EINVAL: not in PRE_COPY);
+/// - a saving stream after a reset, even once a new session is open: ENODEV;
+/// - reading a resuming stream or writing a saving one: EINVAL;
+/// - a resuming stream after a refused write: ENODEV; RESUMING → STOP then fails and
+///   the device stays RESUMING (nothing was loaded) until reset;
+/// - MIG_DATA_SIZE outside the saving states answers as mlx5vf does (a QUERY in any
+///   state), and is refused (EINVAL) only in ERROR.
+#[test]
+fn hostile_data_stream_use_gets_the_kernels_errnos() {
+    init_tracing();
+    let r = rig();
+    r.fill(7);
+    let running_size = r.dev.data_size().expect("MIG_DATA_SIZE in RUNNING");
+    assert!(running_size > 0);
+
+    r.dev.set_state(MigState::Stop).unwrap();
+    assert_eq!(r.dev.data_size().expect("in STOP"), running_size);
+    let mut s = r.dev.set_state(MigState::StopCopy).unwrap().unwrap();
+    assert_eq!(r.dev.data_size().expect("in STOP_COPY"), running_size);
+    assert_eq!(errno_of(s.write_data(&[0u8; 4])), -libc::EINVAL);
+    assert_eq!(errno_of(s.precopy_info()), -libc::EINVAL);
+    let mut head = [0u8; 10];
+    assert_eq!(s.read_data(&mut head).unwrap(), 10);
+    r.dev.set_state(MigState::Stop).unwrap();
+    assert_eq!(errno_of(s.read_data(&mut head)), -libc::ENODEV);
+    assert_eq!(errno_of(s.precopy_info()), -libc::EINVAL);
+
+    // Reset closes the session; a newer stream does not revive the old one.
+    let mut old = r.dev.set_state(MigState::StopCopy).unwrap().unwrap();
+    r.dev.reset();
+    assert_eq!(r.dev.state(), MigState::Running);
+    r.dev.set_state(MigState::Stop).unwrap();
+    let mut new = r.dev.set_state(MigState::StopCopy).unwrap().unwrap();
+    assert_eq!(errno_of(old.read_data(&mut head)), -libc::ENODEV);
+    let mut v = Vec::new();
+    new.read_to_end(&mut v).expect("the new stream reads");
+    r.dev.set_state(MigState::Stop).unwrap();
+
+    let mut w = r.dev.set_state(MigState::Resuming).unwrap().unwrap();
+    assert_eq!(
+        r.dev.data_size().expect("MIG_DATA_SIZE in RESUMING"),
+        running_size
+    );
+    assert_eq!(errno_of(w.read_data(&mut head)), -libc::EINVAL);
+    let unknown = RecordHeader {
+        record_size: 0,
+        flags: 0,
+        tag: 0x4242,
+    }
+    .encode();
+    assert_eq!(errno_of(w.write_data(&unknown)), -libc::EOPNOTSUPP);
+    assert_eq!(r.dev.state(), MigState::Resuming, "nothing was loaded");
+    assert_eq!(errno_of(w.write_data(&v)), -libc::ENODEV);
+    assert_eq!(errno_of(r.dev.set_state(MigState::Stop)), -libc::EINVAL);
+    assert_eq!(r.dev.state(), MigState::Resuming);
+    r.dev.reset();
+    assert_eq!(r.dev.state(), MigState::Running);
+    assert_eq!(errno_of(w.write_data(&v)), -libc::ENODEV);
+
+    // In ERROR (a command that never completed), MIG_DATA_SIZE is refused.
+    r.set_timeout(SHORT_TIMEOUT);
+    let real = r.break_cmdq();
+    assert_eq!(errno_of(r.dev.data_size()), -libc::ETIMEDOUT);
+    assert_eq!(r.dev.state(), MigState::Error);
+    assert_eq!(errno_of(r.dev.data_size()), -libc::EINVAL);
+    r.restore_cmdq(real);
+    r.set_timeout(CMD_TIMEOUT);
+    r.dev.reset();
+    assert_eq!(r.dev.data_size().expect("after reset"), running_size);
+}
