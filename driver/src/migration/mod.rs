@@ -649,42 +649,51 @@ impl DataStream {
     /// Reads the saving stream: ENOMSG at the pre-copy temporary end, 0 at the end of
     /// STOP_COPY, ENODEV once closed or failed.
     pub fn read_data(&mut self, buf: &mut [u8]) -> Result<usize, MigError> {
-        if self.dir != Opened::Saving {
-            return Err(MigError::Device {
-                errno: -libc::EINVAL,
-                why: "read on a resuming stream".into(),
-            });
-        }
-        let mut g = self.lock();
-        if g.generation != self.generation || g.saving.is_none() {
-            return Err(MigError::NoDev);
-        }
-        let r = g.fw_call(|fw, inner| match inner.saving.as_mut() {
-            Some(f) => f.read(fw, buf),
-            None => Err(MigError::NoDev),
-        });
-        if let Err(e) = &r {
-            g.note_failure(e);
-        }
-        r
+        self.stream_io(
+            Opened::Saving,
+            "read on a resuming stream",
+            |fw, inner| match inner.saving.as_mut() {
+                Some(f) => f.read(fw, buf),
+                None => Err(MigError::NoDev),
+            },
+        )
     }
 
     /// Writes any part of the resuming stream; one LOAD per complete FW_DATA record.
     pub fn write_data(&mut self, data: &[u8]) -> Result<usize, MigError> {
-        if self.dir != Opened::Resuming {
+        self.stream_io(
+            Opened::Resuming,
+            "write on a saving stream",
+            |fw, inner| match inner.resuming.as_mut() {
+                Some(f) => f.write(fw, data),
+                None => Err(MigError::NoDev),
+            },
+        )
+    }
+
+    /// One read or write of this stream: EINVAL in the wrong direction, ENODEV once the
+    /// stream's session is gone; a failure is noted on the device (it may mean ERROR).
+    fn stream_io(
+        &mut self,
+        dir: Opened,
+        wrong_dir: &str,
+        f: impl FnOnce(&mut Fw<'_>, &mut Inner) -> Result<usize, MigError>,
+    ) -> Result<usize, MigError> {
+        if self.dir != dir {
             return Err(MigError::Device {
                 errno: -libc::EINVAL,
-                why: "write on a saving stream".into(),
+                why: wrong_dir.into(),
             });
         }
         let mut g = self.lock();
-        if g.generation != self.generation || g.resuming.is_none() {
+        let open = match dir {
+            Opened::Saving => g.saving.is_some(),
+            Opened::Resuming => g.resuming.is_some(),
+        };
+        if g.generation != self.generation || !open {
             return Err(MigError::NoDev);
         }
-        let r = g.fw_call(|fw, inner| match inner.resuming.as_mut() {
-            Some(f) => f.write(fw, data),
-            None => Err(MigError::NoDev),
-        });
+        let r = g.fw_call(f);
         if let Err(e) = &r {
             g.note_failure(e);
         }
