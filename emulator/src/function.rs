@@ -179,7 +179,7 @@ impl Function {
             },
         )?;
         let irqs = IrqTable::new(&Self::irq_shapes(&config));
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let (tx, rx) = crossbeam_channel::bounded(cmdq::DOORBELL_BACKLOG);
         let f = Arc::new(Function {
             id,
             state: Mutex::new(FunctionState {

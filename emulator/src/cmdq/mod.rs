@@ -61,6 +61,13 @@ pub struct Work {
     pub epoch: u64,
 }
 
+/// Doorbells queued for the firmware worker before the one ringing waits. A guest that
+/// rings faster than the firmware executes is slowed down (as PCIe flow control would)
+/// instead of growing the queue without bound. No worker ever rings its own queue (a
+/// RESUME replaying a VF's doorbells runs on the PF's worker), so waiting cannot
+/// deadlock.
+pub const DOORBELL_BACKLOG: usize = 1024;
+
 /// The worker's end of the channel; see [`spawn_worker`].
 pub type WorkSender = Sender<Work>;
 
