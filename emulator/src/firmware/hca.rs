@@ -26,12 +26,7 @@ impl Firmware {
     /// enables its HCA (as in a guest).
     pub(super) fn enable_hca(&mut self, env: &Env<'_>, cmd: &Cmd<'_>) -> CmdResult {
         let out = cmd.lengths(ENABLE_HCA_IN_LEN, ENABLE_HCA_OUT_LEN)?;
-        if cmd.get(ENABLE_HCA_IN_EMBEDDED_CPU_FUNCTION) != 0 {
-            return Err(CmdFail::bad_param());
-        }
-        let fid = cmd.get(ENABLE_HCA_IN_FUNCTION_ID) as u16;
-        if fid != 0 {
-            self.check_other_function(env, fid)?;
+        if self.names_other_function(env, cmd)? {
             return Ok(out);
         }
         if self.state != HcaState::Disabled {
@@ -41,15 +36,25 @@ impl Firmware {
         Ok(out)
     }
 
-    /// DISABLE_HCA: Enabled → Disabled; the ISSI and current caps return to defaults.
-    pub(super) fn disable_hca(&mut self, env: &Env<'_>, cmd: &Cmd<'_>) -> CmdResult {
-        let out = cmd.lengths(DISABLE_HCA_IN_LEN, DISABLE_HCA_OUT_LEN)?;
+    /// ENABLE_HCA and DISABLE_HCA share their input layout: no embedded-CPU function,
+    /// and `function_id` 0 for this function. A PF naming an existing VF (n + 1) is
+    /// accepted and changes nothing (the VF's own driver enables it): `Ok(true)`.
+    fn names_other_function(&self, env: &Env<'_>, cmd: &Cmd<'_>) -> Result<bool, CmdFail> {
         if cmd.get(ENABLE_HCA_IN_EMBEDDED_CPU_FUNCTION) != 0 {
             return Err(CmdFail::bad_param());
         }
         let fid = cmd.get(ENABLE_HCA_IN_FUNCTION_ID) as u16;
         if fid != 0 {
             self.check_other_function(env, fid)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// DISABLE_HCA: Enabled → Disabled; the ISSI and current caps return to defaults.
+    pub(super) fn disable_hca(&mut self, env: &Env<'_>, cmd: &Cmd<'_>) -> CmdResult {
+        let out = cmd.lengths(DISABLE_HCA_IN_LEN, DISABLE_HCA_OUT_LEN)?;
+        if self.names_other_function(env, cmd)? {
             return Ok(out);
         }
         if self.state != HcaState::Enabled {

@@ -71,7 +71,7 @@ use mlx5_prm::{CmdStatus, Opcode};
 use vfu::Dma;
 
 use super::caps::{LOG_MAX_EQ_SZ, MAX_NUM_EQS};
-use super::eq::{EqState, FIRST_EQN, MAX_EQ_LOG_PAGE_SIZE};
+use super::eq::{FIRST_EQN, MAX_EQ_LOG_PAGE_SIZE};
 use super::pages::{MAX_FW_PAGES, STARTUP_PAGES};
 use super::pd_mkey::{
     Mkey, MAX_MKEYS, MAX_PDS, MKEY_MAX_LOG_PAGE_SIZE, MKEY_MIN_LOG_PAGE_SIZE, MTT_PERM_MASK,
@@ -83,8 +83,8 @@ use crate::devmem::{page_digest, PageCopy, DEV_MEM_PAGE_SIZE};
 use crate::function::{Function, FunctionId, SuspendError, DRAIN_TIMEOUT, MSIX_VECTORS};
 use crate::pci::FunctionKind;
 use crate::state::{
-    self, EqImage, HcaImage, Image, ImageFunction, ImageHeader, ImageKind, IsegImage, MkeyImage,
-    ObjectsImage, PageImage, StateError,
+    self, HcaImage, Image, ImageFunction, ImageHeader, ImageKind, IsegImage, ObjectsImage,
+    PageImage, StateError,
 };
 
 /// Syndromes of the migration commands (the high half spells "MG").
@@ -733,36 +733,8 @@ impl Firmware {
             uars: self.uars.iter().copied().collect(),
             pds: self.pds.iter().copied().collect(),
             cmd_eq: self.cmd_eq,
-            eqs: self
-                .eqs
-                .values()
-                .map(|e| EqImage {
-                    eqn: e.eqn,
-                    uar: e.uar,
-                    intr: e.intr,
-                    log_size: e.log_size,
-                    page_size: e.page_size,
-                    pas: e.pas.clone(),
-                    event_bitmask: e.event_bitmask,
-                    pi: e.pi,
-                    written: e.written,
-                    ci: e.ci,
-                    armed: e.armed,
-                })
-                .collect(),
-            mkeys: self
-                .mkeys
-                .values()
-                .map(|m| MkeyImage {
-                    index: m.index,
-                    variant: m.variant,
-                    pd: m.pd,
-                    start: m.start,
-                    len: m.len,
-                    log_page_size: m.log_page_size,
-                    mtt: m.mtt.clone(),
-                })
-                .collect(),
+            eqs: self.eqs.values().cloned().collect(),
+            mkeys: self.mkeys.values().cloned().collect(),
             fw_pages: self.pages.iter().copied().collect(),
         }
     }
@@ -886,19 +858,7 @@ impl Firmware {
             if e.ci > EQ_DOORBELL_CI_MASK {
                 return Err(bv("EQ ci", e.ci.into(), "24 bits"));
             }
-            let st = EqState {
-                eqn: e.eqn,
-                uar: e.uar,
-                intr: e.intr,
-                log_size: e.log_size,
-                page_size: e.page_size,
-                pas: e.pas.clone(),
-                event_bitmask: e.event_bitmask,
-                pi: e.pi,
-                written: e.written,
-                ci: e.ci,
-                armed: e.armed,
-            };
+            let st = e.clone();
             if eqs.insert(e.eqn, st).is_some() {
                 return Err(bv("EQ number", e.eqn.into(), "once"));
             }
@@ -941,15 +901,7 @@ impl Firmware {
             {
                 return Err(bv("mkey MTT entry", a, "non-zero, page aligned"));
             }
-            let m = Mkey {
-                index: mk.index,
-                variant: mk.variant,
-                pd: mk.pd,
-                start: mk.start,
-                len: mk.len,
-                log_page_size: mk.log_page_size,
-                mtt: mk.mtt.clone(),
-            };
+            let m = mk.clone();
             if fw.mkeys.insert(mk.index, m).is_some() {
                 return Err(bv("mkey index", mk.index.into(), "once"));
             }

@@ -214,33 +214,9 @@ pub struct IsegImage {
     pub nic_interface: u8,
 }
 
-/// One EQ.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EqImage {
-    pub eqn: u8,
-    pub uar: u32,
-    pub intr: u16,
-    pub log_size: u32,
-    pub page_size: u64,
-    pub pas: Vec<u64>,
-    pub event_bitmask: [u64; CREATE_EQ_IN_EVENT_BITMASK_WORDS],
-    pub pi: u32,
-    pub written: u32,
-    pub ci: u32,
-    pub armed: bool,
-}
-
-/// One mkey.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MkeyImage {
-    pub index: u32,
-    pub variant: u8,
-    pub pd: u32,
-    pub start: u64,
-    pub len: u64,
-    pub log_page_size: u32,
-    pub mtt: Vec<u64>,
-}
+/// An EQ and an mkey travel in the image exactly as the firmware keeps them: the
+/// image codec below reads and writes their fields, and loading re-validates them.
+pub use crate::firmware::{EqState as EqImage, Mkey as MkeyImage};
 
 /// The OBJECTS section.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -1,3 +1,4 @@
+use crate::firmware::EqState;
 use std::sync::Arc;
 
 use mlx5_prm::ifc::get;
