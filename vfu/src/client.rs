@@ -176,13 +176,7 @@ impl Client {
             if h.msg_type() == FLAGS_TYPE_COMMAND {
                 // The server asked us something (DMA_READ/WRITE): we serve no DMA.
                 if !h.no_reply() {
-                    let rh = Header {
-                        msg_id: h.msg_id,
-                        command: h.command,
-                        msg_size: HEADER_SIZE as u32,
-                        flags: FLAGS_TYPE_REPLY | FLAGS_ERROR,
-                        error: Errno::ENOTSUP.raw() as u32,
-                    };
+                    let rh = h.error_reply(Errno::ENOTSUP);
                     self.chan.send(&rh, &[], &[])?;
                 }
                 continue;

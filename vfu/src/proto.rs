@@ -134,6 +134,27 @@ impl Header {
         b
     }
 
+    /// The header of the successful reply to `self` carrying `payload_len` bytes.
+    pub fn reply(&self, payload_len: usize) -> Header {
+        Header {
+            msg_id: self.msg_id,
+            command: self.command,
+            msg_size: (HEADER_SIZE + payload_len) as u32,
+            flags: FLAGS_TYPE_REPLY,
+            error: 0,
+        }
+    }
+
+    /// The header-only error reply to `self` (flags 0x21, a non-zero errno).
+    pub fn error_reply(&self, errno: Errno) -> Header {
+        Header {
+            msg_size: HEADER_SIZE as u32,
+            flags: FLAGS_TYPE_REPLY | FLAGS_ERROR,
+            error: errno.raw() as u32,
+            ..self.reply(0)
+        }
+    }
+
     pub fn msg_type(&self) -> u32 {
         self.flags & FLAGS_TYPE_MASK
     }

@@ -253,13 +253,7 @@ fn refuse_busy(stream: UnixStream) {
     let _ = stream.set_read_timeout(Some(REFUSE_TIMEOUT));
     let chan = Channel::new(stream);
     if let Ok(Incoming::Message(m)) = chan.recv(MAX_VERSION_JSON) {
-        let h = Header {
-            msg_id: m.header.msg_id,
-            command: m.header.command,
-            msg_size: HEADER_SIZE as u32,
-            flags: FLAGS_TYPE_REPLY | FLAGS_ERROR,
-            error: Errno::EBUSY.raw() as u32,
-        };
+        let h = m.header.error_reply(Errno::EBUSY);
         let _ = chan.send(&h, &[], &[]);
     }
 }
@@ -361,13 +355,7 @@ impl Connection {
         if h.no_reply() {
             return Ok(());
         }
-        let rh = Header {
-            msg_id: h.msg_id,
-            command: h.command,
-            msg_size: HEADER_SIZE as u32,
-            flags: FLAGS_TYPE_REPLY | FLAGS_ERROR,
-            error: errno.raw() as u32,
-        };
+        let rh = h.error_reply(errno);
         self.chan.send(&rh, &[], &[])
     }
 
@@ -388,13 +376,7 @@ impl Connection {
                 if h.no_reply() {
                     return Ok(());
                 }
-                let rh = Header {
-                    msg_id: h.msg_id,
-                    command: h.command,
-                    msg_size: (HEADER_SIZE + payload.len()) as u32,
-                    flags: FLAGS_TYPE_REPLY,
-                    error: 0,
-                };
+                let rh = h.reply(payload.len());
                 self.chan.send(&rh, &payload, &fds)
             }
             Err(errno) => {
