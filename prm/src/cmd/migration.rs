@@ -38,6 +38,27 @@ pub const RESUME_OP_MOD_RESPONDER: u16 = 0x0;
 /// `MLX5_RESUME_VHCA_IN_OP_MOD_RESUME_INITIATOR`.
 pub const RESUME_OP_MOD_INITIATOR: u16 = 0x1;
 
+wire_enum! {
+    /// `suspend_vhca_in.op_mod` (`MLX5_SUSPEND_VHCA_IN_OP_MOD_SUSPEND_*`).
+    pub enum SuspendOpMod: u16, field = "SUSPEND_VHCA op_mod" {
+        /// Stop issuing DMA (VFIO RUNNING_P2P).
+        Initiator = 0x0 => "SUSPEND_INITIATOR",
+        /// Freeze internal state (VFIO STOP).
+        Responder = 0x1 => "SUSPEND_RESPONDER",
+    }
+}
+
+wire_enum! {
+    /// `resume_vhca_in.op_mod` (`MLX5_RESUME_VHCA_IN_OP_MOD_RESUME_*`; numbered the other
+    /// way round from [`SuspendOpMod`]).
+    pub enum ResumeOpMod: u16, field = "RESUME_VHCA op_mod" {
+        /// Let internal state change again (undoes a responder suspend).
+        Responder = 0x0 => "RESUME_RESPONDER",
+        /// Issue DMA again (undoes an initiator suspend).
+        Initiator = 0x1 => "RESUME_INITIATOR",
+    }
+}
+
 // ---- QUERY_VHCA_MIGRATION_STATE ----
 
 /// `query_vhca_migration_state_in`: 0x80 bits.
@@ -67,6 +88,22 @@ pub const MIG_STATE_OPER_MIGRATION_READY: u8 = 0x2;
 pub const MIG_STATE_OPER_MIGRATION_DIRTY: u8 = 0x3;
 /// `MLX5_QUERY_VHCA_MIG_STATE_OPER_MIGRATION_INIT`.
 pub const MIG_STATE_OPER_MIGRATION_INIT: u8 = 0x4;
+
+wire_enum! {
+    /// `query_vhca_migration_state_out.migration_state` (`MLX5_QUERY_VHCA_MIG_STATE_*`, 2026).
+    pub enum VhcaMigrationState: u8, field = "migration_state" {
+        /// Not reported (firmware without the field) or not initialized.
+        Uninitialized = 0x0 => "UNINITIALIZED",
+        /// Operational, no migration in progress.
+        OperMigrationIdle = 0x1 => "OPER_MIGRATION_IDLE",
+        /// Operational, ready to be migrated.
+        OperMigrationReady = 0x2 => "OPER_MIGRATION_READY",
+        /// Operational, dirty state since the last SAVE.
+        OperMigrationDirty = 0x3 => "OPER_MIGRATION_DIRTY",
+        /// Re-initialized after a LOAD; the REINIT opt-in reports it.
+        OperMigrationInit = 0x4 => "OPER_MIGRATION_INIT",
+    }
+}
 
 // ---- SAVE_VHCA_STATE / LOAD_VHCA_STATE ----
 
@@ -127,6 +164,17 @@ mod tests {
         // The inverted numbering.
         assert_eq!((SUSPEND_OP_MOD_INITIATOR, SUSPEND_OP_MOD_RESPONDER), (0, 1));
         assert_eq!((RESUME_OP_MOD_RESPONDER, RESUME_OP_MOD_INITIATOR), (0, 1));
+        assert_eq!(u16::from(SuspendOpMod::Initiator), SUSPEND_OP_MOD_INITIATOR);
+        assert_eq!(u16::from(SuspendOpMod::Responder), SUSPEND_OP_MOD_RESPONDER);
+        assert_eq!(u16::from(ResumeOpMod::Responder), RESUME_OP_MOD_RESPONDER);
+        assert_eq!(u16::from(ResumeOpMod::Initiator), RESUME_OP_MOD_INITIATOR);
+        assert!(SuspendOpMod::try_from(2).is_err());
+        assert!(ResumeOpMod::try_from(2).is_err());
+        assert_eq!(
+            VhcaMigrationState::try_from(MIG_STATE_OPER_MIGRATION_INIT),
+            Ok(VhcaMigrationState::OperMigrationInit)
+        );
+        assert!(VhcaMigrationState::try_from(5).is_err());
     }
 
     #[test]
