@@ -147,6 +147,17 @@ pub struct Function {
     /// outside the firmware lock so that a doorbell never waits for a long command
     /// (the firmware worker refreshes it after every command; LOAD and reset too).
     cmd_events: AtomicBool,
+    /// Commands to hold before they execute ([`Function::delay_commands`]; a leaf lock).
+    delays: Mutex<Vec<DelayRule>>,
+}
+
+/// One [`Function::delay_commands`] request.
+#[derive(Debug, Clone, Copy)]
+struct DelayRule {
+    opcode: mlx5_prm::Opcode,
+    target: Option<u16>,
+    delay: Duration,
+    left: u32,
 }
 
 impl Function {
@@ -196,6 +207,7 @@ impl Function {
             mig: Mutex::new(MigCtl::default()),
             mig_idle: Condvar::new(),
             cmd_events: AtomicBool::new(false),
+            delays: Mutex::new(Vec::new()),
         });
         let name = format!("fw-{}", id.socket_name().trim_end_matches(".sock"));
         cmdq::spawn_worker(Arc::downgrade(&f), rx, name).map_err(FunctionError::Worker)?;
@@ -416,6 +428,49 @@ impl Function {
         Ok(())
     }
 
+    /// Test hook: the next `count` commands this function's firmware executes with
+    /// `opcode` — and, if `target_vhca_id` is given, naming that function as the one
+    /// they act on (`other_function` / `function_id` / `vhca_id`, else this function
+    /// itself) — sleep `delay` before they execute, holding no lock. Commands on other
+    /// slots keep running meanwhile. Rules add up; each matching command uses the oldest
+    /// rule that matches. The seeded fault-injection plan (`fault/`) will replace this.
+    pub fn delay_commands(
+        &self,
+        opcode: mlx5_prm::Opcode,
+        target_vhca_id: Option<u16>,
+        delay: Duration,
+        count: u32,
+    ) {
+        if count == 0 {
+            return;
+        }
+        self.delays
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(DelayRule {
+                opcode,
+                target: target_vhca_id,
+                delay,
+                left: count,
+            });
+    }
+
+    /// How long to hold `cmd` before executing it (see [`Function::delay_commands`]);
+    /// consumes one use of the matching rule.
+    pub(crate) fn command_delay(&self, cmd: &crate::firmware::Cmd<'_>) -> Option<Duration> {
+        let mut rules = self.delays.lock().unwrap_or_else(|p| p.into_inner());
+        let target = cmd.target_vhca_id(self.id.vhca_id);
+        let i = rules.iter().position(|r| {
+            u16::from(r.opcode) == cmd.opcode && r.target.is_none_or(|t| t == target)
+        })?;
+        let delay = rules[i].delay;
+        rules[i].left -= 1;
+        if rules[i].left == 0 {
+            rules.remove(i);
+        }
+        Some(delay)
+    }
+
     /// The reset epoch (see [`crate::cmdq`]).
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
@@ -561,5 +616,42 @@ impl FunctionState {
                 self.raise_msix(v);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::firmware::Cmd;
+    use mlx5_prm::cmd::migration::IN_VHCA_ID;
+    use mlx5_prm::ifc::{hdr, set};
+    use mlx5_prm::Opcode;
+
+    fn input(op: Opcode, vhca_id: u16) -> Vec<u8> {
+        let mut m = vec![0u8; 16];
+        set(&mut m, hdr::OPCODE, u64::from(u16::from(op)));
+        set(&mut m, IN_VHCA_ID, u64::from(vhca_id));
+        m
+    }
+
+    #[test]
+    fn delay_hook_holds_the_next_matching_commands_only() {
+        let pf = Function::new(FunctionId::pf()).unwrap();
+        let d = Duration::from_millis(7);
+        pf.delay_commands(Opcode::SuspendVhca, Some(2), d, 2);
+        pf.delay_commands(Opcode::QueryIssi, None, d, 1);
+        let to1 = input(Opcode::SuspendVhca, 1);
+        let to2 = input(Opcode::SuspendVhca, 2);
+        let issi = input(Opcode::QueryIssi, 0);
+        assert_eq!(pf.command_delay(&Cmd::new(&to1, 16)), None, "other target");
+        assert_eq!(pf.command_delay(&Cmd::new(&to2, 16)), Some(d));
+        assert_eq!(pf.command_delay(&Cmd::new(&issi, 16)), Some(d));
+        assert_eq!(
+            pf.command_delay(&Cmd::new(&issi, 16)),
+            None,
+            "count used up"
+        );
+        assert_eq!(pf.command_delay(&Cmd::new(&to2, 16)), Some(d));
+        assert_eq!(pf.command_delay(&Cmd::new(&to2, 16)), None);
     }
 }

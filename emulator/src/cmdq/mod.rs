@@ -193,6 +193,15 @@ fn execute(
     record: &mut CmdRecord,
 ) -> Option<DeliveryStatus> {
     let cmd = Cmd::new(&p.input, p.outlen);
+    if let Some(delay) = f.command_delay(&cmd) {
+        tracing::debug!(
+            vhca_id = f.id.vhca_id,
+            opcode = crate::firmware::opcode_name(cmd.opcode),
+            ?delay,
+            "command held by the delay hook"
+        );
+        std::thread::sleep(delay);
+    }
     let reply = {
         let env = Env {
             id: f.id,

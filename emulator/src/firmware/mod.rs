@@ -210,6 +210,37 @@ impl<'a> Cmd<'a> {
         ifc::get(self.input, f)
     }
 
+    /// The `vhca_id` of the function this command acts on, as its input names it
+    /// (`function_id` of ENABLE/DISABLE_HCA, `other_function` + `function_id` of
+    /// QUERY/SET_HCA_CAP, `vhca_id` of the migration commands), else `own`. Not
+    /// validated: the handler decides whether the naming is allowed.
+    pub fn target_vhca_id(&self, own: u16) -> u16 {
+        use mlx5_prm::cmd::caps::{HCA_CAP_IN_FUNCTION_ID, HCA_CAP_IN_OTHER_FUNCTION};
+        use mlx5_prm::cmd::hca::ENABLE_HCA_IN_FUNCTION_ID;
+        use mlx5_prm::cmd::migration::IN_VHCA_ID;
+        match Opcode::try_from(self.opcode) {
+            Ok(Opcode::EnableHca | Opcode::DisableHca) => {
+                match self.get(ENABLE_HCA_IN_FUNCTION_ID) as u16 {
+                    0 => own,
+                    fid => fid,
+                }
+            }
+            Ok(Opcode::QueryHcaCap | Opcode::SetHcaCap)
+                if self.get(HCA_CAP_IN_OTHER_FUNCTION) != 0 =>
+            {
+                self.get(HCA_CAP_IN_FUNCTION_ID) as u16
+            }
+            Ok(
+                Opcode::SuspendVhca
+                | Opcode::ResumeVhca
+                | Opcode::QueryVhcaMigrationState
+                | Opcode::SaveVhcaState
+                | Opcode::LoadVhcaState,
+            ) => self.get(IN_VHCA_ID) as u16,
+            _ => own,
+        }
+    }
+
     /// Requires at least `len` input bytes (BAD_INP_LEN otherwise).
     pub fn need_in(&self, len: usize) -> Result<(), CmdFail> {
         if self.input.len() < len {
