@@ -508,7 +508,7 @@ impl Function {
         let writer = self.writer();
         let admitted = self
             .migration()
-            .admit_doorbell(mask, &writer, u64::from(CMD_DBELL_OFFSET));
+            .admit_doorbell(mask, &writer, CMD_DBELL_OFFSET);
         if admitted {
             self.send_work(mask);
         }

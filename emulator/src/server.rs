@@ -58,8 +58,8 @@ const RW: u32 = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
 /// Whether a BAR0 write of `len` bytes at `offset` reaches `cmdq_addr_h` or
 /// `cmdq_addr_l_sz`, the init-segment registers that hold state.
 fn touches_iseg_state(offset: u64, len: usize) -> bool {
-    let start = u64::from(CMDQ_ADDR_H_OFFSET);
-    let end = u64::from(CMD_DBELL_OFFSET);
+    let start = CMDQ_ADDR_H_OFFSET;
+    let end = CMD_DBELL_OFFSET;
     len > 0 && offset < end && offset.saturating_add(len as u64) > start
 }
 

@@ -29,7 +29,7 @@ use msix::Msix;
 /// Size of BAR0 (a power of two, as a PCI BAR must be).
 pub const BAR0_SIZE: u64 = 0x200_0000;
 /// sizeof(struct mlx5_init_seg); the iseg occupies 0..ISEG_END.
-pub const ISEG_END: u64 = iseg::ISEG_SIZE as u64;
+pub const ISEG_END: u64 = iseg::ISEG_SIZE;
 /// UAR page size (MLX5_ADAPTER_PAGE_SIZE, uar_4k layout).
 pub const UAR_PAGE_SIZE: u64 = 0x1000;
 /// First UAR index handed out; lower pages would alias the iseg (uar2pfn).
@@ -142,7 +142,7 @@ impl Bar0 {
 
     fn read_word(&self, word: u64, now: Instant) -> [u8; 4] {
         if word < ISEG_END {
-            self.iseg.read(word as u32, now).to_be_bytes()
+            self.iseg.read(word, now).to_be_bytes()
         } else if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&word) {
             self.msix.read_table(word - MSIX_TABLE_OFFSET).to_le_bytes()
         } else if (MSIX_PBA_OFFSET..MSIX_PBA_OFFSET + MSIX_PBA_REGION).contains(&word) {
@@ -173,7 +173,7 @@ impl Bar0 {
     fn write_word(&mut self, word: u64, bytes: [u8; 4], mask: [u8; 4], fx: &mut Vec<Bar0Effect>) {
         if word < ISEG_END {
             let (v, m) = (u32::from_be_bytes(bytes), u32::from_be_bytes(mask));
-            self.iseg.write(word as u32, v, m, fx);
+            self.iseg.write(word, v, m, fx);
         } else if (UAR_START..UAR_END).contains(&word) {
             let page = (word / UAR_PAGE_SIZE) as u32;
             let offset = (word % UAR_PAGE_SIZE) as u32;
@@ -216,7 +216,7 @@ impl Bar0 {
         self.iseg.set_health_syndrome(synd, ext_synd);
     }
 
-    /// health.rfr_severity (0x238): `iseg::HEALTH_RFR_BIT`, `HEALTH_CRR_BIT`, severity.
+    /// health.rfr_severity (0x238): `mlx5_prm::iseg::HEALTH_RFR_MASK`, `HEALTH_CRR_MASK`, severity.
     pub fn set_rfr_severity(&mut self, rfr_severity: u8) {
         self.iseg.set_rfr_severity(rfr_severity);
     }
@@ -258,6 +258,7 @@ impl Bar0 {
 mod tests {
     use super::iseg::*;
     use super::*;
+    use mlx5_prm::iseg::{NicInterface, HEALTH_RFR_MASK};
     use std::time::Duration;
 
     fn rd(b: &Bar0, off: u64, len: usize) -> Vec<u8> {
@@ -280,9 +281,9 @@ mod tests {
         assert_eq!(rd(&b, 0, 4), [0, 39, 0, 22]);
         assert_eq!(rd(&b, 4, 4), [0, 5, 0x03, 0xea]);
         assert_eq!(rd32be(&b, 4) >> 16, 5);
-        assert_ne!(rd32be(&b, u64::from(HEALTH_FW_VER_OFFSET)), u32::MAX);
-        assert_eq!(rd32be(&b, u64::from(INITIALIZING_OFFSET)), 0);
-        assert_eq!(rd32be(&b, u64::from(CMD_Q_INIT_TO_OFFSET)), 0);
+        assert_ne!(rd32be(&b, HEALTH_FW_VER_OFFSET), u32::MAX);
+        assert_eq!(rd32be(&b, INITIALIZING_OFFSET), 0);
+        assert_eq!(rd32be(&b, CMD_Q_INIT_TO_OFFSET), 0);
     }
 
     #[test]
@@ -305,7 +306,7 @@ mod tests {
                 Bar0Effect::NicInterface(1)
             ]
         );
-        assert_eq!(b.nic_interface(), NIC_IFC_DISABLED);
+        assert_eq!(b.nic_interface(), u8::from(NicInterface::Disabled));
         assert_eq!(rd32be(&b, 0x14), 0x9abc_d156);
     }
 
@@ -331,10 +332,7 @@ mod tests {
         assert_eq!(rd(&b, 0, 8), before);
         assert!(b.write(0x100, &[0xff; 4]).unwrap().is_empty());
         assert_eq!(rd32be(&b, 0x100), 0);
-        assert!(b
-            .write(u64::from(CLR_INTX_OFFSET), &[0xff; 4])
-            .unwrap()
-            .is_empty());
+        assert!(b.write(CLR_INTX_OFFSET, &[0xff; 4]).unwrap().is_empty());
         assert!(b.write(0x2010, &[0xff; 0x100]).unwrap().is_empty());
         assert_eq!(rd(&b, 0x2010, 0x100), vec![0; 0x100]);
     }
@@ -371,7 +369,7 @@ mod tests {
         let mut b = Bar0::new(8);
         b.set_all_ones(true);
         assert_eq!(rd(&b, 0, 16), vec![0xff; 16]);
-        assert_eq!(rd32be(&b, u64::from(HEALTH_FW_VER_OFFSET)), u32::MAX);
+        assert_eq!(rd32be(&b, HEALTH_FW_VER_OFFSET), u32::MAX);
         assert_eq!(rd32le(&b, MSIX_TABLE_OFFSET), u32::MAX);
         assert!(b.write(0x18, &[0xff; 4]).unwrap().is_empty());
         b.set_all_ones(false);
@@ -384,8 +382,8 @@ mod tests {
         assert_eq!(rd(&b, 0x200, 0x40)[..0x30], [0; 0x30]);
         b.set_health_syndrome(0x1, 0xbeef);
         assert_eq!(rd(&b, 0x23c, 4), [0, 0x01, 0xbe, 0xef]);
-        assert_eq!(rd(&b, u64::from(HEALTH_SYND_OFFSET), 1), [0x01]);
-        b.set_rfr_severity(HEALTH_RFR_BIT);
+        assert_eq!(rd(&b, HEALTH_SYND_OFFSET, 1), [0x01]);
+        b.set_rfr_severity(HEALTH_RFR_MASK);
         assert_eq!(rd(&b, 0x238, 1), [0x80]);
         b.clear_health();
         assert_eq!(rd(&b, 0x238, 8), [0; 8]);
@@ -480,7 +478,7 @@ mod tests {
         let pristine = rd(&b, 0, 0x1000);
         b.write(0x10, &[0xaa; 8]).unwrap();
         b.set_health_syndrome(0xb, 7);
-        b.set_nic_interface(NIC_IFC_SW_RESET);
+        b.set_nic_interface(NicInterface::SwReset.into());
         b.freeze_health_counter(true);
         b.set_initializing(true);
         b.write(MSIX_TABLE_OFFSET + 12, &[0; 4]).unwrap();

@@ -35,15 +35,15 @@ use crossbeam_channel::{Receiver, Sender};
 use mlx5_prm::cmd::eq::EQE_SIZE;
 use mlx5_prm::cmdq::{DeliveryStatus, CMD_ENTRY_SIZE};
 
-use crate::bar0::iseg::{LOG_CMDQ_SIZE, LOG_CMDQ_STRIDE};
 use crate::firmware::{Cmd, CmdRecord, Env};
 use crate::function::Function;
 use mailbox::{Fetched, Prepared};
+use mlx5_prm::iseg::{CMDQ_LOG_SIZE_DEFAULT, CMDQ_LOG_STRIDE_DEFAULT};
 
 /// Slots of the queue (`1 << log_cmdq_size`).
-pub const CMDQ_SLOTS: u32 = 1 << LOG_CMDQ_SIZE;
+pub const CMDQ_SLOTS: u32 = 1 << CMDQ_LOG_SIZE_DEFAULT;
 /// Bytes between entries (`1 << log_cmdq_stride`).
-pub const CMDQ_STRIDE: u64 = 1 << LOG_CMDQ_STRIDE;
+pub const CMDQ_STRIDE: u64 = 1 << CMDQ_LOG_STRIDE_DEFAULT;
 
 const _: () = assert!(CMDQ_STRIDE as usize >= CMD_ENTRY_SIZE);
 const _: () = assert!(CMDQ_SLOTS <= 32);

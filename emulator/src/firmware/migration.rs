@@ -78,7 +78,6 @@ use super::pd_mkey::{
 };
 use super::uar::{FIRST_UAR, LAST_UAR};
 use super::{Cmd, CmdFail, CmdResult, Env, Firmware, HcaState};
-use crate::bar0::iseg::{CMDQ_ADDR_H_OFFSET, CMDQ_ADDR_L_SZ_OFFSET, NIC_IFC_SHIFT};
 use crate::devmem::{page_digest, PageCopy, DEV_MEM_PAGE_SIZE};
 use crate::function::{Function, FunctionId, SuspendError, DRAIN_TIMEOUT, MSIX_VECTORS};
 use crate::pci::FunctionKind;
@@ -86,6 +85,7 @@ use crate::state::{
     self, HcaImage, Image, ImageFunction, ImageHeader, ImageKind, IsegImage, ObjectsImage,
     PageImage, StateError,
 };
+use mlx5_prm::iseg::{CMDQ_ADDR_H_OFFSET, CMDQ_ADDR_L_SZ_OFFSET, NIC_INTERFACE_SHIFT};
 
 /// Syndromes of the migration commands (the high half spells "MG").
 pub mod mig_syndrome {
@@ -684,15 +684,12 @@ impl Firmware {
             // The queue address and nic_interface as the source's driver programmed them
             // (register writes: big-endian words, as the driver writes them).
             let addr = image.iseg.cmdq_address;
-            let low = (addr as u32) | (u32::from(image.iseg.nic_interface) << NIC_IFC_SHIFT);
+            let low = (addr as u32) | (u32::from(image.iseg.nic_interface) << NIC_INTERFACE_SHIFT);
             let mut s = f.lock();
-            let _ = s.bar0.write(
-                u64::from(CMDQ_ADDR_H_OFFSET),
-                &((addr >> 32) as u32).to_be_bytes(),
-            );
             let _ = s
                 .bar0
-                .write(u64::from(CMDQ_ADDR_L_SZ_OFFSET), &low.to_be_bytes());
+                .write(CMDQ_ADDR_H_OFFSET, &((addr >> 32) as u32).to_be_bytes());
+            let _ = s.bar0.write(CMDQ_ADDR_L_SZ_OFFSET, &low.to_be_bytes());
         }
         let dm = f.devmem();
         if h.kind == ImageKind::Base {
