@@ -71,6 +71,7 @@ pub mod error;
 pub mod ifc;
 pub mod iseg;
 pub mod migration_stream;
+pub mod state_image;
 
 pub use cmd::{CmdInHeader, CmdOutHeader, CmdStatus, Opcode};
 pub use cmdq::{CmdLayout, CmdProtBlock, DeliveryStatus};

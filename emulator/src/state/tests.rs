@@ -1,4 +1,9 @@
+use super::codec::W;
 use super::*;
+
+fn le64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
 
 pub(crate) fn sample() -> Image {
     let mut caps = vec![0u8; HCA_CAP_SIZE];
@@ -79,7 +84,7 @@ fn every_single_bit_flip_is_refused() {
     let b = sample().to_bytes();
     // Every bit of the header, table and objects; a stride through the pages.
     let dense = HEADER_LEN
-        + SECTIONS_WRITTEN * SECTION_ENTRY_LEN
+        + SECTIONS_WRITTEN.len() * SECTION_ENTRY_LEN
         + HCA_SECTION_LEN
         + ISEG_SECTION_LEN
         + 400;
@@ -127,12 +132,12 @@ fn with_extra_section(tag_v: u16, flags: u16) -> Vec<u8> {
     let img = sample();
     let b = img.to_bytes();
     let body = &b[..b.len() - CHECKSUM_LEN];
-    let payload = &body[HEADER_LEN + SECTIONS_WRITTEN * SECTION_ENTRY_LEN..];
+    let payload = &body[HEADER_LEN + SECTIONS_WRITTEN.len() * SECTION_ENTRY_LEN..];
     let mut out = Vec::new();
     out.extend_from_slice(&body[..HEADER_LEN]);
-    out[12..14].copy_from_slice(&(SECTIONS_WRITTEN as u16 + 1).to_le_bytes());
+    out[12..14].copy_from_slice(&(SECTIONS_WRITTEN.len() as u16 + 1).to_le_bytes());
     let shift = SECTION_ENTRY_LEN as u64;
-    for i in 0..SECTIONS_WRITTEN {
+    for i in 0..SECTIONS_WRITTEN.len() {
         let at = HEADER_LEN + i * SECTION_ENTRY_LEN;
         let mut e = body[at..at + SECTION_ENTRY_LEN].to_vec();
         let off = le64(&e, 8) + shift;
@@ -140,7 +145,7 @@ fn with_extra_section(tag_v: u16, flags: u16) -> Vec<u8> {
         out.extend_from_slice(&e);
     }
     let extra_off =
-        (HEADER_LEN + (SECTIONS_WRITTEN + 1) * SECTION_ENTRY_LEN + payload.len()) as u64;
+        (HEADER_LEN + (SECTIONS_WRITTEN.len() + 1) * SECTION_ENTRY_LEN + payload.len()) as u64;
     let mut w = W(Vec::new());
     w.u16(tag_v).u16(flags).u32(0).u64(extra_off).u64(4);
     out.extend_from_slice(&w.0);

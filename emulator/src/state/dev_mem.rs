@@ -1,0 +1,52 @@
+//! The DEV_MEM section: device-memory pages, each an index and 4 KiB.
+
+use std::collections::BTreeSet;
+
+use mlx5_prm::state_image::{DevMemHead, PageEntryHead};
+use zerocopy::FromZeros;
+
+use super::codec::{bad, zeroed, R, W};
+use super::{PageImage, StateError, PAGE_ENTRY_LEN};
+use crate::devmem::DEV_MEM_PAGE_SIZE;
+
+/// Appends the section for `pages` to `w`.
+pub(super) fn encode(w: &mut W, pages: &[PageImage]) {
+    let mut head = DevMemHead::new_zeroed();
+    head.page_size.set(DEV_MEM_PAGE_SIZE as u32);
+    head.count.set(pages.len() as u32);
+    w.put(&head);
+    for p in pages {
+        let mut e = PageEntryHead::new_zeroed();
+        e.index.set(p.index);
+        w.put(&e).bytes(&p.data);
+    }
+}
+
+/// Decodes the pages of a function with `dev_mem_size` bytes of device memory: each
+/// index below the page count and present once.
+pub(super) fn decode(b: &[u8], dev_mem_size: u64) -> Result<Vec<PageImage>, StateError> {
+    let mut r = R::new(b, "DEV_MEM");
+    let page_size = r.u32("page size")?;
+    if u64::from(page_size) != DEV_MEM_PAGE_SIZE {
+        return Err(bad("device-memory page size", page_size.into(), "4096"));
+    }
+    let n = r.count(PAGE_ENTRY_LEN, "page list")?;
+    let npages = dev_mem_size / DEV_MEM_PAGE_SIZE;
+    let mut seen = BTreeSet::new();
+    let mut pages = Vec::with_capacity(n);
+    for _ in 0..n {
+        let e: PageEntryHead = r.get("page entry")?;
+        let index = e.index.get();
+        zeroed(&e.rsvd.get().to_le_bytes(), "page reserved")?;
+        if u64::from(index) >= npages {
+            return Err(bad("page index", index.into(), "below the page count"));
+        }
+        if !seen.insert(index) {
+            return Err(bad("page index", index.into(), "each page once"));
+        }
+        let data = r.take(DEV_MEM_PAGE_SIZE, "page")?.into();
+        pages.push(PageImage { index, data });
+    }
+    r.end()?;
+    Ok(pages)
+}
