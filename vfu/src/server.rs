@@ -277,6 +277,20 @@ impl Drop for Listener {
     }
 }
 
+/// The span of one vfio-user message: its command, message id and size; `fds` and the
+/// `reply` size or the `errno` are recorded as the message is handled.
+fn message_span(h: &Header) -> tracing::Span {
+    tracing::debug_span!(
+        "vfio-user",
+        cmd = command_name(h.command),
+        id = h.msg_id,
+        size = h.msg_size,
+        fds = tracing::field::Empty,
+        reply = tracing::field::Empty,
+        errno = tracing::field::Empty,
+    )
+}
+
 /// The reply to one message: a payload and fds to send, or an errno.
 type Reply = Result<(Vec<u8>, Vec<RawFd>), Errno>;
 
@@ -325,22 +339,18 @@ impl Connection {
             match self.chan.recv(self.max_payload())? {
                 Incoming::Message(msg) => self.handle(msg, backend, dma)?,
                 Incoming::Oversized(h) => {
-                    tracing::warn!(
-                        cmd = command_name(h.command),
-                        id = h.msg_id,
-                        size = h.msg_size,
-                        "message above the size cap, payload discarded"
-                    );
-                    self.reply_err(&h, Errno::E2BIG)?;
+                    let span = message_span(&h);
+                    let _g = span.enter();
+                    tracing::warn!("message above the size cap, payload discarded");
+                    self.reply_err(&span, &h, Errno::E2BIG)?;
                 }
                 Incoming::Undersized(h) => {
+                    let span = message_span(&h);
+                    let _g = span.enter();
                     tracing::warn!(
-                        cmd = command_name(h.command),
-                        id = h.msg_id,
-                        size = h.msg_size,
                         "message size below the header: closing, the stream cannot be resynchronised"
                     );
-                    self.reply_err(&h, Errno::EINVAL)?;
+                    self.reply_err(&span, &h, Errno::EINVAL)?;
                     return Err(VfuError::BadMessageSize {
                         size: h.msg_size,
                         min: HEADER_SIZE,
@@ -351,7 +361,10 @@ impl Connection {
         }
     }
 
-    fn reply_err(&self, h: &Header, errno: Errno) -> Result<(), VfuError> {
+    /// Sends the error reply for `h` (none for a posted request) and records the errno
+    /// on the message's span.
+    fn reply_err(&self, span: &tracing::Span, h: &Header, errno: Errno) -> Result<(), VfuError> {
+        span.record("errno", errno.raw());
         if h.no_reply() {
             return Ok(());
         }
@@ -359,6 +372,8 @@ impl Connection {
         self.chan.send(&rh, &[], &[])
     }
 
+    /// Handles one message inside its span: the backend's own events nest in it, and
+    /// the errno (if any) is recorded on it when the reply goes out.
     fn handle<B: Backend>(
         &mut self,
         msg: Message,
@@ -366,13 +381,15 @@ impl Connection {
         dma: &Dma,
     ) -> Result<(), VfuError> {
         let h = msg.header;
-        let span = tracing::debug_span!("vfio-user", cmd = command_name(h.command), id = h.msg_id);
+        let span = message_span(&h);
         let _g = span.enter();
         let nfds = msg.fds.len();
+        span.record("fds", nfds);
         let reply = self.dispatch(msg, backend, dma);
         match reply {
             Ok((payload, fds)) => {
-                tracing::debug!(size = h.msg_size, fds = nfds, reply = payload.len(), "ok");
+                span.record("reply", payload.len());
+                tracing::debug!("ok");
                 if h.no_reply() {
                     return Ok(());
                 }
@@ -381,11 +398,11 @@ impl Connection {
             }
             Err(errno) => {
                 if h.no_reply() {
-                    tracing::warn!(size = h.msg_size, fds = nfds, %errno, "posted request failed (no reply sent)");
+                    tracing::warn!(%errno, "posted request failed (no reply sent)");
                 } else {
-                    tracing::debug!(size = h.msg_size, fds = nfds, %errno, "error reply");
+                    tracing::debug!(%errno, "error reply");
                 }
-                self.reply_err(&h, errno)
+                self.reply_err(&span, &h, errno)
             }
         }
     }
@@ -854,3 +871,6 @@ impl Connection {
         ok(w.finish())
     }
 }
+
+#[cfg(test)]
+mod tests;
