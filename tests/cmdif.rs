@@ -2,7 +2,6 @@
 //! against a real adapter over real sockets (mlx5-device.md §2–4).
 
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use mlx5_prm::cmd::caps::{
@@ -14,32 +13,16 @@ use mlx5_prm::cmd::pages::{
     MANAGE_PAGES_IN_PAS, MANAGE_PAGES_OUT_OUTPUT_NUM_ENTRIES, MANAGE_PAGES_OUT_PAS,
 };
 use mlx5_prm::ifc::{get, set};
-use mlx5_prm::iseg::CMDQ_ADDR_L_SZ_OFFSET;
 use mlx5_prm::Opcode;
-use mlx5_testbed::{init_tracing, Function, Testbed};
-use mlx5vf::cmdif::{new_input, CmdError, CmdIf, CmdIfConfig, Mode, BAR0};
-use mlx5vf::hca::{Hca, HcaOptions};
+use mlx5_testbed::bringup::{self, cmdif, ARENA};
+use mlx5_testbed::{faults, init_tracing, run_cli, Function, Sockets, Testbed};
+use mlx5vf::cmdif::{new_input, CmdError, Mode};
+use mlx5vf::hca::Hca;
 
 const QUERY_HCA_CAP_OUT: usize = 0x1010;
 
-fn config() -> CmdIfConfig {
-    CmdIfConfig {
-        timeout: Duration::from_secs(10),
-        pre_init_timeout: Duration::from_secs(5),
-        init_timeout: Duration::from_secs(2),
-        ..Default::default()
-    }
-}
-
 fn up(client: vfu::Client, events: bool) -> Hca {
-    let cmd = CmdIf::new(client, config()).expect("command interface");
-    let mut hca = Hca::new(cmd);
-    hca.up(&HcaOptions {
-        events,
-        ..Default::default()
-    })
-    .expect("bring-up");
-    hca
+    bringup::up(client, ARENA, events)
 }
 
 fn assert_no_objects(f: &Function, when: &str) {
@@ -93,8 +76,8 @@ fn cycle(f: &Function, socket: &std::path::Path, n: usize) -> Duration {
 fn pf_and_vf_bring_up_and_teardown_100_times_on_one_connection_leak_nothing() {
     init_tracing();
     let tb = Testbed::start(1);
-    let pf = tb.adapter.pf().clone();
-    let vf = tb.adapter.vf(0).unwrap().clone();
+    let pf = tb.pf();
+    let vf = tb.vf(0);
     let per_pf = cycle(&pf, &tb.pf_socket(), 100);
     let per_vf = cycle(&vf, &tb.vf_socket(0), 100);
     eprintln!("bring-up + teardown: PF {per_pf:?}, VF {per_vf:?} per cycle");
@@ -106,7 +89,7 @@ fn pf_and_vf_bring_up_and_teardown_100_times_on_one_connection_leak_nothing() {
 fn query_hca_cap_output_spans_eight_mailboxes_byte_exact() {
     init_tracing();
     let tb = Testbed::start(1);
-    let vf = tb.adapter.vf(0).unwrap().clone();
+    let vf = tb.vf(0);
     let mut hca = up(tb.vf_client(0), true);
     for (t, mode) in [
         (CapType::General, CapMode::Max),
@@ -185,9 +168,9 @@ fn give_and_take_in_one_command(hca: &mut Hca, f: &Function, n: usize) {
 fn manage_pages_with_many_pages_round_trips_byte_exact() {
     init_tracing();
     let tb = Testbed::start(1);
-    let vf = tb.adapter.vf(0).unwrap().clone();
+    let vf = tb.vf(0);
     // The function is only enabled (no boot pages held), so TAKE can only return ours.
-    let mut cmd = CmdIf::new(tb.vf_client(0), config()).unwrap();
+    let mut cmd = cmdif(tb.vf_client(0), ARENA);
     cmd.exec(&new_input(Opcode::EnableHca, 0, 16), 12).unwrap();
     let mut hca = Hca::new(cmd);
     for n in [1usize, 63, 64, 65, 1000] {
@@ -203,7 +186,7 @@ fn manage_pages_with_many_pages_round_trips_byte_exact() {
 fn create_mkey_with_a_long_mtt_list_reaches_the_firmware_intact() {
     init_tracing();
     let tb = Testbed::start(1);
-    let vf = tb.adapter.vf(0).unwrap().clone();
+    let vf = tb.vf(0);
     let mut hca = up(tb.vf_client(0), true);
     // 1000 pages: 0x110 + 8000 bytes of input = 16 blocks; not contiguous, reversed.
     let mut mtt: Vec<u64> = (0..1000)
@@ -287,8 +270,8 @@ fn all_slots_in_flight(events: bool) {
     init_tracing();
     let vfs = 4;
     let tb = Testbed::start(vfs);
-    let pf = tb.adapter.pf().clone();
-    let mut hca = up(vfu::Client::connect(&tb.pf_socket()).unwrap(), events);
+    let pf = tb.pf();
+    let mut hca = up(tb.pf_client(), events);
     let cmds = thirty_two_commands(vfs);
     let one_by_one: Vec<Vec<u8>> = cmds
         .iter()
@@ -430,17 +413,10 @@ fn status_errors_map_to_the_kernel_errno_and_the_next_command_works() {
 fn a_command_the_device_never_completes_times_out_and_keeps_its_slot() {
     init_tracing();
     let tb = Testbed::start(1);
-    let mut cmd = CmdIf::new(tb.vf_client(0), config()).unwrap();
-    // Point the device at a queue address nothing is mapped at: the doorbell cannot be
-    // served, so the entry stays hardware-owned.
-    let mut queue = [0u8; 4];
-    cmd.client()
-        .region_read(BAR0, CMDQ_ADDR_L_SZ_OFFSET, &mut queue)
-        .unwrap();
-    let real = u32::from_be_bytes(queue) & 0xffff_f000;
-    cmd.client()
-        .region_write(BAR0, CMDQ_ADDR_L_SZ_OFFSET, &0x7000_0000u32.to_be_bytes())
-        .unwrap();
+    let mut cmd = cmdif(tb.vf_client(0), ARENA);
+    // The device's queue moved to an address nothing is mapped at: the doorbell cannot
+    // be served, so the entry stays hardware-owned.
+    let stuck = faults::unreachable_cmdq(&tb.vf(0));
     cmd.set_timeout(Duration::from_millis(200));
     let t = Instant::now();
     let e = cmd
@@ -450,9 +426,7 @@ fn a_command_the_device_never_completes_times_out_and_keeps_its_slot() {
     assert_eq!(e.errno(), -libc::ETIMEDOUT);
     assert!(t.elapsed() >= Duration::from_millis(200));
     assert_eq!(cmd.stuck_slots(), 1);
-    cmd.client()
-        .region_write(BAR0, CMDQ_ADDR_L_SZ_OFFSET, &real.to_be_bytes())
-        .unwrap();
+    stuck.restore();
     cmd.set_timeout(Duration::from_secs(10));
     // The next command takes another slot and completes.
     cmd.exec(&new_input(Opcode::EnableHca, 0, 16), 12)
@@ -464,7 +438,7 @@ fn a_command_the_device_never_completes_times_out_and_keeps_its_slot() {
 fn pf_reads_a_vfs_caps_through_other_function() {
     init_tracing();
     let tb = Testbed::start(2);
-    let mut hca = up(vfu::Client::connect(&tb.pf_socket()).unwrap(), true);
+    let mut hca = up(tb.pf_client(), true);
     assert_eq!(hca.info().unwrap().vhca_id, 0);
     for n in 0..2u16 {
         let other = hca.query_other_caps(n + 1).expect("other caps");
@@ -476,18 +450,6 @@ fn pf_reads_a_vfs_caps_through_other_function() {
     assert_eq!(e.errno(), -libc::EINVAL, "{e}");
     hca.down().unwrap();
     assert_no_objects(tb.adapter.pf(), "end");
-}
-
-fn run_cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(mlx5_testbed::mlx5vf_binary())
-        .args(args)
-        .output()
-        .expect("run mlx5vf");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]

@@ -5,62 +5,34 @@
 //! pattern (through its mmap of BAR2 and REGION_WRITE), suspended, saved through the PF
 //! into an mkey buffer, loaded into a VF of a second adapter, and compared.
 
-use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mlx5_prm::cmd::migration::*;
 use mlx5_prm::ifc::{get, set};
 use mlx5_prm::migration_stream::RecordHeader;
 use mlx5_prm::Opcode;
-use mlx5_testbed::{init_tracing, Function, Testbed};
-use mlx5vf::cmdif::{new_input, CmdIf, CmdIfConfig};
-use mlx5vf::hca::{Hca, HcaOptions};
-use vfu::uapi::VFIO_PCI_BAR2_REGION_INDEX;
+use mlx5_testbed::bringup::{pf_up, up, ARENA};
+use mlx5_testbed::devmem::{dev_mem, pattern, Bar2Map, BAR2};
+use mlx5_testbed::{init_tracing, Function, Sockets, Testbed};
+use mlx5vf::cmdif::new_input;
+use mlx5vf::hca::Hca;
+use mlx5vf::migration::arcs::{Fw, MigBuf};
 
 const PAGE: u64 = 4096;
 const VF_VHCA: u16 = 1;
 
-fn up(client: vfu::Client) -> Hca {
-    let cfg = CmdIfConfig {
-        timeout: Duration::from_secs(10),
-        ..Default::default()
-    };
-    let mut hca = Hca::new(CmdIf::new(client, cfg).expect("command interface"));
-    hca.up(&HcaOptions::default()).expect("bring-up");
-    hca
+/// The PF's command interface aimed at the VF, as mlx5vf's arcs hold it.
+fn fw(pf: &mut Hca) -> Fw<'_> {
+    Fw {
+        hca: pf,
+        vhca_id: VF_VHCA,
+        chunk_mode: false,
+    }
 }
 
-/// Arena pages of the PF behind one MTT mkey.
-struct Buf {
-    pages: Vec<u64>,
-    mkey: u32,
-}
-
-impl Buf {
-    fn alloc(pf: &mut Hca, pd: u32, bytes: u64) -> Buf {
-        let n = bytes.div_ceil(PAGE) as usize;
-        let pages: Vec<u64> = (0..n)
-            .map(|_| pf.cmd().arena_mut().alloc_page().expect("arena page"))
-            .collect();
-        let mkey = pf
-            .create_mkey_in_pd(pd, &pages, 12, n as u64 * PAGE, 0x21)
-            .expect("buffer mkey");
-        Buf { pages, mkey }
-    }
-
-    fn read(&self, pf: &mut Hca, len: usize) -> Vec<u8> {
-        let mut out = vec![0u8; len];
-        for (i, chunk) in out.chunks_mut(PAGE as usize).enumerate() {
-            pf.cmd().arena().read(self.pages[i], chunk).unwrap();
-        }
-        out
-    }
-
-    fn write(&self, pf: &mut Hca, data: &[u8]) {
-        for (i, chunk) in data.chunks(PAGE as usize).enumerate() {
-            pf.cmd().arena().write(self.pages[i], chunk).unwrap();
-        }
-    }
+/// A SAVE/LOAD buffer of `bytes` in `pd`: mlx5vf's own.
+fn mig_buf(pf: &mut Hca, pd: u32, bytes: u64) -> MigBuf {
+    MigBuf::alloc(&mut fw(pf), pd, bytes).expect("migration buffer")
 }
 
 fn cmd(op: Opcode, op_mod: u16, len: usize) -> Vec<u8> {
@@ -81,84 +53,12 @@ fn resume(pf: &mut Hca, op_mod: u16) {
     exec(pf, &cmd(Opcode::ResumeVhca, op_mod, 16), 16).expect("resume");
 }
 
-/// The seeded pattern (xorshift).
-fn pattern(len: usize, mut seed: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        v.extend_from_slice(&seed.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
-fn dev_mem_of(f: &Function) -> Vec<u8> {
-    let mut m = vec![0u8; f.devmem().size() as usize];
-    f.devmem().read(0, &mut m).unwrap();
-    m
-}
-
-/// Maps BAR2 through the region info's fd and sparse area, as a VMM would.
-struct Bar2Map {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl Bar2Map {
-    fn new(client: &mut vfu::Client) -> Bar2Map {
-        let info = client.region_info(VFIO_PCI_BAR2_REGION_INDEX).unwrap();
-        assert_eq!(
-            info.sparse_areas,
-            vec![(0, info.size)],
-            "one area over all of BAR2"
-        );
-        let fd = info.fd.expect("BAR2 offers an fd");
-        let len = info.size as usize;
-        // SAFETY: a fresh shared mapping of the memfd the server sent; nothing else
-        // owns the address range, and it is unmapped in Drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                info.offset as libc::off_t,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED);
-        Bar2Map {
-            ptr: ptr.cast(),
-            len,
-        }
-    }
-
-    fn write(&self, off: usize, data: &[u8]) {
-        assert!(off + data.len() <= self.len);
-        // SAFETY: in bounds of our own mapping; the bytes are plain memory shared with
-        // the device, which only copies them.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(off), data.len()) };
-    }
-}
-
-impl Drop for Bar2Map {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
 #[test]
 fn vf_state_and_device_memory_move_to_a_second_adapter() {
     init_tracing();
     let a = Testbed::start(1);
     let b = Testbed::start(1);
-    let (a_vf, b_vf) = (
-        a.adapter.vf(0).unwrap().clone(),
-        b.adapter.vf(0).unwrap().clone(),
-    );
+    let (a_vf, b_vf) = (a.vf(0), b.vf(0));
     let size = a_vf.devmem().size() as usize;
     assert_eq!(size, 1 << 20, "--dev-mem default");
 
@@ -172,30 +72,30 @@ fn vf_state_and_device_memory_move_to_a_second_adapter() {
     for (i, chunk) in want[size / 2..].chunks(64 << 10).enumerate() {
         vf_client
             .region_write(
-                VFIO_PCI_BAR2_REGION_INDEX,
+                BAR2,
                 (size / 2 + i * (64 << 10)) as u64,
                 chunk,
             )
             .unwrap();
     }
-    let mut vf = up(vf_client);
+    let mut vf = up(vf_client, ARENA, true);
     let page = vf.cmd().arena_mut().alloc_page().unwrap();
     let vf_mkey = vf.create_mkey(&[page], 12, PAGE, 0x77).expect("VF mkey");
     let extra_pd = vf.alloc_pd().unwrap();
     assert!(
-        dev_mem_of(&a_vf) == want,
+        dev_mem(&a_vf) == want,
         "both write paths reach device memory"
     );
 
     // The PF of adapter A: suspend the VF (initiator, then responder), query, save.
-    let mut pf = up(vfu::Client::connect(&a.pf_socket()).unwrap());
+    let mut pf = pf_up(&a.pf_socket());
     suspend(&mut pf, SUSPEND_OP_MOD_INITIATOR);
     suspend(&mut pf, SUSPEND_OP_MOD_RESPONDER);
     // A write into the frozen VF's memory is refused and recorded.
     assert!(vf
         .cmd()
         .client()
-        .region_write(VFIO_PCI_BAR2_REGION_INDEX, 0, &[1, 2, 3, 4])
+        .region_write(BAR2, 0, &[1, 2, 3, 4])
         .is_err());
     let v = a_vf.violations();
     assert_eq!(v.len(), 1, "{v:?}");
@@ -209,20 +109,17 @@ fn vf_state_and_device_memory_move_to_a_second_adapter() {
     .unwrap();
     let required = get(&q, QUERY_VHCA_MIGRATION_STATE_OUT_REQUIRED_UMEM_SIZE);
     let pd = pf.alloc_pd().unwrap();
-    let buf = Buf::alloc(&mut pf, pd, required);
+    let buf = mig_buf(&mut pf, pd, required);
     let mut m = cmd(Opcode::SaveVhcaState, 0, SAVE_VHCA_STATE_IN_LEN);
-    set(&mut m, SAVE_VHCA_STATE_IN_MKEY, buf.mkey.into());
-    set(
-        &mut m,
-        SAVE_VHCA_STATE_IN_SIZE,
-        buf.pages.len() as u64 * PAGE,
-    );
+    set(&mut m, SAVE_VHCA_STATE_IN_MKEY, buf.mkey().into());
+    set(&mut m, SAVE_VHCA_STATE_IN_SIZE, buf.size());
     let t = Instant::now();
     let out = exec(&mut pf, &m, SAVE_VHCA_STATE_OUT_LEN).expect("save");
     let save_time = t.elapsed();
     let image_size = get(&out, SAVE_VHCA_STATE_OUT_ACTUAL_IMAGE_SIZE);
     assert_eq!(image_size, required, "QUERY predicted the image");
-    let image = buf.read(&mut pf, image_size as usize);
+    let mut image = vec![0u8; image_size as usize];
+    buf.read(pf.cmd().arena(), 0, &mut image).expect("read the image");
     // As mlx5vf streams it: a FW_DATA record around the image.
     let header = RecordHeader::fw_data(image_size).to_bytes();
     assert_eq!(
@@ -231,29 +128,29 @@ fn vf_state_and_device_memory_move_to_a_second_adapter() {
     );
 
     // The destination: adapter B's PF loads it into its VF 0.
-    let mut pf_b = up(vfu::Client::connect(&b.pf_socket()).unwrap());
+    let mut pf_b = pf_up(&b.pf_socket());
     suspend(&mut pf_b, SUSPEND_OP_MOD_INITIATOR);
     suspend(&mut pf_b, SUSPEND_OP_MOD_RESPONDER);
     let pd_b = pf_b.alloc_pd().unwrap();
-    let buf_b = Buf::alloc(&mut pf_b, pd_b, image_size);
+    let buf_b = mig_buf(&mut pf_b, pd_b, image_size);
     // A corrupted copy first: refused, and B's VF is unchanged.
-    let before = (b_vf.object_counts(), dev_mem_of(&b_vf));
+    let before = (b_vf.object_counts(), dev_mem(&b_vf));
     let mut bad = image.clone();
     bad[image.len() / 3] ^= 4;
-    buf_b.write(&mut pf_b, &bad);
+    buf_b.write(pf_b.cmd().arena(), 0, &bad).expect("write");
     let mut m = cmd(Opcode::LoadVhcaState, 0, LOAD_VHCA_STATE_IN_LEN);
-    set(&mut m, LOAD_VHCA_STATE_IN_MKEY, buf_b.mkey.into());
+    set(&mut m, LOAD_VHCA_STATE_IN_MKEY, buf_b.mkey().into());
     set(&mut m, LOAD_VHCA_STATE_IN_SIZE, image_size);
     assert_eq!(exec(&mut pf_b, &m, 16), Err(-libc::EINVAL));
-    assert!((b_vf.object_counts(), dev_mem_of(&b_vf)) == before);
-    buf_b.write(&mut pf_b, &image);
+    assert!((b_vf.object_counts(), dev_mem(&b_vf)) == before);
+    buf_b.write(pf_b.cmd().arena(), 0, &image).expect("write");
     let t = Instant::now();
     exec(&mut pf_b, &m, 16).expect("load");
     let load_time = t.elapsed();
     resume(&mut pf_b, RESUME_OP_MOD_RESPONDER);
     resume(&mut pf_b, RESUME_OP_MOD_INITIATOR);
 
-    assert!(dev_mem_of(&b_vf) == want, "device memory arrived");
+    assert!(dev_mem(&b_vf) == want, "device memory arrived");
     assert_eq!(b_vf.object_counts(), a_vf.object_counts());
     assert_eq!(
         b_vf.firmware().image_objects(),
@@ -277,7 +174,7 @@ fn vf_state_and_device_memory_move_to_a_second_adapter() {
     vf.dealloc_pd(extra_pd).unwrap();
     vf.down().expect("source VF still answers its driver");
     for (hca, buf, pd) in [(&mut pf, buf, pd), (&mut pf_b, buf_b, pd_b)] {
-        hca.destroy_mkey(buf.mkey).unwrap();
+        buf.free(&mut fw(hca));
         hca.dealloc_pd(pd).unwrap();
         hca.down().unwrap();
     }

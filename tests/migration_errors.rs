@@ -1,220 +1,45 @@
 //! Issue 5, the failure paths of mlx5vf's migration driver (kernel-mlx5vf.md §2.3, §3;
 //! CONVENTIONS items 12 and 16): one named test per path.
 //!
-//! The conditions are made with what a test can reach in process: the emulator's
-//! functions (the PF's BAR0 health buffer and all-ones mode, a VF's device memory and
-//! migration state) and the PF's own command interface acting behind the migration
-//! driver's back (a second vfio-user client of the PF is refused, so "another PF user"
-//! is the same command client, taken between the driver's calls). There is no fault
-//! injection framework yet; none is built here. Every test runs with short command
-//! timeouts and finishes in a few seconds.
+//! The conditions are made with what a test can reach in process, all through
+//! `mlx5_testbed::faults` (the PF's BAR0 health buffer and all-ones mode, its command
+//! queue moved out of reach) and the PF's own command interface acting behind the
+//! migration driver's back (a second vfio-user client of the PF is refused, so
+//! "another PF user" is the same command client, taken between the driver's calls).
+//! Every test runs with short command timeouts and finishes in a few seconds.
 
 use std::io::Read;
-use std::path::Path;
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mlx5_emulator::MigState as FwState;
 use mlx5_prm::ifc::set;
-use mlx5_prm::iseg::{CMDQ_ADDR_L_SZ_OFFSET, HEALTH_SYND_FW_INTERNAL_ERR};
+use mlx5_prm::iseg::HEALTH_SYND_FW_INTERNAL_ERR;
+use mlx5_prm::migration_stream::RecordHeader;
 use mlx5_prm::Opcode;
-use mlx5_testbed::{init_tracing, Function, Testbed};
-use mlx5vf::cmdif::{new_input, ArenaConfig, CmdError, CmdIf, CmdIfConfig, HealthFault};
-use mlx5vf::hca::{Hca, HcaOptions};
+use mlx5_testbed::bringup::CMD_TIMEOUT;
+use mlx5_testbed::devmem::pattern;
+use mlx5_testbed::faults;
+use mlx5_testbed::init_tracing;
+use mlx5_testbed::migrate::{drain, errno_of, fw_data_records, write_in_chunks, Rig};
+use mlx5_testbed::wait::bounded;
+use mlx5vf::cmdif::{new_input, CmdError, HealthFault};
 use mlx5vf::migration::fsm::MigState;
 use mlx5vf::migration::layout::{
-    RECORD_HEADER_LEN, RESUME_INITIATOR, SUSPEND_INITIATOR, SUSPEND_RESUME_IN_LEN,
-    SUSPEND_RESUME_OUT_LEN, TAG_FW_DATA, VHCA_ID,
+    RESUME_INITIATOR, SUSPEND_INITIATOR, SUSPEND_RESUME_IN_LEN, SUSPEND_RESUME_OUT_LEN, VHCA_ID,
 };
-use mlx5vf::migration::stream::RecordHeader;
-use mlx5vf::migration::{DataStream, MigError, MigrationDevice};
+use mlx5vf::migration::MigError;
 
-/// Commands that are expected to complete.
-const CMD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Commands that are expected never to complete.
 const SHORT_TIMEOUT: Duration = Duration::from_millis(300);
 /// What "promptly" means for a call that must not wait on the device.
 const PROMPT: Duration = Duration::from_secs(1);
-/// Where nothing is DMA-mapped: a command queue moved there is never served.
-const UNMAPPED_QUEUE: u32 = 0x7000_0000;
 
-/// An adapter with one VF, its PF brought up, and the VF's migration driver.
-struct Rig {
-    tb: Testbed,
-    pf: Arc<Mutex<Hca>>,
-    dev: MigrationDevice,
-}
-
-fn pf_up(socket: &Path) -> Arc<Mutex<Hca>> {
-    let cfg = CmdIfConfig {
-        timeout: CMD_TIMEOUT,
-        pre_init_timeout: Duration::from_secs(5),
-        arena: ArenaConfig {
-            size: 32 << 20,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let client = vfu::Client::connect(socket).expect("connect PF");
-    let mut hca = Hca::new(CmdIf::new(client, cfg).expect("PF cmdif"));
-    hca.up(&HcaOptions::default()).expect("PF up");
-    Arc::new(Mutex::new(hca))
-}
-
-fn rig() -> Rig {
-    let tb = Testbed::start(1);
-    let pf = pf_up(&tb.pf_socket());
-    let dev = MigrationDevice::new(pf.clone(), 0).expect("migration device");
-    Rig { tb, pf, dev }
-}
-
-impl Rig {
-    fn vf(&self) -> &Arc<Function> {
-        self.tb.adapter.vf(0).expect("VF 0")
-    }
-
-    fn pf_fn(&self) -> &Arc<Function> {
-        self.tb.adapter.pf()
-    }
-
-    /// The VF's migration state as the firmware holds it.
-    fn fw_state(&self) -> FwState {
-        self.vf().migration_state()
-    }
-
-    fn set_timeout(&self, t: Duration) {
-        self.pf.lock().unwrap().cmd().set_timeout(t);
-    }
-
-    /// SUSPEND_VHCA / RESUME_VHCA on the VF through the PF, behind the driver's back.
-    fn behind_back(&self, op: Opcode, op_mod: u16) -> Result<(), CmdError> {
-        let mut m = new_input(op, op_mod, SUSPEND_RESUME_IN_LEN);
-        set(&mut m, VHCA_ID, self.dev.info().vhca_id.into());
-        let mut hca = self.pf.lock().unwrap();
-        hca.cmd().exec(&m, SUSPEND_RESUME_OUT_LEN).map(drop)
-    }
-
-    /// Points the PF's command queue at an IOVA nothing is mapped at, from the device
-    /// side (the driver's locks are not needed): a doorbell then cannot be served and
-    /// its entry stays hardware-owned. Returns the register's real value.
-    fn break_cmdq(&self) -> u32 {
-        let mut s = self.pf_fn().lock();
-        let real = s.bar0.cmdq_address() as u32;
-        s.bar0
-            .write(CMDQ_ADDR_L_SZ_OFFSET, &UNMAPPED_QUEUE.to_be_bytes())
-            .expect("cmdq address write");
-        real
-    }
-
-    /// Puts the queue back where the driver has it. Commands posted meanwhile stay
-    /// lost (their doorbells were consumed); later ones are served.
-    fn restore_cmdq(&self, real: u32) {
-        self.pf_fn()
-            .lock()
-            .bar0
-            .write(CMDQ_ADDR_L_SZ_OFFSET, &real.to_be_bytes())
-            .expect("cmdq address write");
-    }
-
-    /// Fills the VF's device memory with a seeded pattern.
-    fn fill(&self, seed: u64) -> Vec<u8> {
-        let d = pattern(self.vf().devmem().size() as usize, seed);
-        self.vf().devmem().write(0, &d).unwrap();
-        d
-    }
-
-    fn dev_mem(&self) -> Vec<u8> {
-        let mut m = vec![0u8; self.vf().devmem().size() as usize];
-        self.vf().devmem().read(0, &mut m).unwrap();
-        m
-    }
-
-    /// The full stop-copy stream; the device is back in RUNNING afterwards.
-    fn capture(&self) -> Vec<u8> {
-        self.dev.set_state(MigState::Stop).expect("STOP");
-        let mut s = self
-            .dev
-            .set_state(MigState::StopCopy)
-            .expect("STOP_COPY")
-            .expect("saving stream");
-        let mut v = Vec::new();
-        s.read_to_end(&mut v).expect("read the stream");
-        self.dev.set_state(MigState::Stop).expect("STOP");
-        self.dev.set_state(MigState::Running).expect("RUNNING");
-        v
-    }
-
-    /// Loads `stream` in 4 KiB writes and runs the device.
-    fn load(&self, stream: &[u8]) {
-        let mut w = self
-            .dev
-            .set_state(MigState::Resuming)
-            .expect("RESUMING")
-            .expect("resuming stream");
-        for part in stream.chunks(4096) {
-            w.write_data(part).expect("write");
-        }
-        self.dev.set_state(MigState::Running).expect("RUNNING");
-    }
-}
-
-/// xorshift bytes.
-fn pattern(len: usize, mut seed: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        v.extend_from_slice(&seed.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
-/// Reads until the pre-copy temporary end (ENOMSG) or the end of the stream.
-fn drain(s: &mut DataStream, keep: &mut Vec<u8>) {
-    let mut buf = vec![0u8; 64 << 10];
-    for _ in 0..100_000 {
-        match s.read_data(&mut buf) {
-            Ok(0) | Err(MigError::NoMsg) => return,
-            Ok(n) => keep.extend_from_slice(&buf[..n]),
-            Err(e) => panic!("read: {e}"),
-        }
-    }
-    panic!("the stream did not end");
-}
-
-/// (offset of the payload, length) of every FW_DATA record.
-fn fw_data_records(stream: &[u8]) -> Vec<(usize, usize)> {
-    let mut v = Vec::new();
-    let mut at = 0;
-    while at + RECORD_HEADER_LEN <= stream.len() {
-        let mut h = [0u8; RECORD_HEADER_LEN];
-        h.copy_from_slice(&stream[at..at + RECORD_HEADER_LEN]);
-        let h = RecordHeader::decode(&h);
-        let payload = at + RECORD_HEADER_LEN;
-        if h.tag == TAG_FW_DATA {
-            v.push((payload, h.record_size as usize));
-        }
-        at = payload + h.record_size as usize;
-    }
-    v
-}
-
-fn errno_of<T: std::fmt::Debug>(r: Result<T, MigError>) -> i32 {
-    r.expect_err("expected an error").errno()
-}
-
-/// Runs `f` on a thread and waits at most `limit` for it (a hang fails the test
-/// instead of blocking the run).
-fn bounded<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(limit)
-        .unwrap_or_else(|e| panic!("no answer within {limit:?}: {e}"))
+/// SUSPEND_VHCA / RESUME_VHCA on the VF through the PF, behind the driver's back.
+fn behind_back(r: &Rig, op: Opcode, op_mod: u16) -> Result<(), CmdError> {
+    let mut m = new_input(op, op_mod, SUSPEND_RESUME_IN_LEN);
+    set(&mut m, VHCA_ID, r.dev.info().vhca_id.into());
+    let mut hca = r.pf.lock().unwrap();
+    hca.cmd().exec(&m, SUSPEND_RESUME_OUT_LEN).map(drop)
 }
 
 /// PRE_COPY → STOP walks PRE_COPY → RUNNING → RUNNING_P2P → STOP. Another PF user
@@ -225,7 +50,7 @@ fn bounded<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 's
 #[test]
 fn a_suspend_refused_mid_path_leaves_the_device_in_the_last_state_reached() {
     init_tracing();
-    let r = rig();
+    let r = Rig::start();
     r.fill(1);
     let objects = r.pf_fn().object_counts();
     let mut s = r
@@ -235,7 +60,7 @@ fn a_suspend_refused_mid_path_leaves_the_device_in_the_last_state_reached() {
         .expect("saving stream");
     drain(&mut s, &mut Vec::new());
 
-    r.behind_back(Opcode::SuspendVhca, SUSPEND_INITIATOR)
+    behind_back(&r, Opcode::SuspendVhca, SUSPEND_INITIATOR)
         .expect("SUSPEND behind the driver's back");
     assert_eq!(r.fw_state(), FwState::InitiatorSuspended);
 
@@ -254,7 +79,7 @@ fn a_suspend_refused_mid_path_leaves_the_device_in_the_last_state_reached() {
     assert_eq!(r.pf_fn().object_counts(), objects, "migration file leaked");
 
     // The user may retry from there once the other user is done.
-    r.behind_back(Opcode::ResumeVhca, RESUME_INITIATOR)
+    behind_back(&r, Opcode::ResumeVhca, RESUME_INITIATOR)
         .expect("RESUME behind the driver's back");
     r.dev.set_state(MigState::Stop).expect("STOP on retry");
     assert_eq!(r.fw_state(), FwState::ResponderSuspended);
@@ -268,7 +93,7 @@ fn a_suspend_refused_mid_path_leaves_the_device_in_the_last_state_reached() {
 #[test]
 fn stop_copy_without_dma_memory_fails_with_enomem_and_stays_in_stop() {
     init_tracing();
-    let r = rig();
+    let r = Rig::start();
     r.fill(2);
     let objects = r.pf_fn().object_counts();
     let hoard: Vec<u64> = {
@@ -311,7 +136,7 @@ fn stop_copy_without_dma_memory_fails_with_enomem_and_stays_in_stop() {
 #[test]
 fn a_command_that_never_completes_puts_the_device_in_error_until_reset() {
     init_tracing();
-    let r = rig();
+    let r = Rig::start();
     let data = r.fill(3);
     let mut s = r
         .dev
@@ -320,7 +145,7 @@ fn a_command_that_never_completes_puts_the_device_in_error_until_reset() {
         .expect("saving stream");
     drain(&mut s, &mut Vec::new());
     r.set_timeout(SHORT_TIMEOUT);
-    let real = r.break_cmdq();
+    let stuck = faults::unreachable_cmdq(&r.pf_fn());
 
     let t = Instant::now();
     let e = r.dev.set_state(MigState::StopCopy).unwrap_err();
@@ -362,7 +187,7 @@ fn a_command_that_never_completes_puts_the_device_in_error_until_reset() {
     assert_eq!(errno_of(r.dev.data_size()), -libc::EINVAL);
     assert_eq!(errno_of(r.dev.precopy_info()), -libc::EINVAL);
 
-    r.restore_cmdq(real);
+    stuck.restore();
     r.set_timeout(CMD_TIMEOUT);
     r.dev.reset();
     assert_eq!(r.dev.state(), MigState::Running);
@@ -370,7 +195,7 @@ fn a_command_that_never_completes_puts_the_device_in_error_until_reset() {
     assert_eq!(r.fw_state(), FwState::Running);
     assert_eq!(errno_of(s.read_data(&mut [0u8; 16])), -libc::ENODEV);
 
-    let b = rig();
+    let b = Rig::start();
     let stream = r.capture();
     b.load(&stream);
     assert!(b.dev_mem() == data, "device memory differs after the retry");
@@ -386,7 +211,7 @@ fn a_command_that_never_completes_puts_the_device_in_error_until_reset() {
 #[test]
 fn a_firmware_health_syndrome_puts_the_device_in_error_and_reset_recovers_once_cleared() {
     init_tracing();
-    let r = rig();
+    let r = Rig::start();
     let data = r.fill(4);
     let mut s = r
         .dev
@@ -394,10 +219,7 @@ fn a_firmware_health_syndrome_puts_the_device_in_error_and_reset_recovers_once_c
         .unwrap()
         .expect("saving stream");
     drain(&mut s, &mut Vec::new());
-    r.pf_fn()
-        .lock()
-        .bar0
-        .set_health_syndrome(HEALTH_SYND_FW_INTERNAL_ERR, 0xbeef);
+    faults::set_health_syndrome(&r.pf_fn(), HEALTH_SYND_FW_INTERNAL_ERR, 0xbeef);
 
     let e = r.dev.set_state(MigState::StopCopy).unwrap_err();
     eprintln!("PRE_COPY -> STOP_COPY with a syndrome: {e} [{}]", e.errno());
@@ -422,10 +244,10 @@ fn a_firmware_health_syndrome_puts_the_device_in_error_and_reset_recovers_once_c
     assert_eq!(errno_of(r.dev.set_state(MigState::Stop)), -libc::ENXIO);
     assert_eq!(r.dev.state(), MigState::Error, "the fault is still there");
 
-    r.pf_fn().lock().bar0.clear_health();
+    faults::clear_health(&r.pf_fn());
     r.dev.reset();
     assert_eq!(r.dev.state(), MigState::Running);
-    let b = rig();
+    let b = Rig::start();
     b.load(&r.capture());
     assert!(b.dev_mem() == data, "device memory differs after recovery");
 }
@@ -437,8 +259,8 @@ fn a_firmware_health_syndrome_puts_the_device_in_error_and_reset_recovers_once_c
 #[test]
 fn a_pf_reading_all_ones_puts_the_device_in_error_without_waiting_for_a_timeout() {
     init_tracing();
-    let r = rig();
-    r.pf_fn().lock().bar0.set_all_ones(true);
+    let r = Rig::start();
+    faults::set_all_ones(&r.pf_fn(), true);
     let t = Instant::now();
     let e = r.dev.set_state(MigState::Stop).unwrap_err();
     eprintln!("RUNNING -> STOP, all-ones: {e} after {:?}", t.elapsed());
@@ -451,7 +273,7 @@ fn a_pf_reading_all_ones_puts_the_device_in_error_without_waiting_for_a_timeout(
     assert_eq!(r.dev.state(), MigState::Error);
     assert_eq!(r.fw_state(), FwState::Running);
 
-    r.pf_fn().lock().bar0.set_all_ones(false);
+    faults::set_all_ones(&r.pf_fn(), false);
     r.dev.reset();
     assert_eq!(r.dev.state(), MigState::Running);
     r.dev
@@ -468,7 +290,7 @@ fn a_pf_reading_all_ones_puts_the_device_in_error_without_waiting_for_a_timeout(
 #[test]
 fn a_command_failure_while_the_firmware_reports_a_syndrome_is_fatal_and_keeps_its_errno() {
     init_tracing();
-    let r = rig();
+    let r = Rig::start();
     r.fill(8);
     let mut stream = r.capture();
     let (at, len) = fw_data_records(&stream)[0];
@@ -478,17 +300,14 @@ fn a_command_failure_while_the_firmware_reports_a_syndrome_is_fatal_and_keeps_it
         .set_state(MigState::Resuming)
         .unwrap()
         .expect("resuming stream");
-    r.pf_fn()
-        .lock()
-        .bar0
-        .set_health_syndrome(HEALTH_SYND_FW_INTERNAL_ERR, 1);
+    faults::set_health_syndrome(&r.pf_fn(), HEALTH_SYND_FW_INTERNAL_ERR, 1);
     let e = w.write_data(&stream).unwrap_err();
     eprintln!("LOAD refused with a syndrome set: {e} [{}]", e.errno());
     assert_eq!(e.errno(), -libc::EINVAL, "{e}");
     assert!(!e.is_fatal(), "the refusal itself is not fatal");
     assert_eq!(r.dev.state(), MigState::Error);
     assert_eq!(errno_of(w.write_data(&[0u8; 4])), -libc::ENODEV);
-    r.pf_fn().lock().bar0.clear_health();
+    faults::clear_health(&r.pf_fn());
     r.dev.reset();
     assert_eq!(r.dev.state(), MigState::Running);
     assert_eq!(r.fw_state(), FwState::Running);
@@ -523,8 +342,8 @@ fn base_and_delta(src: &Rig) -> (Vec<u8>, Vec<u8>) {
 #[test]
 fn a_corrupted_delta_after_a_loaded_base_puts_the_destination_in_error() {
     init_tracing();
-    let src = rig();
-    let dst = rig();
+    let src = Rig::start();
+    let dst = Rig::start();
     let (good, mem) = base_and_delta(&src);
     let recs = fw_data_records(&good);
     let (delta_at, delta_len) = recs[1];
@@ -537,14 +356,7 @@ fn a_corrupted_delta_after_a_loaded_base_puts_the_destination_in_error() {
         .set_state(MigState::Resuming)
         .unwrap()
         .expect("resuming stream");
-    let mut failure = None;
-    for part in bad.chunks(4096) {
-        if let Err(e) = w.write_data(part) {
-            failure = Some(e);
-            break;
-        }
-    }
-    let e = failure.expect("the corrupted delta is refused");
+    let e = write_in_chunks(&mut w, &bad, 4096).expect_err("the corrupted delta is refused");
     eprintln!("corrupted delta: {e} [{}]", e.errno());
     assert_eq!(e.errno(), -libc::EINVAL, "{e}");
     assert!(e.is_fatal());
@@ -570,8 +382,8 @@ fn a_corrupted_delta_after_a_loaded_base_puts_the_destination_in_error() {
 #[test]
 fn a_stream_ending_inside_the_delta_fails_resuming_to_stop_with_error() {
     init_tracing();
-    let src = rig();
-    let dst = rig();
+    let src = Rig::start();
+    let dst = Rig::start();
     let (good, mem) = base_and_delta(&src);
     let (delta_at, delta_len) = fw_data_records(&good)[1];
     let cut = &good[..delta_at + delta_len / 2];
@@ -603,7 +415,7 @@ fn a_stream_ending_inside_the_delta_fails_resuming_to_stop_with_error() {
 #[test]
 fn stop_copy_to_pre_copy_returns_einval_promptly_and_stays_in_stop_copy() {
     init_tracing();
-    let r = rig();
+    let r = Rig::start();
     r.fill(6);
     r.dev.set_state(MigState::Stop).unwrap();
     let mut s = r
@@ -634,11 +446,11 @@ fn stop_copy_to_pre_copy_returns_einval_promptly_and_stays_in_stop_copy() {
 #[test]
 fn a_reset_during_a_command_in_flight_takes_effect_when_the_command_ends() {
     init_tracing();
-    let r = rig();
+    let r = Rig::start();
     let objects = r.pf_fn().object_counts();
     let timeout = Duration::from_millis(1500);
     r.set_timeout(timeout);
-    let real = r.break_cmdq();
+    let stuck = faults::unreachable_cmdq(&r.pf_fn());
     let dev = r.dev.clone();
     let worker = std::thread::spawn(move || {
         let r = dev.set_state(MigState::Stop);
@@ -646,7 +458,7 @@ fn a_reset_during_a_command_in_flight_takes_effect_when_the_command_ends() {
     });
     // The SUSPEND is posted and its doorbell consumed; later commands will be served.
     std::thread::sleep(Duration::from_millis(300));
-    r.restore_cmdq(real);
+    stuck.restore();
     assert!(!worker.is_finished(), "set_state is blocked in the command");
 
     let t = Instant::now();
@@ -701,7 +513,7 @@ fn a_reset_during_a_command_in_flight_takes_effect_when_the_command_ends() {
 #[test]
 fn hostile_data_stream_use_gets_the_kernels_errnos() {
     init_tracing();
-    let r = rig();
+    let r = Rig::start();
     r.fill(7);
     let running_size = r.dev.data_size().expect("MIG_DATA_SIZE in RUNNING");
     assert!(running_size > 0);
@@ -735,12 +547,7 @@ fn hostile_data_stream_use_gets_the_kernels_errnos() {
         running_size
     );
     assert_eq!(errno_of(w.read_data(&mut head)), -libc::EINVAL);
-    let unknown = RecordHeader {
-        record_size: 0,
-        flags: 0,
-        tag: 0x4242,
-    }
-    .encode();
+    let unknown = RecordHeader::new(0, 0, 0x4242).to_bytes();
     assert_eq!(errno_of(w.write_data(&unknown)), -libc::EOPNOTSUPP);
     assert_eq!(r.dev.state(), MigState::Resuming, "nothing was loaded");
     assert_eq!(errno_of(w.write_data(&v)), -libc::ENODEV);
@@ -752,11 +559,11 @@ fn hostile_data_stream_use_gets_the_kernels_errnos() {
 
     // In ERROR (a command that never completed), MIG_DATA_SIZE is refused.
     r.set_timeout(SHORT_TIMEOUT);
-    let real = r.break_cmdq();
+    let stuck = faults::unreachable_cmdq(&r.pf_fn());
     assert_eq!(errno_of(r.dev.data_size()), -libc::ETIMEDOUT);
     assert_eq!(r.dev.state(), MigState::Error);
     assert_eq!(errno_of(r.dev.data_size()), -libc::EINVAL);
-    r.restore_cmdq(real);
+    stuck.restore();
     r.set_timeout(CMD_TIMEOUT);
     r.dev.reset();
     assert_eq!(r.dev.data_size().expect("after reset"), running_size);

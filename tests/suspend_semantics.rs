@@ -11,11 +11,8 @@
 //!   and changes nothing: the slot stays hardware-owned, the firmware is untouched;
 //! * RESUME_VHCA in reverse order lets the refused command proceed.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use mlx5_emulator::{HcaState, MigState, ViolationKind};
 use mlx5_prm::cmd::hca::{
@@ -24,110 +21,23 @@ use mlx5_prm::cmd::hca::{
 use mlx5_prm::cmd::migration::*;
 use mlx5_prm::cmdq::*;
 use mlx5_prm::ifc::set;
+use mlx5_prm::iseg::{CMDQ_ADDR_H_OFFSET, CMDQ_ADDR_L_SZ_OFFSET, CMD_DBELL_OFFSET};
 use mlx5_prm::Opcode;
-use mlx5_testbed::{init_tracing, Testbed};
-use mlx5vf::cmdif::{new_input, CmdIf, CmdIfConfig};
-use mlx5vf::hca::{Hca, HcaOptions};
-use vfu::uapi::*;
-use vfu::Client;
+use mlx5_testbed::bringup;
+use mlx5_testbed::faults;
+use mlx5_testbed::rawq::{self, RawQueue};
+use mlx5_testbed::{init_tracing, Sockets, Testbed};
+use mlx5vf::cmdif::new_input;
+use mlx5vf::hca::Hca;
 
-const BAR0: u32 = VFIO_PCI_BAR0_REGION_INDEX;
-/// cmdq_addr_h, cmdq_addr_l_sz and cmd_dbell (struct mlx5_init_seg).
-const CMDQ_ADDR_H: u64 = 0x10;
-const CMDQ_ADDR_L_SZ: u64 = 0x14;
-const CMD_DBELL: u64 = 0x18;
 /// IOVA of the VF's queue memfd.
 const IOVA: u64 = 0x1_0000_0000;
 const MEM_SIZE: u64 = 0x1_0000;
 const VF_VHCA: u16 = 1;
 
-/// The VF's command queue, driven by hand.
-struct VfQueue {
-    c: Client,
-    mem: File,
-}
-
-impl VfQueue {
-    fn new(tb: &Testbed) -> VfQueue {
-        let mut c = tb.vf_client(0);
-        let mem = vfu::dma::memfd("suspend-semantics", MEM_SIZE).unwrap();
-        let rw = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
-        c.dma_map(IOVA, MEM_SIZE, mem.as_raw_fd(), 0, rw).unwrap();
-        let mut q = VfQueue { c, mem };
-        q.program(IOVA).unwrap();
-        q
-    }
-
-    /// Writes the queue address registers (big-endian words, high first).
-    fn program(&mut self, addr: u64) -> Result<(), vfu::VfuError> {
-        self.c
-            .region_write(BAR0, CMDQ_ADDR_H, &((addr >> 32) as u32).to_be_bytes())?;
-        self.c
-            .region_write(BAR0, CMDQ_ADDR_L_SZ, &(addr as u32).to_be_bytes())
-    }
-
-    fn read_reg(&mut self, off: u64) -> u32 {
-        let mut b = [0u8; 4];
-        self.c.region_read(BAR0, off, &mut b).unwrap();
-        u32::from_be_bytes(b)
-    }
-
-    /// Posts an inline command (input and output of at most 16 bytes) in `slot`, owned
-    /// by hardware.
-    fn post(&self, slot: u8, input: &[u8], outlen: usize) {
-        assert!(input.len() <= INLINE_SIZE && outlen <= INLINE_SIZE);
-        let mut e = [0u8; CMD_ENTRY_SIZE];
-        e[0] = MLX5_PCI_CMD_XPORT;
-        e[CMD_INLEN_OFFSET..CMD_INLEN_OFFSET + 4]
-            .copy_from_slice(&(input.len() as u32).to_be_bytes());
-        e[CMD_IN_OFFSET..CMD_IN_OFFSET + input.len()].copy_from_slice(input);
-        e[CMD_OUTLEN_OFFSET..CMD_OUTLEN_OFFSET + 4].copy_from_slice(&(outlen as u32).to_be_bytes());
-        e[CMD_TOKEN_OFFSET] = 0x5a;
-        e[CMD_STATUS_OWN_OFFSET] = CMD_OWNER_HW;
-        e[CMD_SIG_OFFSET] = entry_signature(&e);
-        self.mem.write_all_at(&e, entry_off(slot)).unwrap();
-    }
-
-    fn ring(&mut self, mask: u32) {
-        self.c
-            .region_write(BAR0, CMD_DBELL, &mask.to_be_bytes())
-            .unwrap();
-    }
-
-    fn status_own(&self, slot: u8) -> u8 {
-        status_own(&self.mem, slot)
-    }
-
-    /// Waits for `slot` to go back to software: (delivery status, command status).
-    fn wait(&self, slot: u8) -> (DeliveryStatus, u8) {
-        let start = Instant::now();
-        loop {
-            let s = self.status_own(slot);
-            if s & CMD_OWNER_HW == 0 {
-                let mut out = [0u8; 1];
-                self.mem
-                    .read_exact_at(&mut out, entry_off(slot) + CMD_OUT_OFFSET as u64)
-                    .unwrap();
-                return (DeliveryStatus::from_status_own(s).unwrap(), out[0]);
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(5),
-                "slot {slot} never completed"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-}
-
-fn entry_off(slot: u8) -> u64 {
-    u64::from(slot) * CMD_ENTRY_SIZE as u64
-}
-
-fn status_own(mem: &File, slot: u8) -> u8 {
-    let mut b = [0u8; 1];
-    mem.read_exact_at(&mut b, entry_off(slot) + CMD_STATUS_OWN_OFFSET as u64)
-        .unwrap();
-    b[0]
+/// The VF's command queue, driven by hand as its guest driver would.
+fn vf_queue(tb: &Testbed) -> RawQueue {
+    RawQueue::new(tb.vf_client(0), IOVA, MEM_SIZE)
 }
 
 fn enable_hca() -> (Vec<u8>, usize) {
@@ -146,14 +56,7 @@ fn disable_hca() -> (Vec<u8>, usize) {
 
 /// The PF, brought up by mlx5vf's bring-up sequence.
 fn pf_up(tb: &Testbed) -> Hca {
-    let cfg = CmdIfConfig {
-        timeout: Duration::from_secs(10),
-        ..Default::default()
-    };
-    let client = Client::connect(&tb.pf_socket()).unwrap();
-    let mut hca = Hca::new(CmdIf::new(client, cfg).expect("command interface"));
-    hca.up(&HcaOptions::default()).expect("PF bring-up");
-    hca
+    bringup::pf_up(&tb.pf_socket())
 }
 
 /// SUSPEND_VHCA or RESUME_VHCA of the VF through the PF; the errno on failure.
@@ -167,28 +70,28 @@ fn mig(pf: &mut Hca, op: Opcode, op_mod: u16) -> Result<(), i32> {
 fn command_work_queued_before_responder_suspend_completes_before_suspend_does() {
     init_tracing();
     let tb = Testbed::start(1);
-    let vf = std::sync::Arc::clone(tb.adapter.vf(0).unwrap());
-    let mut q = VfQueue::new(&tb);
+    let vf = tb.vf(0);
+    let mut q = vf_queue(&tb);
     let mut pf = pf_up(&tb);
     mig(&mut pf, Opcode::SuspendVhca, SUSPEND_OP_MOD_INITIATOR).unwrap();
 
     // The guest posts ENABLE_HCA and rings. The firmware lock is held here, so the VF's
     // worker takes the work and blocks executing it: the work is queued, not done.
-    let fw = vf.firmware();
+    let fw = faults::hold_firmware(&vf);
     let (input, outlen) = enable_hca();
     q.post(0, &input, outlen);
     q.ring(1);
     assert_eq!(vf.work_in_flight(), 1, "the doorbell's work is in flight");
 
     let (tx, rx) = mpsc::channel();
-    let vf2 = std::sync::Arc::clone(&vf);
-    let mem = q.mem.try_clone().unwrap();
+    let vf2 = vf.clone();
+    let mem = q.mem.try_clone();
     let suspender = std::thread::spawn(move || {
         let r = mig(&mut pf, Opcode::SuspendVhca, SUSPEND_OP_MOD_RESPONDER);
         // What the device looks like the moment SUSPEND has completed.
         tx.send((
             r,
-            status_own(&mem, 0),
+            rawq::status_own(&mem, 0),
             vf2.hca_state(),
             vf2.work_in_flight(),
         ))
@@ -221,7 +124,7 @@ fn command_work_queued_before_responder_suspend_completes_before_suspend_does() 
     );
     assert_eq!(inflight, 0);
     assert!(vf.violations().is_empty(), "{:?}", vf.violations());
-    assert_eq!(q.wait(0), (DeliveryStatus::Ok, 0));
+    assert_eq!(q.wait_status(0), (DeliveryStatus::Ok, 0));
     let mut pf = suspender.join().unwrap();
     mig(&mut pf, Opcode::ResumeVhca, RESUME_OP_MOD_RESPONDER).unwrap();
     mig(&mut pf, Opcode::ResumeVhca, RESUME_OP_MOD_INITIATOR).unwrap();
@@ -232,12 +135,12 @@ fn command_work_queued_before_responder_suspend_completes_before_suspend_does() 
 fn doorbell_after_responder_suspend_is_a_violation_and_runs_after_resume_in_reverse_order() {
     init_tracing();
     let tb = Testbed::start(1);
-    let vf = std::sync::Arc::clone(tb.adapter.vf(0).unwrap());
-    let mut q = VfQueue::new(&tb);
+    let vf = tb.vf(0);
+    let mut q = vf_queue(&tb);
     let (input, outlen) = enable_hca();
     q.post(0, &input, outlen);
     q.ring(1);
-    assert_eq!(q.wait(0), (DeliveryStatus::Ok, 0));
+    assert_eq!(q.wait_status(0), (DeliveryStatus::Ok, 0));
     assert_eq!(vf.hca_state(), HcaState::Enabled);
 
     let mut pf = pf_up(&tb);
@@ -255,23 +158,23 @@ fn doorbell_after_responder_suspend_is_a_violation_and_runs_after_resume_in_reve
     assert_eq!(v.len(), 1, "{v:?}");
     assert_eq!(v[0].kind, ViolationKind::CommandDoorbell);
     assert_eq!(v[0].writer, "client of vf0.sock");
-    assert_eq!(v[0].address, CMD_DBELL);
+    assert_eq!(v[0].address, CMD_DBELL_OFFSET);
     assert!(t0 <= v[0].at && v[0].at <= t1, "violation time");
 
     // A new queue address would change state that the image carries: refused too.
-    let addr_before = (q.read_reg(CMDQ_ADDR_H), q.read_reg(CMDQ_ADDR_L_SZ));
+    let addr_before = (q.read_reg(CMDQ_ADDR_H_OFFSET), q.read_reg(CMDQ_ADDR_L_SZ_OFFSET));
     assert!(
         q.program(IOVA + 0x1000).is_err(),
         "queue address write refused"
     );
     assert_eq!(
-        (q.read_reg(CMDQ_ADDR_H), q.read_reg(CMDQ_ADDR_L_SZ)),
+        (q.read_reg(CMDQ_ADDR_H_OFFSET), q.read_reg(CMDQ_ADDR_L_SZ_OFFSET)),
         addr_before
     );
     let v = vf.violations();
     assert_eq!(v.len(), 2, "{v:?}");
     assert_eq!(v[1].kind, ViolationKind::RegisterWrite);
-    assert_eq!(v[1].address, CMDQ_ADDR_H);
+    assert_eq!(v[1].address, CMDQ_ADDR_H_OFFSET);
 
     // Nothing changed, and nothing will while frozen.
     std::thread::sleep(Duration::from_millis(200));
@@ -292,7 +195,7 @@ fn doorbell_after_responder_suspend_is_a_violation_and_runs_after_resume_in_reve
 
     // RESUME(responder) rings the refused doorbell: the command proceeds.
     mig(&mut pf, Opcode::ResumeVhca, RESUME_OP_MOD_RESPONDER).unwrap();
-    assert_eq!(q.wait(1), (DeliveryStatus::Ok, 0));
+    assert_eq!(q.wait_status(1), (DeliveryStatus::Ok, 0));
     assert_eq!(vf.hca_state(), HcaState::Disabled);
     mig(&mut pf, Opcode::ResumeVhca, RESUME_OP_MOD_INITIATOR).unwrap();
     assert_eq!(vf.migration_state(), MigState::Running);
@@ -302,7 +205,7 @@ fn doorbell_after_responder_suspend_is_a_violation_and_runs_after_resume_in_reve
     let (input, outlen) = enable_hca();
     q.post(2, &input, outlen);
     q.ring(1 << 2);
-    assert_eq!(q.wait(2), (DeliveryStatus::Ok, 0));
+    assert_eq!(q.wait_status(2), (DeliveryStatus::Ok, 0));
     assert_eq!(vf.hca_state(), HcaState::Enabled);
 }
 
@@ -310,14 +213,14 @@ fn doorbell_after_responder_suspend_is_a_violation_and_runs_after_resume_in_reve
 fn initiator_suspended_function_still_runs_its_command_queue() {
     init_tracing();
     let tb = Testbed::start(1);
-    let vf = std::sync::Arc::clone(tb.adapter.vf(0).unwrap());
-    let mut q = VfQueue::new(&tb);
+    let vf = tb.vf(0);
+    let mut q = vf_queue(&tb);
     let mut pf = pf_up(&tb);
     mig(&mut pf, Opcode::SuspendVhca, SUSPEND_OP_MOD_INITIATOR).unwrap();
     let (input, outlen) = enable_hca();
     q.post(0, &input, outlen);
     q.ring(1);
-    assert_eq!(q.wait(0), (DeliveryStatus::Ok, 0));
+    assert_eq!(q.wait_status(0), (DeliveryStatus::Ok, 0));
     assert_eq!(vf.hca_state(), HcaState::Enabled);
     assert!(vf.violations().is_empty());
 }
@@ -326,8 +229,8 @@ fn initiator_suspended_function_still_runs_its_command_queue() {
 fn every_doorbell_rung_before_responder_suspend_has_completed_when_it_returns() {
     init_tracing();
     let tb = Testbed::start(1);
-    let vf = std::sync::Arc::clone(tb.adapter.vf(0).unwrap());
-    let mut q = VfQueue::new(&tb);
+    let vf = tb.vf(0);
+    let mut q = vf_queue(&tb);
     let mut pf = pf_up(&tb);
     mig(&mut pf, Opcode::SuspendVhca, SUSPEND_OP_MOD_INITIATOR).unwrap();
     // One doorbell per slot (one work item each); the VF is disabled, so each completes

@@ -1,0 +1,84 @@
+//! mlx5vf's side of a test: its command interface on a function's socket, and the
+//! bring-up mlx5_core runs, for a PF (the management channel) or a VF brought up by
+//! its own driver as a guest would.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mlx5vf::cmdif::{ArenaConfig, CmdIf, CmdIfConfig};
+use mlx5vf::hca::{Hca, HcaOptions};
+
+/// The command timeout of commands a test expects to complete.
+pub const CMD_TIMEOUT: Duration = Duration::from_secs(10);
+/// The timeout of the bring-up's first command (firmware "initializing").
+pub const PRE_INIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A migrating PF's DMA arena: room for SAVE and LOAD buffers of a VF's whole state.
+pub const MIG_ARENA: u64 = 64 << 20;
+/// The DMA arena of every other function (mlx5vf's default).
+pub const ARENA: u64 = 8 << 20;
+
+/// The command interface configuration tests use: [`CMD_TIMEOUT`],
+/// [`PRE_INIT_TIMEOUT`] and an arena of `arena` bytes.
+pub fn config(arena: u64) -> CmdIfConfig {
+    CmdIfConfig {
+        timeout: CMD_TIMEOUT,
+        pre_init_timeout: PRE_INIT_TIMEOUT,
+        arena: ArenaConfig {
+            size: arena,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// mlx5vf's command interface on `client` (the queue programmed, nothing enabled).
+pub fn cmdif(client: vfu::Client, arena: u64) -> CmdIf {
+    CmdIf::new(client, config(arena)).expect("command interface")
+}
+
+/// Brings the function behind `client` up as mlx5_core does; `events` chooses
+/// completion by command EQ and MSI-X (else polling).
+pub fn up(client: vfu::Client, arena: u64, events: bool) -> Hca {
+    let mut hca = Hca::new(cmdif(client, arena));
+    hca.up(&HcaOptions {
+        events,
+        ..Default::default()
+    })
+    .expect("bring-up");
+    hca
+}
+
+/// The PF behind `socket`, brought up (event mode).
+pub fn pf_up(socket: &Path) -> Hca {
+    let client = vfu::Client::connect(socket).expect("connect PF");
+    up(client, MIG_ARENA, true)
+}
+
+/// The PF behind `socket`, brought up and shared, as mlx5vf's migration devices
+/// take it.
+pub fn shared_pf_up(socket: &Path) -> Arc<Mutex<Hca>> {
+    Arc::new(Mutex::new(pf_up(socket)))
+}
+
+/// A VF brought up by its own driver (polling), as a guest would, with some objects.
+pub struct Guest {
+    pub hca: Hca,
+    pub pds: Vec<u32>,
+    pub mkeys: Vec<u32>,
+}
+
+/// The VF behind `socket` brought up by its guest driver, with three PDs and three
+/// one-page mkeys.
+pub fn guest_up(socket: &Path) -> Guest {
+    let client = vfu::Client::connect(socket).expect("VF client");
+    let mut hca = up(client, ARENA, false);
+    let mut pds = Vec::new();
+    let mut mkeys = Vec::new();
+    for i in 0..3u8 {
+        pds.push(hca.alloc_pd().expect("alloc pd"));
+        let page = hca.cmd().arena_mut().alloc_page().expect("page");
+        mkeys.push(hca.create_mkey(&[page], 12, 4096, i).expect("mkey"));
+    }
+    Guest { hca, pds, mkeys }
+}

@@ -1,0 +1,103 @@
+//! An adapter on sockets in a fresh temporary directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use mlx5_emulator::{Adapter, AdapterConfig, Function};
+
+/// Where an adapter serves: `pf.sock` and `vf<N>.sock` in one directory. Both the
+/// in-process [`Testbed`] and a child `mlx5-emu` ([`crate::child::ChildAdapter`]) have it.
+pub trait Sockets {
+    fn dir(&self) -> &Path;
+
+    fn pf_socket(&self) -> PathBuf {
+        self.dir().join("pf.sock")
+    }
+
+    fn vf_socket(&self, n: u16) -> PathBuf {
+        self.dir().join(format!("vf{n}.sock"))
+    }
+
+    /// A negotiated client of VF `n`.
+    fn vf_client(&self, n: u16) -> vfu::Client {
+        vfu::Client::connect(&self.vf_socket(n)).expect("connect to VF")
+    }
+
+    /// A negotiated client of the PF.
+    fn pf_client(&self) -> vfu::Client {
+        vfu::Client::connect(&self.pf_socket()).expect("connect to PF")
+    }
+}
+
+/// An adapter serving on sockets in a fresh temporary directory, removed on drop.
+pub struct Testbed {
+    pub adapter: Adapter,
+    dir: tempfile::TempDir,
+}
+
+impl Testbed {
+    /// Starts an adapter with `vfs` VFs and the default device memory.
+    pub fn start(vfs: u16) -> Testbed {
+        Testbed::start_with(AdapterConfig {
+            vfs,
+            ..AdapterConfig::default()
+        })
+    }
+
+    /// Starts an adapter from `cfg`; its `dir` is replaced by a fresh temporary one.
+    pub fn start_with(cfg: AdapterConfig) -> Testbed {
+        let dir = tempfile::Builder::new()
+            .prefix("mlx5-emu-test")
+            .tempdir()
+            .expect("temp dir");
+        let adapter = Adapter::start(&AdapterConfig {
+            dir: dir.path().to_path_buf(),
+            ..cfg
+        })
+        .expect("start adapter");
+        Testbed { adapter, dir }
+    }
+
+    /// The PF, as the emulator holds it.
+    pub fn pf(&self) -> Arc<Function> {
+        self.adapter.pf().clone()
+    }
+
+    /// VF `n`, as the emulator holds it.
+    pub fn vf(&self, n: u16) -> Arc<Function> {
+        self.adapter
+            .vf(n)
+            .unwrap_or_else(|| panic!("the adapter has no VF {n}"))
+            .clone()
+    }
+}
+
+impl Sockets for Testbed {
+    fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Starts `tracing` output for a test once (level from `RUST_LOG`, default warn).
+pub fn init_tracing() {
+    use std::sync::Once;
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// The seed of a randomized test: `MLX5_EMU_SEED` when set (to replay a failure),
+/// else the test's own `default`.
+pub fn seed(default: u64) -> u64 {
+    std::env::var("MLX5_EMU_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
