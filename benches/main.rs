@@ -3,15 +3,12 @@
 //! device DMA through the IOVA space beside a plain memcpy.
 
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use mlx5_testbed::mem::GuestMem;
 use mlx5_testbed::Testbed;
-use vfu::uapi::{
-    VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_PCI_BAR0_REGION_INDEX,
-    VFIO_PCI_CONFIG_REGION_INDEX,
-};
+use vfu::uapi::{VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX};
 
 /// A request/reply over a socketpair, with a thread echoing `reply` bytes for every
 /// `request` bytes: the floor under any vfio-user round trip.
@@ -71,19 +68,9 @@ fn bare_round_trip(c: &mut Criterion) {
 fn dma_vs_memcpy(c: &mut Criterion) {
     let mut g = c.benchmark_group("dma_write");
     let tb = Testbed::start(1);
-    let vf = tb.adapter.vf(0).unwrap().clone();
+    let vf = tb.vf(0);
     let mut client = tb.vf_client(0);
-    let size = 1u64 << 20;
-    let mem = vfu::dma::memfd("bench", size).unwrap();
-    client
-        .dma_map(
-            0,
-            size,
-            mem.as_raw_fd(),
-            0,
-            VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
-        )
-        .unwrap();
+    let _mem = GuestMem::mapped(&mut client, "bench", 0, 1 << 20);
     for len in [4096usize, 1 << 20] {
         let src = vec![0x5au8; len];
         let mut dst = vec![0u8; len];

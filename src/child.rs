@@ -82,6 +82,27 @@ impl Guard {
         status
     }
 
+    /// Waits (bounded) until `path` exists; fails if the child exits first.
+    pub fn wait_for_file(&mut self, path: &Path, limit: Duration) {
+        let start = Instant::now();
+        while !path.exists() {
+            if let Some(status) = self.try_wait() {
+                panic!(
+                    "{} exited ({status}) before creating {}",
+                    self.name,
+                    path.display()
+                );
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{} did not create {} within {limit:?}",
+                self.name,
+                path.display()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends `sig` to the child.
     pub fn signal(&self, sig: libc::c_int) {
         let pid = self.pid();
@@ -123,14 +144,9 @@ impl Drop for Guard {
     }
 }
 
-/// The `mlx5-emu` to run: `MLX5_EMU_BIN` when set (another build, or a stand-in
-/// taking the same options), else the workspace's.
+/// A command running the workspace's `mlx5-emu`.
 pub fn emu_command() -> Command {
-    let bin = match std::env::var_os("MLX5_EMU_BIN") {
-        Some(path) => PathBuf::from(path),
-        None => crate::bins::emu_binary(),
-    };
-    Command::new(bin)
+    Command::new(crate::bins::emu_binary())
 }
 
 /// A running `mlx5-emu`, killed and reaped when dropped. Piped stdout and stderr are

@@ -12,7 +12,11 @@ pub const BAR2: u32 = VFIO_PCI_BAR2_REGION_INDEX;
 
 /// `len` seeded bytes (xorshift64; a zero seed is replaced, it would give zeros).
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = if seed == 0 { 0x9e37_79b9_7f4a_7c15 } else { seed };
+    let mut x = if seed == 0 {
+        0x9e37_79b9_7f4a_7c15
+    } else {
+        seed
+    };
     let mut v = Vec::with_capacity(len + 8);
     while v.len() < len {
         x ^= x << 13;

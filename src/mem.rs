@@ -77,7 +77,9 @@ impl GuestMem {
 
     /// Writes `data` at memfd offset `off`.
     pub fn write(&self, off: u64, data: &[u8]) {
-        self.file.write_all_at(data, off).expect("guest memory write");
+        self.file
+            .write_all_at(data, off)
+            .expect("guest memory write");
     }
 
     /// Reads `len` bytes at memfd offset `off`.

@@ -18,7 +18,7 @@ use mlx5vf::migration::{DataStream, MigError, MigrationDevice};
 
 use crate::bringup::{shared_pf_up, CMD_TIMEOUT};
 use crate::devmem;
-use crate::testbed::{Sockets, Testbed};
+use crate::testbed::Testbed;
 
 /// The chunk size of stream reads and writes.
 pub const CHUNK: usize = 64 << 10;

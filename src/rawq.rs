@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use mlx5_prm::cmdq::{
     block_count, entry_signature, CmdLayout, CmdProtBlock, DeliveryStatus, CMD_ENTRY_SIZE,
-    CMD_OUT_OFFSET, CMD_OWNER_HW, CMD_STATUS_OWN_OFFSET, INLINE_SIZE,
-    MAILBOX_BLOCK_ALIGN, MAILBOX_DATA_SIZE, MLX5_PCI_CMD_XPORT,
+    CMD_OUT_OFFSET, CMD_OWNER_HW, CMD_STATUS_OWN_OFFSET, INLINE_SIZE, MAILBOX_BLOCK_ALIGN,
+    MAILBOX_DATA_SIZE, MLX5_PCI_CMD_XPORT,
 };
 use mlx5_prm::ifc::{get, hdr, set};
 use mlx5_prm::iseg::{CMDQ_ADDR_H_OFFSET, CMDQ_ADDR_L_SZ_OFFSET, CMD_DBELL_OFFSET};
@@ -147,7 +147,9 @@ impl RawQueue {
     /// A BAR0 register (big-endian).
     pub fn read_reg(&mut self, off: u64) -> u32 {
         let mut b = [0u8; 4];
-        self.client.region_read(BAR0, off, &mut b).expect("BAR0 read");
+        self.client
+            .region_read(BAR0, off, &mut b)
+            .expect("BAR0 read");
         u32::from_be_bytes(b)
     }
 
@@ -252,7 +254,10 @@ impl RawQueue {
     /// Runs one well-formed command in `slot` (its chains in the slot's own part of
     /// the mailbox area) and returns its output (`outlen` bytes).
     pub fn exec(&mut self, slot: u8, input: &[u8], outlen: usize) -> Vec<u8> {
-        assert!(self.mem.size() >= EXEC_MEM, "exec needs {EXEC_MEM:#x} bytes");
+        assert!(
+            self.mem.size() >= EXEC_MEM,
+            "exec needs {EXEC_MEM:#x} bytes"
+        );
         let area = u64::from(slot) * 0x10000 % 0x7_0000;
         let in_ptr = self.chain(area, input.get(INLINE_SIZE..).unwrap_or(&[]), input.len());
         let out_ptr = self.chain(area + 0x8000, &[], outlen);

@@ -58,6 +58,28 @@ impl Testbed {
         Testbed { adapter, dir }
     }
 
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn pf_socket(&self) -> PathBuf {
+        Sockets::pf_socket(self)
+    }
+
+    pub fn vf_socket(&self, n: u16) -> PathBuf {
+        Sockets::vf_socket(self, n)
+    }
+
+    /// A negotiated client of VF `n`.
+    pub fn vf_client(&self, n: u16) -> vfu::Client {
+        Sockets::vf_client(self, n)
+    }
+
+    /// A negotiated client of the PF.
+    pub fn pf_client(&self) -> vfu::Client {
+        Sockets::pf_client(self)
+    }
+
     /// The PF, as the emulator holds it.
     pub fn pf(&self) -> Arc<Function> {
         self.adapter.pf().clone()

@@ -4,213 +4,17 @@
 //! Every child sits in a guard that kills and reaps it on any way out of a test, and
 //! every wait is bounded.
 
-use std::io::{BufRead, BufReader, Read};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver};
-use std::sync::OnceLock;
-use std::thread::{self, JoinHandle};
+use std::process::{ExitStatus, Stdio};
+use std::thread;
 use std::time::{Duration, Instant};
 
-/// From spawning the emulator to its sockets (or its exit, when it must fail).
-const START_TIMEOUT: Duration = Duration::from_secs(10);
-/// From a signal to the process having exited.
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The binary, built at most once per test process.
-fn emu() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(mlx5_testbed::emu_binary)
-}
+use mlx5_testbed::child::{emu_command, Emu, Guard, START_TIMEOUT, STOP_TIMEOUT};
 
 fn temp_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("mlx5-emu-cli")
-        .tempdir()
-        .expect("temp dir")
-}
-
-/// A running `mlx5-emu`, killed and reaped when dropped.
-struct Emu {
-    child: Option<Child>,
-    pid: libc::pid_t,
-    stdout: Receiver<String>,
-    stdout_seen: Vec<String>,
-    stderr: Option<JoinHandle<String>>,
-}
-
-impl Emu {
-    /// Starts `mlx5-emu args...` with `dir` as its working directory.
-    fn spawn(dir: &Path, args: &[&str]) -> Emu {
-        let mut child = Command::new(emu())
-            .args(args)
-            .current_dir(dir)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", emu().display()));
-        let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
-        // Readers on their own threads, so a chatty child never blocks on a full pipe
-        // and reading never blocks the test.
-        let out = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut err = child.stderr.take().expect("piped stderr");
-        let stderr = thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
-        });
-        Emu {
-            child: Some(child),
-            pid,
-            stdout: rx,
-            stdout_seen: Vec::new(),
-            stderr: Some(stderr),
-        }
-    }
-
-    fn child(&mut self) -> &mut Child {
-        self.child.as_mut().expect("child already reaped")
-    }
-
-    /// Waits up to `limit` for stdout lines until one satisfies `pred`; returns it.
-    fn stdout_line(&mut self, limit: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
-        if let Some(l) = self.stdout_seen.iter().find(|l| pred(l)) {
-            return Some(l.clone());
-        }
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.stdout.recv_timeout(left) {
-                Ok(line) => {
-                    let hit = pred(&line);
-                    self.stdout_seen.push(line.clone());
-                    if hit {
-                        return Some(line);
-                    }
-                }
-                Err(_) => return None,
-            }
-        }
-    }
-
-    /// Waits until the "serving" line is out (printed after every socket is bound and
-    /// every function listed) and returns every line printed so far.
-    fn wait_serving(&mut self) -> Vec<String> {
-        if self
-            .stdout_line(START_TIMEOUT, |l| l.starts_with("serving"))
-            .is_none()
-        {
-            let status = self.child().try_wait().ok().flatten();
-            let stderr = self.kill_and_stderr();
-            panic!(
-                "mlx5-emu did not report serving within {START_TIMEOUT:?} (exit: {status:?}); stdout so far: {:?}; stderr: {stderr}",
-                self.stdout_seen
-            );
-        }
-        self.stdout_seen.clone()
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        // SAFETY: kill(2) with a pid we spawned and have not reaped (the guard holds the
-        // Child until it is waited for), so the pid cannot have been reused.
-        let rc = unsafe { libc::kill(self.pid, sig) };
-        assert_eq!(
-            rc,
-            0,
-            "kill({}, {sig}): {}",
-            self.pid,
-            std::io::Error::last_os_error()
-        );
-    }
-
-    /// Waits at most `limit` for the child to exit; `None` if it is still running.
-    fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(s) = self.child().try_wait().expect("try_wait") {
-                return Some(s);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// The child's stderr after it exited (the pipe closes at exit).
-    fn stderr_text(&mut self) -> String {
-        match self.stderr.take() {
-            Some(h) => h.join().unwrap_or_default(),
-            None => String::new(),
-        }
-    }
-
-    /// Kills the child (if still running), reaps it, and returns its stderr.
-    fn kill_and_stderr(&mut self) -> String {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        self.stderr_text()
-    }
-
-    /// Sends `sig` and expects a clean exit (status 0) within STOP_TIMEOUT.
-    fn stop_with(&mut self, sig: libc::c_int) -> ExitStatus {
-        self.signal(sig);
-        match self.wait_exit(STOP_TIMEOUT) {
-            Some(s) => s,
-            None => panic!(
-                "mlx5-emu still running {STOP_TIMEOUT:?} after signal {sig}; stderr: {}",
-                self.kill_and_stderr()
-            ),
-        }
-    }
-}
-
-impl Drop for Emu {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Waits (bounded) until every path exists as a socket that accepts connections.
-fn wait_for_sockets(emu: &mut Emu, paths: &[PathBuf]) {
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        if paths.iter().all(|p| UnixStream::connect(p).is_ok()) {
-            return;
-        }
-        if let Some(status) = emu.child().try_wait().expect("try_wait") {
-            panic!(
-                "mlx5-emu exited ({status}) before serving {paths:?}; stderr: {}",
-                emu.stderr_text()
-            );
-        }
-        if Instant::now() >= deadline {
-            let missing: Vec<_> = paths.iter().filter(|p| !p.exists()).collect();
-            panic!(
-                "sockets not served within {START_TIMEOUT:?}; missing files {missing:?}; stderr: {}",
-                emu.kill_and_stderr()
-            );
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+    mlx5_testbed::child::temp_dir("mlx5-emu-cli")
 }
 
 /// Socket files left in `dir` (none when it does not exist).
@@ -245,7 +49,7 @@ fn no_arguments_serves_pf_and_vf0_in_cwd_and_sigterm_exits_cleanly() {
     let cwd = temp_dir();
     let mut emu = Emu::spawn(cwd.path(), &[]);
     let socks = default_sockets(cwd.path());
-    wait_for_sockets(&mut emu, &socks);
+    emu.wait_for_sockets(&socks);
 
     let lines = emu.wait_serving();
     let vf = lines
@@ -272,7 +76,7 @@ fn no_arguments_serves_pf_and_vf0_in_cwd_and_sigterm_exits_cleanly() {
 fn sigint_stops_like_sigterm() {
     let cwd = temp_dir();
     let mut emu = Emu::spawn(cwd.path(), &[]);
-    wait_for_sockets(&mut emu, &default_sockets(cwd.path()));
+    emu.wait_for_sockets(&default_sockets(cwd.path()));
     emu.wait_serving();
 
     let status = emu.stop_with(libc::SIGINT);
@@ -286,7 +90,7 @@ fn sigterm_while_a_client_is_connected_still_exits_cleanly() {
     let cwd = temp_dir();
     let mut emu = Emu::spawn(cwd.path(), &[]);
     let socks = default_sockets(cwd.path());
-    wait_for_sockets(&mut emu, &socks);
+    emu.wait_for_sockets(&socks);
     emu.wait_serving();
 
     // A client that connects and then says nothing: the server is blocked reading it.
@@ -303,7 +107,7 @@ fn second_instance_on_live_sockets_fails_and_leaves_the_first_serving() {
     let cwd = temp_dir();
     let mut first = Emu::spawn(cwd.path(), &[]);
     let socks = default_sockets(cwd.path());
-    wait_for_sockets(&mut first, &socks);
+    first.wait_for_sockets(&socks);
     first.wait_serving();
 
     let mut second = Emu::spawn(cwd.path(), &[]);
@@ -329,10 +133,7 @@ fn second_instance_on_live_sockets_fails_and_leaves_the_first_serving() {
     );
 
     // The failed start took nothing away from the first instance.
-    assert!(
-        first.child().try_wait().expect("try_wait").is_none(),
-        "first instance died"
-    );
+    assert!(first.try_wait().is_none(), "first instance died");
     for p in &socks {
         assert!(
             UnixStream::connect(p).is_ok(),
@@ -357,7 +158,7 @@ fn stale_socket_files_are_replaced() {
     }
 
     let mut emu = Emu::spawn(cwd.path(), &[]);
-    wait_for_sockets(&mut emu, &socks);
+    emu.wait_for_sockets(&socks);
     let lines = emu.wait_serving();
     assert!(
         lines.iter().any(|l| l.contains("vf0.sock")),
@@ -379,7 +180,7 @@ fn dir_and_vfs_options_serve_pf_and_three_vfs() {
         .iter()
         .map(|n| sock_dir.join(n))
         .collect();
-    wait_for_sockets(&mut emu, &socks);
+    emu.wait_for_sockets(&socks);
     let lines = emu.wait_serving();
 
     let mut found = sockets_in(&sock_dir);
@@ -426,25 +227,28 @@ fn a_file_that_is_not_a_socket_is_never_removed() {
 #[test]
 fn a_closed_stdout_does_not_stop_the_server() {
     let cwd = temp_dir();
-    let mut child = Command::new(emu())
-        .current_dir(cwd.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Guard::spawn(
+        "mlx5-emu",
+        emu_command()
+            .current_dir(cwd.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+        false,
+    );
     // Close the read end before the emulator prints what it serves.
-    drop(child.stdout.take());
+    drop(child.child().stdout.take());
     let vf0 = cwd.path().join("mlx5-emu/vf0.sock");
     let deadline = Instant::now() + STOP_TIMEOUT;
     while !vf0.exists() && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));
     }
     thread::sleep(Duration::from_millis(300));
-    let alive = child.try_wait().unwrap().is_none();
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    let status = child.wait().unwrap();
+    let alive = child.try_wait().is_none();
+    child.signal(libc::SIGTERM);
+    let status = child
+        .wait_exit(STOP_TIMEOUT)
+        .expect("mlx5-emu exits after SIGTERM");
     assert!(alive, "mlx5-emu exited when its stdout closed: {status}");
     assert!(status.success(), "{status}");
 }

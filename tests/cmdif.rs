@@ -15,7 +15,7 @@ use mlx5_prm::cmd::pages::{
 use mlx5_prm::ifc::{get, set};
 use mlx5_prm::Opcode;
 use mlx5_testbed::bringup::{self, cmdif, ARENA};
-use mlx5_testbed::{faults, init_tracing, run_cli, Function, Sockets, Testbed};
+use mlx5_testbed::{faults, init_tracing, run_cli, Function, Testbed};
 use mlx5vf::cmdif::{new_input, CmdError, Mode};
 use mlx5vf::hca::Hca;
 

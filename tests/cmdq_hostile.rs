@@ -3,9 +3,7 @@
 //! REGION_WRITE. Valid commands work; broken entries and chains complete with the
 //! delivery status that names the problem, and the next valid command still works.
 
-use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use mlx5_emulator::firmware::syndrome;
@@ -20,9 +18,9 @@ use mlx5_prm::cmd::uar::ALLOC_UAR_OUT_UAR;
 use mlx5_prm::cmdq::*;
 use mlx5_prm::ifc::{get, hdr, set};
 use mlx5_prm::{CmdStatus, Opcode};
+use mlx5_testbed::rawq::{entry_off, input, status, Entry, RawQueue, MAILBOXES, TOKEN};
 use mlx5_testbed::{init_tracing, Testbed};
 use vfu::uapi::*;
-use vfu::Client;
 use vmm_sys_util::eventfd::EventFd;
 
 const BAR0: u32 = VFIO_PCI_BAR0_REGION_INDEX;
@@ -32,190 +30,12 @@ const IOVA: u64 = 0x1_0000_0000;
 const MEM_SIZE: u64 = 0x10_0000;
 /// Offsets inside the memfd.
 const CMDQ: u64 = 0;
-const MAILBOXES: u64 = 0x1000;
 const PAGES: u64 = 0x8_0000;
 const EQ_RING: u64 = 0xf_0000;
-const TOKEN: u8 = 0x5a;
 
-/// A hand-driven command queue on one VF.
-struct Queue {
-    c: Client,
-    mem: File,
-}
-
-impl Queue {
-    fn new(tb: &Testbed) -> Queue {
-        let mut c = tb.vf_client(0);
-        let mem = vfu::dma::memfd("cmdq-hostile", MEM_SIZE).unwrap();
-        let rw = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
-        c.dma_map(IOVA, MEM_SIZE, mem.as_raw_fd(), 0, rw).unwrap();
-        let mut q = Queue { c, mem };
-        q.program(IOVA + CMDQ);
-        q
-    }
-
-    /// Writes cmdq_addr_h (0x10) then cmdq_addr_l_sz (0x14), big-endian.
-    fn program(&mut self, addr: u64) {
-        self.c
-            .region_write(BAR0, 0x10, &((addr >> 32) as u32).to_be_bytes())
-            .unwrap();
-        self.c
-            .region_write(BAR0, 0x14, &(addr as u32).to_be_bytes())
-            .unwrap();
-    }
-
-    fn write(&self, off: u64, data: &[u8]) {
-        self.mem.write_all_at(data, off).unwrap();
-    }
-
-    fn read(&self, off: u64, len: usize) -> Vec<u8> {
-        let mut v = vec![0; len];
-        self.mem.read_exact_at(&mut v, off).unwrap();
-        v
-    }
-
-    fn entry_off(slot: u8) -> u64 {
-        CMDQ + u64::from(slot) * 64
-    }
-
-    /// Writes a mailbox block at memfd offset `off`.
-    fn block(&self, off: u64, data: &[u8], num: u32, token: u8, next_iova: u64) {
-        let mut b = [0u8; MAILBOX_BLOCK_SIZE];
-        b[..data.len()].copy_from_slice(data);
-        b[BLOCK_NEXT_OFFSET..BLOCK_NEXT_OFFSET + 8].copy_from_slice(&next_iova.to_be_bytes());
-        b[BLOCK_NUM_OFFSET..BLOCK_NUM_OFFSET + 4].copy_from_slice(&num.to_be_bytes());
-        b[BLOCK_TOKEN_OFFSET] = token;
-        self.write(off, &b);
-    }
-
-    /// Builds a correct chain for `len` message bytes (`data` = bytes 16..) at
-    /// MAILBOXES + `area`; returns the first block's IOVA (0 if none needed).
-    fn chain(&self, area: u64, data: &[u8], len: usize) -> u64 {
-        let n = block_count(len);
-        let base = MAILBOXES + area;
-        for i in 0..n {
-            let lo = (i * MAILBOX_DATA_SIZE).min(data.len());
-            let hi = ((i + 1) * MAILBOX_DATA_SIZE).min(data.len());
-            let next = if i + 1 < n {
-                IOVA + base + (i as u64 + 1) * 0x400
-            } else {
-                0
-            };
-            self.block(
-                base + i as u64 * 0x400,
-                &data[lo..hi],
-                i as u32,
-                TOKEN,
-                next,
-            );
-        }
-        if n == 0 {
-            0
-        } else {
-            IOVA + base
-        }
-    }
-
-    /// Writes an entry (status_own = HW) with explicit pointers.
-    #[allow(clippy::too_many_arguments)]
-    fn entry(
-        &self,
-        slot: u8,
-        ty: u8,
-        input: &[u8],
-        inlen: u32,
-        in_ptr: u64,
-        outlen: u32,
-        out_ptr: u64,
-        token: u8,
-    ) {
-        let mut e = [0u8; CMD_ENTRY_SIZE];
-        e[0] = ty;
-        e[CMD_INLEN_OFFSET..CMD_INLEN_OFFSET + 4].copy_from_slice(&inlen.to_be_bytes());
-        e[CMD_IN_PTR_OFFSET..CMD_IN_PTR_OFFSET + 8].copy_from_slice(&in_ptr.to_be_bytes());
-        let k = input.len().min(INLINE_SIZE);
-        e[CMD_IN_OFFSET..CMD_IN_OFFSET + k].copy_from_slice(&input[..k]);
-        e[CMD_OUT_PTR_OFFSET..CMD_OUT_PTR_OFFSET + 8].copy_from_slice(&out_ptr.to_be_bytes());
-        e[CMD_OUTLEN_OFFSET..CMD_OUTLEN_OFFSET + 4].copy_from_slice(&outlen.to_be_bytes());
-        e[CMD_TOKEN_OFFSET] = token;
-        e[CMD_STATUS_OWN_OFFSET] = CMD_OWNER_HW;
-        e[CMD_SIG_OFFSET] = entry_signature(&e);
-        self.write(Self::entry_off(slot), &e);
-    }
-
-    fn ring(&mut self, mask: u32) {
-        self.c
-            .region_write(BAR0, 0x18, &mask.to_be_bytes())
-            .unwrap();
-    }
-
-    fn status_own(&self, slot: u8) -> u8 {
-        self.read(Self::entry_off(slot) + CMD_STATUS_OWN_OFFSET as u64, 1)[0]
-    }
-
-    /// Waits for the slot to go back to software; returns its delivery status.
-    fn wait(&self, slot: u8) -> DeliveryStatus {
-        let start = Instant::now();
-        loop {
-            let s = self.status_own(slot);
-            if s & CMD_OWNER_HW == 0 {
-                return DeliveryStatus::from_status_own(s).expect("known delivery status");
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(5),
-                "slot {slot} never completed"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    /// Runs one well-formed command in `slot` and returns its output (outlen bytes).
-    fn exec(&mut self, slot: u8, input: &[u8], outlen: usize) -> Vec<u8> {
-        let area = u64::from(slot) * 0x10000 % 0x7_0000;
-        let in_ptr = self.chain(area, input.get(16..).unwrap_or(&[]), input.len());
-        let out_ptr = self.chain(area + 0x8000, &[], outlen);
-        self.entry(
-            slot,
-            MLX5_PCI_CMD_XPORT,
-            input,
-            input.len() as u32,
-            in_ptr,
-            outlen as u32,
-            out_ptr,
-            TOKEN,
-        );
-        self.ring(1 << slot);
-        assert_eq!(
-            self.wait(slot),
-            DeliveryStatus::Ok,
-            "delivery of {:#x}",
-            get(input, hdr::OPCODE)
-        );
-        let mut out = self.read(
-            Self::entry_off(slot) + CMD_OUT_OFFSET as u64,
-            INLINE_SIZE.min(outlen),
-        );
-        let mut left = outlen.saturating_sub(INLINE_SIZE);
-        let mut b = 0u64;
-        while left > 0 {
-            let n = left.min(MAILBOX_DATA_SIZE);
-            out.extend(self.read(out_ptr - IOVA + b * 0x400, n));
-            left -= n;
-            b += 1;
-        }
-        out
-    }
-}
-
-fn input(op: Opcode, op_mod: u16, len: usize) -> Vec<u8> {
-    let mut m = vec![0u8; len];
-    set(&mut m, hdr::OPCODE, u64::from(u16::from(op)));
-    set(&mut m, hdr::OP_MOD, u64::from(op_mod));
-    m
-}
-
-fn status(out: &[u8]) -> (u8, u32) {
-    (get(out, hdr::STATUS) as u8, get(out, hdr::SYNDROME) as u32)
+/// A hand-driven command queue on VF 0.
+fn queue(tb: &Testbed) -> RawQueue {
+    RawQueue::new(tb.vf_client(0), IOVA, MEM_SIZE)
 }
 
 fn ok(out: &[u8]) {
@@ -226,8 +46,8 @@ fn ok(out: &[u8]) {
 fn enable_hca_then_query_issi_through_an_output_mailbox() {
     init_tracing();
     let tb = Testbed::start(1);
-    let vf = tb.adapter.vf(0).unwrap().clone();
-    let mut q = Queue::new(&tb);
+    let vf = tb.vf(0);
+    let mut q = queue(&tb);
     let out = q.exec(
         0,
         &input(Opcode::EnableHca, 0, ENABLE_HCA_IN_LEN),
@@ -267,11 +87,11 @@ fn enable_hca_then_query_issi_through_an_output_mailbox() {
 fn hostile_entries_and_chains_complete_with_their_delivery_status() {
     init_tracing();
     let tb = Testbed::start(1);
-    let vf = tb.adapter.vf(0).unwrap().clone();
-    let mut q = Queue::new(&tb);
+    let vf = tb.vf(0);
+    let mut q = queue(&tb);
     ok(&q.exec(0, &input(Opcode::EnableHca, 0, 16), 16));
     let issi = input(Opcode::QueryIssi, 0, 16);
-    let good_next = |q: &mut Queue| {
+    let good_next = |q: &mut RawQueue| {
         let out = q.exec(3, &issi, QUERY_ISSI_OUT_LEN);
         ok(&out);
         assert_eq!(get(&out, QUERY_ISSI_OUT_SUPPORTED_ISSI_DW0), 3);
@@ -283,8 +103,16 @@ fn hostile_entries_and_chains_complete_with_their_delivery_status() {
         m
     };
     let run =
-        |q: &mut Queue, slot: u8, in_ptr: u64, inlen: u32, outlen: u32, out_ptr: u64, ty: u8| {
-            q.entry(slot, ty, &set_issi, inlen, in_ptr, outlen, out_ptr, TOKEN);
+        |q: &mut RawQueue, slot: u8, in_ptr: u64, inlen: u32, outlen: u32, out_ptr: u64, ty: u8| {
+            let e = Entry {
+                ty,
+                inlen,
+                in_ptr,
+                outlen,
+                out_ptr,
+                ..Entry::new(&set_issi, 0)
+            };
+            q.entry(slot, &e);
             q.ring(1 << slot);
             q.wait(slot)
         };
@@ -354,7 +182,13 @@ fn hostile_entries_and_chains_complete_with_their_delivery_status() {
     // A bad type, a zero token, a block with another token.
     let d = run(&mut q, 2, 0, 16, 16, 0, 6);
     assert_eq!(d, DeliveryStatus::CmdDescrErr);
-    q.entry(2, MLX5_PCI_CMD_XPORT, &issi, 16, 0, 16, 0, 0);
+    q.entry(
+        2,
+        &Entry {
+            token: 0,
+            ..Entry::new(&issi, 16)
+        },
+    );
     q.ring(1 << 2);
     assert_eq!(q.wait(2), DeliveryStatus::TokenErr);
     q.block(mb(0), &[0; 512], 0, TOKEN ^ 1, 0);
@@ -370,12 +204,12 @@ fn hostile_entries_and_chains_complete_with_their_delivery_status() {
     assert_eq!(vf.firmware().issi(), 0);
 
     // A doorbell for a slot never written: nothing changes, and the worker moves on.
-    let before = q.read(Queue::entry_off(9), 64);
+    let before = q.read(entry_off(9), 64);
     assert_eq!(before, vec![0; 64]);
     let log_len = vf.command_log().len();
     q.ring(1 << 9);
     good_next(&mut q); // queued after slot 9, so slot 9 was handled first
-    assert_eq!(q.read(Queue::entry_off(9), 64), before);
+    assert_eq!(q.read(entry_off(9), 64), before);
     assert_eq!(
         vf.command_log().len(),
         log_len + 1,
@@ -395,25 +229,16 @@ fn hostile_entries_and_chains_complete_with_their_delivery_status() {
 fn a_queue_address_that_is_not_mapped_drops_the_slot_and_the_queue_recovers() {
     init_tracing();
     let tb = Testbed::start(1);
-    let vf = tb.adapter.vf(0).unwrap().clone();
-    let mut q = Queue::new(&tb);
-    q.entry(
-        0,
-        MLX5_PCI_CMD_XPORT,
-        &input(Opcode::EnableHca, 0, 16),
-        16,
-        0,
-        16,
-        0,
-        TOKEN,
-    );
-    q.program(0x7700_0000);
+    let vf = tb.vf(0);
+    let mut q = queue(&tb);
+    q.entry(0, &Entry::new(&input(Opcode::EnableHca, 0, 16), 16));
+    q.program(0x7700_0000).unwrap();
     q.ring(1);
     // Give the worker a moment; nothing can be written anywhere.
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(q.status_own(0), CMD_OWNER_HW);
     assert_eq!(vf.hca_state(), HcaState::Disabled);
-    q.program(IOVA + CMDQ);
+    q.program(IOVA + CMDQ).unwrap();
     q.ring(1);
     assert_eq!(q.wait(0), DeliveryStatus::Ok);
     assert_eq!(vf.hca_state(), HcaState::Enabled);
@@ -423,8 +248,8 @@ fn a_queue_address_that_is_not_mapped_drops_the_slot_and_the_queue_recovers() {
 fn unknown_opcode_and_wrong_state_get_command_statuses() {
     init_tracing();
     let tb = Testbed::start(1);
-    let vf = tb.adapter.vf(0).unwrap().clone();
-    let mut q = Queue::new(&tb);
+    let vf = tb.vf(0);
+    let mut q = queue(&tb);
     let mut unknown = vec![0u8; 16];
     set(&mut unknown, hdr::OPCODE, 0x0999);
     let out = q.exec(0, &unknown, 16);
@@ -468,25 +293,28 @@ fn unknown_opcode_and_wrong_state_get_command_statuses() {
 fn command_completion_switches_to_eqe_and_msix_once_the_cmd_eq_exists() {
     init_tracing();
     let tb = Testbed::start(1);
-    let vf = tb.adapter.vf(0).unwrap().clone();
-    let mut q = Queue::new(&tb);
+    let vf = tb.vf(0);
+    let mut q = queue(&tb);
     // MSI-X vector 0 → an eventfd.
     let efd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    q.c.set_irqs(
-        VFIO_PCI_MSIX_IRQ_INDEX,
-        VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-        0,
-        1,
-        &[],
-        &[efd.as_raw_fd()],
-    )
-    .unwrap();
+    q.client
+        .set_irqs(
+            VFIO_PCI_MSIX_IRQ_INDEX,
+            VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+            0,
+            1,
+            &[],
+            &[efd.as_raw_fd()],
+        )
+        .unwrap();
     use mlx5_emulator::pci::caps::{MSIX_CAP_OFFSET, MSIX_FLAGS_ENABLE, MSIX_FLAGS_OFFSET};
     let flags = MSIX_CAP_OFFSET as u64 + MSIX_FLAGS_OFFSET as u64;
     let mut ctl = [0u8; 2];
-    q.c.region_read(CONFIG, flags, &mut ctl).unwrap();
+    q.client.region_read(CONFIG, flags, &mut ctl).unwrap();
     let ctl = u16::from_le_bytes(ctl) | MSIX_FLAGS_ENABLE;
-    q.c.region_write(CONFIG, flags, &ctl.to_le_bytes()).unwrap();
+    q.client
+        .region_write(CONFIG, flags, &ctl.to_le_bytes())
+        .unwrap();
 
     ok(&q.exec(0, &input(Opcode::EnableHca, 0, 16), 16));
     for stage in [1u16, 2] {
@@ -527,9 +355,10 @@ fn command_completion_switches_to_eqe_and_msix_once_the_cmd_eq_exists() {
     assert!(efd.read().is_err());
     assert_eq!(vf.object_counts().eqs, 1);
 
-    let doorbell = |q: &mut Queue, off: u32, ci: u32| {
+    let doorbell = |q: &mut RawQueue, off: u32, ci: u32| {
         let addr = u64::from(uar) * 4096 + u64::from(off);
-        q.c.region_write(BAR0, addr, &eq_doorbell_value(eqn, ci).to_be_bytes())
+        q.client
+            .region_write(BAR0, addr, &eq_doorbell_value(eqn, ci).to_be_bytes())
             .unwrap();
     };
     let wait_irq = || {

@@ -5,21 +5,15 @@
 //! well-formed command still works at the end. A failing seed is printed so the run
 //! can be replayed (`MLX5_EMU_SEED=N`).
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
-use std::time::{Duration, Instant};
-
 use mlx5_prm::cmdq::*;
 use mlx5_prm::ifc::{get, hdr, set};
 use mlx5_prm::Opcode;
-use mlx5_testbed::{init_tracing, Testbed};
+use mlx5_testbed::rawq::{encode_block, Entry, RawQueue, SLOT_TIMEOUT};
+use mlx5_testbed::{init_tracing, seed, Testbed};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use vfu::uapi::*;
-use vfu::Client;
 
-const BAR0: u32 = VFIO_PCI_BAR0_REGION_INDEX;
 const IOVA: u64 = 0x2_0000_0000;
 const MEM_SIZE: u64 = 0x20_0000;
 /// The queue page and the area mailboxes and pages are drawn from.
@@ -28,49 +22,13 @@ const SCRATCH: u64 = 0x1000;
 const ROUNDS: usize = 400;
 /// Longest chain we build.
 const MAX_BLOCKS: usize = 16;
-/// How long a rung slot may take; the firmware answers in microseconds.
-const SLOT_TIMEOUT: Duration = Duration::from_secs(5);
 
-struct Queue {
-    c: Client,
-    mem: File,
-}
-
-impl Queue {
-    fn write(&self, off: u64, data: &[u8]) {
-        self.mem.write_all_at(data, off).unwrap();
-    }
-
-    fn read(&self, off: u64, len: usize) -> Vec<u8> {
-        let mut v = vec![0; len];
-        self.mem.read_exact_at(&mut v, off).unwrap();
-        v
-    }
-
-    fn ring(&mut self, mask: u32) {
-        self.c
-            .region_write(BAR0, 0x18, &mask.to_be_bytes())
-            .unwrap();
-    }
-
-    fn owned_by_hw(&self, slot: u32) -> bool {
-        self.read(
-            CMDQ + u64::from(slot) * 64 + CMD_STATUS_OWN_OFFSET as u64,
-            1,
-        )[0] & CMD_OWNER_HW
-            != 0
-    }
-
-    fn wait(&self, slot: u32, seed: u64) {
-        let start = Instant::now();
-        while self.owned_by_hw(slot) {
-            assert!(
-                start.elapsed() < SLOT_TIMEOUT,
-                "seed {seed}: slot {slot} never completed"
-            );
-            std::thread::sleep(Duration::from_micros(200));
-        }
-    }
+/// Waits for `slot` to complete; a slot that never does fails with the seed.
+fn wait(q: &RawQueue, slot: u32, seed: u64) {
+    assert!(
+        q.try_wait(slot as u8, SLOT_TIMEOUT).is_some(),
+        "seed {seed}: slot {slot} never completed"
+    );
 }
 
 const OPCODES: &[Opcode] = &[
@@ -109,7 +67,7 @@ fn pointer(rng: &mut impl Rng) -> u64 {
 
 /// Writes a chain of `n` blocks starting at a random place; mostly well formed,
 /// sometimes with a wrong number, token, an early end or a loop.
-fn chain(q: &Queue, rng: &mut impl Rng, n: usize, token: u8) -> u64 {
+fn chain(q: &RawQueue, rng: &mut impl Rng, n: usize, token: u8) -> u64 {
     // A declared length may be huge; the chain we build stays short (the device must
     // find it too short, not walk it).
     let n = n.min(MAX_BLOCKS);
@@ -121,8 +79,8 @@ fn chain(q: &Queue, rng: &mut impl Rng, n: usize, token: u8) -> u64 {
         .map(|_| IOVA + SCRATCH + rng.gen_range(0..slots) * 0x400)
         .collect();
     for (i, &at) in blocks.iter().enumerate() {
-        let mut b = [0u8; MAILBOX_BLOCK_SIZE];
-        rng.fill(&mut b[..MAILBOX_DATA_SIZE]);
+        let mut data = [0u8; MAILBOX_DATA_SIZE];
+        rng.fill(&mut data[..]);
         let next = match (i + 1 < n, rng.gen_range(0..40)) {
             (_, 0) => pointer(rng),
             (_, 1) => blocks[0],
@@ -139,44 +97,19 @@ fn chain(q: &Queue, rng: &mut impl Rng, n: usize, token: u8) -> u64 {
         } else {
             token
         };
-        b[BLOCK_NEXT_OFFSET..BLOCK_NEXT_OFFSET + 8].copy_from_slice(&next.to_be_bytes());
-        b[BLOCK_NUM_OFFSET..BLOCK_NUM_OFFSET + 4].copy_from_slice(&num.to_be_bytes());
-        b[BLOCK_TOKEN_OFFSET] = tok;
-        q.write(at - IOVA, &b);
+        q.write(at - IOVA, &encode_block(&data, num, tok, next));
     }
     blocks[0]
-}
-
-fn seed() -> u64 {
-    std::env::var("MLX5_EMU_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x6d6c_7835)
 }
 
 #[test]
 fn random_command_traffic_never_wedges_the_device() {
     init_tracing();
-    let seed = seed();
+    let seed = seed(0x6d6c_7835);
     let mut rng = StdRng::seed_from_u64(seed);
     let tb = Testbed::start(1);
-    let vf = tb.adapter.vf(0).unwrap().clone();
-    let mut c = tb.vf_client(0);
-    let mem = vfu::dma::memfd("cmdq-random", MEM_SIZE).unwrap();
-    c.dma_map(
-        IOVA,
-        MEM_SIZE,
-        mem.as_raw_fd(),
-        0,
-        VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
-    )
-    .unwrap();
-    let mut q = Queue { c, mem };
-    let addr = IOVA + CMDQ;
-    q.c.region_write(BAR0, 0x10, &((addr >> 32) as u32).to_be_bytes())
-        .unwrap();
-    q.c.region_write(BAR0, 0x14, &(addr as u32).to_be_bytes())
-        .unwrap();
+    let vf = tb.vf(0);
+    let mut q = RawQueue::new(tb.vf_client(0), IOVA, MEM_SIZE);
 
     for round in 0..ROUNDS {
         let mut mask = 0u32;
@@ -209,21 +142,22 @@ fn random_command_traffic_never_wedges_the_device() {
             };
             let in_ptr = chain(&q, &mut rng, block_count(input.len()), token);
             let out_ptr = chain(&q, &mut rng, block_count(outlen as usize), token);
-            let mut e = [0u8; CMD_ENTRY_SIZE];
-            e[0] = if rng.gen_range(0..20) == 0 {
+            let ty = if rng.gen_range(0..20) == 0 {
                 rng.gen()
             } else {
                 MLX5_PCI_CMD_XPORT
             };
-            e[CMD_INLEN_OFFSET..CMD_INLEN_OFFSET + 4].copy_from_slice(&inlen.to_be_bytes());
-            e[CMD_IN_PTR_OFFSET..CMD_IN_PTR_OFFSET + 8].copy_from_slice(&in_ptr.to_be_bytes());
-            let k = input.len().min(INLINE_SIZE);
-            e[CMD_IN_OFFSET..CMD_IN_OFFSET + k].copy_from_slice(&input[..k]);
-            e[CMD_OUT_PTR_OFFSET..CMD_OUT_PTR_OFFSET + 8].copy_from_slice(&out_ptr.to_be_bytes());
-            e[CMD_OUTLEN_OFFSET..CMD_OUTLEN_OFFSET + 4].copy_from_slice(&outlen.to_be_bytes());
-            e[CMD_TOKEN_OFFSET] = token;
-            e[CMD_STATUS_OWN_OFFSET] = CMD_OWNER_HW;
-            q.write(CMDQ + u64::from(slot) * 64, &e);
+            let e = Entry {
+                ty,
+                input: &input,
+                inlen,
+                in_ptr,
+                outlen,
+                out_ptr,
+                token,
+                signed: false,
+            };
+            q.entry(slot as u8, &e);
             mask |= 1 << slot;
         }
         // Now and then a doorbell for slots software still owns.
@@ -243,12 +177,13 @@ fn random_command_traffic_never_wedges_the_device() {
         q.ring(mask | stray);
         for slot in 0..32u32 {
             if mask & (1 << slot) != 0 {
-                q.wait(slot, seed);
+                wait(&q, slot, seed);
             }
         }
         // The connection is still in sync.
         let mut id = [0u8; 2];
-        q.c.region_read(VFIO_PCI_CONFIG_REGION_INDEX, 0, &mut id)
+        q.client
+            .region_read(VFIO_PCI_CONFIG_REGION_INDEX, 0, &mut id)
             .unwrap();
         assert_eq!(u16::from_le_bytes(id), 0x15b3, "seed {seed} round {round}");
     }
@@ -261,16 +196,14 @@ fn random_command_traffic_never_wedges_the_device() {
         hdr::OPCODE,
         u64::from(u16::from(Opcode::QueryAdapter)),
     );
-    let mut e = [0u8; CMD_ENTRY_SIZE];
-    e[0] = MLX5_PCI_CMD_XPORT;
-    e[CMD_INLEN_OFFSET..CMD_INLEN_OFFSET + 4].copy_from_slice(&16u32.to_be_bytes());
-    e[CMD_IN_OFFSET..CMD_IN_OFFSET + 16].copy_from_slice(&input);
-    e[CMD_OUTLEN_OFFSET..CMD_OUTLEN_OFFSET + 4].copy_from_slice(&16u32.to_be_bytes());
-    e[CMD_TOKEN_OFFSET] = 1;
-    e[CMD_STATUS_OWN_OFFSET] = CMD_OWNER_HW;
-    q.write(CMDQ, &e);
+    let e = Entry {
+        token: 1,
+        signed: false,
+        ..Entry::new(&input, 16)
+    };
+    q.entry(0, &e);
     q.ring(1);
-    q.wait(0, seed);
+    wait(&q, 0, seed);
     let status_own = q.read(CMD_STATUS_OWN_OFFSET as u64, 1)[0];
     assert_eq!(
         DeliveryStatus::from_status_own(status_own).unwrap(),

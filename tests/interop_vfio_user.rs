@@ -24,10 +24,10 @@
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::mpsc::{self, RecvTimeoutError};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use mlx5_testbed::mem::memfd;
+use mlx5_testbed::wait::{bounded, eventually};
 use mlx5_testbed::Testbed;
 use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_NORESIZE, VFIO_IRQ_SET_ACTION_TRIGGER,
@@ -75,45 +75,6 @@ const DMA_SIZE: u64 = 64 * 1024;
 const TEST_DEADLINE: Duration = Duration::from_secs(30);
 /// How long the server thread may take to clean up after a client's EOF.
 const CLEANUP_WAIT: Duration = Duration::from_secs(5);
-
-/// Runs `body` on its own thread and fails if it does not finish within `limit`
-/// (the crate's client has no timeouts, so a wrong reply would block it forever).
-/// A panic inside `body` is re-raised here with its own message.
-fn within<T: Send + 'static>(limit: Duration, body: impl FnOnce() -> T + Send + 'static) -> T {
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    let worker = thread::Builder::new()
-        .name("interop-body".into())
-        .spawn(move || {
-            let out = body();
-            let _ = done_tx.send(());
-            out
-        })
-        .expect("spawn test body");
-    match done_rx.recv_timeout(limit) {
-        // Disconnected: the body panicked and dropped the sender; join reports it.
-        Ok(()) | Err(RecvTimeoutError::Disconnected) => match worker.join() {
-            Ok(v) => v,
-            Err(panic) => std::panic::resume_unwind(panic),
-        },
-        Err(RecvTimeoutError::Timeout) => {
-            panic!("test body did not finish within {limit:?}: a vfio_user::Client call is blocked")
-        }
-    }
-}
-
-/// Polls `cond` until it holds or `limit` passes; returns whether it held.
-fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    loop {
-        if cond() {
-            return true;
-        }
-        if start.elapsed() >= limit {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-}
 
 fn connect(path: &Path) -> Client {
     Client::new(path).unwrap_or_else(|e| panic!("vfio_user::Client::new({path:?}): {e:?}"))
@@ -187,7 +148,7 @@ fn msix_pba_offset(c: &mut Client) -> u64 {
 #[test]
 fn vfio_user_crate_client_negotiates_and_lists_regions_and_irqs() {
     mlx5_testbed::init_tracing();
-    within(TEST_DEADLINE, || {
+    bounded(TEST_DEADLINE, || {
         let tb = Testbed::start(1);
         // Client::new negotiates (our 0.0 answer to its 0.1 proposal, JSON it can
         // parse), then fetches DEVICE_GET_INFO and every region's info.
@@ -258,7 +219,7 @@ fn vfio_user_crate_client_negotiates_and_lists_regions_and_irqs() {
 #[test]
 fn vfio_user_crate_client_reads_ids_and_init_segment() {
     mlx5_testbed::init_tracing();
-    within(TEST_DEADLINE, || {
+    bounded(TEST_DEADLINE, || {
         let tb = Testbed::start(1);
         let mut c = connect(&tb.vf_socket(0));
 
@@ -282,7 +243,7 @@ fn vfio_user_crate_client_reads_ids_and_init_segment() {
 #[test]
 fn vfio_user_crate_client_dma_maps_memfd_resets_and_unmaps() {
     mlx5_testbed::init_tracing();
-    within(TEST_DEADLINE, || {
+    bounded(TEST_DEADLINE, || {
         let tb = Testbed::start(1);
         let vf = tb.adapter.vf(0).expect("VF 0").clone();
         let mut c = connect(&tb.vf_socket(0));
@@ -291,7 +252,7 @@ fn vfio_user_crate_client_dma_maps_memfd_resets_and_unmaps() {
             "no DMA maps before the client's"
         );
 
-        let mem = vfu::dma::memfd("interop-guest-ram", DMA_SIZE).expect("memfd");
+        let mem = memfd("interop-guest-ram", DMA_SIZE);
         c.dma_map(0, IOVA, DMA_SIZE, mem.as_raw_fd())
             .expect("DMA_MAP");
         let windows = vf.dma().windows();
@@ -348,10 +309,10 @@ fn vfio_user_crate_client_dma_maps_memfd_resets_and_unmaps() {
 #[test]
 fn vfio_user_crate_client_reconnect_keeps_config_and_drops_dma_maps() {
     mlx5_testbed::init_tracing();
-    within(TEST_DEADLINE, || {
+    bounded(TEST_DEADLINE, || {
         let tb = Testbed::start(1);
         let vf = tb.adapter.vf(0).expect("VF 0").clone();
-        let mem = vfu::dma::memfd("interop-reconnect", DMA_SIZE).expect("memfd");
+        let mem = memfd("interop-reconnect", DMA_SIZE);
 
         {
             let mut c = connect(&tb.vf_socket(0));
@@ -403,7 +364,7 @@ fn vfio_user_crate_client_reconnect_keeps_config_and_drops_dma_maps() {
 #[test]
 fn vfio_user_crate_client_msix_eventfd_fires_and_pending_survives_reconnect() {
     mlx5_testbed::init_tracing();
-    within(TEST_DEADLINE, || {
+    bounded(TEST_DEADLINE, || {
         let tb = Testbed::start(1);
         let vf = tb.adapter.vf(0).expect("VF 0").clone();
         let trigger = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;

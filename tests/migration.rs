@@ -59,7 +59,10 @@ fn round_trip_moves_device_memory_and_every_object_to_a_second_adapter() {
     }
     assert_eq!(guest.pds.len(), 3);
     let mut dst_client = vfu::Client::connect(&b.vf_socket(0)).expect("dst VF");
-    assert!(read_bar2(&mut dst_client) == pattern, "device memory differs");
+    assert!(
+        read_bar2(&mut dst_client) == pattern,
+        "device memory differs"
+    );
     drop(dst_client);
     let (_client, arena) = guest.hca.into_cmdif().into_parts();
     keeps_working(arena, &b.vf_socket(0));
@@ -164,17 +167,13 @@ fn corrupted_streams_are_refused_and_leave_the_destination_unchanged() {
     flipped[fw + RECORD_HEADER_LEN + 100] ^= 0x10;
     let truncated = good[..fw + RECORD_HEADER_LEN + 10].to_vec();
     let mut unknown = good[..fw].to_vec();
-    unknown.extend(
-        RecordHeader::new(4, 0, 0x1234).to_bytes(),
-    );
+    unknown.extend(RecordHeader::new(4, 0, 0x1234).to_bytes());
     unknown.extend([0u8; 4]);
     unknown.extend(&good[fw..]);
     let mut oversized = good[..fw].to_vec();
     oversized.extend(RecordHeader::fw_data(1 << 32).to_bytes());
     let mut optional_ok = good[..fw].to_vec();
-    optional_ok.extend(
-        RecordHeader::new(3, FLAGS_TAG_OPTIONAL, 0x77).to_bytes(),
-    );
+    optional_ok.extend(RecordHeader::new(3, FLAGS_TAG_OPTIONAL, 0x77).to_bytes());
     optional_ok.extend(b"xyz");
     let _ = optional_ok;
 
@@ -202,11 +201,7 @@ fn corrupted_streams_are_refused_and_leave_the_destination_unchanged() {
             read_bar2(&mut dst_guest) == dst_pattern,
             "{name}: destination memory changed"
         );
-        assert_eq!(
-            b.vf(0).object_counts(),
-            dst_objects,
-            "{name}"
-        );
+        assert_eq!(b.vf(0).object_counts(), dst_objects, "{name}");
     }
     // After all that, the good stream still goes through.
     load_in_chunks(&dst, &good, 1000);

@@ -13,7 +13,7 @@ use mlx5_prm::migration_stream::RecordHeader;
 use mlx5_prm::Opcode;
 use mlx5_testbed::bringup::{pf_up, up, ARENA};
 use mlx5_testbed::devmem::{dev_mem, pattern, Bar2Map, BAR2};
-use mlx5_testbed::{init_tracing, Function, Sockets, Testbed};
+use mlx5_testbed::{init_tracing, Function, Testbed};
 use mlx5vf::cmdif::new_input;
 use mlx5vf::hca::Hca;
 use mlx5vf::migration::arcs::{Fw, MigBuf};
@@ -71,11 +71,7 @@ fn vf_state_and_device_memory_move_to_a_second_adapter() {
     }
     for (i, chunk) in want[size / 2..].chunks(64 << 10).enumerate() {
         vf_client
-            .region_write(
-                BAR2,
-                (size / 2 + i * (64 << 10)) as u64,
-                chunk,
-            )
+            .region_write(BAR2, (size / 2 + i * (64 << 10)) as u64, chunk)
             .unwrap();
     }
     let mut vf = up(vf_client, ARENA, true);
@@ -119,7 +115,8 @@ fn vf_state_and_device_memory_move_to_a_second_adapter() {
     let image_size = get(&out, SAVE_VHCA_STATE_OUT_ACTUAL_IMAGE_SIZE);
     assert_eq!(image_size, required, "QUERY predicted the image");
     let mut image = vec![0u8; image_size as usize];
-    buf.read(pf.cmd().arena(), 0, &mut image).expect("read the image");
+    buf.read(pf.cmd().arena(), 0, &mut image)
+        .expect("read the image");
     // As mlx5vf streams it: a FW_DATA record around the image.
     let header = RecordHeader::fw_data(image_size).to_bytes();
     assert_eq!(

@@ -79,8 +79,7 @@ fn a_suspend_refused_mid_path_leaves_the_device_in_the_last_state_reached() {
     assert_eq!(r.pf_fn().object_counts(), objects, "migration file leaked");
 
     // The user may retry from there once the other user is done.
-    behind_back(&r, Opcode::ResumeVhca, RESUME_INITIATOR)
-        .expect("RESUME behind the driver's back");
+    behind_back(&r, Opcode::ResumeVhca, RESUME_INITIATOR).expect("RESUME behind the driver's back");
     r.dev.set_state(MigState::Stop).expect("STOP on retry");
     assert_eq!(r.fw_state(), FwState::ResponderSuspended);
     r.dev.set_state(MigState::Running).expect("RUNNING");

@@ -20,11 +20,11 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::thread::sleep;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use mlx5_testbed::child::Guard;
 
 /// A cold prepare (debootstrap and packages) takes about a minute; leave room for a
 /// slow mirror.
@@ -40,82 +40,6 @@ const DEVICE: &str = "0x101e";
 const CLASS: &str = "0x020000";
 const BAR0_SIZE: u64 = 32 << 20;
 const MSIX_VECTORS: u64 = 16;
-
-/// A child process (and, with `group`, its whole process group) that is killed and
-/// reaped when dropped, on every path out of the test.
-struct Guard {
-    name: &'static str,
-    child: Option<Child>,
-    group: bool,
-}
-
-impl Guard {
-    fn spawn(name: &'static str, cmd: &mut Command, group: bool) -> Guard {
-        if group {
-            cmd.process_group(0);
-        }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Guard {
-            name,
-            child: Some(child),
-            group,
-        }
-    }
-
-    fn child(&mut self) -> &mut Child {
-        self.child.as_mut().expect("child already reaped")
-    }
-
-    /// Exit status if the child has ended.
-    fn try_wait(&mut self) -> Option<ExitStatus> {
-        let name = self.name;
-        self.child()
-            .try_wait()
-            .unwrap_or_else(|e| panic!("waiting for {name}: {e}"))
-    }
-
-    /// Waits at most `limit`; on timeout kills the child (group) and returns `None`.
-    fn wait_timeout(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.try_wait() {
-                return Some(status);
-            }
-            if start.elapsed() >= limit {
-                self.kill();
-                return None;
-            }
-            sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn kill(&mut self) {
-        let group = self.group;
-        if let Some(mut child) = self.child.take() {
-            if child.try_wait().ok().flatten().is_none() {
-                if group {
-                    let pgid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
-                    // SAFETY: kill(2) with a negative pid signals the process group that
-                    // this guard created for the child (process_group(0)); no memory is
-                    // involved.
-                    unsafe {
-                        libc::kill(-pgid, libc::SIGKILL);
-                    }
-                }
-                let _ = child.kill();
-            }
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// The directory of sockets and logs. When the test panics, it prints every log and
 /// keeps the directory.
@@ -188,7 +112,7 @@ fn prepare(logs: &mut Logs) {
             .stderr(err),
         true,
     );
-    let status = guard.wait_timeout(PREPARE_TIMEOUT);
+    let status = guard.wait_or_kill(PREPARE_TIMEOUT);
     let log = fs::read_to_string(logs.path().join("prepare.log")).unwrap_or_default();
     let reason: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
     match status {
@@ -314,21 +238,7 @@ fn boot(
         false,
     );
     let socket = dir.join("vf0.sock");
-    let start = Instant::now();
-    while !socket.exists() {
-        if let Some(status) = emulator.try_wait() {
-            panic!(
-                "mlx5-emu exited ({status}) before creating {}",
-                socket.display()
-            );
-        }
-        assert!(
-            start.elapsed() < SOCKET_TIMEOUT,
-            "mlx5-emu did not create {} within {SOCKET_TIMEOUT:?}",
-            socket.display()
-        );
-        sleep(Duration::from_millis(20));
-    }
+    emulator.wait_for_file(&socket, SOCKET_TIMEOUT);
 
     // The guest, with vf0.sock attached; serial console to serial.log.
     let (serial_path, serial) = logs.file("serial.log", "guest serial console");
@@ -346,7 +256,7 @@ fn boot(
             .stderr(qemu_err),
         true,
     );
-    let status = guest.wait_timeout(guest_wait);
+    let status = guest.wait_or_kill(guest_wait);
     let boot_time = boot.elapsed();
     let serial =
         String::from_utf8_lossy(&fs::read(&serial_path).expect("read serial log")).into_owned();

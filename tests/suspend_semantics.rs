@@ -26,7 +26,7 @@ use mlx5_prm::Opcode;
 use mlx5_testbed::bringup;
 use mlx5_testbed::faults;
 use mlx5_testbed::rawq::{self, RawQueue};
-use mlx5_testbed::{init_tracing, Sockets, Testbed};
+use mlx5_testbed::{init_tracing, Testbed};
 use mlx5vf::cmdif::new_input;
 use mlx5vf::hca::Hca;
 
@@ -162,13 +162,19 @@ fn doorbell_after_responder_suspend_is_a_violation_and_runs_after_resume_in_reve
     assert!(t0 <= v[0].at && v[0].at <= t1, "violation time");
 
     // A new queue address would change state that the image carries: refused too.
-    let addr_before = (q.read_reg(CMDQ_ADDR_H_OFFSET), q.read_reg(CMDQ_ADDR_L_SZ_OFFSET));
+    let addr_before = (
+        q.read_reg(CMDQ_ADDR_H_OFFSET),
+        q.read_reg(CMDQ_ADDR_L_SZ_OFFSET),
+    );
     assert!(
         q.program(IOVA + 0x1000).is_err(),
         "queue address write refused"
     );
     assert_eq!(
-        (q.read_reg(CMDQ_ADDR_H_OFFSET), q.read_reg(CMDQ_ADDR_L_SZ_OFFSET)),
+        (
+            q.read_reg(CMDQ_ADDR_H_OFFSET),
+            q.read_reg(CMDQ_ADDR_L_SZ_OFFSET)
+        ),
         addr_before
     );
     let v = vf.violations();

@@ -10,6 +10,8 @@ use mlx5_emulator::bar0::{MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET};
 use mlx5_emulator::pci::caps::{
     MSIX_CAP_OFFSET, MSIX_FLAGS_ENABLE, MSIX_FLAGS_OFFSET, PCIE_CAP_OFFSET, PCIE_DEVCTL_OFFSET,
 };
+use mlx5_testbed::mem::memfd;
+use mlx5_testbed::wait::wait_until;
 use mlx5_testbed::{init_tracing, Testbed};
 use vfu::proto::*;
 use vfu::uapi::*;
@@ -37,21 +39,6 @@ fn raw_errno(c: &mut Client, cmd: u16, payload: &[u8], fds: &[RawFd]) -> Errno {
 fn assert_in_sync(c: &mut Client) {
     let info = c.device_info().expect("connection still in sync");
     assert_eq!(info.num_regions, VFIO_PCI_NUM_REGIONS);
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn memfd(size: u64) -> std::fs::File {
-    vfu::dma::memfd("test-dma", size).expect("memfd")
 }
 
 fn read_u16(c: &mut Client, region: u32, off: u64) -> u16 {
@@ -150,7 +137,7 @@ fn every_command_round_trips() {
     assert_eq!(u32::from_be_bytes(hi), 9);
 
     // DMA_MAP / DMA_UNMAP with a memfd, seen by the device.
-    let mem = memfd(0x10000);
+    let mem = memfd("test-dma", 0x10000);
     let rw = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
     c.dma_map(0x100000, 0x8000, mem.as_raw_fd(), 0, rw).unwrap();
     c.dma_map(0x200000, 0x8000, mem.as_raw_fd(), 0x8000, rw)
@@ -410,7 +397,7 @@ fn hostile_sizes_and_lengths() {
         ),
         Errno::EINVAL
     );
-    let mem = memfd(0x4000);
+    let mem = memfd("test-dma", 0x4000);
     let dm = DmaMap {
         argsz: 16,
         flags: 3,
@@ -484,7 +471,7 @@ fn hostile_dma_and_irq_requests() {
     let tb = Testbed::start(1);
     let vf = tb.adapter.vf(0).unwrap().clone();
     let mut c = tb.vf_client(0);
-    let mem = memfd(0x40000);
+    let mem = memfd("test-dma", 0x40000);
     let rw = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
 
     c.dma_map(0x10000, 0x4000, mem.as_raw_fd(), 0, rw).unwrap();
@@ -702,7 +689,7 @@ fn disconnect_drops_dma_and_irqs_and_keeps_device_state() {
     init_tracing();
     let tb = Testbed::start(1);
     let vf = tb.adapter.vf(0).unwrap().clone();
-    let mem = memfd(0x4000);
+    let mem = memfd("test-dma", 0x4000);
     let efd = EventFd::new(0).unwrap();
     {
         let mut c = tb.vf_client(0);
@@ -723,9 +710,11 @@ fn disconnect_drops_dma_and_irqs_and_keeps_device_state() {
         assert_eq!(vf.lock().irqs.eventfd_count(), 1);
         c.shutdown();
     }
-    wait_until("DMA maps and IRQ fds dropped", || {
-        vf.dma().is_empty() && vf.lock().irqs.eventfd_count() == 0
-    });
+    wait_until(
+        "DMA maps and IRQ fds dropped",
+        Duration::from_secs(5),
+        || vf.dma().is_empty() && vf.lock().irqs.eventfd_count() == 0,
+    );
     let mut c = tb.vf_client(0);
     let mut b = [0u8; 1];
     c.region_read(CONFIG, INTERRUPT_LINE, &mut b).unwrap();

@@ -3,20 +3,13 @@
 //! that wants a reply gets one, with the same id; the server never panics or loses
 //! sync, and the device still answers normally afterwards. `MLX5_EMU_SEED=N` replays.
 
-use mlx5_testbed::{init_tracing, Testbed};
+use mlx5_testbed::{init_tracing, seed, Testbed};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use vfu::proto::*;
 use vfu::uapi::VFIO_PCI_NUM_REGIONS;
 
 const MESSAGES: usize = 3000;
-
-fn seed() -> u64 {
-    std::env::var("MLX5_EMU_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x7666_7521)
-}
 
 /// A payload whose first fields look like the command's fixed part.
 fn payload(rng: &mut impl Rng, cmd: u16) -> Vec<u8> {
@@ -68,7 +61,7 @@ fn payload(rng: &mut impl Rng, cmd: u16) -> Vec<u8> {
 #[test]
 fn random_messages_get_answers_and_never_desynchronise_the_server() {
     init_tracing();
-    let seed = seed();
+    let seed = seed(0x7666_7521);
     let mut rng = StdRng::seed_from_u64(seed);
     let tb = Testbed::start(1);
     let mut c = tb.vf_client(0);
