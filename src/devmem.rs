@@ -56,6 +56,11 @@ pub fn fill(f: &Function, seed: u64) -> Vec<u8> {
     d
 }
 
+/// Writes `data` at `off` of `f`'s device memory on the emulator's side.
+pub fn write(f: &Function, off: u64, data: &[u8]) {
+    f.devmem().write(off, data).expect("device memory write");
+}
+
 /// `f`'s whole device memory, read on the emulator's side.
 pub fn dev_mem(f: &Function) -> Vec<u8> {
     let mut m = vec![0u8; f.devmem().size() as usize];

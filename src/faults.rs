@@ -3,10 +3,12 @@
 //! later replace each body with an injection point without touching a test.
 
 use std::sync::{Arc, MutexGuard};
+use std::time::Duration;
 
 use mlx5_emulator::firmware::Firmware;
 use mlx5_emulator::Function;
 use mlx5_prm::iseg::CMDQ_ADDR_L_SZ_OFFSET;
+use mlx5_prm::Opcode;
 
 /// Where nothing is DMA-mapped: a command queue moved there is never served.
 pub const UNMAPPED_QUEUE: u32 = 0x7000_0000;
@@ -71,6 +73,19 @@ impl Drop for UnreachableQueue {
     fn drop(&mut self) {
         self.put_back();
     }
+}
+
+/// The next `count` commands `f` executes with `opcode` (naming `target_vhca_id` as
+/// the function they act on, when given) are held `delay` before they execute, with
+/// no lock held: other slots keep running.
+pub fn delay_commands(
+    f: &Function,
+    opcode: Opcode,
+    target_vhca_id: Option<u16>,
+    delay: Duration,
+    count: u32,
+) {
+    f.delay_commands(opcode, target_vhca_id, delay, count);
 }
 
 /// Holds `f`'s firmware while the guard lives: commands of `f` taken by its worker

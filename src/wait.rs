@@ -34,21 +34,32 @@ pub fn bounded<T: Send + 'static>(limit: Duration, body: impl FnOnce() -> T + Se
 /// Polls `cond` until it holds or `limit` passes; returns whether it held.
 pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
-    loop {
-        if cond() {
-            return true;
-        }
+    while !cond() {
         if start.elapsed() >= limit {
             return false;
         }
         thread::sleep(POLL);
     }
+    true
 }
 
 /// Polls `cond` until it holds; fails naming `what` if it has not after `limit`.
-pub fn wait_until(what: &str, limit: Duration, cond: impl FnMut() -> bool) {
-    assert!(
-        eventually(limit, cond),
-        "timed out after {limit:?} waiting for {what}"
-    );
+pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    wait_for(what, limit, || cond().then_some(()));
+}
+
+/// Polls `f` until it yields a value and returns it; fails naming `what` if it has
+/// not after `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        thread::sleep(POLL);
+    }
 }

@@ -9,9 +9,10 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mlx5_testbed::child::{emu_command, Emu, Guard, START_TIMEOUT, STOP_TIMEOUT};
+use mlx5_testbed::wait::eventually;
 
 fn temp_dir() -> tempfile::TempDir {
     mlx5_testbed::child::temp_dir("mlx5-emu-cli")
@@ -239,10 +240,7 @@ fn a_closed_stdout_does_not_stop_the_server() {
     // Close the read end before the emulator prints what it serves.
     drop(child.child().stdout.take());
     let vf0 = cwd.path().join("mlx5-emu/vf0.sock");
-    let deadline = Instant::now() + STOP_TIMEOUT;
-    while !vf0.exists() && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(20));
-    }
+    eventually(STOP_TIMEOUT, || vf0.exists());
     thread::sleep(Duration::from_millis(300));
     let alive = child.try_wait().is_none();
     child.signal(libc::SIGTERM);

@@ -14,16 +14,12 @@ use mlx5_prm::cmd::pages::{
 };
 use mlx5_prm::ifc::{get, set};
 use mlx5_prm::Opcode;
-use mlx5_testbed::bringup::{self, cmdif, ARENA};
+use mlx5_testbed::bringup::{cmdif, up, ARENA};
 use mlx5_testbed::{faults, init_tracing, run_cli, Function, Testbed};
 use mlx5vf::cmdif::{new_input, CmdError, Mode};
 use mlx5vf::hca::Hca;
 
 const QUERY_HCA_CAP_OUT: usize = 0x1010;
-
-fn up(client: vfu::Client, events: bool) -> Hca {
-    bringup::up(client, ARENA, events)
-}
 
 fn assert_no_objects(f: &Function, when: &str) {
     let c = f.object_counts();
@@ -47,7 +43,7 @@ fn cycle(f: &Function, socket: &std::path::Path, n: usize) -> Duration {
     let start = Instant::now();
     for i in 0..n {
         let events = i % 10 != 9; // every tenth cycle completes by polling only
-        let mut hca = up(client, events);
+        let mut hca = up(client, ARENA, events);
         let info = hca.info().expect("info").clone();
         assert_eq!(info.vhca_id, f.id.vhca_id);
         assert_eq!(info.pages_given, f.object_counts().pages);
@@ -90,7 +86,7 @@ fn query_hca_cap_output_spans_eight_mailboxes_byte_exact() {
     init_tracing();
     let tb = Testbed::start(1);
     let vf = tb.vf(0);
-    let mut hca = up(tb.vf_client(0), true);
+    let mut hca = up(tb.vf_client(0), ARENA, true);
     for (t, mode) in [
         (CapType::General, CapMode::Max),
         (CapType::General, CapMode::Cur),
@@ -187,7 +183,7 @@ fn create_mkey_with_a_long_mtt_list_reaches_the_firmware_intact() {
     init_tracing();
     let tb = Testbed::start(1);
     let vf = tb.vf(0);
-    let mut hca = up(tb.vf_client(0), true);
+    let mut hca = up(tb.vf_client(0), ARENA, true);
     // 1000 pages: 0x110 + 8000 bytes of input = 16 blocks; not contiguous, reversed.
     let mut mtt: Vec<u64> = (0..1000)
         .map(|_| hca.cmd().arena_mut().alloc_page().unwrap())
@@ -271,7 +267,7 @@ fn all_slots_in_flight(events: bool) {
     let vfs = 4;
     let tb = Testbed::start(vfs);
     let pf = tb.pf();
-    let mut hca = up(tb.pf_client(), events);
+    let mut hca = up(tb.pf_client(), ARENA, events);
     let cmds = thirty_two_commands(vfs);
     let one_by_one: Vec<Vec<u8>> = cmds
         .iter()
@@ -336,7 +332,7 @@ fn all_32_slots_in_flight_complete_each_with_its_own_output_events() {
 fn commands_complete_by_eqe_and_msix_eventfd() {
     init_tracing();
     let tb = Testbed::start(1);
-    let mut hca = up(tb.vf_client(0), true);
+    let mut hca = up(tb.vf_client(0), ARENA, true);
     assert_eq!(hca.cmd().mode(), Mode::Events);
     let eqn = hca.info().unwrap().cmd_eqn.expect("cmd EQ");
     assert_eq!(hca.cmd().event_queue().unwrap().eqn(), Some(eqn));
@@ -362,7 +358,7 @@ fn commands_complete_by_eqe_and_msix_eventfd() {
 fn status_errors_map_to_the_kernel_errno_and_the_next_command_works() {
     init_tracing();
     let tb = Testbed::start(1);
-    let mut hca = up(tb.vf_client(0), true);
+    let mut hca = up(tb.vf_client(0), ARENA, true);
     let cases: Vec<(Vec<u8>, usize, u8, i32)> = vec![
         // Unknown opcode: BAD_OP -> -EINVAL.
         (
@@ -438,7 +434,7 @@ fn a_command_the_device_never_completes_times_out_and_keeps_its_slot() {
 fn pf_reads_a_vfs_caps_through_other_function() {
     init_tracing();
     let tb = Testbed::start(2);
-    let mut hca = up(tb.pf_client(), true);
+    let mut hca = up(tb.pf_client(), ARENA, true);
     assert_eq!(hca.info().unwrap().vhca_id, 0);
     for n in 0..2u16 {
         let other = hca.query_other_caps(n + 1).expect("other caps");

@@ -4,7 +4,7 @@
 //! delivery status that names the problem, and the next valid command still works.
 
 use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mlx5_emulator::firmware::syndrome;
 use mlx5_emulator::HcaState;
@@ -19,6 +19,7 @@ use mlx5_prm::cmdq::*;
 use mlx5_prm::ifc::{get, hdr, set};
 use mlx5_prm::{CmdStatus, Opcode};
 use mlx5_testbed::rawq::{entry_off, input, status, Entry, RawQueue, MAILBOXES, TOKEN};
+use mlx5_testbed::wait::{wait_for, wait_until};
 use mlx5_testbed::{init_tracing, Testbed};
 use vfu::uapi::*;
 use vmm_sys_util::eventfd::EventFd;
@@ -361,16 +362,7 @@ fn command_completion_switches_to_eqe_and_msix_once_the_cmd_eq_exists() {
             .region_write(BAR0, addr, &eq_doorbell_value(eqn, ci).to_be_bytes())
             .unwrap();
     };
-    let wait_irq = || {
-        let start = Instant::now();
-        loop {
-            if let Ok(n) = efd.read() {
-                return n;
-            }
-            assert!(start.elapsed() < Duration::from_secs(5), "no MSI-X");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    };
+    let wait_irq = || wait_for("MSI-X", Duration::from_secs(5), || efd.read().ok());
     doorbell(&mut q, EQ_DOORBELL_ARM_OFFSET, 0);
     let issi = input(Opcode::QueryIssi, 0, 16);
     let mut ci = 0u32;
@@ -401,15 +393,12 @@ fn command_completion_switches_to_eqe_and_msix_once_the_cmd_eq_exists() {
     // Not armed: the EQE is written, no interrupt.
     ok(&q.exec(4, &issi, QUERY_ISSI_OUT_LEN));
     // The EQE is posted just after status_own; wait for it.
-    let start = Instant::now();
-    while get(
-        &q.read(EQ_RING + u64::from(ci % 4) * 64, 64),
-        EQE_CMD_VECTOR,
-    ) != 1 << 4
-    {
-        assert!(start.elapsed() < Duration::from_secs(5), "no EQE");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_until("the EQE", Duration::from_secs(5), || {
+        get(
+            &q.read(EQ_RING + u64::from(ci % 4) * 64, 64),
+            EQE_CMD_VECTOR,
+        ) == 1 << 4
+    });
     std::thread::sleep(Duration::from_millis(20));
     assert!(efd.read().is_err());
     // Arming while that EQE is unconsumed fires at once.

@@ -17,7 +17,7 @@ use mlx5_prm::iseg::HEALTH_SYND_FW_INTERNAL_ERR;
 use mlx5_prm::migration_stream::RecordHeader;
 use mlx5_prm::Opcode;
 use mlx5_testbed::bringup::CMD_TIMEOUT;
-use mlx5_testbed::devmem::pattern;
+use mlx5_testbed::devmem::{self, pattern};
 use mlx5_testbed::faults;
 use mlx5_testbed::init_tracing;
 use mlx5_testbed::migrate::{drain, errno_of, fw_data_records, write_in_chunks, Rig};
@@ -323,7 +323,7 @@ fn base_and_delta(src: &Rig) -> (Vec<u8>, Vec<u8>) {
         .expect("saving stream");
     let mut stream = Vec::new();
     drain(&mut s, &mut stream);
-    src.vf().devmem().write(8192, &[0x5a; 8192]).unwrap();
+    devmem::write(&src.vf(), 8192, &[0x5a; 8192]);
     src.dev.set_state(MigState::StopCopy).expect("STOP_COPY");
     drain(&mut s, &mut stream);
     let mem = src.dev_mem();

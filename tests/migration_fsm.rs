@@ -7,10 +7,9 @@
 //! expanded by hand from their next-step cells), not computed from the
 //! implementation's table.
 
-use std::sync::mpsc;
-use std::thread;
 use std::time::Duration;
 
+use mlx5_testbed::wait::bounded;
 use mlx5vf::migration::fsm::{arcs, is_arc, next_step, path, FsmError, MigFlags, MigState, EINVAL};
 
 const ERROR: MigState = MigState::Error;
@@ -270,8 +269,7 @@ fn all_64_pairs_walk_kernel_path_under_stop_copy_only() {
 
 #[test]
 fn stop_copy_to_pre_copy_returns_einval_without_hanging() {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
+    let results = bounded(Duration::from_secs(10), || {
         let mut results = Vec::new();
         for f in [flags(7), flags(5)] {
             results.push(next_step(SC, PC, f));
@@ -281,11 +279,8 @@ fn stop_copy_to_pre_copy_returns_einval_without_hanging() {
         results.push(path(SC, PCP2P, flags(7)).map(|_| PCP2P));
         // Without P2P, PRE_COPY_P2P is refused as a target before any walk.
         results.push(path(SC, PCP2P, flags(5)).map(|_| PCP2P));
-        let _ = tx.send(results);
+        results
     });
-    let results = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("STOP_COPY -> PRE_COPY(_P2P) hung");
     assert_eq!(results.len(), 7);
     for r in &results[..6] {
         assert!(matches!(r, Err(FsmError::NoArc { cur: SC, .. })), "{r:?}");

@@ -23,7 +23,7 @@ use mlx5_prm::cmdq::*;
 use mlx5_prm::ifc::set;
 use mlx5_prm::iseg::{CMDQ_ADDR_H_OFFSET, CMDQ_ADDR_L_SZ_OFFSET, CMD_DBELL_OFFSET};
 use mlx5_prm::Opcode;
-use mlx5_testbed::bringup;
+use mlx5_testbed::bringup::pf_up;
 use mlx5_testbed::faults;
 use mlx5_testbed::rawq::{self, RawQueue};
 use mlx5_testbed::{init_tracing, Testbed};
@@ -54,11 +54,6 @@ fn disable_hca() -> (Vec<u8>, usize) {
     )
 }
 
-/// The PF, brought up by mlx5vf's bring-up sequence.
-fn pf_up(tb: &Testbed) -> Hca {
-    bringup::pf_up(&tb.pf_socket())
-}
-
 /// SUSPEND_VHCA or RESUME_VHCA of the VF through the PF; the errno on failure.
 fn mig(pf: &mut Hca, op: Opcode, op_mod: u16) -> Result<(), i32> {
     let mut m = new_input(op, op_mod, 16);
@@ -72,7 +67,7 @@ fn command_work_queued_before_responder_suspend_completes_before_suspend_does() 
     let tb = Testbed::start(1);
     let vf = tb.vf(0);
     let mut q = vf_queue(&tb);
-    let mut pf = pf_up(&tb);
+    let mut pf = pf_up(&tb.pf_socket());
     mig(&mut pf, Opcode::SuspendVhca, SUSPEND_OP_MOD_INITIATOR).unwrap();
 
     // The guest posts ENABLE_HCA and rings. The firmware lock is held here, so the VF's
@@ -143,7 +138,7 @@ fn doorbell_after_responder_suspend_is_a_violation_and_runs_after_resume_in_reve
     assert_eq!(q.wait_status(0), (DeliveryStatus::Ok, 0));
     assert_eq!(vf.hca_state(), HcaState::Enabled);
 
-    let mut pf = pf_up(&tb);
+    let mut pf = pf_up(&tb.pf_socket());
     mig(&mut pf, Opcode::SuspendVhca, SUSPEND_OP_MOD_INITIATOR).unwrap();
     mig(&mut pf, Opcode::SuspendVhca, SUSPEND_OP_MOD_RESPONDER).unwrap();
     let log_before = vf.command_log();
@@ -221,7 +216,7 @@ fn initiator_suspended_function_still_runs_its_command_queue() {
     let tb = Testbed::start(1);
     let vf = tb.vf(0);
     let mut q = vf_queue(&tb);
-    let mut pf = pf_up(&tb);
+    let mut pf = pf_up(&tb.pf_socket());
     mig(&mut pf, Opcode::SuspendVhca, SUSPEND_OP_MOD_INITIATOR).unwrap();
     let (input, outlen) = enable_hca();
     q.post(0, &input, outlen);
@@ -237,7 +232,7 @@ fn every_doorbell_rung_before_responder_suspend_has_completed_when_it_returns() 
     let tb = Testbed::start(1);
     let vf = tb.vf(0);
     let mut q = vf_queue(&tb);
-    let mut pf = pf_up(&tb);
+    let mut pf = pf_up(&tb.pf_socket());
     mig(&mut pf, Opcode::SuspendVhca, SUSPEND_OP_MOD_INITIATOR).unwrap();
     // One doorbell per slot (one work item each); the VF is disabled, so each completes
     // with BAD_SYS_STATE, which is still a completion written by the device.
