@@ -9,6 +9,7 @@
 //! | [`mem`] | guest memory: a memfd DMA-mapped into a function |
 //! | [`devmem`] | device memory (BAR2): seeded patterns, reads, the VMM's mmap |
 //! | [`migrate`] | moving a VF with mlx5vf: stream pumps, whole migrations, stream records |
+//! | [`irq`] | MSI-X as a guest enables it, eventfds on vectors |
 //! | [`faults`] | every way a test makes the device fail, in one place |
 //! | [`child`] | child processes (`mlx5-emu`, scripts) killed and reaped on every way out |
 //! | [`wait`] | bounded waits: a hang fails the test instead of stalling the run |
@@ -19,6 +20,7 @@ pub mod bringup;
 pub mod child;
 pub mod devmem;
 pub mod faults;
+pub mod irq;
 pub mod mem;
 pub mod migrate;
 pub mod rawq;

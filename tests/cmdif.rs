@@ -351,7 +351,7 @@ fn commands_complete_by_eqe_and_msix_eventfd() {
     assert!(hca.cmd().event_queue().unwrap().ci() >= 300);
     hca.down().unwrap();
     assert_eq!(hca.cmd().mode(), Mode::Polling);
-    assert_no_objects(tb.adapter.vf(0).unwrap(), "end");
+    assert_no_objects(&tb.vf(0), "end");
 }
 
 #[test]
@@ -402,7 +402,7 @@ fn status_errors_map_to_the_kernel_errno_and_the_next_command_works() {
             .expect("next command");
     }
     hca.down().unwrap();
-    assert_no_objects(tb.adapter.vf(0).unwrap(), "end");
+    assert_no_objects(&tb.vf(0), "end");
 }
 
 #[test]
@@ -445,7 +445,7 @@ fn pf_reads_a_vfs_caps_through_other_function() {
     let e = hca.query_other_caps(9).unwrap_err();
     assert_eq!(e.errno(), -libc::EINVAL, "{e}");
     hca.down().unwrap();
-    assert_no_objects(tb.adapter.pf(), "end");
+    assert_no_objects(&tb.pf(), "end");
 }
 
 #[test]
@@ -469,7 +469,7 @@ fn mlx5vf_info_prints_firmware_issi_vhca_id_and_migration_caps() {
             "missing {line:?} in:\n{stdout}"
         );
     }
-    assert_no_objects(tb.adapter.vf(0).unwrap(), "after info");
+    assert_no_objects(&tb.vf(0), "after info");
 
     let pf = tb.pf_socket();
     let (ok, stdout, stderr) = run_cli(&["info", "--socket", pf.to_str().unwrap(), "--vf", "0"]);
@@ -485,14 +485,14 @@ fn mlx5vf_info_prints_firmware_issi_vhca_id_and_migration_caps() {
             "missing {line:?} in:\n{stdout}"
         );
     }
-    assert_no_objects(tb.adapter.pf(), "after info --vf");
+    assert_no_objects(&tb.pf(), "after info --vf");
 
     // Failures: a clear message with the errno name and a non-zero exit.
     let (ok, _, stderr) = run_cli(&["info", "--socket", pf.to_str().unwrap(), "--vf", "7"]);
     assert!(!ok);
     assert!(stderr.contains("EINVAL"), "{stderr}");
     assert!(stderr.contains("QUERY_HCA_CAP"), "{stderr}");
-    assert_no_objects(tb.adapter.pf(), "after a failed info --vf");
+    assert_no_objects(&tb.pf(), "after a failed info --vf");
     let missing = tb.dir().join("nope.sock");
     let (ok, _, stderr) = run_cli(&["info", "--socket", missing.to_str().unwrap()]);
     assert!(!ok);

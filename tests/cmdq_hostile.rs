@@ -3,7 +3,6 @@
 //! REGION_WRITE. Valid commands work; broken entries and chains complete with the
 //! delivery status that names the problem, and the next valid command still works.
 
-use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use mlx5_emulator::firmware::syndrome;
@@ -18,14 +17,13 @@ use mlx5_prm::cmd::uar::ALLOC_UAR_OUT_UAR;
 use mlx5_prm::cmdq::*;
 use mlx5_prm::ifc::{get, hdr, set};
 use mlx5_prm::{CmdStatus, Opcode};
+use mlx5_testbed::irq::{enable_msix, msix_eventfd};
 use mlx5_testbed::rawq::{entry_off, input, status, Entry, RawQueue, MAILBOXES, TOKEN};
 use mlx5_testbed::wait::{wait_for, wait_until};
 use mlx5_testbed::{init_tracing, Testbed};
 use vfu::uapi::*;
-use vmm_sys_util::eventfd::EventFd;
 
 const BAR0: u32 = VFIO_PCI_BAR0_REGION_INDEX;
-const CONFIG: u32 = VFIO_PCI_CONFIG_REGION_INDEX;
 /// IOVA of the memfd.
 const IOVA: u64 = 0x1_0000_0000;
 const MEM_SIZE: u64 = 0x10_0000;
@@ -297,25 +295,8 @@ fn command_completion_switches_to_eqe_and_msix_once_the_cmd_eq_exists() {
     let vf = tb.vf(0);
     let mut q = queue(&tb);
     // MSI-X vector 0 → an eventfd.
-    let efd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    q.client
-        .set_irqs(
-            VFIO_PCI_MSIX_IRQ_INDEX,
-            VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-            0,
-            1,
-            &[],
-            &[efd.as_raw_fd()],
-        )
-        .unwrap();
-    use mlx5_emulator::pci::caps::{MSIX_CAP_OFFSET, MSIX_FLAGS_ENABLE, MSIX_FLAGS_OFFSET};
-    let flags = MSIX_CAP_OFFSET as u64 + MSIX_FLAGS_OFFSET as u64;
-    let mut ctl = [0u8; 2];
-    q.client.region_read(CONFIG, flags, &mut ctl).unwrap();
-    let ctl = u16::from_le_bytes(ctl) | MSIX_FLAGS_ENABLE;
-    q.client
-        .region_write(CONFIG, flags, &ctl.to_le_bytes())
-        .unwrap();
+    let efd = msix_eventfd(&mut q.client, 0);
+    enable_msix(&mut q.client);
 
     ok(&q.exec(0, &input(Opcode::EnableHca, 0, 16), 16));
     for stage in [1u16, 2] {

@@ -245,7 +245,7 @@ fn vfio_user_crate_client_dma_maps_memfd_resets_and_unmaps() {
     mlx5_testbed::init_tracing();
     bounded(TEST_DEADLINE, || {
         let tb = Testbed::start(1);
-        let vf = tb.adapter.vf(0).expect("VF 0").clone();
+        let vf = tb.vf(0);
         let mut c = connect(&tb.vf_socket(0));
         assert!(
             vf.dma().windows().is_empty(),
@@ -311,7 +311,7 @@ fn vfio_user_crate_client_reconnect_keeps_config_and_drops_dma_maps() {
     mlx5_testbed::init_tracing();
     bounded(TEST_DEADLINE, || {
         let tb = Testbed::start(1);
-        let vf = tb.adapter.vf(0).expect("VF 0").clone();
+        let vf = tb.vf(0);
         let mem = memfd("interop-reconnect", DMA_SIZE);
 
         {
@@ -366,7 +366,7 @@ fn vfio_user_crate_client_msix_eventfd_fires_and_pending_survives_reconnect() {
     mlx5_testbed::init_tracing();
     bounded(TEST_DEADLINE, || {
         let tb = Testbed::start(1);
-        let vf = tb.adapter.vf(0).expect("VF 0").clone();
+        let vf = tb.vf(0);
         let trigger = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
 
         let efd = EventFd::new(EFD_NONBLOCK).expect("eventfd");

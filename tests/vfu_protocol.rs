@@ -7,9 +7,8 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use mlx5_emulator::bar0::{MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET};
-use mlx5_emulator::pci::caps::{
-    MSIX_CAP_OFFSET, MSIX_FLAGS_ENABLE, MSIX_FLAGS_OFFSET, PCIE_CAP_OFFSET, PCIE_DEVCTL_OFFSET,
-};
+use mlx5_emulator::pci::caps::{PCIE_CAP_OFFSET, PCIE_DEVCTL_OFFSET};
+use mlx5_testbed::irq::{enable_msix, msix_eventfd};
 use mlx5_testbed::mem::memfd;
 use mlx5_testbed::wait::wait_until;
 use mlx5_testbed::{init_tracing, Testbed};
@@ -97,7 +96,7 @@ fn device_regions_and_irqs_are_described() {
 fn every_command_round_trips() {
     init_tracing();
     let tb = Testbed::start(1);
-    let vf = tb.adapter.vf(0).unwrap().clone();
+    let vf = tb.vf(0);
     let mut c = tb.vf_client(0);
 
     // REGION_READ / REGION_WRITE on config space and BAR0.
@@ -152,27 +151,8 @@ fn every_command_round_trips() {
     assert!(vf.dma().is_empty());
 
     // DEVICE_SET_IRQS with an eventfd, then the device raises MSI-X vector 3.
-    let efd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    c.set_irqs(
-        VFIO_PCI_MSIX_IRQ_INDEX,
-        VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-        3,
-        1,
-        &[],
-        &[efd.as_raw_fd()],
-    )
-    .unwrap();
-    let ctl = read_u16(
-        &mut c,
-        CONFIG,
-        MSIX_CAP_OFFSET as u64 + MSIX_FLAGS_OFFSET as u64,
-    );
-    c.region_write(
-        CONFIG,
-        MSIX_CAP_OFFSET as u64 + MSIX_FLAGS_OFFSET as u64,
-        &(ctl | MSIX_FLAGS_ENABLE).to_le_bytes(),
-    )
-    .unwrap();
+    let efd = msix_eventfd(&mut c, 3);
+    enable_msix(&mut c);
     assert!(vf.raise_msix(3));
     assert_eq!(efd.read().unwrap(), 1);
     // DATA_NONE|TRIGGER fires the vector from the client side (loopback).
@@ -469,7 +449,7 @@ fn hostile_sizes_and_lengths() {
 fn hostile_dma_and_irq_requests() {
     init_tracing();
     let tb = Testbed::start(1);
-    let vf = tb.adapter.vf(0).unwrap().clone();
+    let vf = tb.vf(0);
     let mut c = tb.vf_client(0);
     let mem = memfd("test-dma", 0x40000);
     let rw = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
@@ -688,24 +668,15 @@ fn undersized_message_gets_einval_and_the_connection_closes() {
 fn disconnect_drops_dma_and_irqs_and_keeps_device_state() {
     init_tracing();
     let tb = Testbed::start(1);
-    let vf = tb.adapter.vf(0).unwrap().clone();
+    let vf = tb.vf(0);
     let mem = memfd("test-dma", 0x4000);
-    let efd = EventFd::new(0).unwrap();
     {
         let mut c = tb.vf_client(0);
         c.region_write(CONFIG, INTERRUPT_LINE, &[0x5a]).unwrap();
         c.region_write(BAR0, 0x10, &0xabcd_0000u32.to_be_bytes())
             .unwrap();
         c.dma_map(0x0, 0x4000, mem.as_raw_fd(), 0, 3).unwrap();
-        c.set_irqs(
-            VFIO_PCI_MSIX_IRQ_INDEX,
-            VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-            0,
-            1,
-            &[],
-            &[efd.as_raw_fd()],
-        )
-        .unwrap();
+        let _efd = msix_eventfd(&mut c, 0);
         assert_eq!(vf.dma().len(), 1);
         assert_eq!(vf.lock().irqs.eventfd_count(), 1);
         c.shutdown();
@@ -729,7 +700,7 @@ fn disconnect_drops_dma_and_irqs_and_keeps_device_state() {
 fn msix_pba_tracks_undelivered_vectors() {
     init_tracing();
     let tb = Testbed::start(1);
-    let vf = tb.adapter.vf(0).unwrap().clone();
+    let vf = tb.vf(0);
     let mut c = tb.vf_client(0);
     let pba = |c: &mut Client| {
         let mut b = [0u8; 8];
@@ -740,21 +711,9 @@ fn msix_pba_tracks_undelivered_vectors() {
     assert!(!vf.raise_msix(5));
     assert_eq!(pba(&mut c), 1 << 5);
     // Enable MSI-X and give vector 5 an eventfd: the pending interrupt is delivered.
-    let efd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let flags = MSIX_CAP_OFFSET as u64 + MSIX_FLAGS_OFFSET as u64;
-    let ctl = read_u16(&mut c, CONFIG, flags);
-    c.region_write(CONFIG, flags, &(ctl | MSIX_FLAGS_ENABLE).to_le_bytes())
-        .unwrap();
+    enable_msix(&mut c);
     assert_eq!(pba(&mut c), 1 << 5, "no eventfd yet");
-    c.set_irqs(
-        VFIO_PCI_MSIX_IRQ_INDEX,
-        VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-        5,
-        1,
-        &[],
-        &[efd.as_raw_fd()],
-    )
-    .unwrap();
+    let efd = msix_eventfd(&mut c, 5);
     assert_eq!(efd.read().unwrap(), 1);
     assert_eq!(pba(&mut c), 0);
     // The PBA is read-only to the client; the table is read-write.
