@@ -125,3 +125,16 @@ impl Drop for Bar2Map {
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::pattern;
+
+    #[test]
+    fn patterns_are_seeded_and_never_all_zero() {
+        assert_eq!(pattern(100, 7), pattern(100, 7));
+        assert_ne!(pattern(100, 7), pattern(100, 8));
+        assert_eq!(pattern(13, 7), pattern(100, 7)[..13]);
+        assert!(pattern(64, 0).iter().any(|&b| b != 0));
+    }
+}

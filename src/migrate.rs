@@ -239,3 +239,22 @@ impl Rig {
         load(&self.dev, stream)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_walk_headers_and_stop_at_a_truncated_one() {
+        let mut s = RecordHeader::new(3, 1, 0x77).to_bytes().to_vec();
+        s.extend(b"xyz");
+        s.extend(RecordHeader::fw_data(5).to_bytes());
+        s.extend([9u8; 5]);
+        s.extend(&RecordHeader::fw_data(1).to_bytes()[..7]);
+        let r = records(&s);
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].0, r[0].1.tag.get()), (0, 0x77));
+        assert_eq!(fw_data_records(&s), vec![(2 * RECORD_HEADER_LEN + 3, 5)]);
+        assert_eq!(first_fw_data(&s), RECORD_HEADER_LEN + 3);
+    }
+}

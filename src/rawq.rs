@@ -291,3 +291,24 @@ impl RawQueue {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mlx5_prm::cmdq::{CMD_SIG_OFFSET, CMD_TOKEN_OFFSET};
+
+    #[test]
+    fn a_signed_entry_xors_to_ff_and_an_unsigned_one_leaves_sig_zero() {
+        let m = input(Opcode::QueryIssi, 0, 16);
+        let e = Entry::new(&m, 0x70).encode();
+        assert_eq!(e.iter().fold(0u8, |a, b| a ^ b), 0xff);
+        assert_eq!(e[CMD_TOKEN_OFFSET], TOKEN);
+        assert_eq!(e[CMD_STATUS_OWN_OFFSET], CMD_OWNER_HW);
+        let u = Entry {
+            signed: false,
+            ..Entry::new(&m, 0x70)
+        }
+        .encode();
+        assert_eq!(u[CMD_SIG_OFFSET], 0);
+    }
+}
