@@ -35,6 +35,13 @@ pub const DEVICE_FREQUENCY_KHZ: u64 = 1_000_000;
 
 /// The GENERAL capability page, MAX limits (also the power-on CUR values).
 pub fn general_max(id: FunctionId) -> Box<[u8]> {
+    let mut p = general_limits();
+    set(&mut p, cmd_hca_cap::VHCA_ID, u64::from(id.vhca_id));
+    p
+}
+
+/// The GENERAL page every function reports, before its `vhca_id` is filled in.
+fn general_limits() -> Box<[u8]> {
     use cmd_hca_cap as c;
     let mut p = vec![0u8; HCA_CAP_SIZE].into_boxed_slice();
     let values: &[(Field, u64)] = &[
@@ -42,7 +49,6 @@ pub fn general_max(id: FunctionId) -> Box<[u8]> {
         (c::PAGE_REQUEST_DISABLE, 1),
         // GENERAL_2 exists (it carries the migration extensions).
         (c::HCA_CAP_2, 1),
-        (c::VHCA_ID, u64::from(id.vhca_id)),
         (c::LOG_MAX_QP, LOG_MAX_QP),
         (c::LOG_MAX_EQ_SZ, LOG_MAX_EQ_SZ),
         (c::LOG_MAX_MKEY, LOG_MAX_MKEY),
@@ -93,6 +99,38 @@ const SETTABLE: &[(Field, bool)] = &[
     (cmd_hca_cap::DRIVER_VERSION, true),
     (cmd_hca_cap::UAR_4K, true),
 ];
+
+/// Why a written GENERAL page is refused: by SET_HCA_CAP, and by LOAD_VHCA_STATE for
+/// the page in an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CapsError {
+    #[error("capability page of {len} bytes: expected {HCA_CAP_SIZE}")]
+    Length { len: usize },
+    #[error("{field:?} = {value} is above its MAX value {max}")]
+    AboveMax { field: Field, value: u64, max: u64 },
+}
+
+impl CapsError {
+    /// The status and syndrome SET_HCA_CAP completes with.
+    pub fn fail(&self) -> CmdFail {
+        CmdFail::bad_param()
+    }
+}
+
+/// The settable fields of a written GENERAL page stay within the MAX values.
+pub fn check_general_caps(page: &[u8]) -> Result<(), CapsError> {
+    if page.len() != HCA_CAP_SIZE {
+        return Err(CapsError::Length { len: page.len() });
+    }
+    let max = general_limits();
+    for &(field, bounded) in SETTABLE {
+        let (value, max) = (get(page, field), get(&max, field));
+        if bounded && value > max {
+            return Err(CapsError::AboveMax { field, value, max });
+        }
+    }
+    Ok(())
+}
 
 fn cap_type(op_mod: u16) -> Result<(CapType, CapMode), CmdFail> {
     let (raw, mode) = split_op_mod(op_mod);
@@ -151,13 +189,10 @@ impl Firmware {
         if t != CapType::General {
             return Ok(());
         }
-        let max = general_max(self.id);
-        for &(f, bounded) in SETTABLE {
-            if bounded && get(page, f) > get(&max, f) {
-                tracing::info!(field = ?f, value = get(page, f), max = get(&max, f), "SET_HCA_CAP above MAX");
-                return Err(CmdFail::bad_param());
-            }
-        }
+        check_general_caps(page).map_err(|e| {
+            tracing::info!(error = %e, "SET_HCA_CAP refused");
+            e.fail()
+        })?;
         for &(f, _) in SETTABLE {
             set(&mut self.general_cur, f, get(page, f));
         }

@@ -9,11 +9,14 @@
 //! fires at once (so an EQE posted between the driver's last poll and its arm is never
 //! left without an interrupt).
 
+use std::collections::BTreeSet;
+
 use mlx5_prm::cmd::eq::*;
 use mlx5_prm::ifc::set;
+use mlx5_prm::CmdStatus;
 
 use super::caps::{LOG_MAX_EQ_SZ, MAX_NUM_EQS};
-use super::{first_free, Cmd, CmdFail, CmdResult, Env, Firmware};
+use super::{first_free, syndrome, Cmd, CmdFail, CmdResult, Env, Firmware};
 use crate::function::MSIX_VECTORS;
 
 /// Largest eqc `log_page_size` accepted (EQ pages of up to 256 MiB).
@@ -21,6 +24,100 @@ pub const MAX_EQ_LOG_PAGE_SIZE: u64 = 16;
 /// Lowest EQ number handed out (0 is never used, so a driver that ignores the returned
 /// number is caught).
 pub const FIRST_EQN: u32 = 1;
+
+/// Why an EQ is refused: by CREATE_EQ, and by LOAD_VHCA_STATE for an EQ in an image
+/// (the same checks, so a restored EQ is one the live command would have created).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EqError {
+    #[error("log_eq_size {got} is above log_max_eq_sz {max}")]
+    LogSize { got: u64, max: u64 },
+    #[error("log_page_size {got} is above {max}")]
+    LogPageSize { got: u64, max: u64 },
+    #[error("intr {got} is not one of the {vectors} MSI-X vectors")]
+    Intr { got: u64, vectors: u16 },
+    #[error("page_offset {got}: expected 0")]
+    PageOffset { got: u64 },
+    #[error("UAR {uar} is not allocated")]
+    NoUar { uar: u32 },
+    #[error("EQ page {index} at {pa:#x}: expected non-zero and 4 KiB aligned")]
+    BadPage { index: usize, pa: u64 },
+    #[error("a command EQ exists already")]
+    SecondCmdEq,
+}
+
+impl EqError {
+    /// The status and syndrome CREATE_EQ completes with.
+    pub fn fail(&self) -> CmdFail {
+        match self {
+            EqError::NoUar { .. } => CmdFail::no_such_object(),
+            EqError::BadPage { .. } => CmdFail::new(CmdStatus::BadParamErr, syndrome::BAD_PAGE),
+            _ => CmdFail::bad_param(),
+        }
+    }
+}
+
+/// The eqc values CREATE_EQ checks; returns the EQ page size in bytes.
+pub fn check_eqc(
+    log_size: u64,
+    log_page: u64,
+    intr: u64,
+    page_offset: u64,
+) -> Result<u64, EqError> {
+    if log_size > LOG_MAX_EQ_SZ {
+        return Err(EqError::LogSize {
+            got: log_size,
+            max: LOG_MAX_EQ_SZ,
+        });
+    }
+    if log_page > MAX_EQ_LOG_PAGE_SIZE {
+        return Err(EqError::LogPageSize {
+            got: log_page,
+            max: MAX_EQ_LOG_PAGE_SIZE,
+        });
+    }
+    if intr >= u64::from(MSIX_VECTORS) {
+        return Err(EqError::Intr {
+            got: intr,
+            vectors: MSIX_VECTORS,
+        });
+    }
+    if page_offset != 0 {
+        return Err(EqError::PageOffset { got: page_offset });
+    }
+    Ok(EQ_BASE_PAGE_SIZE << log_page)
+}
+
+/// The EQ's doorbell UAR must be allocated.
+pub fn check_eq_uar(uars: &BTreeSet<u32>, uar: u32) -> Result<(), EqError> {
+    if uars.contains(&uar) {
+        Ok(())
+    } else {
+        Err(EqError::NoUar { uar })
+    }
+}
+
+/// Pages of `page_size` bytes a ring of 2^`log_size` EQEs takes (the PAS entries
+/// CREATE_EQ reads). `log_size` is at most [`LOG_MAX_EQ_SZ`] once checked.
+pub fn eq_page_count(log_size: u64, page_size: u64) -> u64 {
+    ((EQE_SIZE as u64) << log_size.min(LOG_MAX_EQ_SZ)).div_ceil(page_size.max(1))
+}
+
+/// PAS entry `index`: non-zero and 4 KiB aligned (CREATE_EQ also probes that it is
+/// DMA-mapped, which only the live command can).
+pub fn check_eq_page(index: usize, pa: u64) -> Result<(), EqError> {
+    if pa == 0 || !pa.is_multiple_of(EQ_BASE_PAGE_SIZE) {
+        return Err(EqError::BadPage { index, pa });
+    }
+    Ok(())
+}
+
+/// At most one EQ takes command-completion events.
+pub fn check_cmd_eq(wants_cmd: bool, existing: Option<u8>) -> Result<(), EqError> {
+    if wants_cmd && existing.is_some() {
+        return Err(EqError::SecondCmdEq);
+    }
+    Ok(())
+}
 
 /// One EQ.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,7 +160,8 @@ impl EqState {
         self.written & EQ_DOORBELL_CI_MASK != self.ci
     }
 
-    fn wants(&self, event_type: u8) -> bool {
+    /// Whether the EQ's event bitmask takes events of `event_type`.
+    pub fn wants(&self, event_type: u8) -> bool {
         let word = usize::from(event_type / 64);
         self.event_bitmask
             .get(word)
@@ -103,39 +201,31 @@ impl Firmware {
         let uar = cmd.get(CREATE_EQ_IN_UAR_PAGE) as u32;
         let intr = cmd.get(CREATE_EQ_IN_INTR);
         let log_page = cmd.get(CREATE_EQ_IN_LOG_PAGE_SIZE);
-        if log_size > LOG_MAX_EQ_SZ
-            || log_page > MAX_EQ_LOG_PAGE_SIZE
-            || intr >= u64::from(MSIX_VECTORS)
-            || cmd.get(CREATE_EQ_IN_PAGE_OFFSET) != 0
-        {
-            tracing::info!(log_size, log_page, intr, "CREATE_EQ: bad eqc");
-            return Err(CmdFail::bad_param());
-        }
-        if !self.uars.contains(&uar) {
-            return Err(CmdFail::no_such_object());
-        }
+        let refuse = |e: EqError| {
+            tracing::info!(error = %e, "CREATE_EQ refused");
+            e.fail()
+        };
+        let page_size = check_eqc(log_size, log_page, intr, cmd.get(CREATE_EQ_IN_PAGE_OFFSET))
+            .map_err(refuse)?;
+        check_eq_uar(&self.uars, uar).map_err(refuse)?;
         let mut event_bitmask = [0u64; CREATE_EQ_IN_EVENT_BITMASK_WORDS];
         for (i, w) in event_bitmask.iter_mut().enumerate() {
             *w = CREATE_EQ_IN_EVENT_BITMASK.nth(i).map_or(0, |f| cmd.get(f));
         }
-        let page_size = EQ_BASE_PAGE_SIZE << log_page;
-        let bytes = (EQE_SIZE as u64) << log_size;
-        let npages =
-            usize::try_from(bytes.div_ceil(page_size)).map_err(|_| CmdFail::bad_param())?;
+        let npages = usize::try_from(eq_page_count(log_size, page_size))
+            .map_err(|_| CmdFail::bad_param())?;
         cmd.need_in(create_eq_in_len(npages).ok_or_else(CmdFail::bad_param)?)?;
         let mut pas = Vec::with_capacity(npages);
         for i in 0..npages {
             let pa = CREATE_EQ_IN_PAS.nth(i).map_or(0, |f| cmd.get(f));
+            check_eq_page(i, pa).map_err(refuse)?;
             let mut probe = [0u8; 1];
-            if pa == 0
-                || !pa.is_multiple_of(EQ_BASE_PAGE_SIZE)
-                || env.dma.read(pa, &mut probe).is_err()
-            {
-                tracing::info!(pa = format_args!("{pa:#x}"), "CREATE_EQ: bad page");
-                return Err(CmdFail::new(
-                    mlx5_prm::CmdStatus::BadParamErr,
-                    super::syndrome::BAD_PAGE,
-                ));
+            if env.dma.read(pa, &mut probe).is_err() {
+                tracing::info!(
+                    pa = format_args!("{pa:#x}"),
+                    "CREATE_EQ: page not DMA-mapped"
+                );
+                return Err(EqError::BadPage { index: i, pa }.fail());
             }
             pas.push(pa);
         }
@@ -153,10 +243,7 @@ impl Firmware {
             armed: false,
         };
         let is_cmd = eq.wants(EVENT_TYPE_CMD);
-        if is_cmd && self.cmd_eq.is_some() {
-            tracing::info!("CREATE_EQ: a command EQ exists already");
-            return Err(CmdFail::bad_param());
-        }
+        check_cmd_eq(is_cmd, self.cmd_eq).map_err(refuse)?;
         let keys: Vec<u32> = self.eqs.keys().map(|&k| u32::from(k)).collect();
         let last = FIRST_EQN + MAX_NUM_EQS as u32 - 1;
         let eqn = first_free(keys.iter(), FIRST_EQN, last).ok_or_else(CmdFail::no_resources)? as u8;

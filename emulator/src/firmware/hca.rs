@@ -4,13 +4,34 @@
 use mlx5_prm::cmd::hca::*;
 use mlx5_prm::ifc::set;
 
-use super::{caps, pages, syndrome, Cmd, CmdFail, CmdResult, Env, Firmware, HcaState};
-use mlx5_prm::CmdStatus;
+use super::{caps, pages, Cmd, CmdFail, CmdResult, Env, Firmware, HcaState};
 
 /// ISSIs this firmware supports: 0 and 1 (`supported_issi_dw0` = 0x3).
 pub const SUPPORTED_ISSI_DW0: u32 = 0x3;
 /// Highest supported ISSI.
 pub const MAX_ISSI: u16 = 1;
+
+/// Why an ISSI is refused: by SET_ISSI, and by LOAD_VHCA_STATE for an image's ISSI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HcaError {
+    #[error("ISSI {got}: this firmware supports 0..={MAX_ISSI}")]
+    Issi { got: u64 },
+}
+
+impl HcaError {
+    /// The status and syndrome the live command completes with.
+    pub fn fail(&self) -> CmdFail {
+        CmdFail::bad_param()
+    }
+}
+
+/// An ISSI SET_ISSI accepts.
+pub fn check_issi(issi: u64) -> Result<u16, HcaError> {
+    if issi > u64::from(MAX_ISSI) {
+        return Err(HcaError::Issi { got: issi });
+    }
+    Ok(issi as u16)
+}
 /// `ieee_vendor_id` QUERY_ADAPTER reports (Mellanox's OUI).
 pub const IEEE_VENDOR_ID: u32 = 0x02c9;
 /// `vsd_vendor_id` QUERY_ADAPTER reports (the PCI vendor).
@@ -80,12 +101,7 @@ impl Firmware {
     /// INIT_HCA: Enabled → Initialized, once the boot and init pages were given.
     pub(super) fn init_hca(&mut self, cmd: &Cmd<'_>) -> CmdResult {
         let out = cmd.lengths(INIT_HCA_IN_LEN, INIT_HCA_OUT_LEN)?;
-        if self.pages.len() < pages::STARTUP_PAGES {
-            return Err(CmdFail::new(
-                CmdStatus::BadSysStateErr,
-                syndrome::PAGES_MISSING,
-            ));
-        }
+        pages::check_startup_pages(self.pages.len()).map_err(|e| e.fail())?;
         self.state = HcaState::Initialized;
         Ok(out)
     }
@@ -115,11 +131,7 @@ impl Firmware {
 
     pub(super) fn set_issi(&mut self, cmd: &Cmd<'_>) -> CmdResult {
         let out = cmd.lengths(SET_ISSI_IN_LEN, SET_ISSI_OUT_LEN)?;
-        let issi = cmd.get(SET_ISSI_IN_CURRENT_ISSI);
-        if issi > u64::from(MAX_ISSI) {
-            return Err(CmdFail::bad_param());
-        }
-        self.issi = issi as u16;
+        self.issi = check_issi(cmd.get(SET_ISSI_IN_CURRENT_ISSI)).map_err(|e| e.fail())?;
         Ok(out)
     }
 
@@ -171,7 +183,7 @@ mod tests {
     use super::super::{syndrome, HcaState};
     use super::*;
     use mlx5_prm::ifc::get;
-    use mlx5_prm::Opcode;
+    use mlx5_prm::{CmdStatus, Opcode};
 
     #[test]
     fn query_issi_reports_0_and_1_and_set_issi_checks_the_value() {

@@ -5,6 +5,8 @@
 //! pages at run time (`page_request_disable` = 1, QUERY_PAGES REGULAR = 0). Pages are
 //! only recorded: this firmware never writes into them.
 
+use std::collections::BTreeSet;
+
 use mlx5_prm::cmd::pages::*;
 use mlx5_prm::ifc::set;
 use mlx5_prm::CmdStatus;
@@ -20,8 +22,72 @@ pub const STARTUP_PAGES: usize = BOOT_PAGES + INIT_PAGES;
 /// Most pages a function may hold (1 GiB): a bound on what a driver can make us track.
 pub const MAX_FW_PAGES: usize = 1 << 18;
 
-fn bad_page() -> CmdFail {
-    CmdFail::new(CmdStatus::BadParamErr, syndrome::BAD_PAGE)
+/// Why firmware pages are refused: by MANAGE_PAGES(GIVE) and INIT_HCA, and by
+/// LOAD_VHCA_STATE for the pages of an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PageError {
+    #[error("page {pa:#x}: expected non-zero and 4 KiB aligned")]
+    BadAddress { pa: u64 },
+    #[error("page {pa:#x} is held already")]
+    Duplicate { pa: u64 },
+    #[error("{count} pages: at most {max} may be held")]
+    TooMany { count: usize, max: usize },
+    #[error("{held} pages held, an initialized HCA holds at least {need}")]
+    StartupMissing { held: usize, need: usize },
+}
+
+impl PageError {
+    /// The status and syndrome the live command completes with.
+    pub fn fail(&self) -> CmdFail {
+        match self {
+            PageError::TooMany { .. } => CmdFail::no_resources(),
+            PageError::StartupMissing { .. } => {
+                CmdFail::new(CmdStatus::BadSysStateErr, syndrome::PAGES_MISSING)
+            }
+            PageError::BadAddress { .. } | PageError::Duplicate { .. } => {
+                CmdFail::new(CmdStatus::BadParamErr, syndrome::BAD_PAGE)
+            }
+        }
+    }
+}
+
+/// Holding `count` pages stays within [`MAX_FW_PAGES`].
+pub fn check_page_count(count: usize) -> Result<(), PageError> {
+    if count > MAX_FW_PAGES {
+        return Err(PageError::TooMany {
+            count,
+            max: MAX_FW_PAGES,
+        });
+    }
+    Ok(())
+}
+
+/// A page given to the firmware: non-zero, 4 KiB aligned, neither `held` already nor
+/// given twice (it joins `new`). MANAGE_PAGES also probes that it is DMA-mapped, which
+/// only the live command can.
+pub fn check_fw_page(
+    held: &BTreeSet<u64>,
+    new: &mut BTreeSet<u64>,
+    pa: u64,
+) -> Result<(), PageError> {
+    if pa == 0 || !pa.is_multiple_of(FW_PAGE_SIZE) {
+        return Err(PageError::BadAddress { pa });
+    }
+    if held.contains(&pa) || !new.insert(pa) {
+        return Err(PageError::Duplicate { pa });
+    }
+    Ok(())
+}
+
+/// INIT_HCA needs the boot and init pages held, and an initialized HCA keeps them.
+pub fn check_startup_pages(held: usize) -> Result<(), PageError> {
+    if held < STARTUP_PAGES {
+        return Err(PageError::StartupMissing {
+            held,
+            need: STARTUP_PAGES,
+        });
+    }
+    Ok(())
 }
 
 impl Firmware {
@@ -64,28 +130,27 @@ impl Firmware {
     fn give_pages(&mut self, env: &Env<'_>, cmd: &Cmd<'_>, n: usize) -> CmdResult {
         let in_len = manage_pages_in_len(n).ok_or_else(CmdFail::bad_param)?;
         let out = cmd.lengths(in_len, MANAGE_PAGES_OUT_LEN)?;
-        if self.pages.len().saturating_add(n) > MAX_FW_PAGES {
-            return Err(CmdFail::no_resources());
-        }
-        let mut new = std::collections::BTreeSet::new();
+        check_page_count(self.pages.len().saturating_add(n)).map_err(|e| e.fail())?;
+        let mut new = BTreeSet::new();
         for i in 0..n {
             let f = MANAGE_PAGES_IN_PAS.nth(i).ok_or_else(CmdFail::bad_param)?;
             let pa = cmd.get(f);
             let mut probe = [0u8; 1];
-            if pa == 0
-                || !pa.is_multiple_of(FW_PAGE_SIZE)
-                || self.pages.contains(&pa)
-                || !new.insert(pa)
-                // A 4 KiB-aligned page lies inside one DMA window (windows are 4 KiB
-                // aligned), so its first byte tells whether all of it is mapped.
-                || env.dma.read(pa, &mut probe).is_err()
-            {
+            let checked = check_fw_page(&self.pages, &mut new, pa).map_err(|e| e.fail());
+            // A 4 KiB-aligned page lies inside one DMA window (windows are 4 KiB
+            // aligned), so its first byte tells whether all of it is mapped.
+            let mapped = checked.and_then(|()| {
+                env.dma
+                    .read(pa, &mut probe)
+                    .map_err(|_| PageError::BadAddress { pa }.fail())
+            });
+            if let Err(fail) = mapped {
                 tracing::info!(
                     vhca_id = self.id.vhca_id,
                     pa = format_args!("{pa:#x}"),
                     "MANAGE_PAGES: bad page"
                 );
-                return Err(bad_page());
+                return Err(fail);
             }
         }
         self.pages.append(&mut new);

@@ -3,6 +3,8 @@
 //! list of page IOVAs; [`Mkey::translate`] resolves a range of it for SAVE/LOAD and the
 //! DMA engines.
 
+use std::collections::BTreeSet;
+
 use mlx5_prm::cmd::pd_mkey::*;
 use mlx5_prm::ifc::set;
 use mlx5_prm::CmdStatus;
@@ -32,6 +34,88 @@ pub enum MkeyError {
         start: u64,
         mkey_len: u64,
     },
+}
+
+/// Why a PD or an mkey context is refused: by DEALLOC_PD / CREATE_MKEY, and by
+/// LOAD_VHCA_STATE for the PDs and mkeys of an image (the same checks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PdMkeyError {
+    #[error("PD {pd} is outside 1..={max}")]
+    PdOutOfRange { pd: u32, max: u32 },
+    #[error("PD {pd} is not allocated")]
+    NoPd { pd: u32 },
+    #[error("access mode {mode:#x}: only MTT is supported")]
+    AccessMode { mode: u8 },
+    #[error("{what} is set: not supported")]
+    Unsupported { what: &'static str },
+    #[error("log_page_size {got} is outside {min}..={max}")]
+    LogPageSize { got: u64, min: u64, max: u64 },
+    #[error("the range {start:#x}+{len:#x} is empty or wraps")]
+    BadRange { start: u64, len: u64 },
+    #[error("the MTT has {have} entries, the range needs {needed}")]
+    MttShort { have: u64, needed: u64 },
+    #[error("MTT entry {index} is {entry:#x}: expected a non-zero, page-aligned address")]
+    BadMttEntry { index: usize, entry: u64 },
+}
+
+impl PdMkeyError {
+    /// The status and syndrome the live command completes with.
+    pub fn fail(&self) -> CmdFail {
+        match self {
+            PdMkeyError::PdOutOfRange { .. } | PdMkeyError::NoPd { .. } => {
+                CmdFail::no_such_object()
+            }
+            PdMkeyError::BadMttEntry { .. } => {
+                CmdFail::new(CmdStatus::BadParamErr, syndrome::BAD_PAGE)
+            }
+            _ => CmdFail::bad_param(),
+        }
+    }
+}
+
+/// A PD number this function can hold and has allocated.
+pub fn check_pd(pds: &BTreeSet<u32>, pd: u32) -> Result<(), PdMkeyError> {
+    if !(1..=MAX_PDS).contains(&pd) {
+        return Err(PdMkeyError::PdOutOfRange { pd, max: MAX_PDS });
+    }
+    if !pds.contains(&pd) {
+        return Err(PdMkeyError::NoPd { pd });
+    }
+    Ok(())
+}
+
+/// The mkey context CREATE_MKEY checks: page size and range. Returns the number of
+/// pages (MTT entries) the range touches, counted from the page holding `start`.
+pub fn check_mkey_range(log_page_size: u64, start: u64, len: u64) -> Result<u64, PdMkeyError> {
+    if !(MKEY_MIN_LOG_PAGE_SIZE..=MKEY_MAX_LOG_PAGE_SIZE).contains(&log_page_size) {
+        return Err(PdMkeyError::LogPageSize {
+            got: log_page_size,
+            min: MKEY_MIN_LOG_PAGE_SIZE,
+            max: MKEY_MAX_LOG_PAGE_SIZE,
+        });
+    }
+    if len == 0 || start.checked_add(len).is_none() {
+        return Err(PdMkeyError::BadRange { start, len });
+    }
+    let page = 1u64 << log_page_size;
+    Ok(((start & (page - 1)) + len).div_ceil(page))
+}
+
+/// The MTT holds at least the `needed` entries of the range.
+pub fn check_mtt_len(have: u64, needed: u64) -> Result<(), PdMkeyError> {
+    if have < needed {
+        return Err(PdMkeyError::MttShort { have, needed });
+    }
+    Ok(())
+}
+
+/// MTT entry `index`, permission bits cleared: a non-zero, page-aligned address.
+pub fn check_mtt_entry(index: usize, iova: u64, log_page_size: u64) -> Result<(), PdMkeyError> {
+    let page_mask = (1u64 << log_page_size.min(63)) - 1;
+    if iova == 0 || iova & page_mask != 0 {
+        return Err(PdMkeyError::BadMttEntry { index, entry: iova });
+    }
+    Ok(())
 }
 
 /// A memory key in MTT mode.
@@ -99,9 +183,7 @@ impl Firmware {
     pub(super) fn dealloc_pd(&mut self, cmd: &Cmd<'_>) -> CmdResult {
         let out = cmd.lengths(DEALLOC_PD_IN_LEN, DEALLOC_PD_OUT_LEN)?;
         let pd = cmd.get(DEALLOC_PD_IN_PD) as u32;
-        if !self.pds.contains(&pd) {
-            return Err(CmdFail::no_such_object());
-        }
+        check_pd(&self.pds, pd).map_err(|e| e.fail())?;
         if self.mkeys.values().any(|m| m.pd == pd) {
             return Err(CmdFail::new(CmdStatus::ResBusy, syndrome::BUSY));
         }
@@ -118,30 +200,28 @@ impl Firmware {
         let lps = cmd.get(CREATE_MKEY_IN_LOG_PAGE_SIZE);
         let start = cmd.get(CREATE_MKEY_IN_START_ADDR);
         let len = cmd.get(CREATE_MKEY_IN_LEN_FIELD);
-        if mode != ACCESS_MODE_MTT
-            || cmd.get(CREATE_MKEY_IN_PG_ACCESS) != 0
-            || cmd.get(CREATE_MKEY_IN_MKEY_UMEM_VALID) != 0
-            || cmd.get(CREATE_MKEY_IN_LENGTH64) != 0
-            || !(MKEY_MIN_LOG_PAGE_SIZE..=MKEY_MAX_LOG_PAGE_SIZE).contains(&lps)
-            || len == 0
-            || start.checked_add(len).is_none()
-        {
-            tracing::info!(mode, lps, start, len, "CREATE_MKEY: unsupported context");
-            return Err(CmdFail::bad_param());
+        let refuse = |e: PdMkeyError| {
+            tracing::info!(error = %e, "CREATE_MKEY refused");
+            e.fail()
+        };
+        if mode != ACCESS_MODE_MTT {
+            return Err(refuse(PdMkeyError::AccessMode { mode }));
         }
+        for (f, what) in [
+            (CREATE_MKEY_IN_PG_ACCESS, "pg_access"),
+            (CREATE_MKEY_IN_MKEY_UMEM_VALID, "mkey_umem_valid"),
+            (CREATE_MKEY_IN_LENGTH64, "length64"),
+        ] {
+            if cmd.get(f) != 0 {
+                return Err(refuse(PdMkeyError::Unsupported { what }));
+            }
+        }
+        let needed = check_mkey_range(lps, start, len).map_err(refuse)?;
         let pd = cmd.get(CREATE_MKEY_IN_PD) as u32;
-        if !self.pds.contains(&pd) {
-            return Err(CmdFail::no_such_object());
-        }
-        let page = 1u64 << lps;
-        // Pages the range touches, counted from the page holding `start`.
-        let needed = ((start & (page - 1)) + len).div_ceil(page);
+        check_pd(&self.pds, pd).map_err(refuse)?;
         let needed = usize::try_from(needed).map_err(|_| CmdFail::bad_param())?;
         let octwords = cmd.get(CREATE_MKEY_IN_TRANSLATIONS_OCTWORD_SIZE);
-        if octwords.saturating_mul(2) < needed as u64 {
-            tracing::info!(octwords, needed, "CREATE_MKEY: MTT too short for the range");
-            return Err(CmdFail::bad_param());
-        }
+        check_mtt_len(octwords.saturating_mul(2), needed as u64).map_err(refuse)?;
         let in_len = needed
             .checked_mul(MTT_ENTRY_SIZE)
             .and_then(|b| b.checked_add(CREATE_MKEY_IN_LEN))
@@ -151,14 +231,7 @@ impl Firmware {
         for i in 0..needed {
             let e = CREATE_MKEY_IN_MTT.nth(i).map_or(0, |f| cmd.get(f));
             let iova = e & !MTT_PERM_MASK;
-            if iova == 0 || iova & (page - 1) != 0 {
-                tracing::info!(
-                    i,
-                    entry = format_args!("{e:#x}"),
-                    "CREATE_MKEY: bad MTT entry"
-                );
-                return Err(CmdFail::new(CmdStatus::BadParamErr, syndrome::BAD_PAGE));
-            }
+            check_mtt_entry(i, iova, lps).map_err(refuse)?;
             mtt.push(iova);
         }
         let index =

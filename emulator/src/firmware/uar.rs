@@ -16,6 +16,33 @@ pub const FIRST_UAR: u32 = UAR_FIRST_INDEX as u32;
 /// Last UAR index handed out.
 pub const LAST_UAR: u32 = FIRST_UAR + MAX_UARS - 1;
 
+/// Why a UAR index is refused: by DEALLOC_UAR, and by LOAD_VHCA_STATE for the UARs of
+/// an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum UarError {
+    #[error("UAR {index} is outside {FIRST_UAR}..={LAST_UAR}")]
+    OutOfRange { index: u32 },
+    #[error("UAR {index} is not allocated")]
+    NotAllocated { index: u32 },
+    #[error("UAR {index} appears twice")]
+    Duplicate { index: u32 },
+}
+
+impl UarError {
+    /// The status and syndrome DEALLOC_UAR completes with.
+    pub fn fail(&self) -> CmdFail {
+        CmdFail::no_such_object()
+    }
+}
+
+/// A UAR index this function can hold (the range ALLOC_UAR hands out).
+pub fn check_uar_index(index: u32) -> Result<(), UarError> {
+    if !(FIRST_UAR..=LAST_UAR).contains(&index) {
+        return Err(UarError::OutOfRange { index });
+    }
+    Ok(())
+}
+
 const _: () = assert!((LAST_UAR as u64 + 1) * crate::bar0::UAR_PAGE_SIZE <= crate::bar0::UAR_END);
 
 impl Firmware {
@@ -36,8 +63,9 @@ impl Firmware {
     pub(super) fn dealloc_uar(&mut self, cmd: &Cmd<'_>) -> CmdResult {
         let out = cmd.lengths(DEALLOC_UAR_IN_LEN, DEALLOC_UAR_OUT_LEN)?;
         let index = cmd.get(DEALLOC_UAR_IN_UAR) as u32;
+        check_uar_index(index).map_err(|e| e.fail())?;
         if !self.uars.contains(&index) {
-            return Err(CmdFail::no_such_object());
+            return Err(UarError::NotAllocated { index }.fail());
         }
         if self.eqs.values().any(|eq| eq.uar == index) {
             return Err(CmdFail::new(CmdStatus::ResBusy, syndrome::BUSY));
