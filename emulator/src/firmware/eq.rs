@@ -435,6 +435,41 @@ mod tests {
         assert_eq!(b.fw.reserve_cmd_eqe(), None);
     }
 
+    /// The failure a live command completes with is the shared validator's.
+    fn fails_with(r: &super::super::Reply, why: EqError) {
+        let want = why.fail();
+        fails(r, want.status, want.syndrome);
+    }
+
+    #[test]
+    fn create_eq_refuses_with_the_reasons_load_gives() {
+        let mut b = Bench::vf();
+        b.bring_up();
+        b.map(0x40_0000, 0x1000);
+        fails_with(
+            &create(&mut b, 5, 3, 0, false, &[0x40_0000]),
+            check_eq_uar(&b.fw.uars, 3).unwrap_err(),
+        );
+        ok(&b.simple(Opcode::AllocUar));
+        fails_with(
+            &create(&mut b, 17, 3, 0, false, &[0x40_0000]),
+            check_eqc(17, 0, 0, 0).unwrap_err(),
+        );
+        fails_with(
+            &create(&mut b, 5, 3, 16, false, &[0x40_0000]),
+            check_eqc(5, 0, 16, 0).unwrap_err(),
+        );
+        fails_with(
+            &create(&mut b, 5, 3, 0, false, &[0x40_0010]),
+            check_eq_page(0, 0x40_0010).unwrap_err(),
+        );
+        ok(&create(&mut b, 5, 3, 0, true, &[0x40_0000]));
+        fails_with(
+            &create(&mut b, 5, 3, 0, true, &[0x40_0000]),
+            check_cmd_eq(true, Some(1)).unwrap_err(),
+        );
+    }
+
     #[test]
     fn create_eq_checks_its_context_and_pages() {
         let mut b = Bench::vf();

@@ -50,6 +50,23 @@ pub use eq::{EqState, EqeSlot};
 pub use migration::{mig_syndrome, MigCtl, MigState, Violation, ViolationKind};
 pub use pd_mkey::{Mkey, MkeyError};
 
+/// The checks the live commands and LOAD_VHCA_STATE share: `state` reruns them on every
+/// object of an image, so a restored function holds only what the commands would have
+/// created. Each error's `fail()` is the status and syndrome of the live command.
+pub mod checks {
+    pub use super::caps::{check_general_caps, CapsError, MAX_NUM_EQS};
+    pub use super::eq::{
+        check_cmd_eq, check_eq_page, check_eq_uar, check_eqc, eq_page_count, EqError, FIRST_EQN,
+    };
+    pub use super::hca::{check_issi, HcaError};
+    pub use super::pages::{check_fw_page, check_page_count, check_startup_pages, PageError};
+    pub use super::pd_mkey::{
+        check_mkey_range, check_mtt_entry, check_mtt_len, check_pd, check_pd_index, PdMkeyError,
+        MAX_MKEYS, MTT_PERM_MASK,
+    };
+    pub use super::uar::{check_uar_index, UarError};
+}
+
 /// Commands kept in the command log (oldest dropped first).
 pub const CMD_LOG_CAPACITY: usize = 4096;
 

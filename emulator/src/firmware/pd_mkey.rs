@@ -73,11 +73,17 @@ impl PdMkeyError {
     }
 }
 
-/// A PD number this function can hold and has allocated.
-pub fn check_pd(pds: &BTreeSet<u32>, pd: u32) -> Result<(), PdMkeyError> {
+/// A PD number this function can hold (the range ALLOC_PD hands out).
+pub fn check_pd_index(pd: u32) -> Result<(), PdMkeyError> {
     if !(1..=MAX_PDS).contains(&pd) {
         return Err(PdMkeyError::PdOutOfRange { pd, max: MAX_PDS });
     }
+    Ok(())
+}
+
+/// A PD number this function can hold and has allocated.
+pub fn check_pd(pds: &BTreeSet<u32>, pd: u32) -> Result<(), PdMkeyError> {
+    check_pd_index(pd)?;
     if !pds.contains(&pd) {
         return Err(PdMkeyError::NoPd { pd });
     }
@@ -293,6 +299,35 @@ mod tests {
                 set(m, CREATE_MKEY_IN_MTT.nth(i).unwrap(), a);
             }
         })
+    }
+
+    #[test]
+    fn create_mkey_refuses_with_the_reasons_load_gives() {
+        let mut b = Bench::vf();
+        b.bring_up();
+        let expect = |r: &Reply, why: PdMkeyError| {
+            let want = why.fail();
+            fails(r, want.status, want.syndrome);
+        };
+        expect(
+            &create(&mut b, 1, 0, 4096, &[0x5000]),
+            check_pd(&b.fw.pds, 1).unwrap_err(),
+        );
+        ok(&b.simple(Opcode::AllocPd));
+        // A length beyond the MTT: three pages, two entries.
+        expect(
+            &create(&mut b, 1, 0, 3 * 4096, &[0x5000, 0x6000]),
+            check_mtt_len(2, 3).unwrap_err(),
+        );
+        expect(
+            &create(&mut b, 1, 0, 0, &[0x5000]),
+            check_mkey_range(12, 0, 0).unwrap_err(),
+        );
+        expect(
+            &create(&mut b, 1, 0, 4096, &[0x5800]),
+            check_mtt_entry(0, 0x5800, 12).unwrap_err(),
+        );
+        ok(&create(&mut b, 1, 0, 4096, &[0x5000]));
     }
 
     #[test]

@@ -24,8 +24,6 @@ pub enum UarError {
     OutOfRange { index: u32 },
     #[error("UAR {index} is not allocated")]
     NotAllocated { index: u32 },
-    #[error("UAR {index} appears twice")]
-    Duplicate { index: u32 },
 }
 
 impl UarError {

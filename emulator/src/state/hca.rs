@@ -2,11 +2,12 @@
 //! SET_HCA_CAP left it.
 
 use mlx5_prm::cmd::caps::HCA_CAP_SIZE;
-use mlx5_prm::state_image::HcaSectionHead;
+use mlx5_prm::state_image::{HcaSectionHead, LifeCycle};
 use zerocopy::FromZeros;
 
 use super::codec::{bad, zeroed, R, W};
-use super::{HcaImage, StateError, HCA_SECTION_LEN};
+use super::{HcaImage, ObjectsImage, StateError, HCA_SECTION_LEN};
+use crate::firmware::checks::{check_general_caps, check_issi, check_startup_pages};
 
 pub(super) fn encode(h: &HcaImage) -> Vec<u8> {
     let mut head = HcaSectionHead::new_zeroed();
@@ -22,6 +23,9 @@ pub(super) fn decode(b: &[u8]) -> Result<HcaImage, StateError> {
     let mut r = R::new(b, "HCA");
     let head: HcaSectionHead = r.get("HCA head")?;
     zeroed(&[head.rsvd], "HCA reserved")?;
+    if LifeCycle::try_from(head.life_cycle).is_err() {
+        return Err(bad("life_cycle", head.life_cycle.into(), "0, 1 or 2"));
+    }
     let caps_len = head.caps_len.get();
     if caps_len as usize != HCA_CAP_SIZE {
         return Err(bad("caps length", caps_len.into(), "4096"));
@@ -33,4 +37,15 @@ pub(super) fn decode(b: &[u8]) -> Result<HcaImage, StateError> {
         issi: head.issi.get(),
         caps,
     })
+}
+
+/// Reruns SET_ISSI's and SET_HCA_CAP's checks on the section, and INIT_HCA's page check
+/// for an initialized HCA (with the firmware pages of the OBJECTS section).
+pub(super) fn check(h: &HcaImage, objects: &ObjectsImage) -> Result<(), StateError> {
+    check_issi(h.issi.into()).map_err(StateError::Hca)?;
+    check_general_caps(&h.caps).map_err(StateError::Caps)?;
+    if LifeCycle::try_from(h.life_cycle) == Ok(LifeCycle::Initialized) {
+        check_startup_pages(objects.fw_pages.len()).map_err(StateError::FwPage)?;
+    }
+    Ok(())
 }

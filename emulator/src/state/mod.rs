@@ -47,6 +47,7 @@ use mlx5_prm::state_image::{SectionEntry, HCA_SECTION_HEAD_LEN, PAGE_ENTRY_HEAD_
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::devmem::{DEV_MEM_PAGE_SIZE, MAX_DEV_MEM_SIZE};
+use crate::firmware::checks::{CapsError, EqError, HcaError, PageError, PdMkeyError, UarError};
 use codec::W;
 pub use iseg::{CMDQ_ADDRESS_ALIGN_MASK, NIC_INTERFACE_MAX};
 
@@ -137,6 +138,20 @@ pub enum StateError {
         got: u64,
         want: &'static str,
     },
+    #[error("HCA section: {0}")]
+    Hca(HcaError),
+    #[error("HCA section, GENERAL caps: {0}")]
+    Caps(CapsError),
+    #[error("OBJECTS section, UAR: {0}")]
+    Uar(UarError),
+    #[error("OBJECTS section, PD: {0}")]
+    Pd(PdMkeyError),
+    #[error("OBJECTS section, firmware pages: {0}")]
+    FwPage(PageError),
+    #[error("OBJECTS section, EQ {eqn}: {source}")]
+    Eq { eqn: u8, source: EqError },
+    #[error("OBJECTS section, mkey {index}: {source}")]
+    Mkey { index: u32, source: PdMkeyError },
     #[error("image is for {image:#x} bytes of device memory, the function has {function:#x}")]
     DevMemSize { image: u64, function: u64 },
     #[error("image is for a {image}, this function is a {function}")]
@@ -293,13 +308,17 @@ pub fn validate(bytes: &[u8]) -> Result<Image, StateError> {
         }
     }
     let missing = |t: SectionTag| StateError::MissingSection { name: t.name() };
-    Ok(Image {
+    let image = Image {
         header,
         hca: hca.ok_or(missing(SectionTag::Hca))?,
         iseg: iseg.ok_or(missing(SectionTag::Iseg))?,
         objects: objects.ok_or(missing(SectionTag::Objects))?,
         pages: pages.ok_or(missing(SectionTag::DevMem))?,
-    })
+    };
+    // The values, through the live commands' validators.
+    hca::check(&image.hca, &image.objects)?;
+    objects::check(&image.objects)?;
+    Ok(image)
 }
 
 #[cfg(test)]

@@ -1,10 +1,15 @@
 //! The OBJECTS section: UARs, PDs, EQs with their PAS lists and indices, the command
 //! EQ, mkeys with their MTT lists, firmware pages.
 
-use mlx5_prm::cmd::eq::CREATE_EQ_IN_EVENT_BITMASK_WORDS;
+use std::collections::BTreeSet;
+
+use mlx5_prm::cmd::eq::{
+    CREATE_EQ_IN_EVENT_BITMASK_WORDS, EQ_BASE_PAGE_SIZE, EQ_DOORBELL_CI_MASK, EVENT_TYPE_CMD,
+};
 
 use super::codec::{bad, flag, R, W};
 use super::{EqImage, MkeyImage, ObjectsImage, StateError};
+use crate::firmware::checks::*;
 
 pub(super) fn encode(o: &ObjectsImage) -> Vec<u8> {
     let mut w = W(Vec::new());
@@ -128,4 +133,120 @@ pub(super) fn decode(b: &[u8]) -> Result<ObjectsImage, StateError> {
         mkeys,
         fw_pages,
     })
+}
+
+/// Reruns the live commands' checks on every object (ALLOC_UAR, ALLOC_PD,
+/// MANAGE_PAGES, CREATE_EQ, CREATE_MKEY), plus what only an image can get wrong:
+/// numbers the firmware would have handed out itself, duplicates, list lengths that
+/// must be exact.
+pub(super) fn check(o: &ObjectsImage) -> Result<(), StateError> {
+    let mut uars = BTreeSet::new();
+    for &u in &o.uars {
+        check_uar_index(u).map_err(StateError::Uar)?;
+        if !uars.insert(u) {
+            return Err(bad("UAR", u.into(), "each UAR once"));
+        }
+    }
+    let mut pds = BTreeSet::new();
+    for &pd in &o.pds {
+        check_pd_index(pd).map_err(StateError::Pd)?;
+        if !pds.insert(pd) {
+            return Err(bad("PD", pd.into(), "each PD once"));
+        }
+    }
+    check_page_count(o.fw_pages.len()).map_err(StateError::FwPage)?;
+    let mut pages = BTreeSet::new();
+    for &pa in &o.fw_pages {
+        check_fw_page(&BTreeSet::new(), &mut pages, pa).map_err(StateError::FwPage)?;
+    }
+    let mut eqns = BTreeSet::new();
+    let mut cmd_eq = None;
+    for e in &o.eqs {
+        check_eq(e, &uars, cmd_eq)?;
+        if !eqns.insert(e.eqn) {
+            return Err(bad("EQ number", e.eqn.into(), "each EQ once"));
+        }
+        if e.wants(EVENT_TYPE_CMD) {
+            cmd_eq = Some(e.eqn);
+        }
+    }
+    if o.cmd_eq != cmd_eq {
+        let got = o.cmd_eq.map_or(u64::MAX, u64::from);
+        return Err(bad("command EQ", got, "the EQ taking command events"));
+    }
+    let mut mkeys = BTreeSet::new();
+    for m in &o.mkeys {
+        check_mkey(m, &pds)?;
+        if !mkeys.insert(m.index) {
+            return Err(bad("mkey index", m.index.into(), "each mkey once"));
+        }
+    }
+    Ok(())
+}
+
+/// An EQ as CREATE_EQ would have created it with the firmware's own EQ number.
+fn check_eq(e: &EqImage, uars: &BTreeSet<u32>, cmd_eq: Option<u8>) -> Result<(), StateError> {
+    let live = |source| StateError::Eq { eqn: e.eqn, source };
+    let last = u64::from(FIRST_EQN) + MAX_NUM_EQS - 1;
+    if !(u64::from(FIRST_EQN)..=last).contains(&u64::from(e.eqn)) {
+        return Err(bad(
+            "EQ number",
+            e.eqn.into(),
+            "FIRST_EQN..FIRST_EQN+MAX_NUM_EQS",
+        ));
+    }
+    // The image keeps the page size in bytes; CREATE_EQ took it as a log.
+    let log_page = match e.page_size.checked_div(EQ_BASE_PAGE_SIZE) {
+        Some(n) if n.is_power_of_two() && e.page_size.is_multiple_of(EQ_BASE_PAGE_SIZE) => {
+            u64::from(n.trailing_zeros())
+        }
+        _ => return Err(bad("EQ page size", e.page_size, "4 KiB << log_page_size")),
+    };
+    check_eqc(e.log_size.into(), log_page, e.intr.into(), 0).map_err(live)?;
+    check_eq_uar(uars, e.uar).map_err(live)?;
+    let npages = eq_page_count(e.log_size.into(), e.page_size);
+    if e.pas.len() as u64 != npages {
+        return Err(bad(
+            "EQ PAS count",
+            e.pas.len() as u64,
+            "the pages the ring needs",
+        ));
+    }
+    for (i, &pa) in e.pas.iter().enumerate() {
+        check_eq_page(i, pa).map_err(live)?;
+    }
+    check_cmd_eq(e.wants(EVENT_TYPE_CMD), cmd_eq).map_err(live)?;
+    if e.ci > EQ_DOORBELL_CI_MASK {
+        return Err(bad("EQ ci", e.ci.into(), "24 bits"));
+    }
+    Ok(())
+}
+
+/// An mkey as CREATE_MKEY would have created it with the firmware's own index.
+fn check_mkey(m: &MkeyImage, pds: &BTreeSet<u32>) -> Result<(), StateError> {
+    let live = |source| StateError::Mkey {
+        index: m.index,
+        source,
+    };
+    if !(1..=MAX_MKEYS).contains(&m.index) {
+        return Err(bad("mkey index", m.index.into(), "1..=MAX_MKEYS"));
+    }
+    let lps = u64::from(m.log_page_size);
+    let needed = check_mkey_range(lps, m.start, m.len).map_err(live)?;
+    check_pd(pds, m.pd).map_err(live)?;
+    check_mtt_len(m.mtt.len() as u64, needed).map_err(live)?;
+    if m.mtt.len() as u64 != needed {
+        return Err(bad(
+            "mkey MTT count",
+            m.mtt.len() as u64,
+            "the pages the range needs",
+        ));
+    }
+    for (i, &a) in m.mtt.iter().enumerate() {
+        if a & MTT_PERM_MASK != 0 {
+            return Err(bad("mkey MTT entry", a, "permission bits cleared"));
+        }
+        check_mtt_entry(i, a, lps).map_err(live)?;
+    }
+    Ok(())
 }

@@ -52,7 +52,7 @@ pub(crate) fn sample() -> Image {
                 log_page_size: 12,
                 mtt: vec![0x20_0000, 0x30_0000],
             }],
-            fw_pages: vec![0x1000, 0x2000],
+            fw_pages: (1..=8).map(|i| i * 0x1000).collect(),
         },
         pages: (0..3)
             .map(|i| PageImage {
@@ -232,4 +232,150 @@ fn page_indices_are_checked() {
     img.header.seq = 3;
     img.header.base_seq = 2;
     assert!(validate(&img.to_bytes()).is_ok());
+}
+
+/// The image with one edit; `validate` must refuse it with `want`.
+fn refused(edit: impl FnOnce(&mut Image), want: StateError) {
+    let mut img = sample();
+    edit(&mut img);
+    assert_eq!(validate(&img.to_bytes()), Err(want));
+}
+
+#[test]
+fn objects_failing_a_live_validator_are_refused_with_the_live_reason() {
+    use crate::firmware::checks::*;
+    // CREATE_EQ's eqc check: log_eq_size above log_max_eq_sz (the same error the live
+    // command turns into its status, see firmware::eq's tests).
+    let reason = check_eqc(17, 0, 0, 0).unwrap_err();
+    assert!(matches!(reason, EqError::LogSize { got: 17, .. }));
+    refused(
+        |i| {
+            i.objects.eqs[0].log_size = 17;
+        },
+        StateError::Eq {
+            eqn: 1,
+            source: reason,
+        },
+    );
+    // CREATE_EQ: the doorbell UAR must be allocated.
+    refused(
+        |i| i.objects.eqs[0].uar = 5,
+        StateError::Eq {
+            eqn: 1,
+            source: check_eq_uar(&[3, 4].into(), 5).unwrap_err(),
+        },
+    );
+    // CREATE_EQ: an MSI-X vector the function does not have.
+    refused(
+        |i| i.objects.eqs[0].intr = 4000,
+        StateError::Eq {
+            eqn: 1,
+            source: check_eqc(6, 0, 4000, 0).unwrap_err(),
+        },
+    );
+    // CREATE_EQ: a misaligned page.
+    refused(
+        |i| i.objects.eqs[0].pas[0] = 0x10_0010,
+        StateError::Eq {
+            eqn: 1,
+            source: EqError::BadPage {
+                index: 0,
+                pa: 0x10_0010,
+            },
+        },
+    );
+    // CREATE_MKEY: a length beyond the MTT (three pages, two entries).
+    let reason = check_mtt_len(2, 3).unwrap_err();
+    assert_eq!(reason, PdMkeyError::MttShort { have: 2, needed: 3 });
+    refused(
+        |i| i.objects.mkeys[0].len = 3 * 4096,
+        StateError::Mkey {
+            index: 1,
+            source: reason,
+        },
+    );
+    // CREATE_MKEY: a PD that is not allocated, a page size it does not take.
+    refused(
+        |i| i.objects.mkeys[0].pd = 2,
+        StateError::Mkey {
+            index: 1,
+            source: PdMkeyError::NoPd { pd: 2 },
+        },
+    );
+    refused(
+        |i| i.objects.mkeys[0].log_page_size = 11,
+        StateError::Mkey {
+            index: 1,
+            source: check_mkey_range(11, 0, 8192).unwrap_err(),
+        },
+    );
+    // ALLOC_UAR's and ALLOC_PD's ranges.
+    refused(
+        |i| i.objects.uars.push(2),
+        StateError::Uar(UarError::OutOfRange { index: 2 }),
+    );
+    refused(
+        |i| i.objects.pds.push(0),
+        StateError::Pd(check_pd_index(0).unwrap_err()),
+    );
+    // MANAGE_PAGES: a misaligned page; INIT_HCA: an initialized HCA without its pages.
+    refused(
+        |i| i.objects.fw_pages[0] = 0x1001,
+        StateError::FwPage(PageError::BadAddress { pa: 0x1001 }),
+    );
+    refused(
+        |i| i.objects.fw_pages.truncate(4),
+        StateError::FwPage(check_startup_pages(4).unwrap_err()),
+    );
+    // SET_ISSI and SET_HCA_CAP.
+    refused(
+        |i| i.hca.issi = 7,
+        StateError::Hca(check_issi(7).unwrap_err()),
+    );
+    let mut caps = sample().hca.caps.to_vec();
+    mlx5_prm::ifc::set(&mut caps, mlx5_prm::cmd::caps::cmd_hca_cap::LOG_MAX_QP, 31);
+    let reason = check_general_caps(&caps).unwrap_err();
+    assert!(matches!(reason, CapsError::AboveMax { value: 31, .. }));
+    refused(|i| i.hca.caps = caps.into(), StateError::Caps(reason));
+}
+
+#[test]
+fn objects_the_firmware_could_not_hold_are_refused() {
+    // Two EQs taking command events, or a command EQ that takes none.
+    refused(
+        |i| {
+            let mut second = i.objects.eqs[0].clone();
+            second.eqn = 2;
+            i.objects.eqs.push(second);
+        },
+        StateError::Eq {
+            eqn: 2,
+            source: EqError::SecondCmdEq,
+        },
+    );
+    let mut img = sample();
+    img.objects.cmd_eq = None;
+    assert!(matches!(
+        validate(&img.to_bytes()),
+        Err(StateError::BadValue {
+            what: "command EQ",
+            ..
+        })
+    ));
+    // Duplicates and numbers the firmware never hands out.
+    for edit in [
+        (|i: &mut Image| i.objects.uars.push(3)) as fn(&mut Image),
+        |i| i.objects.pds.push(1),
+        |i| i.objects.fw_pages.push(0x1000),
+        |i| i.objects.eqs[0].eqn = 0,
+        |i| i.objects.mkeys[0].index = 0,
+        |i| i.objects.mkeys[0].mtt.push(0x40_0000),
+        |i| i.objects.mkeys[0].mtt[0] |= 1,
+        |i| i.objects.eqs[0].page_size = 4096 * 3,
+        |i| i.objects.eqs[0].ci = 1 << 24,
+    ] {
+        let mut img = sample();
+        edit(&mut img);
+        assert!(validate(&img.to_bytes()).is_err(), "{:?}", img.objects);
+    }
 }
