@@ -164,22 +164,39 @@ pub fn try_set(buf: &mut [u8], f: Field, v: u64) -> Result<(), IfcError> {
     Ok(())
 }
 
-/// The command input header fields every command shares [IFC `mbox_in`].
+/// The command input header fields every command shares [IFC `mbox_in`], as [`Field`]s
+/// for `get`/`set` on whole messages. Their places come from [`CmdInHeader`] and
+/// [`CmdOutHeader`] (the one codec of the headers).
+///
+/// [`CmdInHeader`]: crate::CmdInHeader
+/// [`CmdOutHeader`]: crate::CmdOutHeader
 pub mod hdr {
     use super::Field;
+    use crate::cmd::header::{CmdInHeader, CmdOutHeader, CMD_HEADER_SIZE};
+    use core::mem::offset_of;
+
+    /// The bit offset of a header byte offset.
+    const fn at(byte: usize) -> u32 {
+        (byte * 8) as u32
+    }
 
     /// `opcode`, bytes 0–1.
-    pub const OPCODE: Field = Field::new(0x00, 16);
+    pub const OPCODE: Field = Field::new(at(offset_of!(CmdInHeader, opcode)), 16);
     /// `uid`, bytes 2–3.
-    pub const UID: Field = Field::new(0x10, 16);
+    pub const UID: Field = Field::new(at(offset_of!(CmdInHeader, uid)), 16);
     /// `op_mod`, bytes 6–7.
-    pub const OP_MOD: Field = Field::new(0x30, 16);
+    pub const OP_MOD: Field = Field::new(at(offset_of!(CmdInHeader, op_mod)), 16);
     /// Output `status`, byte 0 [IFC `mbox_out`].
-    pub const STATUS: Field = Field::new(0x00, 8);
+    pub const STATUS: Field = Field::new(at(offset_of!(CmdOutHeader, status)), 8);
     /// Output `syndrome`, bytes 4–7.
-    pub const SYNDROME: Field = Field::new(0x20, 32);
+    pub const SYNDROME: Field = Field::new(at(offset_of!(CmdOutHeader, syndrome)), 32);
     /// Length of either header.
-    pub const HDR_LEN: usize = 16;
+    pub const HDR_LEN: usize = CMD_HEADER_SIZE;
+
+    const _: () = {
+        assert!(OPCODE.bit_off == 0x00 && UID.bit_off == 0x10 && OP_MOD.bit_off == 0x30);
+        assert!(STATUS.bit_off == 0x00 && SYNDROME.bit_off == 0x20);
+    };
 }
 
 #[cfg(test)]
