@@ -220,6 +220,19 @@ impl Rig {
         self.pf.lock().unwrap().cmd().set_timeout(t);
     }
 
+    /// The VF still moves: STOP suspends it in the firmware (responder), RUNNING
+    /// resumes it. `when` names the moment in a failure.
+    pub fn assert_stops_and_runs(&self, when: &str) {
+        self.dev
+            .set_state(MigState::Stop)
+            .unwrap_or_else(|e| panic!("STOP {when}: {e}"));
+        assert_eq!(self.fw_state(), FwState::ResponderSuspended, "STOP {when}");
+        self.dev
+            .set_state(MigState::Running)
+            .unwrap_or_else(|e| panic!("RUNNING {when}: {e}"));
+        assert_eq!(self.fw_state(), FwState::Running, "RUNNING {when}");
+    }
+
     /// Fills the VF's device memory with a seeded pattern.
     pub fn fill(&self, seed: u64) -> Vec<u8> {
         devmem::fill(&self.vf(), seed)

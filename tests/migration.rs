@@ -12,7 +12,7 @@ use mlx5_testbed::bringup::{guest_up, shared_pf_up};
 use mlx5_testbed::child::ChildAdapter;
 use mlx5_testbed::devmem::{fill_bar2, read_bar2, BAR2};
 use mlx5_testbed::migrate::{
-    capture, first_fw_data, keeps_working, load_in_chunks, migrate, write_in_chunks,
+    capture, first_fw_data, keeps_working, load_in_chunks, migrate, write_in_chunks, Rig,
 };
 use mlx5_testbed::{init_tracing, run_cli, Sockets, Testbed};
 use mlx5vf::cmdif::new_input;
@@ -23,23 +23,20 @@ use rand::{Rng, SeedableRng};
 #[test]
 fn round_trip_moves_device_memory_and_every_object_to_a_second_adapter() {
     init_tracing();
-    let a = Testbed::start(1);
-    let b = Testbed::start(1);
-    let src_pf = shared_pf_up(&a.pf_socket());
-    let dst_pf = shared_pf_up(&b.pf_socket());
-    let mut guest = guest_up(&a.vf_socket(0));
+    let a = Rig::start();
+    let b = Rig::start();
+    let mut guest = guest_up(&a.tb.vf_socket(0));
     let pattern = fill_bar2(guest.hca.cmd().client(), 0x5eed);
-    let src_fn = a.vf(0);
-    let dst_fn = b.vf(0);
+    let src_fn = a.vf();
+    let dst_fn = b.vf();
     let before = (
         src_fn.object_counts(),
         src_fn.hca_state(),
         src_fn.firmware().issi(),
     );
 
-    let src = MigrationDevice::new(src_pf.clone(), 0).expect("source device");
-    let dst = MigrationDevice::new(dst_pf.clone(), 0).expect("destination device");
-    let (bytes, rounds, downtime) = migrate(&src, &dst, 64 << 10, || {});
+    let (src, dst) = (&a.dev, &b.dev);
+    let (bytes, rounds, downtime) = migrate(src, dst, 64 << 10, || {});
     eprintln!("round trip: {bytes} bytes, {rounds} rounds, downtime {downtime:?}");
     assert_eq!(dst.state(), MigState::Running);
     assert_eq!(src.state(), MigState::Stop);
@@ -58,14 +55,14 @@ fn round_trip_moves_device_memory_and_every_object_to_a_second_adapter() {
         assert_eq!(s, d, "mkey {mkey:#x}");
     }
     assert_eq!(guest.pds.len(), 3);
-    let mut dst_client = vfu::Client::connect(&b.vf_socket(0)).expect("dst VF");
+    let mut dst_client = vfu::Client::connect(&b.tb.vf_socket(0)).expect("dst VF");
     assert!(
         read_bar2(&mut dst_client) == pattern,
         "device memory differs"
     );
     drop(dst_client);
     let (_client, arena) = guest.hca.into_cmdif().into_parts();
-    keeps_working(arena, &b.vf_socket(0));
+    keeps_working(arena, &b.tb.vf_socket(0));
 }
 
 #[test]
@@ -91,11 +88,9 @@ fn round_trip_to_a_second_emulator_process() {
 #[test]
 fn precopy_with_a_busy_writer_keeps_every_acknowledged_write() {
     init_tracing();
-    let a = Testbed::start(1);
-    let b = Testbed::start(1);
-    let src_pf = shared_pf_up(&a.pf_socket());
-    let dst_pf = shared_pf_up(&b.pf_socket());
-    let mut guest = vfu::Client::connect(&a.vf_socket(0)).unwrap();
+    let a = Rig::start();
+    let b = Rig::start();
+    let mut guest = vfu::Client::connect(&a.tb.vf_socket(0)).unwrap();
     let mut shadow = fill_bar2(&mut guest, 11);
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
@@ -117,10 +112,9 @@ fn precopy_with_a_busy_writer_keeps_every_acknowledged_write() {
         })
     };
     std::thread::sleep(Duration::from_millis(50));
-    let src = MigrationDevice::new(src_pf, 0).unwrap();
-    let dst = MigrationDevice::new(dst_pf, 0).unwrap();
+    let (src, dst) = (&a.dev, &b.dev);
     let mut result = None;
-    let (bytes, rounds, downtime) = migrate(&src, &dst, 4096, || {
+    let (bytes, rounds, downtime) = migrate(src, dst, 4096, || {
         stop.store(true, Ordering::Release);
         result = Some(writer.join().expect("writer"));
     });
@@ -128,7 +122,7 @@ fn precopy_with_a_busy_writer_keeps_every_acknowledged_write() {
     eprintln!(
         "busy writer: {writes} writes, {bytes} bytes, {rounds} rounds, downtime {downtime:?}"
     );
-    let mut c = vfu::Client::connect(&b.vf_socket(0)).unwrap();
+    let mut c = vfu::Client::connect(&b.tb.vf_socket(0)).unwrap();
     let got = read_bar2(&mut c);
     let bad = got.iter().zip(&shadow).filter(|(a, b)| a != b).count();
     assert_eq!(
@@ -140,18 +134,15 @@ fn precopy_with_a_busy_writer_keeps_every_acknowledged_write() {
 #[test]
 fn corrupted_streams_are_refused_and_leave_the_destination_unchanged() {
     init_tracing();
-    let a = Testbed::start(1);
-    let b = Testbed::start(1);
-    let src_pf = shared_pf_up(&a.pf_socket());
-    let dst_pf = shared_pf_up(&b.pf_socket());
-    let mut guest = guest_up(&a.vf_socket(0));
+    let a = Rig::start();
+    let b = Rig::start();
+    let mut guest = guest_up(&a.tb.vf_socket(0));
     let pattern = fill_bar2(guest.hca.cmd().client(), 3);
-    let mut dst_guest = vfu::Client::connect(&b.vf_socket(0)).unwrap();
+    let mut dst_guest = vfu::Client::connect(&b.tb.vf_socket(0)).unwrap();
     let dst_pattern = fill_bar2(&mut dst_guest, 4);
-    let dst_objects = b.vf(0).object_counts();
-    let src = MigrationDevice::new(src_pf, 0).unwrap();
-    let dst = MigrationDevice::new(dst_pf, 0).unwrap();
-    let good = capture(&src);
+    let dst_objects = b.vf().object_counts();
+    let (src, dst) = (&a.dev, &b.dev);
+    let good = capture(src);
     // The source runs on after STOP_COPY -> STOP -> RUNNING.
     assert_eq!(src.state(), MigState::Running);
     let m = new_input(Opcode::QueryIssi, 0, 16);
@@ -201,10 +192,10 @@ fn corrupted_streams_are_refused_and_leave_the_destination_unchanged() {
             read_bar2(&mut dst_guest) == dst_pattern,
             "{name}: destination memory changed"
         );
-        assert_eq!(b.vf(0).object_counts(), dst_objects, "{name}");
+        assert_eq!(b.vf().object_counts(), dst_objects, "{name}");
     }
     // After all that, the good stream still goes through.
-    load_in_chunks(&dst, &good, 1000);
+    load_in_chunks(dst, &good, 1000);
     assert!(
         read_bar2(&mut dst_guest) == pattern,
         "good stream did not land"

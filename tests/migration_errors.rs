@@ -80,10 +80,7 @@ fn a_suspend_refused_mid_path_leaves_the_device_in_the_last_state_reached() {
 
     // The user may retry from there once the other user is done.
     behind_back(&r, Opcode::ResumeVhca, RESUME_INITIATOR).expect("RESUME behind the driver's back");
-    r.dev.set_state(MigState::Stop).expect("STOP on retry");
-    assert_eq!(r.fw_state(), FwState::ResponderSuspended);
-    r.dev.set_state(MigState::Running).expect("RUNNING");
-    assert_eq!(r.fw_state(), FwState::Running);
+    r.assert_stops_and_runs("on retry");
 }
 
 /// RUNNING → STOP_COPY walks RUNNING → RUNNING_P2P → STOP → STOP_COPY; with the PF's
@@ -275,11 +272,7 @@ fn a_pf_reading_all_ones_puts_the_device_in_error_without_waiting_for_a_timeout(
     faults::set_all_ones(&r.pf_fn(), false);
     r.dev.reset();
     assert_eq!(r.dev.state(), MigState::Running);
-    r.dev
-        .set_state(MigState::Stop)
-        .expect("STOP after recovery");
-    assert_eq!(r.fw_state(), FwState::ResponderSuspended);
-    r.dev.set_state(MigState::Running).expect("RUNNING");
+    r.assert_stops_and_runs("after recovery");
 }
 
 /// A command refusal that alone would not be fatal (a corrupted base image refused by
@@ -492,11 +485,7 @@ fn a_reset_during_a_command_in_flight_takes_effect_when_the_command_ends() {
     assert_eq!(r.pf_fn().object_counts(), objects);
 
     r.set_timeout(CMD_TIMEOUT);
-    r.dev
-        .set_state(MigState::Stop)
-        .expect("STOP after the reset");
-    assert_eq!(r.fw_state(), FwState::ResponderSuspended);
-    r.dev.set_state(MigState::Running).expect("RUNNING");
+    r.assert_stops_and_runs("after the reset");
 }
 
 /// Hostile use of the data streams and MIG_DATA_SIZE, with the kernel's errnos
