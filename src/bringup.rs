@@ -6,7 +6,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mlx5vf::cmdif::{ArenaConfig, CmdIf, CmdIfConfig};
+use mlx5_prm::cmd::migration::{IN_VHCA_ID, SUSPEND_VHCA_IN_LEN, SUSPEND_VHCA_OUT_LEN};
+use mlx5_prm::ifc::set;
+use mlx5_prm::Opcode;
+use mlx5vf::cmdif::{new_input, ArenaConfig, CmdError, CmdIf, CmdIfConfig};
 use mlx5vf::hca::{Hca, HcaOptions};
 
 /// The command timeout of commands a test expects to complete.
@@ -81,4 +84,18 @@ pub fn guest_up(socket: &Path) -> Guest {
         mkeys.push(hca.create_mkey(&[page], 12, 4096, i).expect("mkey"));
     }
     Guest { hca, pds, mkeys }
+}
+
+/// The input of a command a PF sends about another function (SUSPEND, RESUME, QUERY,
+/// SAVE or LOAD_VHCA...), naming it by `vhca_id`.
+pub fn vhca_input(op: Opcode, op_mod: u16, len: usize, vhca_id: u16) -> Vec<u8> {
+    let mut m = new_input(op, op_mod, len);
+    set(&mut m, IN_VHCA_ID, vhca_id.into());
+    m
+}
+
+/// SUSPEND_VHCA or RESUME_VHCA (`op`, `op_mod`) of `vhca_id` through `pf`.
+pub fn suspend_resume(pf: &mut Hca, op: Opcode, op_mod: u16, vhca_id: u16) -> Result<(), CmdError> {
+    let m = vhca_input(op, op_mod, SUSPEND_VHCA_IN_LEN, vhca_id);
+    pf.cmd().exec(&m, SUSPEND_VHCA_OUT_LEN).map(drop)
 }

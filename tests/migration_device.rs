@@ -11,10 +11,9 @@ use mlx5_prm::cmd::migration::*;
 use mlx5_prm::ifc::{get, set};
 use mlx5_prm::migration_stream::RecordHeader;
 use mlx5_prm::Opcode;
-use mlx5_testbed::bringup::{pf_up, up, ARENA};
+use mlx5_testbed::bringup::{pf_up, suspend_resume, up, vhca_input, ARENA};
 use mlx5_testbed::devmem::{dev_mem, pattern, Bar2Map, BAR2};
 use mlx5_testbed::{init_tracing, Function, Testbed};
-use mlx5vf::cmdif::new_input;
 use mlx5vf::hca::Hca;
 use mlx5vf::migration::arcs::{Fw, MigBuf};
 
@@ -36,9 +35,7 @@ fn mig_buf(pf: &mut Hca, pd: u32, bytes: u64) -> MigBuf {
 }
 
 fn cmd(op: Opcode, op_mod: u16, len: usize) -> Vec<u8> {
-    let mut m = new_input(op, op_mod, len);
-    set(&mut m, IN_VHCA_ID, VF_VHCA.into());
-    m
+    vhca_input(op, op_mod, len, VF_VHCA)
 }
 
 fn exec(pf: &mut Hca, m: &[u8], out: usize) -> Result<Vec<u8>, i32> {
@@ -46,11 +43,11 @@ fn exec(pf: &mut Hca, m: &[u8], out: usize) -> Result<Vec<u8>, i32> {
 }
 
 fn suspend(pf: &mut Hca, op_mod: u16) {
-    exec(pf, &cmd(Opcode::SuspendVhca, op_mod, 16), 16).expect("suspend");
+    suspend_resume(pf, Opcode::SuspendVhca, op_mod, VF_VHCA).expect("suspend");
 }
 
 fn resume(pf: &mut Hca, op_mod: u16) {
-    exec(pf, &cmd(Opcode::ResumeVhca, op_mod, 16), 16).expect("resume");
+    suspend_resume(pf, Opcode::ResumeVhca, op_mod, VF_VHCA).expect("resume");
 }
 
 #[test]

@@ -12,21 +12,18 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 
 use mlx5_emulator::MigState as FwState;
-use mlx5_prm::ifc::set;
+use mlx5_prm::cmd::migration::{RESUME_OP_MOD_INITIATOR, SUSPEND_OP_MOD_INITIATOR};
 use mlx5_prm::iseg::HEALTH_SYND_FW_INTERNAL_ERR;
 use mlx5_prm::migration_stream::RecordHeader;
 use mlx5_prm::Opcode;
-use mlx5_testbed::bringup::CMD_TIMEOUT;
+use mlx5_testbed::bringup::{suspend_resume, CMD_TIMEOUT};
 use mlx5_testbed::devmem::{self, pattern};
 use mlx5_testbed::faults;
 use mlx5_testbed::init_tracing;
 use mlx5_testbed::migrate::{drain, errno_of, fw_data_records, write_in_chunks, Rig};
 use mlx5_testbed::wait::bounded;
-use mlx5vf::cmdif::{new_input, CmdError, HealthFault};
+use mlx5vf::cmdif::{CmdError, HealthFault};
 use mlx5vf::migration::fsm::MigState;
-use mlx5vf::migration::layout::{
-    RESUME_INITIATOR, SUSPEND_INITIATOR, SUSPEND_RESUME_IN_LEN, SUSPEND_RESUME_OUT_LEN, VHCA_ID,
-};
 use mlx5vf::migration::MigError;
 
 /// Commands that are expected never to complete.
@@ -36,10 +33,7 @@ const PROMPT: Duration = Duration::from_secs(1);
 
 /// SUSPEND_VHCA / RESUME_VHCA on the VF through the PF, behind the driver's back.
 fn behind_back(r: &Rig, op: Opcode, op_mod: u16) -> Result<(), CmdError> {
-    let mut m = new_input(op, op_mod, SUSPEND_RESUME_IN_LEN);
-    set(&mut m, VHCA_ID, r.dev.info().vhca_id.into());
-    let mut hca = r.pf.lock().unwrap();
-    hca.cmd().exec(&m, SUSPEND_RESUME_OUT_LEN).map(drop)
+    suspend_resume(&mut r.pf.lock().unwrap(), op, op_mod, r.dev.info().vhca_id)
 }
 
 /// PRE_COPY → STOP walks PRE_COPY → RUNNING → RUNNING_P2P → STOP. Another PF user
@@ -60,7 +54,7 @@ fn a_suspend_refused_mid_path_leaves_the_device_in_the_last_state_reached() {
         .expect("saving stream");
     drain(&mut s, &mut Vec::new());
 
-    behind_back(&r, Opcode::SuspendVhca, SUSPEND_INITIATOR)
+    behind_back(&r, Opcode::SuspendVhca, SUSPEND_OP_MOD_INITIATOR)
         .expect("SUSPEND behind the driver's back");
     assert_eq!(r.fw_state(), FwState::InitiatorSuspended);
 
@@ -79,7 +73,8 @@ fn a_suspend_refused_mid_path_leaves_the_device_in_the_last_state_reached() {
     assert_eq!(r.pf_fn().object_counts(), objects, "migration file leaked");
 
     // The user may retry from there once the other user is done.
-    behind_back(&r, Opcode::ResumeVhca, RESUME_INITIATOR).expect("RESUME behind the driver's back");
+    behind_back(&r, Opcode::ResumeVhca, RESUME_OP_MOD_INITIATOR)
+        .expect("RESUME behind the driver's back");
     r.assert_stops_and_runs("on retry");
 }
 

@@ -20,10 +20,9 @@ use mlx5_prm::cmd::hca::{
 };
 use mlx5_prm::cmd::migration::*;
 use mlx5_prm::cmdq::*;
-use mlx5_prm::ifc::set;
 use mlx5_prm::iseg::{CMDQ_ADDR_H_OFFSET, CMDQ_ADDR_L_SZ_OFFSET, CMD_DBELL_OFFSET};
 use mlx5_prm::Opcode;
-use mlx5_testbed::bringup::pf_up;
+use mlx5_testbed::bringup::{pf_up, suspend_resume};
 use mlx5_testbed::faults;
 use mlx5_testbed::rawq::{self, RawQueue};
 use mlx5_testbed::{init_tracing, Testbed};
@@ -56,9 +55,7 @@ fn disable_hca() -> (Vec<u8>, usize) {
 
 /// SUSPEND_VHCA or RESUME_VHCA of the VF through the PF; the errno on failure.
 fn mig(pf: &mut Hca, op: Opcode, op_mod: u16) -> Result<(), i32> {
-    let mut m = new_input(op, op_mod, 16);
-    set(&mut m, IN_VHCA_ID, VF_VHCA.into());
-    pf.cmd().exec(&m, 16).map(drop).map_err(|e| e.errno())
+    suspend_resume(pf, op, op_mod, VF_VHCA).map_err(|e| e.errno())
 }
 
 #[test]
