@@ -281,9 +281,9 @@ fn unknown_opcode_and_wrong_state_get_command_statuses() {
     );
     let log = vf.command_log();
     assert_eq!(log[0].opcode, 0x999);
-    assert_eq!(log[0].status, 0x02);
+    assert_eq!(log[0].status, mlx5_prm::CmdStatus::BadOpErr);
     assert_ne!(log[0].syndrome, 0);
-    assert_eq!(log[1].status, 0x04);
+    assert_eq!(log[1].status, mlx5_prm::CmdStatus::BadSysStateErr);
 }
 
 /// Full bring-up by hand up to event mode: the command EQ's EQEs land in the ring with

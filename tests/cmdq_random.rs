@@ -213,7 +213,7 @@ fn random_command_traffic_never_wedges_the_device() {
     let log = vf.command_log();
     assert_eq!(
         get(&out, hdr::STATUS) as u8,
-        log.last().unwrap().status,
+        u8::from(log.last().unwrap().status),
         "the output carries the status the firmware logged"
     );
     assert!(

@@ -1,17 +1,17 @@
 //! The adapter's functions as the firmware sees them: how a PF finds a VF by
 //! `vhca_id` (QUERY_HCA_CAP with `other_function`, and later the migration commands).
 //!
-//! Functions are held weakly: the fabric never keeps a function alive, and a function
+//! The fabric knows functions only as the firmware's [`Peer`]s. Functions are held weakly: the fabric never keeps a function alive, and a function
 //! holds the fabric, so there is no reference cycle.
 
 use std::sync::{Arc, RwLock, Weak};
 
-use crate::function::Function;
+use crate::firmware::Peer;
 
 /// Every function of one adapter, by `vhca_id`.
 #[derive(Default)]
 pub struct Fabric {
-    functions: RwLock<Vec<Weak<Function>>>,
+    functions: RwLock<Vec<Weak<dyn Peer>>>,
 }
 
 impl Fabric {
@@ -20,18 +20,18 @@ impl Fabric {
     }
 
     /// Adds a function (the adapter does this once per function at start).
-    pub fn register(&self, f: &Arc<Function>) {
+    pub fn register(&self, f: &Arc<dyn Peer>) {
         let mut v = self.functions.write().unwrap_or_else(|p| p.into_inner());
         v.retain(|w| w.strong_count() > 0);
         v.push(Arc::downgrade(f));
     }
 
     /// The function whose `vhca_id` is `vhca_id` (PF 0, VF n = n + 1), if it is alive.
-    pub fn by_vhca_id(&self, vhca_id: u16) -> Option<Arc<Function>> {
+    pub fn by_vhca_id(&self, vhca_id: u16) -> Option<Arc<dyn Peer>> {
         let v = self.functions.read().unwrap_or_else(|p| p.into_inner());
         v.iter()
             .filter_map(Weak::upgrade)
-            .find(|f| f.id.vhca_id == vhca_id)
+            .find(|f| f.id().vhca_id == vhca_id)
     }
 
     /// Number of live functions.

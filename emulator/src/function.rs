@@ -1,7 +1,7 @@
 //! One PCI function of the adapter (the PF or a VF): its config space, BAR0 and
 //! interrupt state, behind one short-held lock.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -10,62 +10,23 @@ use vfu::uapi::{
     VFIO_IRQ_INFO_NORESIZE, VFIO_PCI_ERR_IRQ_INDEX, VFIO_PCI_INTX_IRQ_INDEX,
     VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_REQ_IRQ_INDEX,
 };
-use vfu::{Dma, IrqDesc, IrqIndexShape, IrqTable};
+use vfu::{Dma, DmaError, IrqDesc, IrqIndexShape, IrqTable};
+use vmm_sys_util::eventfd::EventFd;
 
-use crate::bar0::iseg::CMD_DBELL_OFFSET;
 use crate::bar0::{Bar0, BAR0_SIZE, MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET};
 use crate::cmdq::{self, Work, WorkSender};
 use crate::devmem::{DevMem, DevMemError, DEFAULT_DEV_MEM_SIZE};
 use crate::fabric::Fabric;
 use crate::firmware::{
-    CmdRecord, Firmware, HcaState, MigCtl, MigState, ObjectCounts, Violation, ViolationKind,
+    Cmd, CmdRecord, Env, Firmware, FwCell, HcaState, MigCtl, MigState, ObjectCounts, Peer,
+    Violation, ViolationKind,
 };
-use crate::pci::{ConfigParams, ConfigSpace, FunctionKind, PciError, INTERRUPT_PIN_NONE};
-
-/// MSI-X vectors of every function.
-pub const MSIX_VECTORS: u16 = 16;
-
-/// How long SUSPEND_VHCA(responder) waits for the function's admitted work (queued and
-/// executing commands, register writes in progress) to drain before it gives up and
-/// fails, leaving the function initiator-suspended. Well below the driver's command
-/// timeout, so the PF's queue is never stuck behind a VF that does not drain.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Static description of a function.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FunctionId {
-    pub kind: FunctionKind,
-    /// VF number (0 for the PF).
-    pub index: u16,
-    /// The firmware's name for the function (`vhca_id`): 0 for the PF, 1 + n for VF n.
-    pub vhca_id: u16,
-}
-
-impl FunctionId {
-    pub fn pf() -> Self {
-        FunctionId {
-            kind: FunctionKind::Pf,
-            index: 0,
-            vhca_id: 0,
-        }
-    }
-
-    pub fn vf(n: u16) -> Self {
-        FunctionId {
-            kind: FunctionKind::Vf,
-            index: n,
-            vhca_id: n + 1,
-        }
-    }
-
-    /// Socket file name: `pf.sock` or `vfN.sock`.
-    pub fn socket_name(&self) -> String {
-        match self.kind {
-            FunctionKind::Pf => "pf.sock".into(),
-            FunctionKind::Vf => format!("vf{}.sock", self.index),
-        }
-    }
-}
+pub use crate::firmware::{FunctionId, SuspendError, DRAIN_TIMEOUT, MSIX_VECTORS};
+use crate::pci::{ConfigParams, ConfigSpace, PciError, INTERRUPT_PIN_NONE};
+use crate::state::IsegImage;
+use mlx5_prm::iseg::{
+    CMDQ_ADDR_H_OFFSET, CMDQ_ADDR_L_SZ_OFFSET, CMD_DBELL_OFFSET, NIC_INTERFACE_SHIFT,
+};
 
 /// The mutable state of a function.
 pub struct FunctionState {
@@ -85,17 +46,6 @@ pub enum FunctionError {
     DevMem(#[from] DevMemError),
 }
 
-/// Why a suspend or resume transition of a function did not happen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum SuspendError {
-    #[error("function is {got:?}, the transition needs {want:?}")]
-    WrongState { got: MigState, want: MigState },
-    #[error("{inflight} admitted work item(s) did not drain within {DRAIN_TIMEOUT:?}")]
-    DrainTimeout { inflight: usize },
-    #[error("function was reset while its work drained")]
-    Reset,
-}
-
 /// Permission to change a function's state, granted by [`Function::admit`] while the
 /// function is not responder-suspended. While one is alive, SUSPEND_VHCA(responder)
 /// waits; dropping it ends the change.
@@ -112,9 +62,18 @@ impl Drop for Admission<'_> {
 
 /// One function: identity, state, and the IOVA space its client mapped.
 ///
-/// Two locks, never nested in either order by this type: `state` (config space, BAR0,
-/// IRQs; register-sized work) and `firmware` (the firmware state; one command). Neither
-/// is held across socket I/O. A third, `mig`, is a leaf.
+/// # Locks
+///
+/// None is held across socket I/O, a blocking wait or an eventfd write (interrupts are
+/// decided under `state` and written after it is released). Outermost first:
+///
+/// 1. `firmware` ([`FwCell`]: its EQE order lock, then the firmware state; one short
+///    command or one phase of a long one). A PF's may be held while a VF's is taken,
+///    never the reverse.
+/// 2. `state` (config space, BAR0, IRQ table; register-sized work). Never held while
+///    `firmware` is taken.
+/// 3. Leaves, under which nothing is taken: `mig` (migration control), `delays`, and
+///    the device memory's own locks.
 ///
 /// # Freezing (responder suspend)
 ///
@@ -131,7 +90,7 @@ pub struct Function {
     pub id: FunctionId,
     state: Mutex<FunctionState>,
     dma: Dma,
-    firmware: Mutex<Firmware>,
+    firmware: FwCell,
     fabric: Arc<Fabric>,
     cmdq: WorkSender,
     /// Bumped by every FLR / DEVICE_RESET; queued command work from an older epoch is
@@ -143,10 +102,6 @@ pub struct Function {
     mig: Mutex<MigCtl>,
     /// Signalled when the admitted work of `mig` drops to zero.
     mig_idle: Condvar,
-    /// Whether the firmware has a command EQ (decides completion by EQE). A copy kept
-    /// outside the firmware lock so that a doorbell never waits for a long command
-    /// (the firmware worker refreshes it after every command; LOAD and reset too).
-    cmd_events: AtomicBool,
     /// Commands to hold before they execute ([`Function::delay_commands`]; a leaf lock).
     delays: Mutex<Vec<DelayRule>>,
 }
@@ -199,19 +154,20 @@ impl Function {
                 irqs,
             }),
             dma: Dma::default(),
-            firmware: Mutex::new(Firmware::new(id)),
+            firmware: FwCell::new(id),
             fabric,
             cmdq: tx,
             epoch: AtomicU64::new(0),
             devmem,
             mig: Mutex::new(MigCtl::default()),
             mig_idle: Condvar::new(),
-            cmd_events: AtomicBool::new(false),
             delays: Mutex::new(Vec::new()),
         });
         let name = format!("fw-{}", id.socket_name().trim_end_matches(".sock"));
-        cmdq::spawn_worker(Arc::downgrade(&f), rx, name).map_err(FunctionError::Worker)?;
-        f.fabric.register(&f);
+        let host: std::sync::Weak<dyn cmdq::Host> = Arc::downgrade(&f) as _;
+        cmdq::spawn_worker(host, rx, name).map_err(FunctionError::Worker)?;
+        let peer: Arc<dyn Peer> = Arc::clone(&f) as _;
+        f.fabric.register(&peer);
         Ok(f)
     }
 
@@ -264,10 +220,10 @@ impl Function {
         &self.dma
     }
 
-    /// The firmware lock. Held for one command or one doorbell update. A PF may take a
-    /// VF's while holding its own (never the reverse).
+    /// The firmware lock. Held for one short command, one phase of a long one or one
+    /// doorbell update. A PF may take a VF's while holding its own (never the reverse).
     pub fn firmware(&self) -> MutexGuard<'_, Firmware> {
-        self.firmware.lock().unwrap_or_else(|p| p.into_inner())
+        self.firmware.lock()
     }
 
     /// The adapter's functions.
@@ -322,11 +278,6 @@ impl Function {
         }
     }
 
-    /// Sets the cached "a command EQ exists" (see `cmd_events`).
-    pub(crate) fn set_cmd_events(&self, on: bool) {
-        self.cmd_events.store(on, Ordering::Release);
-    }
-
     /// SUSPEND_VHCA(initiator): Running to InitiatorSuspended.
     ///
     /// The function must stop issuing new (P2P) DMA, and what it has in flight must
@@ -348,15 +299,7 @@ impl Function {
     }
 
     fn transition(&self, from: MigState, to: MigState) -> Result<(), SuspendError> {
-        let mut m = self.migration();
-        if m.state() != from {
-            return Err(SuspendError::WrongState {
-                got: m.state(),
-                want: from,
-            });
-        }
-        m.set_state(to);
-        Ok(())
+        self.migration().transition(from, to)
     }
 
     /// SUSPEND_VHCA(responder): InitiatorSuspended to ResponderSuspended, completing
@@ -369,13 +312,7 @@ impl Function {
     pub fn freeze(&self, timeout: Duration) -> Result<(), SuspendError> {
         let deadline = Instant::now() + timeout;
         let mut m = self.migration();
-        if m.state() != MigState::InitiatorSuspended {
-            return Err(SuspendError::WrongState {
-                got: m.state(),
-                want: MigState::InitiatorSuspended,
-            });
-        }
-        m.set_state(MigState::ResponderSuspended);
+        m.transition(MigState::InitiatorSuspended, MigState::ResponderSuspended)?;
         while m.inflight() > 0 {
             let now = Instant::now();
             if now >= deadline {
@@ -407,16 +344,7 @@ impl Function {
     /// RESUME_VHCA(responder): ResponderSuspended to InitiatorSuspended. Command
     /// doorbells refused while frozen are rung now (see [`Function::command_doorbell`]).
     pub fn thaw(&self) -> Result<(), SuspendError> {
-        let mut m = self.migration();
-        if m.state() != MigState::ResponderSuspended {
-            return Err(SuspendError::WrongState {
-                got: m.state(),
-                want: MigState::ResponderSuspended,
-            });
-        }
-        m.set_state(MigState::InitiatorSuspended);
-        let parked = m.unpark();
-        drop(m);
+        let parked = self.migration().thaw()?;
         if parked != 0 {
             tracing::info!(
                 vhca_id = self.id.vhca_id,
@@ -457,7 +385,7 @@ impl Function {
 
     /// How long to hold `cmd` before executing it (see [`Function::delay_commands`]);
     /// consumes one use of the matching rule.
-    pub(crate) fn command_delay(&self, cmd: &crate::firmware::Cmd<'_>) -> Option<Duration> {
+    pub(crate) fn command_delay(&self, cmd: &Cmd<'_>) -> Option<Duration> {
         let mut rules = self.delays.lock().unwrap_or_else(|p| p.into_inner());
         let target = cmd.target_vhca_id(self.id.vhca_id);
         let i = rules.iter().position(|r| {
@@ -521,7 +449,7 @@ impl Function {
             return;
         }
         let cmdq = self.lock().bar0.cmdq_address();
-        let events = self.cmd_events.load(Ordering::Acquire);
+        let events = self.firmware.cmd_events();
         let work = Work {
             mask,
             cmdq,
@@ -568,17 +496,27 @@ impl Function {
 
     /// Raises MSI-X `vector`: delivered through its eventfd when MSI-X is enabled and
     /// not function-masked and the VMM gave an eventfd; otherwise its PBA bit is set.
+    /// Decided under the state lock, written after it.
     pub fn raise_msix(&self, vector: u16) -> bool {
-        let mut s = self.lock();
-        s.raise_msix(vector)
+        let fd = self.lock().msix_trigger(vector);
+        fire(fd)
+    }
+
+    /// Delivers pending vectors that became deliverable (MSI-X enabled, function
+    /// unmasked, eventfd assigned), as the PCI spec has a device do on unmask; the
+    /// eventfds are written after the state lock is released.
+    pub fn flush_pending(&self) {
+        let fds = self.lock().flush_pending();
+        for fd in fds {
+            fire(Some(fd));
+        }
     }
 
     /// FLR or DEVICE_RESET: the function returns to its power-on state. The VMM's
     /// eventfds and DMA maps stay: they belong to the VMM, not to the function.
     pub fn reset(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        self.firmware().reset();
-        self.set_cmd_events(false);
+        self.firmware.reset();
         self.migration().reset();
         self.devmem.reset();
         let mut s = self.lock();
@@ -591,6 +529,120 @@ impl Function {
     }
 }
 
+impl Env for Function {
+    fn id(&self) -> FunctionId {
+        self.id
+    }
+
+    fn dma_read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        self.dma.read(iova, buf)
+    }
+
+    fn dma_write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
+        self.dma.write(iova, data)
+    }
+
+    fn raise_msix(&self, vector: u16) -> bool {
+        Function::raise_msix(self, vector)
+    }
+
+    fn epoch(&self) -> u64 {
+        Function::epoch(self)
+    }
+
+    fn peer(&self, vhca_id: u16) -> Option<Arc<dyn Peer>> {
+        self.fabric.by_vhca_id(vhca_id)
+    }
+}
+
+impl Peer for Function {
+    fn id(&self) -> FunctionId {
+        self.id
+    }
+
+    fn firmware(&self) -> MutexGuard<'_, Firmware> {
+        self.firmware.lock()
+    }
+
+    fn install_firmware(&self, fw: Firmware) {
+        self.firmware.install(fw);
+    }
+
+    fn migration(&self) -> MutexGuard<'_, MigCtl> {
+        Function::migration(self)
+    }
+
+    fn suspend_initiator(&self) -> Result<(), SuspendError> {
+        Function::suspend_initiator(self)
+    }
+
+    fn resume_initiator(&self) -> Result<(), SuspendError> {
+        Function::resume_initiator(self)
+    }
+
+    fn freeze(&self, timeout: Duration) -> Result<(), SuspendError> {
+        Function::freeze(self, timeout)
+    }
+
+    fn thaw(&self) -> Result<(), SuspendError> {
+        Function::thaw(self)
+    }
+
+    fn devmem(&self) -> &DevMem {
+        &self.devmem
+    }
+
+    fn iseg(&self) -> IsegImage {
+        let s = self.lock();
+        IsegImage {
+            cmdq_address: s.bar0.cmdq_address(),
+            nic_interface: s.bar0.nic_interface(),
+        }
+    }
+
+    fn load_iseg(&self, iseg: &IsegImage) {
+        // The queue address and nic_interface as the source's driver programmed them
+        // (register writes: big-endian words, as the driver writes them).
+        let addr = iseg.cmdq_address;
+        let low = (addr as u32) | (u32::from(iseg.nic_interface) << NIC_INTERFACE_SHIFT);
+        let mut s = self.lock();
+        let _ = s
+            .bar0
+            .write(CMDQ_ADDR_H_OFFSET, &((addr >> 32) as u32).to_be_bytes());
+        let _ = s.bar0.write(CMDQ_ADDR_L_SZ_OFFSET, &low.to_be_bytes());
+    }
+
+    fn epoch(&self) -> u64 {
+        Function::epoch(self)
+    }
+}
+
+impl cmdq::Host for Function {
+    fn dma(&self) -> &Dma {
+        &self.dma
+    }
+
+    fn env(&self) -> &dyn Env {
+        self
+    }
+
+    fn firmware(&self) -> &FwCell {
+        &self.firmware
+    }
+
+    fn command_delay(&self, cmd: &Cmd<'_>) -> Option<Duration> {
+        Function::command_delay(self, cmd)
+    }
+
+    fn record(&self, r: CmdRecord) {
+        self.firmware.lock().record(r);
+    }
+
+    fn work_done(&self) {
+        Function::work_done(self);
+    }
+}
+
 impl FunctionState {
     fn msix_deliverable(&self, vector: u16) -> bool {
         self.config.msix_enabled()
@@ -600,22 +652,42 @@ impl FunctionState {
                 .has_eventfd(VFIO_PCI_MSIX_IRQ_INDEX, vector as u32)
     }
 
-    pub fn raise_msix(&mut self, vector: u16) -> bool {
-        let delivered = self.msix_deliverable(vector)
-            && self.irqs.trigger(VFIO_PCI_MSIX_IRQ_INDEX, vector as u32);
+    /// Decides MSI-X `vector`: the eventfd to write (after this lock is released; see
+    /// [`Function::raise_msix`]) if it is deliverable, else `None` with its PBA bit set.
+    pub fn msix_trigger(&mut self, vector: u16) -> Option<Arc<EventFd>> {
+        let fd = if self.msix_deliverable(vector) {
+            self.irqs
+                .prepare_trigger(VFIO_PCI_MSIX_IRQ_INDEX, vector as u32)
+        } else {
+            None
+        };
         // Undelivered interrupts wait in the PBA until the vector becomes deliverable.
-        self.bar0.msix_mut().set_pending(vector, !delivered);
-        delivered
+        self.bar0.msix_mut().set_pending(vector, fd.is_none());
+        fd
     }
 
-    /// Delivers pending vectors that became deliverable (MSI-X enabled, function
-    /// unmasked, eventfd assigned), as the PCI spec has a device do on unmask.
-    pub fn flush_pending(&mut self) {
-        for v in 0..MSIX_VECTORS {
-            if self.bar0.msix().pending(v) && self.msix_deliverable(v) {
-                self.raise_msix(v);
-            }
+    /// The pending vectors that became deliverable, their PBA bits cleared: the
+    /// eventfds to write once this lock is released ([`Function::flush_pending`]).
+    #[must_use = "the interrupts are delivered only when the eventfds are written"]
+    pub fn flush_pending(&mut self) -> Vec<Arc<EventFd>> {
+        let ready: Vec<u16> = (0..MSIX_VECTORS)
+            .filter(|&v| self.bar0.msix().pending(v) && self.msix_deliverable(v))
+            .collect();
+        ready
+            .into_iter()
+            .filter_map(|v| self.msix_trigger(v))
+            .collect()
+    }
+}
+
+/// Writes an interrupt decided under a lock; true if there was one to write.
+fn fire(fd: Option<Arc<EventFd>>) -> bool {
+    match fd {
+        Some(fd) => {
+            vfu::irq::write_eventfd(&fd);
+            true
         }
+        None => false,
     }
 }
 
@@ -653,5 +725,94 @@ mod tests {
         );
         assert_eq!(pf.command_delay(&Cmd::new(&to2, 16)), Some(d));
         assert_eq!(pf.command_delay(&Cmd::new(&to2, 16)), None);
+    }
+}
+
+/// The suspend, freeze and admission behaviour of a real function (the firmware's
+/// view of it is tested with fakes in `firmware/`).
+#[cfg(test)]
+mod freeze_tests {
+    use super::*;
+    use crate::firmware::test_support::populated;
+
+    fn frozen(f: &Function) {
+        f.suspend_initiator().unwrap();
+        f.freeze(DRAIN_TIMEOUT).unwrap();
+    }
+
+    #[test]
+    fn responder_suspended_function_refuses_and_records_doorbells() {
+        let vf = Function::new(FunctionId::vf(0)).unwrap();
+        vf.firmware.install(populated(vf.id));
+        vf.command_doorbell(1);
+        vf.uar_write(3, 0x40, 3 | 1 << 24);
+        assert!(vf.violations().is_empty(), "running: nothing refused");
+        frozen(&vf);
+        vf.command_doorbell(1);
+        vf.uar_write(3, 0x48, 4 | 1 << 24);
+        let v = vf.violations();
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[0].kind, ViolationKind::CommandDoorbell);
+        assert_eq!(v[0].address, 0x18);
+        assert_eq!(v[1].kind, ViolationKind::UarDoorbell);
+        assert_eq!(v[1].address, 3 * 0x1000 + 0x48);
+        assert_eq!(v[1].writer, "client of vf0.sock");
+        assert_eq!(
+            vf.firmware().eq(1).unwrap().ci,
+            3,
+            "refused doorbell changed nothing"
+        );
+        vf.reset();
+        assert_eq!(vf.migration_state(), MigState::Running);
+    }
+
+    #[test]
+    fn responder_suspend_completes_only_after_admitted_changes_end() {
+        let vf = Function::new(FunctionId::vf(0)).unwrap();
+        vf.suspend_initiator().unwrap();
+        let f = Arc::clone(&vf);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let writer = std::thread::spawn(move || {
+            let admitted = f.admit(ViolationKind::DevMemWrite, 0).unwrap();
+            tx.send(()).unwrap();
+            std::thread::sleep(Duration::from_millis(150));
+            f.devmem().write(0, &[7]).unwrap();
+            drop(admitted);
+        });
+        rx.recv().unwrap();
+        let t = Instant::now();
+        vf.freeze(DRAIN_TIMEOUT).unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(100));
+        let mut b = [0u8];
+        vf.devmem().read(0, &mut b).unwrap();
+        assert_eq!(
+            b[0], 7,
+            "the admitted write landed before the freeze completed"
+        );
+        assert!(vf.admit(ViolationKind::DevMemWrite, 0).is_none());
+        assert_eq!(vf.violations().len(), 1);
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn responder_suspend_that_cannot_drain_fails_and_stays_initiator_suspended() {
+        let vf = Function::new(FunctionId::vf(0)).unwrap();
+        vf.suspend_initiator().unwrap();
+        let admitted = vf.admit(ViolationKind::UarDoorbell, 0x3000).unwrap();
+        assert_eq!(vf.work_in_flight(), 1);
+        assert_eq!(
+            vf.freeze(Duration::from_millis(30)),
+            Err(SuspendError::DrainTimeout { inflight: 1 })
+        );
+        assert_eq!(vf.migration_state(), MigState::InitiatorSuspended);
+        drop(admitted);
+        assert_eq!(vf.work_in_flight(), 0);
+        vf.freeze(DRAIN_TIMEOUT).unwrap();
+        // Doorbells refused while frozen are parked, not queued; a reset forgets them.
+        vf.command_doorbell(0b101);
+        assert_eq!(vf.work_in_flight(), 0);
+        vf.reset();
+        assert_eq!(vf.migration_state(), MigState::Running);
+        assert_eq!(vf.violations().len(), 1);
     }
 }

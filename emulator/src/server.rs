@@ -158,14 +158,15 @@ impl Backend for FunctionBackend {
                 Ok(())
             }
             VFIO_PCI_CONFIG_REGION_INDEX => {
-                let fx = {
-                    let mut s = self.func.lock();
-                    let fx = s.config.write(offset, data).map_err(|_| Errno::EINVAL)?;
-                    if fx.msix_enable.is_some() || fx.msix_function_mask.is_some() {
-                        s.flush_pending();
-                    }
-                    fx
-                };
+                let fx = self
+                    .func
+                    .lock()
+                    .config
+                    .write(offset, data)
+                    .map_err(|_| Errno::EINVAL)?;
+                if fx.msix_enable.is_some() || fx.msix_function_mask.is_some() {
+                    self.func.flush_pending();
+                }
                 if fx.flr {
                     tracing::info!(vhca_id = self.func.id.vhca_id, "function level reset");
                     self.func.reset();
@@ -177,11 +178,10 @@ impl Backend for FunctionBackend {
     }
 
     fn set_irqs(&mut self, req: SetIrqs) -> Result<(), Errno> {
-        let mut s = self.func.lock();
         let index = req.index;
-        s.irqs.apply(req)?;
+        self.func.lock().irqs.apply(req)?;
         if index == VFIO_PCI_MSIX_IRQ_INDEX {
-            s.flush_pending();
+            self.func.flush_pending();
         }
         Ok(())
     }

@@ -2,6 +2,7 @@
 //! with VFIO's mask/unmask/trigger semantics, for backends to use.
 
 use std::fs::File;
+use std::sync::Arc;
 
 use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_SET_ACTION_MASK, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_TYPE_MASK,
@@ -65,7 +66,7 @@ impl SetIrqs {
 
 #[derive(Default)]
 struct Vector {
-    trigger: Option<EventFd>,
+    trigger: Option<Arc<EventFd>>,
     unmask: Option<EventFd>,
     masked: bool,
     pending: bool,
@@ -147,7 +148,7 @@ impl IrqTable {
                         return Err(Errno::EINVAL);
                     }
                     for (i, f) in range.zip(fds) {
-                        idx.vectors[i].trigger = Some(eventfd_from_file(f));
+                        idx.vectors[i].trigger = Some(Arc::new(eventfd_from_file(f)));
                         idx.vectors[i].pending = false;
                     }
                 }
@@ -199,9 +200,7 @@ impl IrqTable {
     fn fire(v: &mut Vector) -> bool {
         match (&v.trigger, v.masked) {
             (Some(fd), false) => {
-                if let Err(e) = fd.write(1) {
-                    tracing::warn!(error = %e, "eventfd write failed");
-                }
+                write_eventfd(fd);
                 true
             }
             _ => {
@@ -214,13 +213,29 @@ impl IrqTable {
     /// Raises `vector` of `index`: writes 1 to its eventfd, or marks it pending when it
     /// is masked or has no eventfd. Returns whether it was delivered.
     pub fn trigger(&mut self, index: u32, vector: u32) -> bool {
-        match self
+        match self.prepare_trigger(index, vector) {
+            Some(fd) => {
+                write_eventfd(&fd);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// [`IrqTable::trigger`] without the write: the eventfd the caller must write 1 to
+    /// (so it can do so after releasing its locks), or `None` with the vector marked
+    /// pending when it is masked or has no eventfd.
+    pub fn prepare_trigger(&mut self, index: u32, vector: u32) -> Option<Arc<EventFd>> {
+        let v = self
             .indices
             .get_mut(index as usize)
-            .and_then(|i| i.vectors.get_mut(vector as usize))
-        {
-            Some(v) => Self::fire(v),
-            None => false,
+            .and_then(|i| i.vectors.get_mut(vector as usize))?;
+        match (&v.trigger, v.masked) {
+            (Some(fd), false) => Some(Arc::clone(fd)),
+            _ => {
+                v.pending = true;
+                None
+            }
         }
     }
 
@@ -267,6 +282,14 @@ impl IrqTable {
                 *v = Vector::default();
             }
         }
+    }
+}
+
+/// Writes 1 to an interrupt eventfd (a failure is logged: the interrupt is lost, as a
+/// VMM that closed its end would lose it).
+pub fn write_eventfd(fd: &EventFd) {
+    if let Err(e) = fd.write(1) {
+        tracing::warn!(error = %e, "eventfd write failed");
     }
 }
 

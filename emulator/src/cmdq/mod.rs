@@ -1,9 +1,11 @@
 //! The command queue engine of one function (mlx5-device.md §3).
 //!
 //! The socket thread turns a `cmd_dbell` write into a [`Work`] item and returns at
-//! once; a firmware worker thread per function does the rest, so a slow command never
-//! blocks the vfio-user connection. For each bit of the doorbell, in slot order, the
-//! worker fetches the entry at `cmdq_address + slot × 64` by DMA, checks it and gathers
+//! once; a dispatcher thread per function hands each rung slot to that slot's executor
+//! thread (started the first time the slot is rung), so a slow command never blocks
+//! the vfio-user connection, and commands on different slots run concurrently, as on
+//! hardware: a short command is never queued behind a long one on another slot. For
+//! its slot, an executor fetches the entry at `cmdq_address + slot × 64` by DMA, checks it and gathers
 //! the input ([`mailbox::prepare`]), executes it ([`crate::firmware`]), scatters the
 //! output, writes `status_own` with ownership back to software, and, if the doorbell was
 //! rung while a command EQ existed, posts a command-completion EQE (type 0x0a, vector =
@@ -20,23 +22,30 @@
 //! * After FLR / DEVICE_RESET, work queued before the reset is dropped and a command
 //!   executing across it writes nothing back.
 //! * Every doorbell is admitted by the function's migration control when it is rung,
-//!   and the work counts as in flight until the worker has finished it, so
+//!   and the work counts as in flight until every slot it rang has finished, so
 //!   SUSPEND_VHCA(responder) completes only after the work queued before it has run.
 //!   A doorbell rung while responder-suspended is refused and recorded, its slots stay
 //!   hardware-owned, and it is rung at RESUME_VHCA(responder)
-//!   ([`Function::command_doorbell`]).
-//! * Initiator suspend does not stop the queue (see [`Function::suspend_initiator`]).
+//!   (`Function::command_doorbell`).
+//! * Initiator suspend does not stop the queue (see `Function::suspend_initiator`).
+//! * Two doorbells for one slot run in the order they were rung (one executor per
+//!   slot); the second finds the slot software-owned unless the driver re-posted it.
+//!
+//! The engine reaches its function through [`Host`], so it knows nothing of the
+//! function's other parts.
 
 pub mod mailbox;
 
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
-use mlx5_prm::cmd::eq::EQE_SIZE;
 use mlx5_prm::cmdq::{DeliveryStatus, CMD_ENTRY_SIZE};
+use mlx5_prm::CmdStatus;
+use tracing::field;
+use vfu::Dma;
 
-use crate::firmware::{Cmd, CmdRecord, Env};
-use crate::function::Function;
+use crate::firmware::{opcode_name, Cmd, CmdRecord, Env, FwCell};
 use mailbox::{Fetched, Prepared};
 use mlx5_prm::iseg::{CMDQ_LOG_SIZE_DEFAULT, CMDQ_LOG_STRIDE_DEFAULT};
 
@@ -61,67 +70,149 @@ pub struct Work {
     pub epoch: u64,
 }
 
-/// Doorbells queued for the firmware worker before the one ringing waits. A guest that
+/// Doorbells queued for the dispatcher before the one ringing waits. A guest that
 /// rings faster than the firmware executes is slowed down (as PCIe flow control would)
-/// instead of growing the queue without bound. No worker ever rings its own queue (a
-/// RESUME replaying a VF's doorbells runs on the PF's worker), so waiting cannot
-/// deadlock.
+/// instead of growing the queue without bound. No executor ever rings its own queue (a
+/// RESUME replaying a VF's doorbells runs on the PF's), so waiting cannot deadlock.
 pub const DOORBELL_BACKLOG: usize = 1024;
 
-/// The worker's end of the channel; see [`spawn_worker`].
+/// Doorbells queued for one slot's executor before the dispatcher waits (only a guest
+/// ringing a busy slot again and again gets here).
+pub const SLOT_BACKLOG: usize = 64;
+
+/// The dispatcher's end of the channel; see [`spawn_worker`].
 pub type WorkSender = Sender<Work>;
 
-/// Starts the firmware worker of `func`. It runs until the function is dropped (its
-/// sender goes away).
+/// What the engine needs of its function.
+pub trait Host: Send + Sync + 'static {
+    /// The function's IOVA space (entries, mailboxes).
+    fn dma(&self) -> &Dma;
+    /// The function as its firmware sees it.
+    fn env(&self) -> &dyn Env;
+    /// The function's firmware.
+    fn firmware(&self) -> &FwCell;
+    /// How long to hold `cmd` before it executes (a test hook; `None`: not at all).
+    fn command_delay(&self, cmd: &Cmd<'_>) -> Option<Duration>;
+    /// Appends to the command log.
+    fn record(&self, r: CmdRecord);
+    /// Ends one admitted work item (a doorbell).
+    fn work_done(&self);
+}
+
+/// One admitted doorbell, shared by the slots it rang: the admission ends when the
+/// last of them has finished.
+struct Admitted(Weak<dyn Host>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.upgrade() {
+            h.work_done();
+        }
+    }
+}
+
+/// One slot of one doorbell, for that slot's executor.
+struct SlotJob {
+    work: Work,
+    slot: u8,
+    _admitted: Arc<Admitted>,
+}
+
+/// Starts the dispatcher of `host`'s queue (thread `name`; the slot executors are
+/// `name-sN`). It runs until the function is dropped (its sender goes away); the
+/// executors end with it.
 pub fn spawn_worker(
-    func: Weak<Function>,
+    host: Weak<dyn Host>,
     rx: Receiver<Work>,
     name: String,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new().name(name).spawn(move || {
-        while let Ok(work) = rx.recv() {
-            let Some(f) = func.upgrade() else { break };
-            run(&f, work);
-            // The doorbell was admitted when it was rung (Function::command_doorbell);
-            // a responder suspend waits for this.
-            f.work_done();
-        }
-    })
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || dispatch(host, rx, &name))
 }
 
-/// Executes every slot of one doorbell.
-pub fn run(f: &Function, work: Work) {
-    let valid = if CMDQ_SLOTS >= 32 {
-        u32::MAX
-    } else {
-        (1u32 << CMDQ_SLOTS) - 1
-    };
-    if work.mask & !valid != 0 {
-        tracing::debug!(
-            vhca_id = f.id.vhca_id,
-            mask = work.mask,
-            "doorbell bits past the queue ignored"
-        );
-    }
-    let mut mask = work.mask & valid;
-    while mask != 0 {
-        let slot = mask.trailing_zeros();
-        mask &= mask - 1;
-        if f.epoch() != work.epoch {
+fn dispatch(host: Weak<dyn Host>, rx: Receiver<Work>, name: &str) {
+    let mut slots: Vec<Option<Sender<SlotJob>>> = (0..CMDQ_SLOTS).map(|_| None).collect();
+    while let Ok(work) = rx.recv() {
+        // The doorbell was admitted when it was rung (Function::command_doorbell); a
+        // responder suspend waits until every slot it rang has finished.
+        let admitted = Arc::new(Admitted(host.clone()));
+        let Some(h) = host.upgrade() else { break };
+        let vhca_id = h.env().id().vhca_id;
+        let valid = if CMDQ_SLOTS >= 32 {
+            u32::MAX
+        } else {
+            (1u32 << CMDQ_SLOTS) - 1
+        };
+        if work.mask & !valid != 0 {
             tracing::debug!(
-                vhca_id = f.id.vhca_id,
-                slot,
-                "doorbell from before a reset dropped"
+                vhca_id,
+                mask = work.mask,
+                "doorbell bits past the queue ignored"
             );
-            return;
         }
-        run_slot(f, &work, slot as u8);
+        if h.env().epoch() != work.epoch {
+            tracing::debug!(vhca_id, "doorbell from before a reset dropped");
+            continue;
+        }
+        let mut mask = work.mask & valid;
+        while mask != 0 {
+            let slot = mask.trailing_zeros() as u8;
+            mask &= mask - 1;
+            let job = SlotJob {
+                work,
+                slot,
+                _admitted: Arc::clone(&admitted),
+            };
+            let tx = &mut slots[usize::from(slot)];
+            if tx.is_none() {
+                *tx = spawn_slot(host.clone(), format!("{name}-s{slot}"));
+            }
+            let sent = match tx {
+                Some(tx) => tx.send(job).map_err(|e| e.into_inner()),
+                None => Err(job),
+            };
+            if let Err(job) = sent {
+                // No executor (the thread could not start): run it here.
+                run_slot(&*h, &job.work, job.slot);
+            }
+        }
     }
 }
 
-fn run_slot(f: &Function, work: &Work, slot: u8) {
-    let vhca_id = f.id.vhca_id;
-    let dma = f.dma();
+/// Starts the executor of one slot; `None` if the thread cannot start.
+fn spawn_slot(host: Weak<dyn Host>, name: String) -> Option<Sender<SlotJob>> {
+    let (tx, rx) = crossbeam_channel::bounded::<SlotJob>(SLOT_BACKLOG);
+    let spawned = std::thread::Builder::new().name(name).spawn(move || {
+        while let Ok(job) = rx.recv() {
+            let Some(h) = host.upgrade() else { break };
+            if h.env().epoch() == job.work.epoch {
+                run_slot(&*h, &job.work, job.slot);
+            } else {
+                tracing::debug!(
+                    vhca_id = h.env().id().vhca_id,
+                    slot = job.slot,
+                    "doorbell from before a reset dropped"
+                );
+            }
+        }
+    });
+    match spawned {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start a slot executor; running slots inline");
+            None
+        }
+    }
+}
+
+/// Executes one rung slot: fetch, gather, execute, scatter, status, EQE. Runs in a
+/// `firmware_command` span whose `status` and `syndrome` are recorded when the command
+/// completes.
+pub fn run_slot(h: &dyn Host, work: &Work, slot: u8) {
+    let env = h.env();
+    let vhca_id = env.id().vhca_id;
+    let dma = h.dma();
     let Some(entry_addr) = work.cmdq.checked_add(u64::from(slot) * CMDQ_STRIDE) else {
         tracing::warn!(
             vhca_id,
@@ -143,105 +234,83 @@ fn run_slot(f: &Function, work: &Work, slot: u8) {
         }
     };
     let header = Cmd::new(&entry.in_, 0);
+    let span = tracing::info_span!(
+        "firmware_command",
+        opcode = opcode_name(header.opcode),
+        op_mod = header.op_mod,
+        vhca_id,
+        target_vhca_id = header.target_vhca_id(vhca_id),
+        slot,
+        status = field::Empty,
+        syndrome = field::Empty,
+    );
+    let _entered = span.enter();
     let mut record = CmdRecord {
         slot,
         opcode: header.opcode,
         op_mod: header.op_mod,
         vhca_id,
         delivery: DeliveryStatus::Ok,
-        status: 0,
+        status: CmdStatus::Ok,
         syndrome: 0,
     };
     let delivery = match mailbox::prepare(dma, &entry) {
         Err(d) => {
-            tracing::info!(
-                vhca_id,
-                slot,
-                opcode = crate::firmware::opcode_name(header.opcode),
-                op_mod = header.op_mod,
-                delivery = d.name(),
-                "command refused at delivery"
-            );
+            tracing::info!(delivery = d.name(), "command refused at delivery");
+            span.record("status", d.name());
             d
         }
-        Ok(p) => match execute(f, entry_addr, work, &p, &mut record) {
-            Some(d) => d,
-            None => return,
-        },
+        Ok(p) => {
+            let d = execute(h, entry_addr, work, &p, &mut record);
+            span.record("status", record.status.name());
+            span.record("syndrome", format_args!("{:#x}", record.syndrome));
+            match d {
+                Some(d) => d,
+                None => return,
+            }
+        }
     };
     record.delivery = delivery;
-    f.firmware().record(record);
-    if f.epoch() != work.epoch {
+    h.record(record);
+    if env.epoch() != work.epoch {
         return;
     }
     if let Err(e) = mailbox::complete(dma, entry_addr, delivery) {
-        tracing::warn!(vhca_id, slot, error = %e, "cannot write status_own");
+        tracing::warn!(error = %e, "cannot write status_own");
         return;
     }
     if work.events {
-        post_cmd_eqe(f, 1u32 << slot);
+        h.firmware().post_cmd_eqe(env, 1u32 << slot);
     }
 }
 
 /// Executes a prepared command and scatters its output. Returns the delivery status to
 /// write, or `None` if a reset happened meanwhile (nothing may be written).
 fn execute(
-    f: &Function,
+    h: &dyn Host,
     entry_addr: u64,
     work: &Work,
     p: &Prepared,
     record: &mut CmdRecord,
 ) -> Option<DeliveryStatus> {
     let cmd = Cmd::new(&p.input, p.outlen);
-    if let Some(delay) = f.command_delay(&cmd) {
-        tracing::debug!(
-            vhca_id = f.id.vhca_id,
-            opcode = crate::firmware::opcode_name(cmd.opcode),
-            ?delay,
-            "command held by the delay hook"
-        );
+    if let Some(delay) = h.command_delay(&cmd) {
+        tracing::debug!(?delay, "command held by the delay hook");
         std::thread::sleep(delay);
     }
-    let reply = {
-        let env = Env {
-            id: f.id,
-            dma: f.dma(),
-            fabric: f.fabric(),
-        };
-        let mut fw = f.firmware();
-        let reply = fw.execute(&env, &cmd);
-        f.set_cmd_events(fw.cmd_eq().is_some());
-        reply
-    };
-    record.status = reply.status.into();
+    let reply = h.firmware().execute(h.env(), &cmd);
+    record.status = reply.status;
     record.syndrome = reply.syndrome;
-    if f.epoch() != work.epoch {
+    if h.env().epoch() != work.epoch {
         return None;
     }
     let n = reply.out.len().min(p.outlen);
-    match mailbox::scatter(f.dma(), entry_addr, &reply.out[..n], &p.out_blocks) {
+    match mailbox::scatter(h.dma(), entry_addr, &reply.out[..n], &p.out_blocks) {
         Ok(()) => Some(DeliveryStatus::Ok),
         Err(e) => {
             // The chain was mapped a moment ago; the driver unmapped it under us.
-            tracing::warn!(vhca_id = f.id.vhca_id, error = %e, "output scatter failed");
+            tracing::warn!(error = %e, "output scatter failed");
             Some(DeliveryStatus::FwErr)
         }
-    }
-}
-
-/// Posts a command-completion EQE for `vector` on the command EQ, then raises its
-/// MSI-X vector if the EQ was armed. The EQE is written outside the firmware lock and
-/// committed after, so an interrupt never announces an EQE not yet in memory.
-fn post_cmd_eqe(f: &Function, vector: u32) {
-    let Some(slot) = f.firmware().reserve_cmd_eqe() else {
-        return;
-    };
-    let eqe: [u8; EQE_SIZE] = slot.cmd_eqe(vector);
-    if let Err(e) = f.dma().write(slot.addr, &eqe) {
-        tracing::warn!(vhca_id = f.id.vhca_id, eqn = slot.eqn, error = %e, "cannot write EQE");
-    }
-    let fire = f.firmware().commit_eqe(&slot);
-    if let Some(v) = fire {
-        f.raise_msix(v);
     }
 }

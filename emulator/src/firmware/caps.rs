@@ -8,8 +8,8 @@
 //! eth_net_offloads capability": no netdev), see tests/qemu.rs. Every other known page type
 //! reads as zeros (its feature bit is 0, so a driver that follows the caps never asks).
 
+use super::FunctionId;
 use super::{Cmd, CmdFail, CmdResult, Env, Firmware};
-use crate::function::FunctionId;
 use crate::pci::FunctionKind;
 use mlx5_prm::cmd::caps::*;
 use mlx5_prm::ifc::{get, set, Field};
@@ -154,7 +154,7 @@ impl Firmware {
         get(&self.general_cur, f)
     }
 
-    pub(super) fn query_hca_cap(&mut self, env: &Env<'_>, cmd: &Cmd<'_>) -> CmdResult {
+    pub(super) fn query_hca_cap(&mut self, env: &dyn Env, cmd: &Cmd<'_>) -> CmdResult {
         let mut out = cmd.lengths(QUERY_HCA_CAP_IN_LEN, QUERY_HCA_CAP_OUT_LEN)?;
         let (t, mode) = cap_type(cmd.op_mod)?;
         if cmd.get(HCA_CAP_IN_EC_VF_FUNCTION) != 0 {
@@ -169,7 +169,7 @@ impl Firmware {
         Ok(out)
     }
 
-    pub(super) fn set_hca_cap(&mut self, env: &Env<'_>, cmd: &Cmd<'_>) -> CmdResult {
+    pub(super) fn set_hca_cap(&mut self, env: &dyn Env, cmd: &Cmd<'_>) -> CmdResult {
         let out = cmd.lengths(SET_HCA_CAP_IN_LEN, SET_HCA_CAP_OUT_LEN)?;
         let (t, _) = cap_type(cmd.op_mod)?;
         if cmd.op_mod & HCA_CAP_OPMOD_MODE_MASK != 0 || cmd.get(HCA_CAP_IN_EC_VF_FUNCTION) != 0 {
@@ -203,9 +203,9 @@ impl Firmware {
     /// the peer otherwise (PF only).
     fn other_function(
         &self,
-        env: &Env<'_>,
+        env: &dyn Env,
         cmd: &Cmd<'_>,
-    ) -> Result<Option<std::sync::Arc<crate::Function>>, CmdFail> {
+    ) -> Result<Option<std::sync::Arc<dyn super::Peer>>, CmdFail> {
         if cmd.get(HCA_CAP_IN_OTHER_FUNCTION) == 0 {
             return Ok(None);
         }
@@ -214,10 +214,7 @@ impl Firmware {
             return Ok(None);
         }
         self.check_other_function(env, fid)?;
-        env.fabric
-            .by_vhca_id(fid)
-            .map(Some)
-            .ok_or_else(CmdFail::bad_function)
+        env.peer(fid).map(Some).ok_or_else(CmdFail::bad_function)
     }
 }
 
@@ -314,32 +311,22 @@ mod tests {
 
     #[test]
     fn pf_queries_a_vf_by_function_id_and_sees_its_vhca_id() {
-        use crate::fabric::Fabric;
-        use crate::function::Function;
         use mlx5_prm::ifc::hdr;
-        use std::sync::Arc;
-        let fabric = Arc::new(Fabric::new());
-        let pf = Function::with_fabric(FunctionId::pf(), Arc::clone(&fabric)).unwrap();
-        let _vf = Function::with_fabric(FunctionId::vf(0), Arc::clone(&fabric)).unwrap();
-        assert_eq!(fabric.len(), 2);
+        let mut env = FakeEnv::new(FunctionId::pf());
+        env.peers.push(FakePeer::new(FunctionId::vf(0), 4096));
+        let pf = super::super::FwCell::new(FunctionId::pf());
         let run = |op: Opcode, other: bool, fid: u64| {
             let mut m = vec![0u8; QUERY_HCA_CAP_OUT_LEN];
             set(&mut m, hdr::OPCODE, u64::from(u16::from(op)));
             set(&mut m, hdr::OP_MOD, 1);
             set(&mut m, HCA_CAP_IN_OTHER_FUNCTION, u64::from(other));
             set(&mut m, HCA_CAP_IN_FUNCTION_ID, fid);
-            let env = Env {
-                id: pf.id,
-                dma: pf.dma(),
-                fabric: pf.fabric(),
-            };
             let len = if op == Opcode::QueryHcaCap {
                 16
             } else {
                 0x1010
             };
-            pf.firmware()
-                .execute(&env, &Cmd::new(&m[..len], QUERY_HCA_CAP_OUT_LEN))
+            pf.execute(&env, &Cmd::new(&m[..len], QUERY_HCA_CAP_OUT_LEN))
         };
         ok(&run(Opcode::EnableHca, false, 0));
         let r = run(Opcode::QueryHcaCap, true, 1);

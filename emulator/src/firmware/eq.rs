@@ -16,8 +16,8 @@ use mlx5_prm::ifc::set;
 use mlx5_prm::CmdStatus;
 
 use super::caps::{LOG_MAX_EQ_SZ, MAX_NUM_EQS};
+use super::MSIX_VECTORS;
 use super::{first_free, syndrome, Cmd, CmdFail, CmdResult, Env, Firmware};
-use crate::function::MSIX_VECTORS;
 
 /// Largest eqc `log_page_size` accepted (EQ pages of up to 256 MiB).
 pub const MAX_EQ_LOG_PAGE_SIZE: u64 = 16;
@@ -195,7 +195,7 @@ impl Firmware {
         self.eqs.get(&eqn)
     }
 
-    pub(super) fn create_eq(&mut self, env: &Env<'_>, cmd: &Cmd<'_>) -> CmdResult {
+    pub(super) fn create_eq(&mut self, env: &dyn Env, cmd: &Cmd<'_>) -> CmdResult {
         let mut out = cmd.lengths(CREATE_EQ_IN_LEN, CREATE_EQ_OUT_LEN)?;
         let log_size = cmd.get(CREATE_EQ_IN_LOG_EQ_SIZE);
         let uar = cmd.get(CREATE_EQ_IN_UAR_PAGE) as u32;
@@ -220,7 +220,7 @@ impl Firmware {
             let pa = CREATE_EQ_IN_PAS.nth(i).map_or(0, |f| cmd.get(f));
             check_eq_page(i, pa).map_err(refuse)?;
             let mut probe = [0u8; 1];
-            if env.dma.read(pa, &mut probe).is_err() {
+            if env.dma_read(pa, &mut probe).is_err() {
                 tracing::info!(
                     pa = format_args!("{pa:#x}"),
                     "CREATE_EQ: page not DMA-mapped"

@@ -45,7 +45,7 @@ impl Firmware {
     /// ENABLE_HCA. `function_id` 0 enables this function. A PF may name a VF (n + 1):
     /// that succeeds if the VF exists and changes nothing, because each VF's own driver
     /// enables its HCA (as in a guest).
-    pub(super) fn enable_hca(&mut self, env: &Env<'_>, cmd: &Cmd<'_>) -> CmdResult {
+    pub(super) fn enable_hca(&mut self, env: &dyn Env, cmd: &Cmd<'_>) -> CmdResult {
         let out = cmd.lengths(ENABLE_HCA_IN_LEN, ENABLE_HCA_OUT_LEN)?;
         if self.names_other_function(env, cmd)? {
             return Ok(out);
@@ -60,7 +60,7 @@ impl Firmware {
     /// ENABLE_HCA and DISABLE_HCA share their input layout: no embedded-CPU function,
     /// and `function_id` 0 for this function. A PF naming an existing VF (n + 1) is
     /// accepted and changes nothing (the VF's own driver enables it): `Ok(true)`.
-    fn names_other_function(&self, env: &Env<'_>, cmd: &Cmd<'_>) -> Result<bool, CmdFail> {
+    fn names_other_function(&self, env: &dyn Env, cmd: &Cmd<'_>) -> Result<bool, CmdFail> {
         if cmd.get(ENABLE_HCA_IN_EMBEDDED_CPU_FUNCTION) != 0 {
             return Err(CmdFail::bad_param());
         }
@@ -73,7 +73,7 @@ impl Firmware {
     }
 
     /// DISABLE_HCA: Enabled → Disabled; the ISSI and current caps return to defaults.
-    pub(super) fn disable_hca(&mut self, env: &Env<'_>, cmd: &Cmd<'_>) -> CmdResult {
+    pub(super) fn disable_hca(&mut self, env: &dyn Env, cmd: &Cmd<'_>) -> CmdResult {
         let out = cmd.lengths(DISABLE_HCA_IN_LEN, DISABLE_HCA_OUT_LEN)?;
         if self.names_other_function(env, cmd)? {
             return Ok(out);
@@ -88,14 +88,11 @@ impl Firmware {
     }
 
     /// A PF naming function `fid` (VF n = n + 1). VFs may not name other functions.
-    pub(super) fn check_other_function(&self, env: &Env<'_>, fid: u16) -> Result<(), CmdFail> {
+    pub(super) fn check_other_function(&self, env: &dyn Env, fid: u16) -> Result<(), CmdFail> {
         if self.id.kind != crate::pci::FunctionKind::Pf || fid == self.id.vhca_id {
             return Err(CmdFail::bad_function());
         }
-        env.fabric
-            .by_vhca_id(fid)
-            .map(|_| ())
-            .ok_or_else(CmdFail::bad_function)
+        env.peer(fid).map(|_| ()).ok_or_else(CmdFail::bad_function)
     }
 
     /// INIT_HCA: Enabled → Initialized, once the boot and init pages were given.

@@ -59,7 +59,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use mlx5_prm::cmd::caps::{HCA_CAP_MSG_OFFSET, SET_HCA_CAP_IN_LEN};
 use mlx5_prm::cmd::eq::{EQE_SIZE, EQ_BASE_PAGE_SIZE, EQ_DOORBELL_CI_MASK, EVENT_TYPE_CMD};
@@ -68,7 +68,6 @@ use mlx5_prm::cmd::migration::*;
 use mlx5_prm::cmd::pd_mkey::mkey_to_index;
 use mlx5_prm::ifc::{self, hdr, set};
 use mlx5_prm::{CmdStatus, Opcode};
-use vfu::Dma;
 
 use super::caps::{LOG_MAX_EQ_SZ, MAX_NUM_EQS};
 use super::eq::{FIRST_EQN, MAX_EQ_LOG_PAGE_SIZE};
@@ -77,15 +76,14 @@ use super::pd_mkey::{
     Mkey, MAX_MKEYS, MAX_PDS, MKEY_MAX_LOG_PAGE_SIZE, MKEY_MIN_LOG_PAGE_SIZE, MTT_PERM_MASK,
 };
 use super::uar::{FIRST_UAR, LAST_UAR};
-use super::{Cmd, CmdFail, CmdResult, Env, Firmware, HcaState};
-use crate::devmem::{page_digest, PageCopy, DEV_MEM_PAGE_SIZE};
-use crate::function::{Function, FunctionId, SuspendError, DRAIN_TIMEOUT, MSIX_VECTORS};
+use super::MSIX_VECTORS;
+use super::{Cmd, CmdFail, CmdResult, Env, Firmware, FunctionId, FwCell, HcaState, Peer};
+use crate::devmem::{page_digest, DevMem, PageCopy, DEV_MEM_PAGE_SIZE};
 use crate::pci::FunctionKind;
 use crate::state::{
-    self, HcaImage, Image, ImageFunction, ImageHeader, ImageKind, IsegImage, ObjectsImage,
-    PageImage, StateError,
+    self, HcaImage, Image, ImageFunction, ImageHeader, ImageKind, ObjectsImage, PageImage,
+    StateError,
 };
-use mlx5_prm::iseg::{CMDQ_ADDR_H_OFFSET, CMDQ_ADDR_L_SZ_OFFSET, NIC_INTERFACE_SHIFT};
 
 /// Syndromes of the migration commands (the high half spells "MG").
 pub mod mig_syndrome {
@@ -110,6 +108,25 @@ pub mod mig_syndrome {
     /// SUSPEND_VHCA(responder): the function's queued work did not drain in time
     /// (INT_ERR); the function stays initiator-suspended.
     pub const DRAIN_TIMEOUT: u32 = 0x4d47_000a;
+    /// Another SUSPEND/RESUME/SAVE/LOAD for the same function is executing (RES_BUSY).
+    pub const BUSY: u32 = 0x4d47_000b;
+}
+
+/// How long SUSPEND_VHCA(responder) waits for the function's admitted work (queued and
+/// executing commands, register writes in progress) to drain before it gives up and
+/// fails, leaving the function initiator-suspended. Well below the driver's command
+/// timeout, so the PF's queue is never stuck behind a VF that does not drain.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a suspend or resume transition of a function did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SuspendError {
+    #[error("function is {got:?}, the transition needs {want:?}")]
+    WrongState { got: MigState, want: MigState },
+    #[error("{inflight} admitted work item(s) did not drain within {DRAIN_TIMEOUT:?}")]
+    DrainTimeout { inflight: usize },
+    #[error("function was reset while its work drained")]
+    Reset,
 }
 
 /// Violations kept per function (the oldest are dropped; the total keeps counting).
@@ -177,6 +194,8 @@ pub struct MigCtl {
     chunk_mode: bool,
     violations: VecDeque<Violation>,
     violations_total: u64,
+    /// A SUSPEND, RESUME, SAVE or LOAD naming this function is executing.
+    busy: bool,
 }
 
 impl Default for MigCtl {
@@ -190,6 +209,7 @@ impl Default for MigCtl {
             chunk_mode: false,
             violations: VecDeque::new(),
             violations_total: 0,
+            busy: false,
         }
     }
 }
@@ -211,6 +231,31 @@ impl MigCtl {
 
     pub(crate) fn set_state(&mut self, state: MigState) {
         self.state = state;
+    }
+
+    /// Goes from `from` to `to`, or says why not (an initiator suspend or resume).
+    pub fn transition(&mut self, from: MigState, to: MigState) -> Result<(), SuspendError> {
+        self.expect(from)?;
+        self.state = to;
+        Ok(())
+    }
+
+    /// Fails with [`SuspendError::WrongState`] unless the state is `want`.
+    pub fn expect(&self, want: MigState) -> Result<(), SuspendError> {
+        if self.state != want {
+            return Err(SuspendError::WrongState {
+                got: self.state,
+                want,
+            });
+        }
+        Ok(())
+    }
+
+    /// RESUME_VHCA(responder): back to InitiatorSuspended; returns the doorbell bits
+    /// refused meanwhile (one admitted work item when non-zero; the caller rings them).
+    pub fn thaw(&mut self) -> Result<u32, SuspendError> {
+        self.transition(MigState::ResponderSuspended, MigState::InitiatorSuspended)?;
+        Ok(self.unpark())
     }
 
     /// Admitted changes not yet ended.
@@ -367,9 +412,35 @@ fn plan_save(ctl: &MigCtl, incremental: bool, track: bool) -> Result<SavePlan, C
     }
 }
 
+/// Marks the target of a SAVE or LOAD busy until dropped: phased commands run without
+/// the PF's firmware lock, so two transfers for one function are kept apart by this
+/// flag instead (the second completes with RES_BUSY; no driver sends two at once).
+struct Busy {
+    peer: Arc<dyn Peer>,
+}
+
+impl Busy {
+    fn take(peer: &Arc<dyn Peer>) -> Result<Busy, CmdFail> {
+        let mut m = peer.migration();
+        if m.busy {
+            return Err(CmdFail::new(CmdStatus::ResBusy, mig_syndrome::BUSY));
+        }
+        m.busy = true;
+        Ok(Busy {
+            peer: Arc::clone(peer),
+        })
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.peer.migration().busy = false;
+    }
+}
+
 impl Firmware {
     /// The function a migration command names: a VF, named by the PF.
-    fn mig_target(&self, env: &Env<'_>, cmd: &Cmd<'_>) -> Result<Arc<Function>, CmdFail> {
+    fn mig_target(&self, env: &dyn Env, cmd: &Cmd<'_>) -> Result<Arc<dyn Peer>, CmdFail> {
         let vhca_id = cmd.get(IN_VHCA_ID) as u16;
         if self.id.kind != FunctionKind::Pf || vhca_id == self.id.vhca_id {
             return Err(CmdFail::bad_function());
@@ -377,9 +448,7 @@ impl Firmware {
         if self.state == HcaState::Disabled {
             return Err(CmdFail::wrong_state());
         }
-        env.fabric
-            .by_vhca_id(vhca_id)
-            .ok_or_else(CmdFail::bad_function)
+        env.peer(vhca_id).ok_or_else(CmdFail::bad_function)
     }
 
     /// The PF's mkey `key` (index and variant must both match).
@@ -389,282 +458,311 @@ impl Firmware {
             .ok_or_else(|| bad(mig_syndrome::BAD_MKEY))
     }
 
-    pub(super) fn suspend_vhca(&mut self, env: &Env<'_>, cmd: &Cmd<'_>) -> CmdResult {
-        let out = cmd.lengths(SUSPEND_VHCA_IN_LEN, SUSPEND_VHCA_OUT_LEN)?;
-        let f = self.mig_target(env, cmd)?;
-        let from = f.migration_state();
-        let done = match cmd.op_mod {
-            SUSPEND_OP_MOD_INITIATOR => f.suspend_initiator(),
-            // Waits (under this PF's firmware lock, which also keeps other migration
-            // commands out) until the VF's admitted work has drained. The VF's own work
-            // never takes a PF lock, so this cannot deadlock.
-            SUSPEND_OP_MOD_RESPONDER => f.freeze(DRAIN_TIMEOUT),
-            _ => return Err(CmdFail::bad_op_mod()),
-        };
-        suspend_fail(&done)?;
-        tracing::info!(vhca_id = f.id.vhca_id, ?from, to = ?f.migration_state(), "SUSPEND_VHCA");
-        Ok(out)
-    }
-
-    pub(super) fn resume_vhca(&mut self, env: &Env<'_>, cmd: &Cmd<'_>) -> CmdResult {
-        let out = cmd.lengths(RESUME_VHCA_IN_LEN, RESUME_VHCA_OUT_LEN)?;
-        let f = self.mig_target(env, cmd)?;
-        let from = f.migration_state();
-        let done = match cmd.op_mod {
-            RESUME_OP_MOD_RESPONDER => f.thaw(),
-            RESUME_OP_MOD_INITIATOR => f.resume_initiator(),
-            _ => return Err(CmdFail::bad_op_mod()),
-        };
-        suspend_fail(&done)?;
-        tracing::info!(vhca_id = f.id.vhca_id, ?from, to = ?f.migration_state(), "RESUME_VHCA");
-        Ok(out)
-    }
-
-    pub(super) fn query_vhca_migration_state(&mut self, env: &Env<'_>, cmd: &Cmd<'_>) -> CmdResult {
-        let mut out = cmd.lengths(
-            QUERY_VHCA_MIGRATION_STATE_IN_LEN,
-            QUERY_VHCA_MIGRATION_STATE_OUT_LEN,
-        )?;
-        if cmd.op_mod != 0 {
-            return Err(CmdFail::bad_op_mod());
-        }
-        let f = self.mig_target(env, cmd)?;
-        let incremental = cmd.get(QUERY_VHCA_MIGRATION_STATE_IN_INCREMENTAL) != 0;
-        let chunk = cmd.get(QUERY_VHCA_MIGRATION_STATE_IN_CHUNK) != 0;
-        let session = {
-            let mut m = f.migration();
-            m.chunk_mode = chunk;
-            m.session
-        };
-        let objects_len = state::objects_len(&f.firmware().image_objects());
-        // incremental: what a delta of the open session would carry now; otherwise what
-        // a base image would (pages that are not all zeros).
-        let pages = if incremental && session.is_some() {
-            f.devmem().dirty_pages().map(|p| p.len())
-        } else {
-            nonzero_pages(&f).map(|p| p.len())
-        }
-        .map_err(|_| CmdFail::new(CmdStatus::IntErr, mig_syndrome::DMA_FAULT))?;
-        let (required, remaining, mig_state) = if incremental && session.is_none() {
-            (0, 0, MIG_STATE_OPER_MIGRATION_IDLE)
-        } else {
-            let total = state::image_len(objects_len, pages);
-            let per_chunk = if chunk {
-                total.min(MAX_CHUNK_SIZE as usize)
-            } else {
-                total
-            };
-            let st = match session {
-                None => MIG_STATE_OPER_MIGRATION_IDLE,
-                Some(_) if pages > 0 => MIG_STATE_OPER_MIGRATION_DIRTY,
-                Some(_) => MIG_STATE_OPER_MIGRATION_READY,
-            };
-            (per_chunk, total, st)
-        };
-        set(
-            &mut out,
-            QUERY_VHCA_MIGRATION_STATE_OUT_REQUIRED_UMEM_SIZE,
-            required as u64,
-        );
-        set(
-            &mut out,
-            QUERY_VHCA_MIGRATION_STATE_OUT_REMAINING_TOTAL_SIZE,
-            remaining as u64,
-        );
-        set(
-            &mut out,
-            QUERY_VHCA_MIGRATION_STATE_OUT_MIGRATION_STATE,
-            u64::from(mig_state),
-        );
-        tracing::debug!(
-            vhca_id = f.id.vhca_id,
-            incremental,
-            chunk,
-            required,
-            remaining,
-            "QUERY_VHCA_MIGRATION_STATE"
-        );
-        Ok(out)
-    }
-
-    pub(super) fn save_vhca_state(&mut self, env: &Env<'_>, cmd: &Cmd<'_>) -> CmdResult {
-        let mut out = cmd.lengths(SAVE_VHCA_STATE_IN_LEN, SAVE_VHCA_STATE_OUT_LEN)?;
-        if cmd.op_mod != 0 {
-            return Err(CmdFail::bad_op_mod());
-        }
-        let f = self.mig_target(env, cmd)?;
-        let incremental = cmd.get(SAVE_VHCA_STATE_IN_INCREMENTAL) != 0;
-        let track = cmd.get(SAVE_VHCA_STATE_IN_SET_TRACK) != 0;
-        let va = cmd.get(SAVE_VHCA_STATE_IN_VA);
-        let size = cmd.get(SAVE_VHCA_STATE_IN_SIZE);
-        let key = cmd.get(SAVE_VHCA_STATE_IN_MKEY) as u32;
-        let (plan, chunk_mode) = {
-            let m = f.migration();
-            (plan_save(&m, incremental, track)?, m.chunk_mode)
-        };
-        if plan == SavePlan::EndTracking {
-            f.migration().session = None;
-            f.devmem().end_session();
-            tracing::info!(vhca_id = f.id.vhca_id, "SAVE_VHCA_STATE: tracking ended");
-            return Ok(out);
-        }
-        if size == 0 {
-            return Err(bad(mig_syndrome::BAD_SIZE));
-        }
-        let runs = self
-            .mig_mkey(key)?
+    /// The IOVA runs of the PF's buffer: `size` bytes at `va` behind mkey `key`.
+    fn mig_runs(&self, va: u64, size: u64, key: u32) -> Result<Vec<(u64, u64)>, CmdFail> {
+        self.mig_mkey(key)?
             .translate(va, size)
-            .map_err(|_| bad(mig_syndrome::BAD_MKEY))?;
-        // The function's state, each piece taken under its own short lock.
-        let (hca, objects) = {
-            let fw = f.firmware();
-            (fw.image_hca(), fw.image_objects())
-        };
-        let iseg = {
-            let s = f.lock();
-            IsegImage {
-                cmdq_address: s.bar0.cmdq_address(),
-                nic_interface: s.bar0.nic_interface(),
-            }
-        };
-        let pages = match plan {
-            SavePlan::Base { .. } => nonzero_pages(&f),
-            _ => f.devmem().dirty_pages(),
-        }
-        .map_err(|_| CmdFail::new(CmdStatus::IntErr, mig_syndrome::DMA_FAULT))?;
-        let objects_len = state::objects_len(&objects);
-        let fixed = state::image_len(objects_len, 0);
-        let size = size as usize; // 32-bit field
-        if size < fixed {
-            return Err(bad(mig_syndrome::BUFFER_TOO_SMALL));
-        }
-        let fit = ((size - fixed) / state::PAGE_ENTRY_LEN).min(pages.len());
-        let remaining = pages.len() - fit;
-        // Only a tracked session (later rounds) or a chunked fetch carries the rest.
-        let keeps_track = matches!(plan, SavePlan::Base { track: true })
-            || matches!(plan, SavePlan::Delta { track: true, .. });
-        if remaining > 0 && !keeps_track && !chunk_mode {
-            return Err(bad(mig_syndrome::BUFFER_TOO_SMALL));
-        }
-        let (kind, session_id, seq, base_seq) = match plan {
-            SavePlan::Base { .. } => (ImageKind::Base, new_session_id(f.id.vhca_id), 1, 0),
-            SavePlan::Delta { session, .. } => (
-                ImageKind::Delta,
-                session.id,
-                session.seq.checked_add(1).ok_or_else(bad_res_state)?,
-                session.seq,
-            ),
-            // Returned above, before any image is built.
-            SavePlan::EndTracking => return Ok(out),
-        };
-        let sent = &pages[..fit];
-        let image = Image {
-            header: ImageHeader {
-                function: image_function(f.id),
-                kind,
-                session: session_id,
-                seq,
-                base_seq,
-                dev_mem_size: f.devmem().size(),
-            },
-            hca,
-            iseg,
-            objects,
-            pages: sent
-                .iter()
-                .map(|p| PageImage {
-                    index: p.index,
-                    data: p.data.clone(),
-                })
-                .collect(),
-        };
-        let bytes = image.to_bytes();
-        write_runs(env.dma, &runs, &bytes)?;
-        // The image is in the buffer: now the session moves on.
-        let track_on = keeps_track;
-        let open = track_on || remaining > 0;
-        if kind == ImageKind::Base {
-            f.devmem().begin_session();
-        }
-        f.devmem().commit(sent);
-        if !open {
-            f.devmem().end_session();
-        }
-        f.migration().session = open.then_some(SaveSession {
-            id: session_id,
-            seq,
-            track: track_on,
-        });
-        let next = if remaining > 0 && chunk_mode {
-            state::image_len(objects_len, remaining)
-                .min(size)
-                .max(state::image_len(objects_len, 1))
+            .map_err(|_| bad(mig_syndrome::BAD_MKEY))
+    }
+}
+
+/// SUSPEND_VHCA. The PF's firmware lock is taken only to find the target; the
+/// responder suspend's drain (up to [`DRAIN_TIMEOUT`]) waits with no lock held, so the
+/// PF keeps executing commands on its other slots.
+pub(super) fn suspend_vhca(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> CmdResult {
+    let out = cmd.lengths(SUSPEND_VHCA_IN_LEN, SUSPEND_VHCA_OUT_LEN)?;
+    let f = cell.lock().mig_target(env, cmd)?;
+    let op_mod = SuspendOpMod::try_from(cmd.op_mod).map_err(|_| CmdFail::bad_op_mod())?;
+    let _busy = Busy::take(&f)?;
+    let from = f.migration().state();
+    let done = match op_mod {
+        SuspendOpMod::Initiator => f.suspend_initiator(),
+        SuspendOpMod::Responder => f.freeze(DRAIN_TIMEOUT),
+    };
+    suspend_fail(&done)?;
+    tracing::info!(vhca_id = f.id().vhca_id, ?from, to = ?f.migration().state(), "SUSPEND_VHCA");
+    Ok(out)
+}
+
+/// RESUME_VHCA. Rings the doorbells the target refused while frozen with no lock held.
+pub(super) fn resume_vhca(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> CmdResult {
+    let out = cmd.lengths(RESUME_VHCA_IN_LEN, RESUME_VHCA_OUT_LEN)?;
+    let f = cell.lock().mig_target(env, cmd)?;
+    let op_mod = ResumeOpMod::try_from(cmd.op_mod).map_err(|_| CmdFail::bad_op_mod())?;
+    let _busy = Busy::take(&f)?;
+    let from = f.migration().state();
+    let done = match op_mod {
+        ResumeOpMod::Responder => f.thaw(),
+        ResumeOpMod::Initiator => f.resume_initiator(),
+    };
+    suspend_fail(&done)?;
+    tracing::info!(vhca_id = f.id().vhca_id, ?from, to = ?f.migration().state(), "RESUME_VHCA");
+    Ok(out)
+}
+
+/// QUERY_VHCA_MIGRATION_STATE. Scanning device memory takes no firmware lock.
+pub(super) fn query_vhca_migration_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> CmdResult {
+    let mut out = cmd.lengths(
+        QUERY_VHCA_MIGRATION_STATE_IN_LEN,
+        QUERY_VHCA_MIGRATION_STATE_OUT_LEN,
+    )?;
+    if cmd.op_mod != 0 {
+        return Err(CmdFail::bad_op_mod());
+    }
+    let f = cell.lock().mig_target(env, cmd)?;
+    let incremental = cmd.get(QUERY_VHCA_MIGRATION_STATE_IN_INCREMENTAL) != 0;
+    let chunk = cmd.get(QUERY_VHCA_MIGRATION_STATE_IN_CHUNK) != 0;
+    let session = {
+        let mut m = f.migration();
+        m.chunk_mode = chunk;
+        m.session
+    };
+    let objects_len = state::objects_len(&f.firmware().image_objects());
+    // incremental: what a delta of the open session would carry now; otherwise what
+    // a base image would (pages that are not all zeros).
+    let pages = if incremental && session.is_some() {
+        f.devmem().dirty_pages().map(|p| p.len())
+    } else {
+        nonzero_pages(f.devmem()).map(|p| p.len())
+    }
+    .map_err(|_| CmdFail::new(CmdStatus::IntErr, mig_syndrome::DMA_FAULT))?;
+    let (required, remaining, mig_state) = if incremental && session.is_none() {
+        (0, 0, VhcaMigrationState::OperMigrationIdle)
+    } else {
+        let total = state::image_len(objects_len, pages);
+        let per_chunk = if chunk {
+            total.min(MAX_CHUNK_SIZE as usize)
         } else {
-            0
+            total
         };
-        set(
-            &mut out,
-            SAVE_VHCA_STATE_OUT_ACTUAL_IMAGE_SIZE,
-            bytes.len() as u64,
-        );
-        set(
-            &mut out,
-            SAVE_VHCA_STATE_OUT_NEXT_REQUIRED_UMEM_SIZE,
-            next as u64,
-        );
+        let st = match session {
+            None => VhcaMigrationState::OperMigrationIdle,
+            Some(_) if pages > 0 => VhcaMigrationState::OperMigrationDirty,
+            Some(_) => VhcaMigrationState::OperMigrationReady,
+        };
+        (per_chunk, total, st)
+    };
+    set(
+        &mut out,
+        QUERY_VHCA_MIGRATION_STATE_OUT_REQUIRED_UMEM_SIZE,
+        required as u64,
+    );
+    set(
+        &mut out,
+        QUERY_VHCA_MIGRATION_STATE_OUT_REMAINING_TOTAL_SIZE,
+        remaining as u64,
+    );
+    set(
+        &mut out,
+        QUERY_VHCA_MIGRATION_STATE_OUT_MIGRATION_STATE,
+        u64::from(u8::from(mig_state)),
+    );
+    tracing::debug!(
+        vhca_id = f.id().vhca_id,
+        incremental,
+        chunk,
+        required,
+        remaining,
+        "QUERY_VHCA_MIGRATION_STATE"
+    );
+    Ok(out)
+}
+
+/// SAVE_VHCA_STATE in three phases: check the command and find the buffer under the
+/// PF's firmware lock; snapshot the target (each piece under its own short lock), copy
+/// its device memory and DMA-write the image with no lock held; commit the session
+/// under the target's migration lock, unless the target was reset meanwhile.
+pub(super) fn save_vhca_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> CmdResult {
+    let mut out = cmd.lengths(SAVE_VHCA_STATE_IN_LEN, SAVE_VHCA_STATE_OUT_LEN)?;
+    if cmd.op_mod != 0 {
+        return Err(CmdFail::bad_op_mod());
+    }
+    let incremental = cmd.get(SAVE_VHCA_STATE_IN_INCREMENTAL) != 0;
+    let track = cmd.get(SAVE_VHCA_STATE_IN_SET_TRACK) != 0;
+    let va = cmd.get(SAVE_VHCA_STATE_IN_VA);
+    let size = cmd.get(SAVE_VHCA_STATE_IN_SIZE);
+    let key = cmd.get(SAVE_VHCA_STATE_IN_MKEY) as u32;
+    let f = cell.lock().mig_target(env, cmd)?;
+    let _busy = Busy::take(&f)?;
+    let epoch = f.epoch();
+    let (plan, chunk_mode) = {
+        let m = f.migration();
+        (plan_save(&m, incremental, track)?, m.chunk_mode)
+    };
+    if plan == SavePlan::EndTracking {
+        f.migration().session = None;
+        f.devmem().end_session();
+        tracing::info!(vhca_id = f.id().vhca_id, "SAVE_VHCA_STATE: tracking ended");
+        return Ok(out);
+    }
+    if size == 0 {
+        return Err(bad(mig_syndrome::BAD_SIZE));
+    }
+    let runs = cell.lock().mig_runs(va, size, key)?;
+    // The function's state, each piece taken under its own short lock.
+    let (hca, objects) = {
+        let fw = f.firmware();
+        (fw.image_hca(), fw.image_objects())
+    };
+    let iseg = f.iseg();
+    let pages = match plan {
+        SavePlan::Base { .. } => nonzero_pages(f.devmem()),
+        _ => f.devmem().dirty_pages(),
+    }
+    .map_err(|_| CmdFail::new(CmdStatus::IntErr, mig_syndrome::DMA_FAULT))?;
+    let objects_len = state::objects_len(&objects);
+    let fixed = state::image_len(objects_len, 0);
+    let size = size as usize; // 32-bit field
+    if size < fixed {
+        return Err(bad(mig_syndrome::BUFFER_TOO_SMALL));
+    }
+    let fit = ((size - fixed) / state::PAGE_ENTRY_LEN).min(pages.len());
+    let remaining = pages.len() - fit;
+    // Only a tracked session (later rounds) or a chunked fetch carries the rest.
+    let keeps_track = matches!(plan, SavePlan::Base { track: true })
+        || matches!(plan, SavePlan::Delta { track: true, .. });
+    if remaining > 0 && !keeps_track && !chunk_mode {
+        return Err(bad(mig_syndrome::BUFFER_TOO_SMALL));
+    }
+    let (kind, session_id, seq, base_seq) = match plan {
+        SavePlan::Base { .. } => (ImageKind::Base, new_session_id(f.id().vhca_id), 1, 0),
+        SavePlan::Delta { session, .. } => (
+            ImageKind::Delta,
+            session.id,
+            session.seq.checked_add(1).ok_or_else(bad_res_state)?,
+            session.seq,
+        ),
+        // Returned above, before any image is built.
+        SavePlan::EndTracking => return Ok(out),
+    };
+    let sent = &pages[..fit];
+    let image = Image {
+        header: ImageHeader {
+            function: image_function(f.id()),
+            kind,
+            session: session_id,
+            seq,
+            base_seq,
+            dev_mem_size: f.devmem().size(),
+        },
+        hca,
+        iseg,
+        objects,
+        pages: sent
+            .iter()
+            .map(|p| PageImage {
+                index: p.index,
+                data: p.data.clone(),
+            })
+            .collect(),
+    };
+    let bytes = image.to_bytes();
+    write_runs(env, &runs, &bytes)?;
+    // The image is in the buffer: now the session moves on, unless the function was
+    // reset while the image was built (its session is gone, and so is what was sent).
+    if f.epoch() != epoch {
         tracing::info!(
-            vhca_id = f.id.vhca_id,
-            ?kind,
-            seq,
-            incremental,
-            track,
-            image = bytes.len(),
-            pages = fit,
-            pages_left = remaining,
-            next,
-            "SAVE_VHCA_STATE"
+            vhca_id = f.id().vhca_id,
+            "SAVE_VHCA_STATE: function reset meanwhile"
         );
-        Ok(out)
+        return Err(bad_res_state());
     }
+    let track_on = keeps_track;
+    let open = track_on || remaining > 0;
+    if kind == ImageKind::Base {
+        f.devmem().begin_session();
+    }
+    f.devmem().commit(sent);
+    if !open {
+        f.devmem().end_session();
+    }
+    f.migration().session = open.then_some(SaveSession {
+        id: session_id,
+        seq,
+        track: track_on,
+    });
+    let next = if remaining > 0 && chunk_mode {
+        state::image_len(objects_len, remaining)
+            .min(size)
+            .max(state::image_len(objects_len, 1))
+    } else {
+        0
+    };
+    set(
+        &mut out,
+        SAVE_VHCA_STATE_OUT_ACTUAL_IMAGE_SIZE,
+        bytes.len() as u64,
+    );
+    set(
+        &mut out,
+        SAVE_VHCA_STATE_OUT_NEXT_REQUIRED_UMEM_SIZE,
+        next as u64,
+    );
+    tracing::info!(
+        vhca_id = f.id().vhca_id,
+        ?kind,
+        seq,
+        incremental,
+        track,
+        image = bytes.len(),
+        pages = fit,
+        pages_left = remaining,
+        next,
+        "SAVE_VHCA_STATE"
+    );
+    Ok(out)
+}
 
-    pub(super) fn load_vhca_state(&mut self, env: &Env<'_>, cmd: &Cmd<'_>) -> CmdResult {
-        let out = cmd.lengths(LOAD_VHCA_STATE_IN_LEN, LOAD_VHCA_STATE_OUT_LEN)?;
-        if cmd.op_mod != 0 {
-            return Err(CmdFail::bad_op_mod());
-        }
-        let f = self.mig_target(env, cmd)?;
-        if f.migration().state != MigState::ResponderSuspended {
-            return Err(bad_res_state());
-        }
-        let va = cmd.get(LOAD_VHCA_STATE_IN_VA);
-        let size = cmd.get(LOAD_VHCA_STATE_IN_SIZE);
-        let key = cmd.get(LOAD_VHCA_STATE_IN_MKEY) as u32;
-        if size == 0 || size > state::MAX_IMAGE_LEN as u64 {
-            return Err(bad(mig_syndrome::BAD_SIZE));
-        }
-        let runs = self
-            .mig_mkey(key)?
-            .translate(va, size)
-            .map_err(|_| bad(mig_syndrome::BAD_MKEY))?;
-        let bytes = read_runs(env.dma, &runs, size as usize)?;
-        let image = state::validate(&bytes).map_err(|e| {
-            tracing::info!(vhca_id = f.id.vhca_id, error = %e, "LOAD_VHCA_STATE: image refused");
+/// LOAD_VHCA_STATE in three phases: check and find the buffer under the PF's firmware
+/// lock; read and validate the whole image with no lock held; apply it, after checking
+/// again that the target is still responder-suspended and was not reset meanwhile.
+pub(super) fn load_vhca_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> CmdResult {
+    let out = cmd.lengths(LOAD_VHCA_STATE_IN_LEN, LOAD_VHCA_STATE_OUT_LEN)?;
+    if cmd.op_mod != 0 {
+        return Err(CmdFail::bad_op_mod());
+    }
+    let f = cell.lock().mig_target(env, cmd)?;
+    let _busy = Busy::take(&f)?;
+    let epoch = f.epoch();
+    if f.migration().state != MigState::ResponderSuspended {
+        return Err(bad_res_state());
+    }
+    let va = cmd.get(LOAD_VHCA_STATE_IN_VA);
+    let size = cmd.get(LOAD_VHCA_STATE_IN_SIZE);
+    let key = cmd.get(LOAD_VHCA_STATE_IN_MKEY) as u32;
+    if size == 0 || size > state::MAX_IMAGE_LEN as u64 {
+        return Err(bad(mig_syndrome::BAD_SIZE));
+    }
+    let runs = cell.lock().mig_runs(va, size, key)?;
+    let bytes = read_runs(env, &runs, size as usize)?;
+    let id = f.id();
+    let image = state::validate(&bytes).map_err(|e| {
+        tracing::info!(vhca_id = id.vhca_id, error = %e, "LOAD_VHCA_STATE: image refused");
+        image_fail(&e)
+    })?;
+    let compat = check_compatible(id, f.devmem().size(), &image.header);
+    let new_fw = compat
+        .and_then(|()| Firmware::from_image(env, id, &image.hca, &image.objects))
+        .map_err(|e| {
+            tracing::info!(vhca_id = id.vhca_id, error = %e, "LOAD_VHCA_STATE: image refused");
             image_fail(&e)
         })?;
-        let compat = check_compatible(&f, &image.header);
-        let new_fw = compat
-            .and_then(|()| Firmware::from_image(env, f.id, &image.hca, &image.objects))
-            .map_err(|e| {
-                tracing::info!(vhca_id = f.id.vhca_id, error = %e, "LOAD_VHCA_STATE: image refused");
-                image_fail(&e)
-            })?;
-        let h = image.header;
-        if h.kind == ImageKind::Delta && f.migration().loaded != Some((h.session, h.base_seq)) {
+    let h = image.header;
+    {
+        let m = f.migration();
+        if m.state != MigState::ResponderSuspended || f.epoch() != epoch {
             tracing::info!(
-                vhca_id = f.id.vhca_id,
+                vhca_id = id.vhca_id,
+                "LOAD_VHCA_STATE: function resumed or reset meanwhile"
+            );
+            return Err(bad_res_state());
+        }
+        if h.kind == ImageKind::Delta && m.loaded != Some((h.session, h.base_seq)) {
+            tracing::info!(
+                vhca_id = id.vhca_id,
                 seq = h.seq,
                 base_seq = h.base_seq,
-                loaded = ?f.migration().loaded,
+                loaded = ?m.loaded,
                 "LOAD_VHCA_STATE: delta does not follow the last image loaded"
             );
             return Err(CmdFail::new(
@@ -672,53 +770,36 @@ impl Firmware {
                 mig_syndrome::OUT_OF_ORDER,
             ));
         }
-        // Everything is checked: apply. Nothing below can fail on image content.
-        {
-            let mut fw = f.firmware();
-            let log = std::mem::take(&mut fw.log);
-            *fw = new_fw;
-            fw.log = log;
-            f.set_cmd_events(fw.cmd_eq.is_some());
-        }
-        {
-            // The queue address and nic_interface as the source's driver programmed them
-            // (register writes: big-endian words, as the driver writes them).
-            let addr = image.iseg.cmdq_address;
-            let low = (addr as u32) | (u32::from(image.iseg.nic_interface) << NIC_INTERFACE_SHIFT);
-            let mut s = f.lock();
-            let _ = s
-                .bar0
-                .write(CMDQ_ADDR_H_OFFSET, &((addr >> 32) as u32).to_be_bytes());
-            let _ = s.bar0.write(CMDQ_ADDR_L_SZ_OFFSET, &low.to_be_bytes());
-        }
-        let dm = f.devmem();
-        if h.kind == ImageKind::Base {
-            let _ = dm.zero();
-        }
-        for p in &image.pages {
-            // Indices were checked against this size by validate + check_compatible.
-            let _ = dm.write(u64::from(p.index) * DEV_MEM_PAGE_SIZE, &p.data);
-        }
-        f.migration().loaded = Some((h.session, h.seq));
-        tracing::info!(
-            vhca_id = f.id.vhca_id,
-            kind = ?h.kind,
-            seq = h.seq,
-            image = bytes.len(),
-            pages = image.pages.len(),
-            "LOAD_VHCA_STATE applied"
-        );
-        Ok(out)
     }
+    // Everything is checked: apply. Nothing below can fail on image content. The
+    // function is frozen and this command holds it busy, so nothing else changes it.
+    f.install_firmware(new_fw);
+    f.load_iseg(&image.iseg);
+    let dm = f.devmem();
+    if h.kind == ImageKind::Base {
+        let _ = dm.zero();
+    }
+    for p in &image.pages {
+        // Indices were checked against this size by validate + check_compatible.
+        let _ = dm.write(u64::from(p.index) * DEV_MEM_PAGE_SIZE, &p.data);
+    }
+    f.migration().loaded = Some((h.session, h.seq));
+    tracing::info!(
+        vhca_id = id.vhca_id,
+        kind = ?h.kind,
+        seq = h.seq,
+        image = bytes.len(),
+        pages = image.pages.len(),
+        "LOAD_VHCA_STATE applied"
+    );
+    Ok(out)
+}
 
+impl Firmware {
     /// The HCA section of this function's image.
     pub fn image_hca(&self) -> HcaImage {
         HcaImage {
-            life_cycle: match self.state {
-                HcaState::Disabled => 0,
-                HcaState::Enabled => 1,
-                HcaState::Initialized => 2,
-            },
+            life_cycle: self.state.into(),
             issi: self.issi,
             caps: self.general_cur.clone(),
         }
@@ -741,7 +822,7 @@ impl Firmware {
     /// SET_ISSI, the capabilities through SET_HCA_CAP, every object against the limits
     /// of the command that creates it.
     pub fn from_image(
-        env: &Env<'_>,
+        env: &dyn Env,
         id: FunctionId,
         hca: &HcaImage,
         o: &ObjectsImage,
@@ -759,19 +840,10 @@ impl Firmware {
         let mut m = vec![0u8; SET_HCA_CAP_IN_LEN];
         ifc::set(&mut m, hdr::OPCODE, u64::from(u16::from(Opcode::SetHcaCap)));
         m[HCA_CAP_MSG_OFFSET..].copy_from_slice(&hca.caps);
-        let cap_env = Env {
-            id,
-            dma: env.dma,
-            fabric: env.fabric,
-        };
-        fw.set_hca_cap(&cap_env, &Cmd::new(&m, 16))
+        fw.set_hca_cap(env, &Cmd::new(&m, 16))
             .map_err(|_| bv("GENERAL caps", 0, "values SET_HCA_CAP accepts"))?;
-        fw.state = match hca.life_cycle {
-            0 => HcaState::Disabled,
-            1 => HcaState::Enabled,
-            2 => HcaState::Initialized,
-            v => return Err(bv("life_cycle", v.into(), "0, 1 or 2")),
-        };
+        fw.state = HcaState::try_from(hca.life_cycle)
+            .map_err(|_| bv("life_cycle", hca.life_cycle.into(), "0, 1 or 2"))?;
         // Firmware pages (MANAGE_PAGES): non-zero, aligned, distinct, bounded.
         if o.fw_pages.len() > MAX_FW_PAGES {
             return Err(bv(
@@ -914,27 +986,27 @@ fn image_function(id: FunctionId) -> ImageFunction {
     }
 }
 
-fn check_compatible(f: &Function, h: &ImageHeader) -> Result<(), StateError> {
-    let mine = image_function(f.id);
+fn check_compatible(id: FunctionId, dev_mem_size: u64, h: &ImageHeader) -> Result<(), StateError> {
+    let mine = image_function(id);
     if h.function != mine {
         return Err(StateError::FunctionKind {
             image: h.function.name(),
             function: mine.name(),
         });
     }
-    if h.dev_mem_size != f.devmem().size() {
+    if h.dev_mem_size != dev_mem_size {
         return Err(StateError::DevMemSize {
             image: h.dev_mem_size,
-            function: f.devmem().size(),
+            function: dev_mem_size,
         });
     }
     Ok(())
 }
 
-/// Pages of `f`'s device memory that are not all zeros (what a base image carries).
-fn nonzero_pages(f: &Function) -> Result<Vec<PageCopy>, crate::devmem::DevMemError> {
+/// Pages of device memory that are not all zeros (what a base image carries).
+fn nonzero_pages(dm: &DevMem) -> Result<Vec<PageCopy>, crate::devmem::DevMemError> {
     let zero = page_digest(&[0u8; DEV_MEM_PAGE_SIZE as usize]);
-    Ok(f.devmem()
+    Ok(dm
         .copy_all()?
         .into_iter()
         .filter(|p| p.digest != zero || p.data.iter().any(|&b| b != 0))
@@ -942,14 +1014,14 @@ fn nonzero_pages(f: &Function) -> Result<Vec<PageCopy>, crate::devmem::DevMemErr
 }
 
 /// Writes `bytes` at the start of the IOVA runs.
-fn write_runs(dma: &Dma, runs: &[(u64, u64)], bytes: &[u8]) -> Result<(), CmdFail> {
+fn write_runs(env: &dyn Env, runs: &[(u64, u64)], bytes: &[u8]) -> Result<(), CmdFail> {
     let mut done = 0usize;
     for &(iova, len) in runs {
         if done == bytes.len() {
             break;
         }
         let n = (len as usize).min(bytes.len() - done);
-        dma.write(iova, &bytes[done..done + n]).map_err(|e| {
+        env.dma_write(iova, &bytes[done..done + n]).map_err(|e| {
             tracing::info!(iova, error = %e, "SAVE_VHCA_STATE: buffer write faulted");
             bad(mig_syndrome::DMA_FAULT)
         })?;
@@ -959,12 +1031,12 @@ fn write_runs(dma: &Dma, runs: &[(u64, u64)], bytes: &[u8]) -> Result<(), CmdFai
 }
 
 /// Reads `size` bytes from the IOVA runs.
-fn read_runs(dma: &Dma, runs: &[(u64, u64)], size: usize) -> Result<Vec<u8>, CmdFail> {
+fn read_runs(env: &dyn Env, runs: &[(u64, u64)], size: usize) -> Result<Vec<u8>, CmdFail> {
     let mut out = vec![0u8; size];
     let mut done = 0usize;
     for &(iova, len) in runs {
         let n = (len as usize).min(size - done);
-        dma.read(iova, &mut out[done..done + n]).map_err(|e| {
+        env.dma_read(iova, &mut out[done..done + n]).map_err(|e| {
             tracing::info!(iova, error = %e, "LOAD_VHCA_STATE: buffer read faulted");
             bad(mig_syndrome::DMA_FAULT)
         })?;

@@ -29,6 +29,7 @@
 //! the reverse.
 
 mod caps;
+pub mod env;
 mod eq;
 mod hca;
 mod migration;
@@ -37,17 +38,18 @@ mod pd_mkey;
 mod uar;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use mlx5_prm::cmdq::DeliveryStatus;
 use mlx5_prm::ifc::{self, hdr, Field};
-use mlx5_prm::{CmdStatus, Opcode};
-use vfu::Dma;
+use mlx5_prm::{CmdStatus, Opcode, PrmError};
 
-use crate::fabric::Fabric;
-use crate::function::FunctionId;
-
+pub use env::{Env, FunctionId, Peer, MSIX_VECTORS};
 pub use eq::{EqState, EqeSlot};
-pub use migration::{mig_syndrome, MigCtl, MigState, Violation, ViolationKind};
+pub use migration::{
+    mig_syndrome, MigCtl, MigState, SuspendError, Violation, ViolationKind, DRAIN_TIMEOUT,
+};
 pub use pd_mkey::{Mkey, MkeyError};
 
 /// The checks the live commands and LOAD_VHCA_STATE share: `state` reruns them on every
@@ -99,15 +101,38 @@ pub mod syndrome {
     pub const BUSY: u32 = 0x4657_000c;
 }
 
-/// The HCA life-cycle state of a function.
+/// The HCA life-cycle state of a function. Its number is how a state image carries it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum HcaState {
     /// Power-on, or after DISABLE_HCA.
-    Disabled,
+    Disabled = 0,
     /// After ENABLE_HCA (or TEARDOWN_HCA).
-    Enabled,
+    Enabled = 1,
     /// After INIT_HCA.
-    Initialized,
+    Initialized = 2,
+}
+
+impl From<HcaState> for u8 {
+    fn from(s: HcaState) -> u8 {
+        s as u8
+    }
+}
+
+impl TryFrom<u8> for HcaState {
+    type Error = PrmError;
+
+    fn try_from(v: u8) -> Result<Self, PrmError> {
+        match v {
+            0 => Ok(HcaState::Disabled),
+            1 => Ok(HcaState::Enabled),
+            2 => Ok(HcaState::Initialized),
+            _ => Err(PrmError::UnknownValue {
+                field: "HCA life-cycle state",
+                value: u32::from(v),
+            }),
+        }
+    }
 }
 
 /// How many objects a function's firmware holds.
@@ -142,7 +167,7 @@ pub struct CmdRecord {
     /// execute and `status`/`syndrome` are 0.
     pub delivery: DeliveryStatus,
     /// Command status (output byte 0).
-    pub status: u8,
+    pub status: CmdStatus,
     pub syndrome: u32,
 }
 
@@ -294,13 +319,169 @@ pub struct Reply {
     pub syndrome: u32,
 }
 
-/// What a command may reach beyond its own firmware state.
-pub struct Env<'a> {
-    pub id: FunctionId,
-    /// The function's IOVA space (page checks).
-    pub dma: &'a Dma,
-    /// The adapter's functions (a PF naming a VF).
-    pub fabric: &'a Fabric,
+/// The firmware of one function with its locks: what a function holds, and what the
+/// command queue engine executes commands on.
+///
+/// # Locks, outermost first
+///
+/// 1. `eqe`: one command-completion EQE at a time (reserve, DMA write, commit), so EQEs
+///    are committed in ring order and an interrupt never announces an EQE not yet in
+///    memory. Held across one 64-byte DMA write, never across a wait.
+/// 2. `state`: the firmware state. Held for one short command, or for one phase (check,
+///    snapshot, commit) of a long one: never across a drain, a copy of device memory or
+///    an image transfer. A PF may take a peer VF's `state` while holding its own, never
+///    the reverse (only a PF names other functions).
+/// 3. A peer's migration control ([`Peer::migration`]) and the function's own locks
+///    (BAR0 state, MSI-X) are leaves below these. Eventfds are written after every lock
+///    is released.
+pub struct FwCell {
+    state: Mutex<Firmware>,
+    eqe: Mutex<()>,
+    /// Whether the firmware has a command EQ (decides completion by EQE). A copy kept
+    /// outside `state` so that a doorbell never waits for a command; refreshed after
+    /// every command that may change it, by LOAD and by reset.
+    cmd_events: AtomicBool,
+}
+
+impl FwCell {
+    /// Power-on firmware of function `id`.
+    pub fn new(id: FunctionId) -> Self {
+        FwCell::from(Firmware::new(id))
+    }
+
+    /// The firmware lock (see the lock order above).
+    pub fn lock(&self) -> MutexGuard<'_, Firmware> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the firmware has a command EQ (see `cmd_events`).
+    pub fn cmd_events(&self) -> bool {
+        self.cmd_events.load(Ordering::Acquire)
+    }
+
+    fn refresh(&self, fw: &Firmware) {
+        self.cmd_events
+            .store(fw.cmd_eq.is_some(), Ordering::Release);
+    }
+
+    /// Replaces the firmware state (LOAD), keeping the command log.
+    pub fn install(&self, new: Firmware) {
+        let mut fw = self.lock();
+        let log = std::mem::take(&mut fw.log);
+        *fw = new;
+        fw.log = log;
+        self.refresh(&fw);
+    }
+
+    /// FLR / DEVICE_RESET (see [`Firmware::reset`]).
+    pub fn reset(&self) {
+        let mut fw = self.lock();
+        fw.reset();
+        self.refresh(&fw);
+    }
+
+    /// Executes one command on the function `env` and returns its output. Short
+    /// commands run under the firmware lock; the migration commands run in phases
+    /// and take it only to check and to commit. Never panics on guest input.
+    pub fn execute(&self, env: &dyn Env, cmd: &Cmd<'_>) -> Reply {
+        let result = match Opcode::try_from(cmd.opcode) {
+            Err(_) => Err(CmdFail::new(CmdStatus::BadOpErr, syndrome::UNKNOWN_OPCODE)),
+            Ok(op) => match op {
+                Opcode::SuspendVhca => migration::suspend_vhca(self, env, cmd),
+                Opcode::ResumeVhca => migration::resume_vhca(self, env, cmd),
+                Opcode::QueryVhcaMigrationState => {
+                    migration::query_vhca_migration_state(self, env, cmd)
+                }
+                Opcode::SaveVhcaState => migration::save_vhca_state(self, env, cmd),
+                Opcode::LoadVhcaState => migration::load_vhca_state(self, env, cmd),
+                _ => {
+                    let mut fw = self.lock();
+                    let r = fw.execute_short(env, op, cmd);
+                    self.refresh(&fw);
+                    r
+                }
+            },
+        };
+        reply(env.id(), cmd, result)
+    }
+
+    /// Posts a command-completion EQE for `vector` on the command EQ, then raises its
+    /// MSI-X vector if the EQ was armed. The EQE is written outside the firmware lock
+    /// and committed after, so an interrupt never announces an EQE not yet in memory;
+    /// the vector is raised with no lock held.
+    pub fn post_cmd_eqe(&self, env: &dyn Env, vector: u32) {
+        let fire = {
+            let _order = self.eqe.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(slot) = self.lock().reserve_cmd_eqe() else {
+                return;
+            };
+            let eqe = slot.cmd_eqe(vector);
+            if let Err(e) = env.dma_write(slot.addr, &eqe) {
+                tracing::warn!(vhca_id = env.id().vhca_id, eqn = slot.eqn, error = %e, "cannot write EQE");
+            }
+            self.lock().commit_eqe(&slot)
+        };
+        if let Some(v) = fire {
+            env.raise_msix(v);
+        }
+    }
+}
+
+impl From<Firmware> for FwCell {
+    fn from(fw: Firmware) -> Self {
+        let cell = FwCell {
+            cmd_events: AtomicBool::new(false),
+            state: Mutex::new(fw),
+            eqe: Mutex::new(()),
+        };
+        cell.refresh(&cell.lock());
+        cell
+    }
+}
+
+impl FwCell {
+    /// The firmware state, the cell consumed (tests).
+    pub fn into_inner(self) -> Firmware {
+        self.state.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The output message of a command that ended with `result`, its header filled in.
+fn reply(id: FunctionId, cmd: &Cmd<'_>, result: CmdResult) -> Reply {
+    let (mut out, status, synd) = match result {
+        Ok(out) => (out, CmdStatus::Ok, 0),
+        Err(f) => (vec![0; hdr::HDR_LEN], f.status, f.syndrome),
+    };
+    if out.len() < hdr::HDR_LEN {
+        out.resize(hdr::HDR_LEN, 0);
+    }
+    ifc::set(&mut out, hdr::STATUS, u64::from(u8::from(status)));
+    ifc::set(&mut out, hdr::SYNDROME, u64::from(synd));
+    if status == CmdStatus::Ok {
+        tracing::debug!(
+            opcode = opcode_name(cmd.opcode),
+            op_mod = cmd.op_mod,
+            vhca_id = id.vhca_id,
+            status = status.name(),
+            syndrome = format_args!("{synd:#x}"),
+            "firmware command"
+        );
+    } else {
+        tracing::info!(
+            opcode = opcode_name(cmd.opcode),
+            raw_opcode = format_args!("{:#x}", cmd.opcode),
+            op_mod = cmd.op_mod,
+            vhca_id = id.vhca_id,
+            status = status.name(),
+            syndrome = format_args!("{synd:#x}"),
+            "firmware command failed"
+        );
+    }
+    Reply {
+        out,
+        status,
+        syndrome: synd,
+    }
 }
 
 /// The firmware state of one function.
@@ -388,56 +569,15 @@ impl Firmware {
         self.cmd_eq
     }
 
-    /// Executes one command and returns its output. Never panics on guest input.
-    pub fn execute(&mut self, env: &Env<'_>, cmd: &Cmd<'_>) -> Reply {
-        let result = match Opcode::try_from(cmd.opcode) {
-            Err(_) => Err(CmdFail::new(CmdStatus::BadOpErr, syndrome::UNKNOWN_OPCODE)),
-            Ok(op) => {
-                if !allowed(op, self.state) {
-                    Err(CmdFail::wrong_state())
-                } else {
-                    self.dispatch(env, op, cmd)
-                }
-            }
-        };
-        let (mut out, status, synd) = match result {
-            Ok(out) => (out, CmdStatus::Ok, 0),
-            Err(f) => (vec![0; hdr::HDR_LEN], f.status, f.syndrome),
-        };
-        if out.len() < hdr::HDR_LEN {
-            out.resize(hdr::HDR_LEN, 0);
+    /// A short command (every one but the migration commands), under the lock.
+    fn execute_short(&mut self, env: &dyn Env, op: Opcode, cmd: &Cmd<'_>) -> CmdResult {
+        if !allowed(op, self.state) {
+            return Err(CmdFail::wrong_state());
         }
-        ifc::set(&mut out, hdr::STATUS, u64::from(u8::from(status)));
-        ifc::set(&mut out, hdr::SYNDROME, u64::from(synd));
-        let level_ok = status == CmdStatus::Ok;
-        if level_ok {
-            tracing::debug!(
-                opcode = opcode_name(cmd.opcode),
-                op_mod = cmd.op_mod,
-                vhca_id = self.id.vhca_id,
-                status = status.name(),
-                syndrome = format_args!("{synd:#x}"),
-                "firmware command"
-            );
-        } else {
-            tracing::info!(
-                opcode = opcode_name(cmd.opcode),
-                raw_opcode = format_args!("{:#x}", cmd.opcode),
-                op_mod = cmd.op_mod,
-                vhca_id = self.id.vhca_id,
-                status = status.name(),
-                syndrome = format_args!("{synd:#x}"),
-                "firmware command failed"
-            );
-        }
-        Reply {
-            out,
-            status,
-            syndrome: synd,
-        }
+        self.dispatch(env, op, cmd)
     }
 
-    fn dispatch(&mut self, env: &Env<'_>, op: Opcode, cmd: &Cmd<'_>) -> CmdResult {
+    fn dispatch(&mut self, env: &dyn Env, op: Opcode, cmd: &Cmd<'_>) -> CmdResult {
         match op {
             Opcode::EnableHca => self.enable_hca(env, cmd),
             Opcode::DisableHca => self.disable_hca(env, cmd),
@@ -459,11 +599,6 @@ impl Firmware {
             Opcode::DeallocPd => self.dealloc_pd(cmd),
             Opcode::CreateMkey => self.create_mkey(cmd),
             Opcode::DestroyMkey => self.destroy_mkey(cmd),
-            Opcode::SuspendVhca => self.suspend_vhca(env, cmd),
-            Opcode::ResumeVhca => self.resume_vhca(env, cmd),
-            Opcode::QueryVhcaMigrationState => self.query_vhca_migration_state(env, cmd),
-            Opcode::SaveVhcaState => self.save_vhca_state(env, cmd),
-            Opcode::LoadVhcaState => self.load_vhca_state(env, cmd),
             _ => Err(CmdFail::new(CmdStatus::BadOpErr, syndrome::UNKNOWN_OPCODE)),
         }
     }
@@ -516,33 +651,255 @@ fn first_free<'a>(used: impl Iterator<Item = &'a u32>, lo: u32, hi: u32) -> Opti
 #[cfg(test)]
 pub(crate) mod test_support {
     use super::*;
+    use crate::devmem::DevMem;
+    use crate::state::IsegImage;
     use mlx5_prm::ifc::set;
+    use std::sync::atomic::{AtomicU64, AtomicUsize};
+    use std::sync::Arc;
+    use std::time::Duration;
+    use vfu::{Dma, DmaError};
 
-    /// A VF's firmware with an empty IOVA space and a one-function fabric.
+    /// A fake of the function a command runs on: a real (memfd-backed) IOVA space, the
+    /// peers the test gives it, and the interrupts raised. No threads, no sockets.
+    pub struct FakeEnv {
+        pub id: FunctionId,
+        pub dma: Dma,
+        pub peers: Vec<Arc<FakePeer>>,
+        pub raised: Mutex<Vec<u16>>,
+        pub epoch: AtomicU64,
+    }
+
+    impl FakeEnv {
+        pub fn new(id: FunctionId) -> Self {
+            FakeEnv {
+                id,
+                dma: Dma::default(),
+                peers: Vec::new(),
+                raised: Mutex::new(Vec::new()),
+                epoch: AtomicU64::new(0),
+            }
+        }
+
+        /// Maps a memfd of `size` bytes at `iova`; returns it.
+        pub fn map(&self, iova: u64, size: u64) -> std::fs::File {
+            let f = vfu::dma::memfd("fw-test", size).unwrap();
+            self.dma
+                .map(
+                    iova,
+                    size,
+                    f.try_clone().unwrap(),
+                    0,
+                    vfu::dma::VFIO_DMA_MAP_FLAG_READ | vfu::dma::VFIO_DMA_MAP_FLAG_WRITE,
+                )
+                .unwrap();
+            f
+        }
+    }
+
+    impl Env for FakeEnv {
+        fn id(&self) -> FunctionId {
+            self.id
+        }
+
+        fn dma_read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+            self.dma.read(iova, buf)
+        }
+
+        fn dma_write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
+            self.dma.write(iova, data)
+        }
+
+        fn raise_msix(&self, vector: u16) -> bool {
+            self.raised.lock().unwrap().push(vector);
+            true
+        }
+
+        fn epoch(&self) -> u64 {
+            self.epoch.load(Ordering::Acquire)
+        }
+
+        fn peer(&self, vhca_id: u16) -> Option<Arc<dyn Peer>> {
+            self.peers
+                .iter()
+                .find(|p| p.id.vhca_id == vhca_id)
+                .map(|p| Arc::clone(p) as Arc<dyn Peer>)
+        }
+    }
+
+    /// A fake peer function: real firmware state, migration control and (memfd)
+    /// device memory; its admitted work is a number the test sets, and a freeze with
+    /// work in flight reports the drain timeout at once instead of waiting.
+    pub struct FakePeer {
+        pub id: FunctionId,
+        pub fw: FwCell,
+        pub mig: Mutex<MigCtl>,
+        pub devmem: DevMem,
+        pub iseg: Mutex<IsegImage>,
+        pub epoch: AtomicU64,
+        /// Admitted work that will not drain.
+        pub stuck: AtomicUsize,
+        /// Doorbell bits rung by a thaw.
+        pub rung: Mutex<Vec<u32>>,
+        /// Simulates a reset between a SAVE's snapshot and its commit: the next
+        /// [`Peer::iseg`] bumps the epoch.
+        pub reset_on_snapshot: std::sync::atomic::AtomicBool,
+    }
+
+    impl FakePeer {
+        pub fn new(id: FunctionId, dev_mem: u64) -> Arc<Self> {
+            Arc::new(FakePeer {
+                id,
+                fw: FwCell::new(id),
+                mig: Mutex::new(MigCtl::default()),
+                devmem: DevMem::new("fake-peer", dev_mem).unwrap(),
+                iseg: Mutex::new(IsegImage::default()),
+                epoch: AtomicU64::new(0),
+                stuck: AtomicUsize::new(0),
+                rung: Mutex::new(Vec::new()),
+                reset_on_snapshot: std::sync::atomic::AtomicBool::new(false),
+            })
+        }
+
+        pub fn migration_state(&self) -> MigState {
+            self.mig.lock().unwrap().state()
+        }
+
+        pub fn object_counts(&self) -> ObjectCounts {
+            self.fw.lock().object_counts()
+        }
+    }
+
+    impl Peer for FakePeer {
+        fn id(&self) -> FunctionId {
+            self.id
+        }
+
+        fn firmware(&self) -> MutexGuard<'_, Firmware> {
+            self.fw.lock()
+        }
+
+        fn install_firmware(&self, fw: Firmware) {
+            self.fw.install(fw);
+        }
+
+        fn migration(&self) -> MutexGuard<'_, MigCtl> {
+            self.mig.lock().unwrap()
+        }
+
+        fn suspend_initiator(&self) -> Result<(), SuspendError> {
+            self.migration()
+                .transition(MigState::Running, MigState::InitiatorSuspended)
+        }
+
+        fn resume_initiator(&self) -> Result<(), SuspendError> {
+            self.migration()
+                .transition(MigState::InitiatorSuspended, MigState::Running)
+        }
+
+        fn freeze(&self, _timeout: Duration) -> Result<(), SuspendError> {
+            let mut m = self.migration();
+            m.transition(MigState::InitiatorSuspended, MigState::ResponderSuspended)?;
+            let inflight = self.stuck.load(Ordering::Acquire);
+            if inflight > 0 {
+                m.set_state(MigState::InitiatorSuspended);
+                return Err(SuspendError::DrainTimeout { inflight });
+            }
+            Ok(())
+        }
+
+        fn thaw(&self) -> Result<(), SuspendError> {
+            let parked = self.migration().thaw()?;
+            if parked != 0 {
+                self.rung.lock().unwrap().push(parked);
+                self.migration().release();
+            }
+            Ok(())
+        }
+
+        fn devmem(&self) -> &DevMem {
+            &self.devmem
+        }
+
+        fn iseg(&self) -> IsegImage {
+            if self.reset_on_snapshot.load(Ordering::Acquire) {
+                self.epoch.fetch_add(1, Ordering::AcqRel);
+            }
+            *self.iseg.lock().unwrap()
+        }
+
+        fn load_iseg(&self, iseg: &IsegImage) {
+            *self.iseg.lock().unwrap() = *iseg;
+        }
+
+        fn epoch(&self) -> u64 {
+            self.epoch.load(Ordering::Acquire)
+        }
+    }
+
+    /// Firmware of `id` with an initialized HCA and some objects: UAR 3, PDs 1 and 2,
+    /// command EQ 1 (armed, on UAR 3, ci 3) and mkey 7.
+    pub fn populated(id: FunctionId) -> Firmware {
+        use mlx5_prm::cmd::eq::EVENT_TYPE_CMD;
+        let mut fw = Firmware::new(id);
+        fw.state = HcaState::Initialized;
+        fw.issi = 1;
+        fw.pages = (1..=pages::STARTUP_PAGES as u64)
+            .map(|i| i * 0x1000)
+            .collect();
+        fw.uars.insert(3);
+        fw.pds.extend([1, 2]);
+        fw.eqs.insert(
+            1,
+            EqState {
+                eqn: 1,
+                uar: 3,
+                intr: 0,
+                log_size: 6,
+                page_size: 4096,
+                pas: vec![0x9000],
+                event_bitmask: [1 << EVENT_TYPE_CMD, 0, 0, 0],
+                pi: 3,
+                written: 3,
+                ci: 3,
+                armed: true,
+            },
+        );
+        fw.cmd_eq = Some(1);
+        fw.mkeys.insert(
+            7,
+            Mkey {
+                index: 7,
+                variant: 1,
+                pd: 2,
+                start: 0x800,
+                len: 0x1000,
+                log_page_size: 12,
+                mtt: vec![0xa000, 0xb000],
+            },
+        );
+        fw
+    }
+
+    /// A function's firmware on a fake environment with no peers.
     pub struct Bench {
         pub fw: Firmware,
-        pub dma: Dma,
-        pub fabric: Fabric,
+        pub env: FakeEnv,
         pub id: FunctionId,
     }
 
     impl Bench {
         pub fn vf() -> Self {
-            let id = FunctionId::vf(0);
-            Bench {
-                fw: Firmware::new(id),
-                dma: Dma::default(),
-                fabric: Fabric::new(),
-                id,
-            }
+            Self::of(FunctionId::vf(0))
         }
 
         pub fn pf() -> Self {
-            let id = FunctionId::pf();
+            Self::of(FunctionId::pf())
+        }
+
+        fn of(id: FunctionId) -> Self {
             Bench {
                 fw: Firmware::new(id),
-                dma: Dma::default(),
-                fabric: Fabric::new(),
+                env: FakeEnv::new(id),
                 id,
             }
         }
@@ -560,12 +917,10 @@ pub(crate) mod test_support {
             set(&mut input, hdr::OPCODE, u64::from(u16::from(op)));
             set(&mut input, hdr::OP_MOD, u64::from(op_mod));
             build(&mut input);
-            let env = Env {
-                id: self.id,
-                dma: &self.dma,
-                fabric: &self.fabric,
-            };
-            self.fw.execute(&env, &Cmd::new(&input, outlen))
+            let cell = FwCell::from(std::mem::replace(&mut self.fw, Firmware::new(self.id)));
+            let reply = cell.execute(&self.env, &Cmd::new(&input, outlen));
+            self.fw = cell.into_inner();
+            reply
         }
 
         /// ENABLE_HCA, the startup pages, INIT_HCA.
@@ -581,16 +936,7 @@ pub(crate) mod test_support {
 
         /// Maps a memfd of `size` bytes at `iova`.
         pub fn map(&mut self, iova: u64, size: u64) {
-            let f = vfu::dma::memfd("fw-test", size).unwrap();
-            self.dma
-                .map(
-                    iova,
-                    size,
-                    f.try_clone().unwrap(),
-                    0,
-                    vfu::dma::VFIO_DMA_MAP_FLAG_READ | vfu::dma::VFIO_DMA_MAP_FLAG_WRITE,
-                )
-                .unwrap();
+            self.env.map(iova, size);
         }
     }
 
@@ -684,7 +1030,7 @@ mod tests {
                 op_mod: 0,
                 vhca_id: 1,
                 delivery: DeliveryStatus::Ok,
-                status: 0,
+                status: CmdStatus::Ok,
                 syndrome: 0,
             });
         }

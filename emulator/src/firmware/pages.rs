@@ -109,7 +109,7 @@ impl Firmware {
         Ok(out)
     }
 
-    pub(super) fn manage_pages(&mut self, env: &Env<'_>, cmd: &Cmd<'_>) -> CmdResult {
+    pub(super) fn manage_pages(&mut self, env: &dyn Env, cmd: &Cmd<'_>) -> CmdResult {
         cmd.need_in(MANAGE_PAGES_IN_LEN)?;
         let op = ManagePagesOpMod::try_from(cmd.op_mod).map_err(|_| CmdFail::bad_op_mod())?;
         if cmd.get(MANAGE_PAGES_IN_FUNCTION_ID) != 0
@@ -127,7 +127,7 @@ impl Firmware {
     }
 
     /// GIVE: every address non-zero, 4 KiB aligned, DMA-mapped and new; all or nothing.
-    fn give_pages(&mut self, env: &Env<'_>, cmd: &Cmd<'_>, n: usize) -> CmdResult {
+    fn give_pages(&mut self, env: &dyn Env, cmd: &Cmd<'_>, n: usize) -> CmdResult {
         let in_len = manage_pages_in_len(n).ok_or_else(CmdFail::bad_param)?;
         let out = cmd.lengths(in_len, MANAGE_PAGES_OUT_LEN)?;
         check_page_count(self.pages.len().saturating_add(n)).map_err(|e| e.fail())?;
@@ -140,8 +140,7 @@ impl Firmware {
             // A 4 KiB-aligned page lies inside one DMA window (windows are 4 KiB
             // aligned), so its first byte tells whether all of it is mapped.
             let mapped = checked.and_then(|()| {
-                env.dma
-                    .read(pa, &mut probe)
+                env.dma_read(pa, &mut probe)
                     .map_err(|_| PageError::BadAddress { pa }.fail())
             });
             if let Err(fail) = mapped {

@@ -1,11 +1,10 @@
-use crate::firmware::EqState;
 use std::sync::Arc;
 
 use mlx5_prm::ifc::get;
 
+use super::super::test_support::{populated, FakeEnv, FakePeer};
 use super::super::Reply;
 use super::*;
-use crate::fabric::Fabric;
 
 /// IOVA of the PF's migration buffer.
 const BUF_IOVA: u64 = 0x4000_0000;
@@ -16,33 +15,25 @@ const DEV_MEM: u64 = 64 << 10;
 /// The PF buffer's mkey.
 const KEY: u32 = (1 << 8) | 0x33;
 
-/// A PF and one VF on one fabric (one adapter). The PF holds a DMA-mapped buffer
-/// behind mkey [`KEY`].
+/// A PF's firmware on a fake environment with one fake VF peer. The PF holds a
+/// DMA-mapped buffer behind mkey [`KEY`]. No threads, no sockets.
 struct Rig {
-    _fabric: Arc<Fabric>,
-    pf: Arc<Function>,
-    vf: Arc<Function>,
+    pf: FwCell,
+    env: FakeEnv,
+    vf: Arc<FakePeer>,
     buf: std::fs::File,
 }
 
 impl Rig {
     fn new() -> Rig {
-        let fabric = Arc::new(Fabric::new());
-        let pf = Function::with_dev_mem(FunctionId::pf(), Arc::clone(&fabric), DEV_MEM).unwrap();
-        let vf = Function::with_dev_mem(FunctionId::vf(0), Arc::clone(&fabric), DEV_MEM).unwrap();
-        let buf = vfu::dma::memfd("mig-test", BUF_LEN).unwrap();
-        pf.dma()
-            .map(
-                BUF_IOVA,
-                BUF_LEN,
-                buf.try_clone().unwrap(),
-                0,
-                vfu::dma::VFIO_DMA_MAP_FLAG_READ | vfu::dma::VFIO_DMA_MAP_FLAG_WRITE,
-            )
-            .unwrap();
+        let mut env = FakeEnv::new(FunctionId::pf());
+        let vf = FakePeer::new(FunctionId::vf(0), DEV_MEM);
+        env.peers.push(Arc::clone(&vf));
+        let buf = env.map(BUF_IOVA, BUF_LEN);
+        let pf = FwCell::new(FunctionId::pf());
         {
             // Test shortcut: the PF's bring-up and its buffer mkey, set directly.
-            let mut fw = pf.firmware();
+            let mut fw = pf.lock();
             fw.state = HcaState::Initialized;
             fw.pds.insert(1);
             fw.mkeys.insert(
@@ -58,60 +49,16 @@ impl Rig {
                 },
             );
         }
-        Rig {
-            _fabric: fabric,
-            pf,
-            vf,
-            buf,
-        }
+        Rig { pf, env, vf, buf }
     }
 
     /// Gives the VF an initialized HCA and some objects.
     fn populate_vf(&self) {
-        let mut fw = self.vf.firmware();
-        fw.state = HcaState::Initialized;
-        fw.issi = 1;
-        fw.pages = (1..=STARTUP_PAGES as u64).map(|i| i * 0x1000).collect();
-        fw.uars.insert(3);
-        fw.pds.extend([1, 2]);
-        fw.eqs.insert(
-            1,
-            EqState {
-                eqn: 1,
-                uar: 3,
-                intr: 0,
-                log_size: 6,
-                page_size: 4096,
-                pas: vec![0x9000],
-                event_bitmask: [1 << EVENT_TYPE_CMD, 0, 0, 0],
-                pi: 3,
-                written: 3,
-                ci: 3,
-                armed: true,
-            },
-        );
-        fw.cmd_eq = Some(1);
-        fw.mkeys.insert(
-            7,
-            Mkey {
-                index: 7,
-                variant: 1,
-                pd: 2,
-                start: 0x800,
-                len: 0x1000,
-                log_page_size: 12,
-                mtt: vec![0xa000, 0xb000],
-            },
-        );
+        self.vf.fw.install(populated(self.vf.id));
     }
 
     fn exec(&self, input: &[u8], outlen: usize) -> Reply {
-        let env = Env {
-            id: self.pf.id,
-            dma: self.pf.dma(),
-            fabric: self.pf.fabric(),
-        };
-        self.pf.firmware().execute(&env, &Cmd::new(input, outlen))
+        self.pf.execute(&self.env, &Cmd::new(input, outlen))
     }
 
     fn input(op: Opcode, op_mod: u16, len: usize, vhca_id: u16) -> Vec<u8> {
@@ -162,13 +109,13 @@ impl Rig {
         let r = self.exec(&m, 16);
         let n = get(&r.out, SAVE_VHCA_STATE_OUT_ACTUAL_IMAGE_SIZE) as usize;
         let mut img = vec![0u8; n];
-        self.pf.dma().read(BUF_IOVA, &mut img).unwrap();
+        self.env.dma.read(BUF_IOVA, &mut img).unwrap();
         (r, img)
     }
 
     /// Puts `image` in the buffer and LOADs it.
     fn load(&self, image: &[u8]) -> Reply {
-        self.pf.dma().write(BUF_IOVA, image).unwrap();
+        self.env.dma.write(BUF_IOVA, image).unwrap();
         let mut m = Self::input(Opcode::LoadVhcaState, 0, 32, 1);
         set(&mut m, LOAD_VHCA_STATE_IN_MKEY, u64::from(KEY));
         set(&mut m, LOAD_VHCA_STATE_IN_SIZE, image.len() as u64);
@@ -192,7 +139,7 @@ fn fails(r: &Reply, status: CmdStatus, synd: u32) {
     assert_eq!((r.status, r.syndrome), (status, synd));
 }
 
-fn fill(f: &Function, seed: u8) {
+fn fill(f: &FakePeer, seed: u8) {
     let mut mem = vec![0u8; DEV_MEM as usize];
     for (i, b) in mem.iter_mut().enumerate() {
         *b = (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8;
@@ -200,7 +147,7 @@ fn fill(f: &Function, seed: u8) {
     f.devmem().write(0, &mem).unwrap();
 }
 
-fn mem_of(f: &Function) -> Vec<u8> {
+fn mem_of(f: &FakePeer) -> Vec<u8> {
     let mut mem = vec![0u8; f.devmem().size() as usize];
     f.devmem().read(0, &mut mem).unwrap();
     mem
@@ -237,94 +184,15 @@ fn suspend_and_resume_go_in_order_else_bad_res_state() {
             super::super::syndrome::BAD_FUNCTION,
         );
     }
-    let env = Env {
-        id: r.vf.id,
-        dma: r.vf.dma(),
-        fabric: r.vf.fabric(),
-    };
+    let env = FakeEnv::new(r.vf.id);
     let m = Rig::input(Opcode::SuspendVhca, 0, 16, 1);
-    let rep = r.vf.firmware().execute(&env, &Cmd::new(&m, 16));
+    let rep = r.vf.fw.execute(&env, &Cmd::new(&m, 16));
     fails(
         &rep,
         CmdStatus::BadParamErr,
         super::super::syndrome::BAD_FUNCTION,
     );
     assert_eq!(r.vf.migration_state(), MigState::Running);
-}
-
-#[test]
-fn responder_suspended_function_refuses_and_records_doorbells() {
-    let r = Rig::new();
-    r.populate_vf();
-    r.vf.command_doorbell(1);
-    r.vf.uar_write(3, 0x40, 3 | 1 << 24);
-    assert!(r.vf.violations().is_empty(), "running: nothing refused");
-    r.freeze();
-    r.vf.command_doorbell(1);
-    r.vf.uar_write(3, 0x48, 4 | 1 << 24);
-    let v = r.vf.violations();
-    assert_eq!(v.len(), 2);
-    assert_eq!(v[0].kind, ViolationKind::CommandDoorbell);
-    assert_eq!(v[0].address, 0x18);
-    assert_eq!(v[1].kind, ViolationKind::UarDoorbell);
-    assert_eq!(v[1].address, 3 * 0x1000 + 0x48);
-    assert_eq!(v[1].writer, "client of vf0.sock");
-    assert_eq!(
-        r.vf.firmware().eq(1).unwrap().ci,
-        3,
-        "refused doorbell changed nothing"
-    );
-    r.vf.reset();
-    assert_eq!(r.vf.migration_state(), MigState::Running);
-}
-
-#[test]
-fn responder_suspend_completes_only_after_admitted_changes_end() {
-    let r = Rig::new();
-    ok(&r.suspend(SUSPEND_OP_MOD_INITIATOR));
-    let vf = Arc::clone(&r.vf);
-    let (tx, rx) = std::sync::mpsc::channel();
-    let writer = std::thread::spawn(move || {
-        let admitted = vf.admit(ViolationKind::DevMemWrite, 0).unwrap();
-        tx.send(()).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(150));
-        vf.devmem().write(0, &[7]).unwrap();
-        drop(admitted);
-    });
-    rx.recv().unwrap();
-    let t = std::time::Instant::now();
-    ok(&r.suspend(SUSPEND_OP_MOD_RESPONDER));
-    assert!(t.elapsed() >= std::time::Duration::from_millis(100));
-    assert_eq!(
-        mem_of(&r.vf)[0],
-        7,
-        "the admitted write landed before SUSPEND completed"
-    );
-    assert!(r.vf.admit(ViolationKind::DevMemWrite, 0).is_none());
-    assert_eq!(r.vf.violations().len(), 1);
-    writer.join().unwrap();
-}
-
-#[test]
-fn responder_suspend_that_cannot_drain_fails_and_stays_initiator_suspended() {
-    let r = Rig::new();
-    ok(&r.suspend(SUSPEND_OP_MOD_INITIATOR));
-    let admitted = r.vf.admit(ViolationKind::UarDoorbell, 0x3000).unwrap();
-    assert_eq!(r.vf.work_in_flight(), 1);
-    assert_eq!(
-        r.vf.freeze(std::time::Duration::from_millis(30)),
-        Err(SuspendError::DrainTimeout { inflight: 1 })
-    );
-    assert_eq!(r.vf.migration_state(), MigState::InitiatorSuspended);
-    drop(admitted);
-    assert_eq!(r.vf.work_in_flight(), 0);
-    ok(&r.suspend(SUSPEND_OP_MOD_RESPONDER));
-    // Doorbells refused while frozen are parked, not queued; a reset forgets them.
-    r.vf.command_doorbell(0b101);
-    assert_eq!(r.vf.work_in_flight(), 0);
-    r.vf.reset();
-    assert_eq!(r.vf.migration_state(), MigState::Running);
-    assert_eq!(r.vf.violations().len(), 1);
 }
 
 #[test]
@@ -589,4 +457,90 @@ fn chunk_mode_saves_until_next_required_umem_size_is_zero() {
     assert!(mem_of(&src.vf) == mem_of(&dst.vf));
     assert_eq!(src.vf_snapshot().1, dst.vf_snapshot().1);
     let _ = &src.buf;
+}
+
+#[test]
+fn responder_suspend_whose_work_does_not_drain_fails_with_int_err_and_stays_initiator_suspended() {
+    let r = Rig::new();
+    ok(&r.suspend(SUSPEND_OP_MOD_INITIATOR));
+    // The VF has admitted work that does not drain.
+    r.vf.stuck.store(2, std::sync::atomic::Ordering::Release);
+    fails(
+        &r.suspend(SUSPEND_OP_MOD_RESPONDER),
+        CmdStatus::IntErr,
+        mig_syndrome::DRAIN_TIMEOUT,
+    );
+    assert_eq!(r.vf.migration_state(), MigState::InitiatorSuspended);
+    assert!(
+        !r.vf.migration().busy,
+        "a failed command leaves the VF free"
+    );
+    // The PF's firmware is not held by the failed suspend: it answers at once.
+    use mlx5_prm::cmd::hca::{QUERY_ISSI_IN_LEN, QUERY_ISSI_OUT_LEN};
+    let issi = r.exec(
+        &Rig::input(Opcode::QueryIssi, 0, QUERY_ISSI_IN_LEN, 0),
+        QUERY_ISSI_OUT_LEN,
+    );
+    ok(&issi);
+    // Once the work drains the same command completes.
+    r.vf.stuck.store(0, std::sync::atomic::Ordering::Release);
+    ok(&r.suspend(SUSPEND_OP_MOD_RESPONDER));
+    assert_eq!(r.vf.migration_state(), MigState::ResponderSuspended);
+}
+
+#[test]
+fn resume_responder_rings_the_doorbells_refused_while_frozen() {
+    let r = Rig::new();
+    r.freeze();
+    assert!(!r.vf.migration().admit_doorbell(0b110, "test", 0x18));
+    assert!(r.vf.rung.lock().unwrap().is_empty());
+    ok(&r.resume(RESUME_OP_MOD_RESPONDER));
+    assert_eq!(*r.vf.rung.lock().unwrap(), vec![0b110]);
+    assert_eq!(r.vf.migration_state(), MigState::InitiatorSuspended);
+}
+
+#[test]
+fn migration_command_on_a_function_busy_with_another_is_res_busy() {
+    let r = Rig::new();
+    r.vf.migration().busy = true;
+    let busy = |x: &Reply| fails(x, CmdStatus::ResBusy, mig_syndrome::BUSY);
+    busy(&r.suspend(SUSPEND_OP_MOD_INITIATOR));
+    busy(&r.save(false, true, BUF_LEN).0);
+    busy(&r.load(&[0u8; 64]));
+    assert_eq!(r.vf.migration_state(), MigState::Running);
+    r.vf.migration().busy = false;
+    ok(&r.suspend(SUSPEND_OP_MOD_INITIATOR));
+}
+
+#[test]
+fn save_of_a_function_reset_while_it_copied_commits_no_session() {
+    let r = Rig::new();
+    fill(&r.vf, 4);
+    // The reset lands between the snapshot and the commit.
+    r.vf.reset_on_snapshot
+        .store(true, std::sync::atomic::Ordering::Release);
+    fails(
+        &r.save(false, true, BUF_LEN).0,
+        CmdStatus::BadResStateErr,
+        mig_syndrome::WRONG_MIG_STATE,
+    );
+    assert!(r.vf.migration().session.is_none());
+    assert!(!r.vf.devmem().tracking(), "no session was opened");
+    r.vf.reset_on_snapshot
+        .store(false, std::sync::atomic::Ordering::Release);
+    ok(&r.save(false, true, BUF_LEN).0);
+    assert!(r.vf.devmem().tracking());
+}
+
+#[test]
+fn unknown_suspend_or_resume_op_mod_is_bad_op_mod_and_changes_nothing() {
+    let r = Rig::new();
+    for op in [Opcode::SuspendVhca, Opcode::ResumeVhca] {
+        fails(
+            &r.exec(&Rig::input(op, 7, 16, 1), 16),
+            CmdStatus::BadParamErr,
+            super::super::syndrome::BAD_OP_MOD,
+        );
+    }
+    assert_eq!(r.vf.migration_state(), MigState::Running);
 }

@@ -1,0 +1,131 @@
+//! What the firmware of one function sees of the rest of the adapter: the one narrow
+//! interface every command handler goes through.
+//!
+//! [`Env`] is the function the firmware runs on: DMA into its IOVA space, the
+//! interrupt it raises, and the other functions of the adapter as [`Peer`]s (what a
+//! PF does to a VF it names by `vhca_id`: suspend, resume, freeze, thaw, save and load
+//! of its firmware state, its BAR0 queue registers and its device memory).
+//! `crate::function::Function` implements both; the firmware's unit tests implement
+//! them with fakes (no threads, no sockets). Nothing under `firmware/` knows the
+//! function, the fabric or the vfio-user backend.
+//!
+//! The types these traits speak in (the function's name, its vector count) live here,
+//! a leaf, so that the function module and the firmware share them without importing
+//! each other.
+
+use std::sync::{Arc, MutexGuard};
+use std::time::Duration;
+
+use vfu::DmaError;
+
+use super::migration::{MigCtl, SuspendError};
+use super::Firmware;
+use crate::devmem::DevMem;
+use crate::pci::FunctionKind;
+use crate::state::IsegImage;
+
+/// MSI-X vectors of every function.
+pub const MSIX_VECTORS: u16 = 16;
+
+/// Static description of a function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FunctionId {
+    pub kind: FunctionKind,
+    /// VF number (0 for the PF).
+    pub index: u16,
+    /// The firmware's name for the function (`vhca_id`): 0 for the PF, 1 + n for VF n.
+    pub vhca_id: u16,
+}
+
+impl FunctionId {
+    pub fn pf() -> Self {
+        FunctionId {
+            kind: FunctionKind::Pf,
+            index: 0,
+            vhca_id: 0,
+        }
+    }
+
+    pub fn vf(n: u16) -> Self {
+        FunctionId {
+            kind: FunctionKind::Vf,
+            index: n,
+            vhca_id: n + 1,
+        }
+    }
+
+    /// Socket file name: `pf.sock` or `vfN.sock`.
+    pub fn socket_name(&self) -> String {
+        match self.kind {
+            FunctionKind::Pf => "pf.sock".into(),
+            FunctionKind::Vf => format!("vf{}.sock", self.index),
+        }
+    }
+}
+
+/// The function a command executes on.
+pub trait Env: Sync {
+    /// Who this function is.
+    fn id(&self) -> FunctionId;
+
+    /// Reads guest memory through this function's IOVA space.
+    fn dma_read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError>;
+
+    /// Writes guest memory through this function's IOVA space.
+    fn dma_write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError>;
+
+    /// Raises MSI-X `vector` of this function (or leaves it pending in the PBA); true
+    /// if it was delivered. Called with no firmware lock held.
+    fn raise_msix(&self, vector: u16) -> bool;
+
+    /// The reset epoch of this function: bumped by every FLR / DEVICE_RESET.
+    fn epoch(&self) -> u64;
+
+    /// Another live function of the adapter by `vhca_id` (the PF naming a VF).
+    fn peer(&self, vhca_id: u16) -> Option<Arc<dyn Peer>>;
+}
+
+/// Another function, as the PF's firmware acts on it.
+///
+/// Lock order: a caller may hold its own firmware lock while it takes a peer's
+/// firmware lock (only a PF names a peer, so this is acyclic), and must hold nothing
+/// while it calls [`Peer::freeze`] or [`Peer::thaw`] (they wait, or queue work).
+/// [`Peer::migration`] is a leaf: take nothing while holding it.
+pub trait Peer: Send + Sync {
+    fn id(&self) -> FunctionId;
+
+    /// Its firmware state (held for a short read or update).
+    fn firmware(&self) -> MutexGuard<'_, Firmware>;
+
+    /// Replaces its firmware state with `fw` (LOAD). The command log is kept.
+    fn install_firmware(&self, fw: Firmware);
+
+    /// Its migration control (a leaf lock).
+    fn migration(&self) -> MutexGuard<'_, MigCtl>;
+
+    /// SUSPEND_VHCA(initiator): Running to InitiatorSuspended.
+    fn suspend_initiator(&self) -> Result<(), SuspendError>;
+
+    /// RESUME_VHCA(initiator): InitiatorSuspended to Running.
+    fn resume_initiator(&self) -> Result<(), SuspendError>;
+
+    /// SUSPEND_VHCA(responder): freezes the function, waiting at most `timeout` for its
+    /// admitted work to drain. Blocks: call it holding no lock.
+    fn freeze(&self, timeout: Duration) -> Result<(), SuspendError>;
+
+    /// RESUME_VHCA(responder): thaws the function and rings the doorbells refused
+    /// while it was frozen. May wait for queue room: call it holding no lock.
+    fn thaw(&self) -> Result<(), SuspendError>;
+
+    /// Its device memory (BAR2).
+    fn devmem(&self) -> &DevMem;
+
+    /// The BAR0 registers its image carries (queue address, `nic_interface`).
+    fn iseg(&self) -> IsegImage;
+
+    /// Programs those registers as an image carries them (LOAD).
+    fn load_iseg(&self, iseg: &IsegImage);
+
+    /// Its reset epoch (see [`Env::epoch`]).
+    fn epoch(&self) -> u64;
+}
