@@ -258,6 +258,11 @@ impl MigCtl {
         Ok(self.unpark())
     }
 
+    /// Whether a SUSPEND, RESUME, SAVE or LOAD naming this function is executing.
+    pub fn busy(&self) -> bool {
+        self.busy
+    }
+
     /// Admitted changes not yet ended.
     pub fn inflight(&self) -> usize {
         self.inflight

@@ -1,0 +1,251 @@
+//! The firmware executes commands on different slots concurrently, as hardware does,
+//! and holds no lock across a long command: over real sockets, with mlx5vf's command
+//! interface posting several commands at once (submit / wait tickets).
+//!
+//! * A QUERY_ISSI posted while a SAVE_VHCA_STATE of 256 MiB of device memory is
+//!   executing on another slot of the same PF completes while the SAVE is still
+//!   running.
+//! * While a VF's SUSPEND_VHCA(responder) waits for the VF's admitted work to drain
+//!   (a VF command held in the VF's firmware by the delay hook), the PF answers
+//!   QUERY_ISSI and QUERY_HCA_CAP.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mlx5_emulator::{Adapter, AdapterConfig, CmdRecord, Function, MigState};
+use mlx5_prm::cmd::caps::{
+    CapMode, CapType, HCA_CAP_OPMOD_TYPE_SHIFT, QUERY_HCA_CAP_IN_LEN, QUERY_HCA_CAP_OUT_LEN,
+};
+use mlx5_prm::cmd::hca::{
+    ENABLE_HCA_IN_LEN, ENABLE_HCA_OUT_LEN, QUERY_ISSI_IN_LEN, QUERY_ISSI_OUT_LEN,
+};
+use mlx5_prm::cmd::migration::*;
+use mlx5_prm::ifc::{get, set};
+use mlx5_prm::{CmdStatus, Opcode};
+use mlx5_testbed::{init_tracing, Testbed};
+use mlx5vf::cmdif::{new_input, CmdIf, CmdIfConfig};
+use mlx5vf::hca::{Hca, HcaOptions};
+use vfu::uapi::{VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE};
+use vfu::Client;
+
+const VF_VHCA: u16 = 1;
+/// Device memory of every function in the SAVE test: the largest the emulator offers.
+const DEV_MEM: u64 = 256 << 20;
+/// The PF's SAVE buffer: the image of 256 MiB of pages and their headers fits.
+const BUF_LEN: u64 = 320 << 20;
+/// Its IOVA, aligned to the mkey's 1 GiB page.
+const BUF_IOVA: u64 = 0x40_0000_0000;
+const MKEY_LOG_PAGE: u8 = 30;
+
+/// The PF brought up by mlx5vf's bring-up sequence, with a long command timeout (a
+/// debug build SAVEs 256 MiB slowly).
+fn pf_up(pf_socket: &std::path::Path) -> Hca {
+    let cfg = CmdIfConfig {
+        timeout: Duration::from_secs(120),
+        ..Default::default()
+    };
+    let client = Client::connect(pf_socket).unwrap();
+    let mut hca = Hca::new(CmdIf::new(client, cfg).expect("command interface"));
+    hca.up(&HcaOptions::default()).expect("PF bring-up");
+    hca
+}
+
+fn query_issi() -> Vec<u8> {
+    new_input(Opcode::QueryIssi, 0, QUERY_ISSI_IN_LEN)
+}
+
+fn query_hca_cap() -> Vec<u8> {
+    let op_mod =
+        (u16::from(CapType::General) << HCA_CAP_OPMOD_TYPE_SHIFT) | u16::from(CapMode::Cur);
+    new_input(Opcode::QueryHcaCap, op_mod, QUERY_HCA_CAP_IN_LEN)
+}
+
+fn naming_vf(op: Opcode, op_mod: u16, len: usize) -> Vec<u8> {
+    let mut m = new_input(op, op_mod, len);
+    set(&mut m, IN_VHCA_ID, VF_VHCA.into());
+    m
+}
+
+/// Where in `f`'s command log the first record of `op` (with `op_mod`) is.
+fn logged(f: &Function, op: Opcode, op_mod: u16) -> Option<usize> {
+    f.command_log()
+        .iter()
+        .position(|r: &CmdRecord| r.opcode == u16::from(op) && r.op_mod == op_mod)
+}
+
+fn ok_status(out: &[u8]) {
+    assert_eq!(out[0], u8::from(CmdStatus::Ok));
+}
+
+#[test]
+fn query_issi_completes_while_a_256_mib_save_runs_on_another_slot() {
+    init_tracing();
+    let dir = tempfile::Builder::new()
+        .prefix("mlx5-emu-fwc")
+        .tempdir()
+        .unwrap();
+    let adapter = Adapter::start(&AdapterConfig {
+        dir: dir.path().to_path_buf(),
+        vfs: 1,
+        dev_mem: DEV_MEM,
+    })
+    .unwrap();
+    let pf_fn = Arc::clone(adapter.pf());
+    let vf = Arc::clone(adapter.vf(0).unwrap());
+    // Non-zero device memory, so that the base image carries every page.
+    let mut chunk = vec![0u8; 1 << 20];
+    for (i, b) in chunk.iter_mut().enumerate() {
+        *b = (i as u8) | 1;
+    }
+    for mib in 0..DEV_MEM >> 20 {
+        chunk[0] = mib as u8;
+        vf.devmem().write(mib << 20, &chunk).unwrap();
+    }
+
+    let mut pf = pf_up(&dir.path().join("pf.sock"));
+    let buf = vfu::dma::memfd("fwc-save-buffer", BUF_LEN).unwrap();
+    {
+        use std::os::fd::AsRawFd;
+        let rw = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
+        pf.cmd()
+            .client()
+            .dma_map(BUF_IOVA, BUF_LEN, buf.as_raw_fd(), 0, rw)
+            .unwrap();
+    }
+    let key = pf
+        .create_mkey(&[BUF_IOVA], MKEY_LOG_PAGE, BUF_LEN, 0x42)
+        .unwrap();
+
+    // A pre-copy base image (set_track, the VF running): every non-zero page.
+    let mut save = naming_vf(Opcode::SaveVhcaState, 0, SAVE_VHCA_STATE_IN_LEN);
+    set(&mut save, SAVE_VHCA_STATE_IN_SET_TRACK, 1);
+    set(&mut save, SAVE_VHCA_STATE_IN_MKEY, key.into());
+    set(&mut save, SAVE_VHCA_STATE_IN_SIZE, BUF_LEN);
+    let t0 = Instant::now();
+    let t_save = pf.cmd().submit(&save, SAVE_VHCA_STATE_OUT_LEN).unwrap();
+    // Wait until the SAVE is executing (the VF is busy with it).
+    while !vf.migration().busy() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "SAVE never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let t1 = Instant::now();
+    let t_issi = pf.cmd().submit(&query_issi(), QUERY_ISSI_OUT_LEN).unwrap();
+    assert_ne!(t_issi.slot(), t_save.slot());
+    let out = pf.cmd().wait(t_issi).expect("QUERY_ISSI");
+    let issi_took = t1.elapsed();
+    ok_status(&out);
+    // The short command is back while the long one still runs: the SAVE has not
+    // completed (not in the log, the VF still busy with it).
+    assert!(
+        vf.migration().busy(),
+        "the SAVE was over before QUERY_ISSI completed"
+    );
+    assert_eq!(
+        logged(&pf_fn, Opcode::SaveVhcaState, 0),
+        None,
+        "the SAVE completed before QUERY_ISSI"
+    );
+
+    let out = pf.cmd().wait(t_save).expect("SAVE_VHCA_STATE");
+    let save_took = t0.elapsed();
+    ok_status(&out);
+    let image = get(&out, SAVE_VHCA_STATE_OUT_ACTUAL_IMAGE_SIZE);
+    assert!(image > DEV_MEM, "image of {image} bytes carries every page");
+    let log_issi = logged(&pf_fn, Opcode::QueryIssi, 0).unwrap();
+    let log_save = logged(&pf_fn, Opcode::SaveVhcaState, 0).unwrap();
+    // Bring-up ran a QUERY_ISSI too; the last one is ours.
+    let last_issi = pf_fn
+        .command_log()
+        .iter()
+        .rposition(|r| r.opcode == u16::from(Opcode::QueryIssi))
+        .unwrap();
+    assert!(
+        log_issi <= last_issi && last_issi < log_save,
+        "QUERY_ISSI completed first"
+    );
+    eprintln!(
+        "QUERY_ISSI took {issi_took:?} while SAVE_VHCA_STATE ran; the SAVE of {image} bytes \
+         ({} MiB of device memory) took {save_took:?}",
+        DEV_MEM >> 20
+    );
+}
+
+#[test]
+fn pf_answers_commands_while_a_vf_responder_suspend_waits_on_its_drain() {
+    init_tracing();
+    let tb = Testbed::start(1);
+    let pf_fn = Arc::clone(tb.adapter.pf());
+    let vf = Arc::clone(tb.adapter.vf(0).unwrap());
+    let mut pf = pf_up(&tb.pf_socket());
+    let mut guest = CmdIf::new(tb.vf_client(0), CmdIfConfig::default()).expect("VF queue");
+
+    // The guest's ENABLE_HCA is held in the VF's firmware: admitted work in flight.
+    let hold = Duration::from_secs(3);
+    vf.delay_commands(Opcode::EnableHca, None, hold, 1);
+    let t_guest = guest
+        .submit(
+            &new_input(Opcode::EnableHca, 0, ENABLE_HCA_IN_LEN),
+            ENABLE_HCA_OUT_LEN,
+        )
+        .unwrap();
+    assert_eq!(vf.work_in_flight(), 1);
+
+    pf.cmd()
+        .exec(
+            &naming_vf(
+                Opcode::SuspendVhca,
+                SUSPEND_OP_MOD_INITIATOR,
+                SUSPEND_VHCA_IN_LEN,
+            ),
+            SUSPEND_VHCA_OUT_LEN,
+        )
+        .expect("SUSPEND_VHCA(initiator)");
+    let responder = naming_vf(
+        Opcode::SuspendVhca,
+        SUSPEND_OP_MOD_RESPONDER,
+        SUSPEND_VHCA_IN_LEN,
+    );
+    let t_suspend = pf.cmd().submit(&responder, SUSPEND_VHCA_OUT_LEN).unwrap();
+    let t0 = Instant::now();
+    while vf.migration_state() != MigState::ResponderSuspended {
+        assert!(t0.elapsed() < hold, "the responder suspend never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+
+    // The suspend is draining: the PF still answers.
+    let t1 = Instant::now();
+    ok_status(&pf.cmd().exec(&query_issi(), QUERY_ISSI_OUT_LEN).unwrap());
+    ok_status(
+        &pf.cmd()
+            .exec(&query_hca_cap(), QUERY_HCA_CAP_OUT_LEN)
+            .unwrap(),
+    );
+    let answered = t1.elapsed();
+    assert_eq!(
+        logged(&pf_fn, Opcode::SuspendVhca, SUSPEND_OP_MOD_RESPONDER),
+        None,
+        "the PF answered only after the suspend completed"
+    );
+    assert_eq!(vf.work_in_flight(), 1, "the VF's command is still held");
+
+    // The held command completes, then the drain ends and the suspend with it.
+    let out = guest.wait(t_guest).expect("guest ENABLE_HCA");
+    ok_status(&out);
+    pf.cmd().wait(t_suspend).expect("SUSPEND_VHCA(responder)");
+    let suspended = t0.elapsed();
+    assert_eq!(vf.migration_state(), MigState::ResponderSuspended);
+    let log = pf_fn.command_log();
+    let pos = |op: Opcode, op_mod: u16| {
+        log.iter()
+            .rposition(|r| r.opcode == u16::from(op) && r.op_mod == op_mod)
+            .unwrap()
+    };
+    let cap_op_mod = get(&query_hca_cap(), mlx5_prm::ifc::hdr::OP_MOD) as u16;
+    let suspend_at = pos(Opcode::SuspendVhca, SUSPEND_OP_MOD_RESPONDER);
+    assert!(pos(Opcode::QueryIssi, 0) < suspend_at);
+    assert!(pos(Opcode::QueryHcaCap, cap_op_mod) < suspend_at);
+    eprintln!(
+        "PF answered QUERY_ISSI + QUERY_HCA_CAP in {answered:?} while the responder \
+         suspend drained; the suspend took {suspended:?} (VF command held {hold:?})"
+    );
+}
