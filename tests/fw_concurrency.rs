@@ -9,10 +9,9 @@
 //!   (a VF command held in the VF's firmware by the delay hook), the PF answers
 //!   QUERY_ISSI and QUERY_HCA_CAP.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mlx5_emulator::{Adapter, AdapterConfig, CmdRecord, Function, MigState};
+use mlx5_emulator::{CmdRecord, Function, MigState};
 use mlx5_prm::cmd::caps::{
     CapMode, CapType, HCA_CAP_OPMOD_TYPE_SHIFT, QUERY_HCA_CAP_IN_LEN, QUERY_HCA_CAP_OUT_LEN,
 };
@@ -22,11 +21,10 @@ use mlx5_prm::cmd::hca::{
 use mlx5_prm::cmd::migration::*;
 use mlx5_prm::ifc::{get, set};
 use mlx5_prm::{CmdStatus, Opcode};
-use mlx5_testbed::{init_tracing, Testbed};
-use mlx5vf::cmdif::{new_input, CmdIf, CmdIfConfig};
-use mlx5vf::hca::{Hca, HcaOptions};
-use vfu::uapi::{VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE};
-use vfu::Client;
+use mlx5_testbed::bringup::{cmdif, pf_up, ARENA};
+use mlx5_testbed::mem::GuestMem;
+use mlx5_testbed::{devmem, init_tracing, AdapterConfig, Testbed};
+use mlx5vf::cmdif::new_input;
 
 const VF_VHCA: u16 = 1;
 /// Device memory of every function in the SAVE test: the largest the emulator offers.
@@ -37,18 +35,8 @@ const BUF_LEN: u64 = 320 << 20;
 const BUF_IOVA: u64 = 0x40_0000_0000;
 const MKEY_LOG_PAGE: u8 = 30;
 
-/// The PF brought up by mlx5vf's bring-up sequence, with a long command timeout (a
-/// debug build SAVEs 256 MiB slowly).
-fn pf_up(pf_socket: &std::path::Path) -> Hca {
-    let cfg = CmdIfConfig {
-        timeout: Duration::from_secs(120),
-        ..Default::default()
-    };
-    let client = Client::connect(pf_socket).unwrap();
-    let mut hca = Hca::new(CmdIf::new(client, cfg).expect("command interface"));
-    hca.up(&HcaOptions::default()).expect("PF bring-up");
-    hca
-}
+/// A debug build SAVEs 256 MiB in seconds: the PF's command timeout for that test.
+const SAVE_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn query_issi() -> Vec<u8> {
     new_input(Opcode::QueryIssi, 0, QUERY_ISSI_IN_LEN)
@@ -80,38 +68,19 @@ fn ok_status(out: &[u8]) {
 #[test]
 fn query_issi_completes_while_a_256_mib_save_runs_on_another_slot() {
     init_tracing();
-    let dir = tempfile::Builder::new()
-        .prefix("mlx5-emu-fwc")
-        .tempdir()
-        .unwrap();
-    let adapter = Adapter::start(&AdapterConfig {
-        dir: dir.path().to_path_buf(),
+    let tb = Testbed::start_with(AdapterConfig {
         vfs: 1,
         dev_mem: DEV_MEM,
-    })
-    .unwrap();
-    let pf_fn = Arc::clone(adapter.pf());
-    let vf = Arc::clone(adapter.vf(0).unwrap());
+        ..AdapterConfig::default()
+    });
+    let pf_fn = tb.pf();
+    let vf = tb.vf(0);
     // Non-zero device memory, so that the base image carries every page.
-    let mut chunk = vec![0u8; 1 << 20];
-    for (i, b) in chunk.iter_mut().enumerate() {
-        *b = (i as u8) | 1;
-    }
-    for mib in 0..DEV_MEM >> 20 {
-        chunk[0] = mib as u8;
-        vf.devmem().write(mib << 20, &chunk).unwrap();
-    }
+    devmem::fill(&vf, 0x5a);
 
-    let mut pf = pf_up(&dir.path().join("pf.sock"));
-    let buf = vfu::dma::memfd("fwc-save-buffer", BUF_LEN).unwrap();
-    {
-        use std::os::fd::AsRawFd;
-        let rw = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
-        pf.cmd()
-            .client()
-            .dma_map(BUF_IOVA, BUF_LEN, buf.as_raw_fd(), 0, rw)
-            .unwrap();
-    }
+    let mut pf = pf_up(&tb.pf_socket());
+    pf.cmd().set_timeout(SAVE_TIMEOUT);
+    let _buf = GuestMem::mapped(pf.cmd().client(), "fwc-save-buffer", BUF_IOVA, BUF_LEN);
     let key = pf
         .create_mkey(&[BUF_IOVA], MKEY_LOG_PAGE, BUF_LEN, 0x42)
         .unwrap();
@@ -174,10 +143,10 @@ fn query_issi_completes_while_a_256_mib_save_runs_on_another_slot() {
 fn pf_answers_commands_while_a_vf_responder_suspend_waits_on_its_drain() {
     init_tracing();
     let tb = Testbed::start(1);
-    let pf_fn = Arc::clone(tb.adapter.pf());
-    let vf = Arc::clone(tb.adapter.vf(0).unwrap());
+    let pf_fn = tb.pf();
+    let vf = tb.vf(0);
     let mut pf = pf_up(&tb.pf_socket());
-    let mut guest = CmdIf::new(tb.vf_client(0), CmdIfConfig::default()).expect("VF queue");
+    let mut guest = cmdif(tb.vf_client(0), ARENA);
 
     // The guest's ENABLE_HCA is held in the VF's firmware: admitted work in flight.
     let hold = Duration::from_secs(3);
