@@ -3,10 +3,14 @@
 //! state they drive.
 //!
 //! The commands run on the PF and name a VF by `vhca_id`; a VF naming any function, or
-//! the PF naming itself, gets BAD_PARAM. The PF's firmware lock is held for the whole
-//! command (as for every command: the queue engine executes under it), which also
-//! serialises all migration commands; the VF's locks are taken briefly, never across a
-//! DMA.
+//! the PF naming itself, gets BAD_PARAM. They reach the VF only through
+//! [`Peer`](super::Peer), and run in phases: the PF's firmware lock is taken to check
+//! the command and translate its buffer, released while the VF drains, while device
+//! memory is copied and while the image crosses DMA, and the result is committed after
+//! checking again that the VF was not reset (or, for LOAD, resumed) meanwhile. So the
+//! PF executes commands on its other slots the whole time. Two SUSPEND/RESUME/SAVE/LOAD
+//! for one VF do not overlap: the second completes with RES_BUSY
+//! ([`mig_syndrome::BUSY`]). The VF's locks are taken briefly, never across a DMA.
 //!
 //! # Suspend and resume
 //!
@@ -19,15 +23,15 @@
 //! Any other order completes with BAD_RES_STATE.
 //!
 //! * Initiator suspend (VFIO RUNNING_P2P) stops the function initiating new P2P DMA. Its
-//!   own command queue keeps running: see [`Function::suspend_initiator`] for why.
+//!   own command queue keeps running: see `Function::suspend_initiator` for why.
 //! * Responder suspend (VFIO STOP) completes only once the function's state can no
 //!   longer change: new changes are refused from the start of the command, and the
 //!   command waits ([`DRAIN_TIMEOUT`] at most, else INT_ERR and back to initiator
 //!   suspend) for the ones admitted before, including command work queued on the
-//!   function's firmware worker, to finish ([`Function::freeze`]). A refused change
+//!   function's firmware, to finish ([`Peer::freeze`]). A refused change
 //!   (BAR2 write, queue-address register write, command or UAR doorbell) is recorded as
 //!   a [`Violation`]. A refused command doorbell leaves its slots hardware-owned and is
-//!   rung at RESUME_VHCA(responder) ([`Function::command_doorbell`]).
+//!   rung at RESUME_VHCA(responder) (`Function::command_doorbell`).
 //!
 //! # Save sessions
 //!
@@ -183,7 +187,7 @@ struct SaveSession {
 #[derive(Debug)]
 pub struct MigCtl {
     state: MigState,
-    /// Admitted state changes not yet ended (see [`crate::function::Function::admit`]).
+    /// Admitted state changes not yet ended (see `Function::admit`).
     inflight: usize,
     /// Command doorbell bits refused while responder-suspended, rung at resume.
     parked: u32,
