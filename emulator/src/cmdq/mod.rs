@@ -314,3 +314,6 @@ fn execute(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

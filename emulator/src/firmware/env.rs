@@ -5,7 +5,7 @@
 //! interrupt it raises, and the other functions of the adapter as [`Peer`]s (what a
 //! PF does to a VF it names by `vhca_id`: suspend, resume, freeze, thaw, save and load
 //! of its firmware state, its BAR0 queue registers and its device memory).
-//! `crate::function::Function` implements both; the firmware's unit tests implement
+//! The adapter's `Function` implements both; the firmware's unit tests implement
 //! them with fakes (no threads, no sockets). Nothing under `firmware/` knows the
 //! function, the fabric or the vfio-user backend.
 //!
