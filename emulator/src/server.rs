@@ -179,7 +179,11 @@ impl Backend for FunctionBackend {
 
     fn set_irqs(&mut self, req: SetIrqs) -> Result<(), Errno> {
         let index = req.index;
-        self.func.lock().irqs.apply(req)?;
+        // Interrupts the request fires are written after the state lock is released.
+        let fired = self.func.lock().irqs.apply_deferred(req)?;
+        for fd in fired {
+            vfu::irq::write_eventfd(&fd);
+        }
         if index == VFIO_PCI_MSIX_IRQ_INDEX {
             self.func.flush_pending();
         }

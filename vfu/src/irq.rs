@@ -107,6 +107,18 @@ impl IrqTable {
 
     /// Applies a request the server already validated against the index's count.
     pub fn apply(&mut self, req: SetIrqs) -> Result<(), Errno> {
+        for fd in self.apply_deferred(req)? {
+            write_eventfd(&fd);
+        }
+        Ok(())
+    }
+
+    /// [`IrqTable::apply`] without the eventfd writes: the eventfds of the vectors the
+    /// request fires (trigger actions, an unmask of a pending vector), which the caller
+    /// writes after releasing its locks.
+    #[must_use = "the interrupts are delivered only when the eventfds are written"]
+    pub fn apply_deferred(&mut self, req: SetIrqs) -> Result<Vec<Arc<EventFd>>, Errno> {
+        let mut fired = Vec::new();
         let idx = self
             .indices
             .get_mut(req.index as usize)
@@ -128,13 +140,13 @@ impl IrqTable {
             }
             (IrqAction::Trigger, IrqData::None) => {
                 for i in range {
-                    Self::fire(&mut idx.vectors[i]);
+                    fired.extend(Self::prepare(&mut idx.vectors[i]));
                 }
             }
             (IrqAction::Trigger, IrqData::Bool(b)) => {
                 for (i, on) in range.zip(b) {
                     if on {
-                        Self::fire(&mut idx.vectors[i]);
+                        fired.extend(Self::prepare(&mut idx.vectors[i]));
                     }
                 }
             }
@@ -180,13 +192,13 @@ impl IrqTable {
                         v.masked = false;
                         if v.pending {
                             v.pending = false;
-                            Self::fire(v);
+                            fired.extend(Self::prepare(v));
                         }
                     }
                 }
             }
         }
-        Ok(())
+        Ok(fired)
     }
 
     fn selection(count: usize, data: IrqData) -> Result<Vec<bool>, Errno> {
@@ -197,15 +209,14 @@ impl IrqTable {
         }
     }
 
-    fn fire(v: &mut Vector) -> bool {
+    /// The eventfd to write for `v`, or `None` with `v` marked pending when it is
+    /// masked or has no eventfd.
+    fn prepare(v: &mut Vector) -> Option<Arc<EventFd>> {
         match (&v.trigger, v.masked) {
-            (Some(fd), false) => {
-                write_eventfd(fd);
-                true
-            }
+            (Some(fd), false) => Some(Arc::clone(fd)),
             _ => {
                 v.pending = true;
-                false
+                None
             }
         }
     }
@@ -230,13 +241,7 @@ impl IrqTable {
             .indices
             .get_mut(index as usize)
             .and_then(|i| i.vectors.get_mut(vector as usize))?;
-        match (&v.trigger, v.masked) {
-            (Some(fd), false) => Some(Arc::clone(fd)),
-            _ => {
-                v.pending = true;
-                None
-            }
-        }
+        Self::prepare(v)
     }
 
     /// Whether `vector` waits undelivered (the MSI-X PBA bit).
