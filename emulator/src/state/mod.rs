@@ -3,9 +3,12 @@
 //! The image is opaque to the driver (mlx5vf only wraps it in FW_DATA records) and is
 //! hostile input to LOAD: [`validate`] checks everything — magic, version, lengths,
 //! checksum, the section table, every count against its cap and the bytes left — before
-//! anything is handed on, and decoding never panics. The firmware then checks the
-//! objects' values against the same limits its commands enforce
-//! (`Firmware::from_image`) before it swaps anything in.
+//! anything is handed on, and decoding never panics — and then every value through the
+//! validators the live commands use (`crate::firmware::checks`: SET_ISSI, SET_HCA_CAP,
+//! INIT_HCA's pages, ALLOC_UAR/PD, MANAGE_PAGES, CREATE_EQ, CREATE_MKEY), so a restored
+//! function holds only what those commands could have created, and a refusal names the
+//! same reason the command would have given. Only what needs the target function
+//! (its kind, its device-memory size, the session order) is left to LOAD.
 //!
 //! # Layout
 //!
