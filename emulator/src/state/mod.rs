@@ -77,19 +77,6 @@ const SECTIONS_WRITTEN: [SectionTag; 4] = [
     SectionTag::DevMem,
 ];
 
-/// Section tags, raw (as the section table carries them).
-pub mod tag {
-    use super::SectionTag;
-    /// Life cycle, ISSI, GENERAL caps.
-    pub const HCA: u16 = SectionTag::Hca as u16;
-    /// UARs, PDs, EQs, mkeys, firmware pages.
-    pub const OBJECTS: u16 = SectionTag::Objects as u16;
-    /// Device-memory pages.
-    pub const DEV_MEM: u16 = SectionTag::DevMem as u16;
-    /// Init-segment state (command queue address, nic_interface).
-    pub const ISEG: u16 = SectionTag::Iseg as u16;
-}
-
 /// Why an image was refused. Every variant says what was expected and what came.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StateError {

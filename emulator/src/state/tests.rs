@@ -167,7 +167,7 @@ fn unknown_mandatory_section_is_refused_and_optional_one_skipped() {
     );
     let b = with_extra_section(0x77, 0);
     assert_eq!(validate(&b).unwrap(), sample());
-    let b = with_extra_section(tag::HCA, SECTION_MANDATORY);
+    let b = with_extra_section(SectionTag::Hca.into(), SECTION_MANDATORY);
     assert!(validate(&b).is_err(), "duplicate HCA section");
 }
 
