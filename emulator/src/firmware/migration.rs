@@ -61,26 +61,18 @@
 //! built aside and swapped in under the lock. A base image may come at any time; a
 //! delta must follow the image it was made against (multi-load), else BAD_RES_STATE.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use mlx5_prm::cmd::caps::{HCA_CAP_MSG_OFFSET, SET_HCA_CAP_IN_LEN};
-use mlx5_prm::cmd::eq::{EQE_SIZE, EQ_BASE_PAGE_SIZE, EQ_DOORBELL_CI_MASK, EVENT_TYPE_CMD};
 use mlx5_prm::cmd::hca::{SET_ISSI_IN_CURRENT_ISSI, SET_ISSI_IN_LEN};
 use mlx5_prm::cmd::migration::*;
 use mlx5_prm::cmd::pd_mkey::mkey_to_index;
 use mlx5_prm::ifc::{self, hdr, set};
 use mlx5_prm::{CmdStatus, Opcode};
 
-use super::caps::{LOG_MAX_EQ_SZ, MAX_NUM_EQS};
-use super::eq::{FIRST_EQN, MAX_EQ_LOG_PAGE_SIZE};
-use super::pages::{MAX_FW_PAGES, STARTUP_PAGES};
-use super::pd_mkey::{
-    Mkey, MAX_MKEYS, MAX_PDS, MKEY_MAX_LOG_PAGE_SIZE, MKEY_MIN_LOG_PAGE_SIZE, MTT_PERM_MASK,
-};
-use super::uar::{FIRST_UAR, LAST_UAR};
-use super::MSIX_VECTORS;
+use super::pd_mkey::Mkey;
 use super::{Cmd, CmdFail, CmdResult, Env, Firmware, FunctionId, FwCell, HcaState, Peer};
 use crate::devmem::{page_digest, DevMem, PageCopy, DEV_MEM_PAGE_SIZE};
 use crate::pci::FunctionKind;
@@ -808,7 +800,7 @@ impl Firmware {
     /// The HCA section of this function's image.
     pub fn image_hca(&self) -> HcaImage {
         HcaImage {
-            life_cycle: self.state.into(),
+            life_cycle: self.state,
             issi: self.issi,
             caps: self.general_cur.clone(),
         }
@@ -827,9 +819,9 @@ impl Firmware {
     }
 
     /// Builds (aside) the firmware state of function `id` from an image's HCA and
-    /// OBJECTS sections, with the checks the live commands apply: the ISSI through
-    /// SET_ISSI, the capabilities through SET_HCA_CAP, every object against the limits
-    /// of the command that creates it.
+    /// OBJECTS sections. [`state::validate`] has run every value through the live
+    /// commands' validators ([`super::checks`]), so only the ISSI and the GENERAL page
+    /// can still be refused here: they go in through SET_ISSI and SET_HCA_CAP themselves.
     pub fn from_image(
         env: &dyn Env,
         id: FunctionId,
@@ -851,139 +843,13 @@ impl Firmware {
         m[HCA_CAP_MSG_OFFSET..].copy_from_slice(&hca.caps);
         fw.set_hca_cap(env, &Cmd::new(&m, 16))
             .map_err(|_| bv("GENERAL caps", 0, "values SET_HCA_CAP accepts"))?;
-        fw.state = HcaState::try_from(hca.life_cycle)
-            .map_err(|_| bv("life_cycle", hca.life_cycle.into(), "0, 1 or 2"))?;
-        // Firmware pages (MANAGE_PAGES): non-zero, aligned, distinct, bounded.
-        if o.fw_pages.len() > MAX_FW_PAGES {
-            return Err(bv(
-                "firmware pages",
-                o.fw_pages.len() as u64,
-                "<= MAX_FW_PAGES",
-            ));
-        }
-        for &pa in &o.fw_pages {
-            if pa == 0
-                || !pa.is_multiple_of(mlx5_prm::cmd::pages::FW_PAGE_SIZE)
-                || !fw.pages.insert(pa)
-            {
-                return Err(bv("firmware page", pa, "non-zero, 4 KiB aligned, once"));
-            }
-        }
-        if fw.state == HcaState::Initialized && fw.pages.len() < STARTUP_PAGES {
-            return Err(bv(
-                "firmware pages",
-                fw.pages.len() as u64,
-                "the startup pages of an initialized HCA",
-            ));
-        }
-        // UARs (ALLOC_UAR).
-        for &u in &o.uars {
-            if !(FIRST_UAR..=LAST_UAR).contains(&u) || !fw.uars.insert(u) {
-                return Err(bv("UAR", u.into(), "FIRST_UAR..=LAST_UAR, once"));
-            }
-        }
-        // PDs (ALLOC_PD).
-        for &pd in &o.pds {
-            if !(1..=MAX_PDS).contains(&pd) || !fw.pds.insert(pd) {
-                return Err(bv("PD", pd.into(), "1..=MAX_PDS, once"));
-            }
-        }
-        // EQs (CREATE_EQ).
-        let mut eqs = BTreeMap::new();
-        for e in &o.eqs {
-            let last = FIRST_EQN as u64 + MAX_NUM_EQS - 1;
-            if !(u64::from(FIRST_EQN)..=last).contains(&u64::from(e.eqn)) {
-                return Err(bv(
-                    "EQ number",
-                    e.eqn.into(),
-                    "FIRST_EQN..FIRST_EQN+MAX_NUM_EQS",
-                ));
-            }
-            if !fw.uars.contains(&e.uar) {
-                return Err(bv("EQ uar", e.uar.into(), "an allocated UAR"));
-            }
-            if e.intr >= MSIX_VECTORS || u64::from(e.log_size) > LOG_MAX_EQ_SZ {
-                return Err(bv(
-                    "EQ intr/log_size",
-                    e.log_size.into(),
-                    "within the EQ caps",
-                ));
-            }
-            let page_ok =
-                (0..=MAX_EQ_LOG_PAGE_SIZE).any(|lp| EQ_BASE_PAGE_SIZE << lp == e.page_size);
-            if !page_ok {
-                return Err(bv(
-                    "EQ page size",
-                    e.page_size,
-                    "4 KiB << 0..=MAX_EQ_LOG_PAGE_SIZE",
-                ));
-            }
-            let npages = ((EQE_SIZE as u64) << e.log_size).div_ceil(e.page_size);
-            if e.pas.len() as u64 != npages {
-                return Err(bv(
-                    "EQ PAS count",
-                    e.pas.len() as u64,
-                    "the pages the ring needs",
-                ));
-            }
-            if let Some(&pa) = e
-                .pas
-                .iter()
-                .find(|&&pa| pa == 0 || !pa.is_multiple_of(EQ_BASE_PAGE_SIZE))
-            {
-                return Err(bv("EQ page", pa, "non-zero, 4 KiB aligned"));
-            }
-            if e.ci > EQ_DOORBELL_CI_MASK {
-                return Err(bv("EQ ci", e.ci.into(), "24 bits"));
-            }
-            let st = e.clone();
-            if eqs.insert(e.eqn, st).is_some() {
-                return Err(bv("EQ number", e.eqn.into(), "once"));
-            }
-        }
-        if let Some(n) = o.cmd_eq {
-            let wants_cmd = eqs.get(&n).is_some_and(|e| {
-                let w = usize::from(EVENT_TYPE_CMD / 64);
-                e.event_bitmask[w] & (1u64 << (EVENT_TYPE_CMD % 64)) != 0
-            });
-            if !wants_cmd {
-                return Err(bv("command EQ", n.into(), "an EQ taking command events"));
-            }
-        }
-        fw.eqs = eqs;
+        fw.state = hca.life_cycle;
+        fw.pages = o.fw_pages.iter().copied().collect();
+        fw.uars = o.uars.iter().copied().collect();
+        fw.pds = o.pds.iter().copied().collect();
+        fw.eqs = o.eqs.iter().map(|e| (e.eqn, e.clone())).collect();
         fw.cmd_eq = o.cmd_eq;
-        // Mkeys (CREATE_MKEY, MTT mode).
-        for mk in &o.mkeys {
-            let lps = u64::from(mk.log_page_size);
-            if !(1..=MAX_MKEYS).contains(&mk.index)
-                || !fw.pds.contains(&mk.pd)
-                || !(MKEY_MIN_LOG_PAGE_SIZE..=MKEY_MAX_LOG_PAGE_SIZE).contains(&lps)
-                || mk.len == 0
-                || mk.start.checked_add(mk.len).is_none()
-            {
-                return Err(bv("mkey", mk.index.into(), "a context CREATE_MKEY accepts"));
-            }
-            let page = 1u64 << lps;
-            let needed = ((mk.start & (page - 1)) + mk.len).div_ceil(page);
-            if mk.mtt.len() as u64 != needed {
-                return Err(bv(
-                    "mkey MTT count",
-                    mk.mtt.len() as u64,
-                    "the pages the range needs",
-                ));
-            }
-            if let Some(&a) = mk
-                .mtt
-                .iter()
-                .find(|&&a| a == 0 || a & MTT_PERM_MASK != 0 || a & (page - 1) != 0)
-            {
-                return Err(bv("mkey MTT entry", a, "non-zero, page aligned"));
-            }
-            let m = mk.clone();
-            if fw.mkeys.insert(mk.index, m).is_some() {
-                return Err(bv("mkey index", mk.index.into(), "once"));
-            }
-        }
+        fw.mkeys = o.mkeys.iter().map(|m| (m.index, m.clone())).collect();
         Ok(fw)
     }
 }

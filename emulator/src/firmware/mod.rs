@@ -43,7 +43,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use mlx5_prm::cmdq::DeliveryStatus;
 use mlx5_prm::ifc::{self, hdr, Field};
-use mlx5_prm::{CmdStatus, Opcode, PrmError};
+use mlx5_prm::{CmdStatus, Opcode};
 
 pub use env::{Env, FunctionId, Peer, MSIX_VECTORS};
 pub use eq::{EqState, EqeSlot};
@@ -101,39 +101,9 @@ pub mod syndrome {
     pub const BUSY: u32 = 0x4657_000c;
 }
 
-/// The HCA life-cycle state of a function. Its number is how a state image carries it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum HcaState {
-    /// Power-on, or after DISABLE_HCA.
-    Disabled = 0,
-    /// After ENABLE_HCA (or TEARDOWN_HCA).
-    Enabled = 1,
-    /// After INIT_HCA.
-    Initialized = 2,
-}
-
-impl From<HcaState> for u8 {
-    fn from(s: HcaState) -> u8 {
-        s as u8
-    }
-}
-
-impl TryFrom<u8> for HcaState {
-    type Error = PrmError;
-
-    fn try_from(v: u8) -> Result<Self, PrmError> {
-        match v {
-            0 => Ok(HcaState::Disabled),
-            1 => Ok(HcaState::Enabled),
-            2 => Ok(HcaState::Initialized),
-            _ => Err(PrmError::UnknownValue {
-                field: "HCA life-cycle state",
-                value: u32::from(v),
-            }),
-        }
-    }
-}
+/// The HCA life-cycle state of a function (Disabled, Enabled, Initialized). A state
+/// image carries it by number, so the type is the image codec's wire enum.
+pub use mlx5_prm::state_image::LifeCycle as HcaState;
 
 /// How many objects a function's firmware holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

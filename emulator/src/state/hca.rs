@@ -11,7 +11,7 @@ use crate::firmware::checks::{check_general_caps, check_issi, check_startup_page
 
 pub(super) fn encode(h: &HcaImage) -> Vec<u8> {
     let mut head = HcaSectionHead::new_zeroed();
-    head.life_cycle = h.life_cycle;
+    head.life_cycle = h.life_cycle.into();
     head.issi.set(h.issi);
     head.caps_len.set(h.caps.len() as u32);
     let mut w = W(Vec::with_capacity(HCA_SECTION_LEN));
@@ -23,9 +23,8 @@ pub(super) fn decode(b: &[u8]) -> Result<HcaImage, StateError> {
     let mut r = R::new(b, "HCA");
     let head: HcaSectionHead = r.get("HCA head")?;
     zeroed(&[head.rsvd], "HCA reserved")?;
-    if LifeCycle::try_from(head.life_cycle).is_err() {
-        return Err(bad("life_cycle", head.life_cycle.into(), "0, 1 or 2"));
-    }
+    let life_cycle = LifeCycle::try_from(head.life_cycle)
+        .map_err(|_| bad("life_cycle", head.life_cycle.into(), "0, 1 or 2"))?;
     let caps_len = head.caps_len.get();
     if caps_len as usize != HCA_CAP_SIZE {
         return Err(bad("caps length", caps_len.into(), "4096"));
@@ -33,7 +32,7 @@ pub(super) fn decode(b: &[u8]) -> Result<HcaImage, StateError> {
     let caps = r.take(u64::from(caps_len), "caps")?.into();
     r.end()?;
     Ok(HcaImage {
-        life_cycle: head.life_cycle,
+        life_cycle,
         issi: head.issi.get(),
         caps,
     })
@@ -44,7 +43,7 @@ pub(super) fn decode(b: &[u8]) -> Result<HcaImage, StateError> {
 pub(super) fn check(h: &HcaImage, objects: &ObjectsImage) -> Result<(), StateError> {
     check_issi(h.issi.into()).map_err(StateError::Hca)?;
     check_general_caps(&h.caps).map_err(StateError::Caps)?;
-    if LifeCycle::try_from(h.life_cycle) == Ok(LifeCycle::Initialized) {
+    if h.life_cycle == LifeCycle::Initialized {
         check_startup_pages(objects.fw_pages.len()).map_err(StateError::FwPage)?;
     }
     Ok(())

@@ -42,9 +42,9 @@ use std::collections::BTreeSet;
 
 use mlx5_prm::cmd::caps::HCA_CAP_SIZE;
 pub use mlx5_prm::state_image::{
-    ImageFunction, ImageKind, SectionTag, CHECKSUM_LEN, DEV_MEM_HEAD_LEN as DEV_MEM_SECTION_FIXED,
-    HEADER_LEN, ISEG_SECTION_LEN, MAGIC, MAX_SECTIONS, SECTION_ENTRY_LEN, SECTION_MANDATORY,
-    VERSION,
+    ImageFunction, ImageKind, LifeCycle, SectionTag, CHECKSUM_LEN,
+    DEV_MEM_HEAD_LEN as DEV_MEM_SECTION_FIXED, HEADER_LEN, ISEG_SECTION_LEN, MAGIC, MAX_SECTIONS,
+    SECTION_ENTRY_LEN, SECTION_MANDATORY, VERSION,
 };
 use mlx5_prm::state_image::{SectionEntry, HCA_SECTION_HEAD_LEN, PAGE_ENTRY_HEAD_LEN};
 use xxhash_rust::xxh3::xxh3_64;
@@ -165,8 +165,8 @@ pub struct ImageHeader {
 /// The HCA section.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HcaImage {
-    /// Life cycle: 0 disabled, 1 enabled, 2 initialized.
-    pub life_cycle: u8,
+    /// Life cycle (ENABLE/INIT_HCA state).
+    pub life_cycle: LifeCycle,
     pub issi: u16,
     /// The GENERAL capability page (CUR), [`HCA_CAP_SIZE`] bytes.
     pub caps: Box<[u8]>,

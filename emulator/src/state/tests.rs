@@ -18,7 +18,7 @@ pub(crate) fn sample() -> Image {
             dev_mem_size: 32 << 10,
         },
         hca: HcaImage {
-            life_cycle: 2,
+            life_cycle: LifeCycle::Initialized,
             issi: 1,
             caps: caps.into(),
         },

@@ -269,6 +269,47 @@ fn full_image_round_trips_into_another_adapter() {
 }
 
 #[test]
+fn load_refuses_objects_the_live_commands_refuse_with_the_same_reason() {
+    use super::super::checks::{check_eqc, check_mkey_range, check_mtt_len};
+    let src = Rig::new();
+    src.populate_vf();
+    src.freeze();
+    let (rep, img) = src.save(false, false, BUF_LEN);
+    ok(&rep);
+    let dst = Rig::new();
+    dst.freeze();
+    let before = dst.vf_snapshot();
+    // An EQ with a log_size CREATE_EQ refuses.
+    let mut eq = state::validate(&img).unwrap();
+    eq.objects.eqs[0].log_size = 17;
+    let eq_reason = StateError::Eq {
+        eqn: eq.objects.eqs[0].eqn,
+        source: check_eqc(17, 0, 0, 0).unwrap_err(),
+    };
+    // An mkey whose length runs one page beyond its MTT (CREATE_MKEY refuses it).
+    let mut mkey = state::validate(&img).unwrap();
+    let m = &mut mkey.objects.mkeys[0];
+    m.len += 1 << m.log_page_size;
+    let lps = u64::from(m.log_page_size);
+    let needed = check_mkey_range(lps, m.start, m.len).unwrap();
+    let mkey_reason = StateError::Mkey {
+        index: m.index,
+        source: check_mtt_len(m.mtt.len() as u64, needed).unwrap_err(),
+    };
+    for (what, image, reason) in [("EQ", eq, eq_reason), ("mkey", mkey, mkey_reason)] {
+        let bytes = image.to_bytes();
+        assert_eq!(state::validate(&bytes), Err(reason), "{what}");
+        fails(
+            &dst.load(&bytes),
+            CmdStatus::BadParamErr,
+            mig_syndrome::BAD_IMAGE,
+        );
+        assert!(dst.vf_snapshot() == before, "{what}: function changed");
+    }
+    ok(&dst.load(&img));
+}
+
+#[test]
 fn corrupted_images_are_refused_and_leave_the_function_unchanged() {
     let src = Rig::new();
     src.populate_vf();
