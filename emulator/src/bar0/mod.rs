@@ -31,7 +31,7 @@ pub const BAR0_SIZE: u64 = 0x200_0000;
 /// sizeof(struct mlx5_init_seg); the iseg occupies 0..ISEG_END.
 pub const ISEG_END: u64 = iseg::ISEG_SIZE;
 /// UAR page size (MLX5_ADAPTER_PAGE_SIZE, uar_4k layout).
-pub const UAR_PAGE_SIZE: u64 = 0x1000;
+pub use mlx5_prm::cmd::uar::UAR_PAGE_SIZE;
 /// First UAR index handed out; lower pages would alias the iseg (uar2pfn).
 pub const UAR_FIRST_INDEX: u64 = 3;
 pub const UAR_START: u64 = UAR_FIRST_INDEX * UAR_PAGE_SIZE;

@@ -150,6 +150,9 @@ pub const fn split_eq_doorbell(value: u32) -> (u8, u32) {
     )
 }
 
+// The EQ doorbells lie inside their UAR page.
+const _: () = assert!((EQ_DOORBELL_NOARM_OFFSET as u64) + 4 <= super::uar::UAR_PAGE_SIZE);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,10 @@
 
 use crate::ifc::Field;
 
+/// Size of one UAR page (`MLX5_ADAPTER_PAGE_SIZE`, the `uar_4k` layout): UAR index i is
+/// BAR0 + i × this; the EQ doorbells lie inside it.
+pub const UAR_PAGE_SIZE: u64 = 4096;
+
 /// `alloc_uar_in`: 16 bytes.
 pub const ALLOC_UAR_IN_LEN: usize = 16;
 /// `alloc_uar_out`: 16 bytes.
