@@ -3,8 +3,9 @@
 //! Layers, outside in: [`adapter`] (the device complex and its sockets), [`server`]
 //! (the vfio-user backend of a function), [`function`] (a function's state),
 //! [`pci`] (config space), [`bar0`] (the init segment and MSI-X), [`cmdq`] (the
-//! command queue engine), [`firmware`] (command execution) and [`fabric`] (how
-//! functions find each other).
+//! command queue engine), [`firmware`] (command execution, which sees the rest of the
+//! adapter only through [`firmware::env`]) and [`fabric`] (how functions find each
+//! other).
 
 pub mod adapter;
 pub mod bar0;

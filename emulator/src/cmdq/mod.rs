@@ -33,6 +33,11 @@
 //!
 //! The engine reaches its function through [`Host`], so it knows nothing of the
 //! function's other parts.
+//!
+//! Threads per function: the dispatcher, and at most [`CMDQ_SLOTS`] slot executors,
+//! each started the first time its slot is rung and ended with the function. None
+//! holds a lock while it waits for work; an executor takes the firmware's locks only
+//! as [`FwCell`] describes.
 
 pub mod mailbox;
 
