@@ -22,6 +22,11 @@
 //! ..  sections
 //! end le64 checksum (xxh3-64) of everything before it
 //! ```
+//!
+//! The OBJECTS section: the UAR list, the PD list (each a le32 count and le32 values),
+//! [`CmdEqField`], the EQs (a count, then per EQ an [`EqEntryHead`], its event bitmask
+//! and its PAS list), the mkeys (a count, then per mkey an [`MkeyEntryHead`] and its
+//! MTT list), the firmware pages (a count and le64 addresses).
 
 use zerocopy::byteorder::{LittleEndian, U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -51,6 +56,14 @@ pub const HCA_SECTION_HEAD_LEN: usize = 8;
 pub const DEV_MEM_HEAD_LEN: usize = 8;
 /// Bytes of [`PageEntryHead`] (the page follows it).
 pub const PAGE_ENTRY_HEAD_LEN: usize = 8;
+/// Bytes of [`CmdEqField`].
+pub const CMD_EQ_FIELD_LEN: usize = 4;
+/// Bytes of [`EqEntryHead`] (the event bitmask and PAS lists follow it).
+pub const EQ_ENTRY_HEAD_LEN: usize = 32;
+/// Bytes of [`MkeyEntryHead`] (the MTT list follows it).
+pub const MKEY_ENTRY_HEAD_LEN: usize = 32;
+/// Bytes of the count that opens every list (le32).
+pub const LIST_COUNT_LEN: usize = 4;
 
 /// The fixed image header.
 #[derive(
@@ -191,6 +204,70 @@ pub struct PageEntryHead {
     pub rsvd: U32<LittleEndian>,
 }
 
+/// The OBJECTS section's command-EQ field (after the UAR and PD lists).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+#[repr(C)]
+pub struct CmdEqField {
+    /// 0x0 `present`: 1 if the function has a command EQ, else 0.
+    pub present: u8,
+    /// 0x1 `eqn`: its EQ number (0 when absent).
+    pub eqn: u8,
+    /// 0x2 reserved.
+    pub rsvd: [u8; 2],
+}
+
+/// The head of one EQ of the OBJECTS section; the event bitmask (count, le64 words)
+/// and the PAS list (count, le64 addresses) follow it.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+#[repr(C)]
+pub struct EqEntryHead {
+    /// 0x00 `eqn`.
+    pub eqn: u8,
+    /// 0x01 `armed`: 0 or 1.
+    pub armed: u8,
+    /// 0x02 `intr`: MSI-X vector.
+    pub intr: U16<LittleEndian>,
+    /// 0x04 `uar`: UAR index of its doorbell page.
+    pub uar: U32<LittleEndian>,
+    /// 0x08 `log_size`: log2 of the entries.
+    pub log_size: U32<LittleEndian>,
+    /// 0x0c `page_size`: bytes of each EQ page.
+    pub page_size: U64<LittleEndian>,
+    /// 0x14 `pi`: next EQE to fill.
+    pub pi: U32<LittleEndian>,
+    /// 0x18 `written`: EQEs written to guest memory.
+    pub written: U32<LittleEndian>,
+    /// 0x1c `ci`: consumer index of the last doorbell.
+    pub ci: U32<LittleEndian>,
+}
+
+/// The head of one mkey of the OBJECTS section; the MTT list (count, le64 addresses)
+/// follows it.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+#[repr(C)]
+pub struct MkeyEntryHead {
+    /// 0x00 `index`: the mkey index (the key's upper 24 bits).
+    pub index: U32<LittleEndian>,
+    /// 0x04 `variant`: `mkey_7_0`.
+    pub variant: u8,
+    /// 0x05 reserved.
+    pub rsvd: [u8; 3],
+    /// 0x08 `pd`.
+    pub pd: U32<LittleEndian>,
+    /// 0x0c `start`: start of the virtual range.
+    pub start: U64<LittleEndian>,
+    /// 0x14 `len`: length of the range.
+    pub len: U64<LittleEndian>,
+    /// 0x1c `log_page_size`.
+    pub log_page_size: U32<LittleEndian>,
+}
+
 wire_enum! {
     /// `function_kind`: which kind of function the image was saved from.
     pub enum ImageFunction: u8, field = "function_kind" {
@@ -245,6 +322,9 @@ const _: () = {
     assert!(core::mem::size_of::<HcaSectionHead>() == HCA_SECTION_HEAD_LEN);
     assert!(core::mem::size_of::<DevMemHead>() == DEV_MEM_HEAD_LEN);
     assert!(core::mem::size_of::<PageEntryHead>() == PAGE_ENTRY_HEAD_LEN);
+    assert!(core::mem::size_of::<CmdEqField>() == CMD_EQ_FIELD_LEN);
+    assert!(core::mem::size_of::<EqEntryHead>() == EQ_ENTRY_HEAD_LEN);
+    assert!(core::mem::size_of::<MkeyEntryHead>() == MKEY_ENTRY_HEAD_LEN);
 };
 
 #[cfg(test)]
@@ -261,6 +341,13 @@ mod tests {
         assert_eq!(size_of::<HcaSectionHead>(), 8);
         assert_eq!(size_of::<DevMemHead>(), 8);
         assert_eq!(size_of::<PageEntryHead>(), 8);
+        assert_eq!(size_of::<CmdEqField>(), 4);
+        assert_eq!(size_of::<EqEntryHead>(), 32);
+        assert_eq!(size_of::<MkeyEntryHead>(), 32);
+        assert_eq!(offset_of!(EqEntryHead, page_size), 12);
+        assert_eq!(offset_of!(EqEntryHead, ci), 28);
+        assert_eq!(offset_of!(MkeyEntryHead, pd), 8);
+        assert_eq!(offset_of!(MkeyEntryHead, log_page_size), 28);
         assert_eq!(offset_of!(ImageHeader, version), 8);
         assert_eq!(offset_of!(ImageHeader, section_count), 12);
         assert_eq!(offset_of!(ImageHeader, function_kind), 14);

@@ -8,14 +8,6 @@ use super::StateError;
 pub(super) struct W(pub(super) Vec<u8>);
 
 impl W {
-    pub(super) fn u8(&mut self, v: u8) -> &mut Self {
-        self.0.push(v);
-        self
-    }
-    pub(super) fn u16(&mut self, v: u16) -> &mut Self {
-        self.0.extend_from_slice(&v.to_le_bytes());
-        self
-    }
     pub(super) fn u32(&mut self, v: u32) -> &mut Self {
         self.0.extend_from_slice(&v.to_le_bytes());
         self
@@ -78,13 +70,6 @@ impl<'a> R<'a> {
             have: b.len(),
         })
     }
-    pub(super) fn u8(&mut self, what: &'static str) -> Result<u8, StateError> {
-        Ok(self.take(1, what)?[0])
-    }
-    pub(super) fn u16(&mut self, what: &'static str) -> Result<u16, StateError> {
-        let b = self.take(2, what)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
-    }
     pub(super) fn u32(&mut self, what: &'static str) -> Result<u32, StateError> {
         let b = self.take(4, what)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -99,6 +84,15 @@ impl<'a> R<'a> {
     /// anything is allocated for it.
     pub(super) fn count(&mut self, elem: usize, what: &'static str) -> Result<usize, StateError> {
         let n = self.u32(what)?;
+        self.fits(n, elem, what)
+    }
+    /// `n` elements of `elem` bytes each fit in the bytes left.
+    pub(super) fn fits(
+        &self,
+        n: u32,
+        elem: usize,
+        what: &'static str,
+    ) -> Result<usize, StateError> {
         let need = u64::from(n).saturating_mul(elem as u64);
         if need > self.b.len() as u64 {
             return Err(StateError::Truncated {
@@ -117,10 +111,6 @@ impl<'a> R<'a> {
     pub(super) fn u32s(&mut self, what: &'static str) -> Result<Vec<u32>, StateError> {
         let n = self.count(4, what)?;
         (0..n).map(|_| self.u32(what)).collect()
-    }
-    pub(super) fn zero(&mut self, n: u64, what: &'static str) -> Result<(), StateError> {
-        let b = self.take(n, what)?;
-        zeroed(b, what)
     }
     pub(super) fn end(&self) -> Result<(), StateError> {
         if !self.b.is_empty() {

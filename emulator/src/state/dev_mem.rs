@@ -26,11 +26,12 @@ pub(super) fn encode(w: &mut W, pages: &[PageImage]) {
 /// index below the page count and present once.
 pub(super) fn decode(b: &[u8], dev_mem_size: u64) -> Result<Vec<PageImage>, StateError> {
     let mut r = R::new(b, "DEV_MEM");
-    let page_size = r.u32("page size")?;
+    let head: DevMemHead = r.get("DEV_MEM head")?;
+    let page_size = head.page_size.get();
     if u64::from(page_size) != DEV_MEM_PAGE_SIZE {
         return Err(bad("device-memory page size", page_size.into(), "4096"));
     }
-    let n = r.count(PAGE_ENTRY_LEN, "page list")?;
+    let n = r.fits(head.count.get(), PAGE_ENTRY_LEN, "page list")?;
     let npages = dev_mem_size / DEV_MEM_PAGE_SIZE;
     let mut seen = BTreeSet::new();
     let mut pages = Vec::with_capacity(n);

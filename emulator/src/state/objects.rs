@@ -7,74 +7,91 @@ use mlx5_prm::cmd::eq::{
     CREATE_EQ_IN_EVENT_BITMASK_WORDS, EQ_BASE_PAGE_SIZE, EQ_DOORBELL_CI_MASK, EVENT_TYPE_CMD,
 };
 
-use super::codec::{bad, flag, R, W};
+use mlx5_prm::state_image::{
+    CmdEqField, EqEntryHead, MkeyEntryHead, EQ_ENTRY_HEAD_LEN, LIST_COUNT_LEN, MKEY_ENTRY_HEAD_LEN,
+};
+use zerocopy::FromZeros;
+
+use super::codec::{bad, flag, zeroed, R, W};
 use super::{EqImage, MkeyImage, ObjectsImage, StateError};
 use crate::firmware::checks::*;
 
+fn list<T: Copy>(w: &mut W, items: &[T], mut put: impl FnMut(&mut W, T)) {
+    w.count(items.len());
+    for &v in items {
+        put(w, v);
+    }
+}
+
 pub(super) fn encode(o: &ObjectsImage) -> Vec<u8> {
     let mut w = W(Vec::new());
-    w.count(o.uars.len());
-    o.uars.iter().for_each(|&u| {
+    list(&mut w, &o.uars, |w, u| {
         w.u32(u);
     });
-    w.count(o.pds.len());
-    o.pds.iter().for_each(|&p| {
+    list(&mut w, &o.pds, |w, p| {
         w.u32(p);
     });
-    w.u8(u8::from(o.cmd_eq.is_some()))
-        .u8(o.cmd_eq.unwrap_or(0))
-        .u16(0);
+    let mut cmd_eq = CmdEqField::new_zeroed();
+    cmd_eq.present = u8::from(o.cmd_eq.is_some());
+    cmd_eq.eqn = o.cmd_eq.unwrap_or(0);
+    w.put(&cmd_eq);
     w.count(o.eqs.len());
     for e in &o.eqs {
-        w.u8(e.eqn).u8(u8::from(e.armed)).u16(e.intr).u32(e.uar);
-        w.u32(e.log_size).u64(e.page_size);
-        w.u32(e.pi).u32(e.written).u32(e.ci);
-        w.count(e.event_bitmask.len());
-        e.event_bitmask.iter().for_each(|&m| {
+        let mut h = EqEntryHead::new_zeroed();
+        h.eqn = e.eqn;
+        h.armed = u8::from(e.armed);
+        h.intr.set(e.intr);
+        h.uar.set(e.uar);
+        h.log_size.set(e.log_size);
+        h.page_size.set(e.page_size);
+        h.pi.set(e.pi);
+        h.written.set(e.written);
+        h.ci.set(e.ci);
+        w.put(&h);
+        list(&mut w, &e.event_bitmask, |w, m| {
             w.u64(m);
         });
-        w.count(e.pas.len());
-        e.pas.iter().for_each(|&a| {
+        list(&mut w, &e.pas, |w, a| {
             w.u64(a);
         });
     }
     w.count(o.mkeys.len());
     for m in &o.mkeys {
-        w.u32(m.index).u8(m.variant).u8(0).u16(0).u32(m.pd);
-        w.u64(m.start).u64(m.len).u32(m.log_page_size);
-        w.count(m.mtt.len());
-        m.mtt.iter().for_each(|&a| {
+        let mut h = MkeyEntryHead::new_zeroed();
+        h.index.set(m.index);
+        h.variant = m.variant;
+        h.pd.set(m.pd);
+        h.start.set(m.start);
+        h.len.set(m.len);
+        h.log_page_size.set(m.log_page_size);
+        w.put(&h);
+        list(&mut w, &m.mtt, |w, a| {
             w.u64(a);
         });
     }
-    w.count(o.fw_pages.len());
-    o.fw_pages.iter().for_each(|&a| {
+    list(&mut w, &o.fw_pages, |w, a| {
         w.u64(a);
     });
     w.0
 }
 
+/// The smallest EQ entry: its head and two empty lists.
+const EQ_ENTRY_MIN: usize = EQ_ENTRY_HEAD_LEN + 2 * LIST_COUNT_LEN;
+/// The smallest mkey entry: its head and an empty MTT.
+const MKEY_ENTRY_MIN: usize = MKEY_ENTRY_HEAD_LEN + LIST_COUNT_LEN;
+
 pub(super) fn decode(b: &[u8]) -> Result<ObjectsImage, StateError> {
     let mut r = R::new(b, "OBJECTS");
     let uars = r.u32s("UAR list")?;
     let pds = r.u32s("PD list")?;
-    let has_cmd_eq = flag(r.u8("cmd_eq present")?, "cmd_eq present")?;
-    let cmd_eq_n = r.u8("cmd_eq")?;
-    r.zero(2, "OBJECTS reserved")?;
-    let cmd_eq = has_cmd_eq.then_some(cmd_eq_n);
-    // The smallest EQ entry: fixed fields + two empty lists.
-    let neq = r.count(36, "EQ list")?;
+    let c: CmdEqField = r.get("cmd_eq")?;
+    let has_cmd_eq = flag(c.present, "cmd_eq present")?;
+    zeroed(&c.rsvd, "OBJECTS reserved")?;
+    let cmd_eq = has_cmd_eq.then_some(c.eqn);
+    let neq = r.count(EQ_ENTRY_MIN, "EQ list")?;
     let mut eqs = Vec::with_capacity(neq);
     for _ in 0..neq {
-        let eqn = r.u8("eqn")?;
-        let armed = flag(r.u8("EQ armed")?, "EQ armed")?;
-        let intr = r.u16("EQ intr")?;
-        let uar = r.u32("EQ uar")?;
-        let log_size = r.u32("EQ log_size")?;
-        let page_size = r.u64("EQ page_size")?;
-        let pi = r.u32("EQ pi")?;
-        let written = r.u32("EQ written")?;
-        let ci = r.u32("EQ ci")?;
+        let h: EqEntryHead = r.get("EQ")?;
         let words = r.u32("EQ event_bitmask words")?;
         if words as usize != CREATE_EQ_IN_EVENT_BITMASK_WORDS {
             return Err(bad(
@@ -89,37 +106,32 @@ pub(super) fn decode(b: &[u8]) -> Result<ObjectsImage, StateError> {
         }
         let pas = r.u64s("EQ PAS list")?;
         eqs.push(EqImage {
-            eqn,
-            uar,
-            intr,
-            log_size,
-            page_size,
+            eqn: h.eqn,
+            uar: h.uar.get(),
+            intr: h.intr.get(),
+            log_size: h.log_size.get(),
+            page_size: h.page_size.get(),
             pas,
             event_bitmask,
-            pi,
-            written,
-            ci,
-            armed,
+            pi: h.pi.get(),
+            written: h.written.get(),
+            ci: h.ci.get(),
+            armed: flag(h.armed, "EQ armed")?,
         });
     }
-    let nmkeys = r.count(36, "mkey list")?;
+    let nmkeys = r.count(MKEY_ENTRY_MIN, "mkey list")?;
     let mut mkeys = Vec::with_capacity(nmkeys);
     for _ in 0..nmkeys {
-        let index = r.u32("mkey index")?;
-        let variant = r.u8("mkey variant")?;
-        r.zero(3, "mkey reserved")?;
-        let pd = r.u32("mkey pd")?;
-        let start = r.u64("mkey start")?;
-        let len = r.u64("mkey len")?;
-        let log_page_size = r.u32("mkey log_page_size")?;
+        let h: MkeyEntryHead = r.get("mkey")?;
+        zeroed(&h.rsvd, "mkey reserved")?;
         let mtt = r.u64s("mkey MTT")?;
         mkeys.push(MkeyImage {
-            index,
-            variant,
-            pd,
-            start,
-            len,
-            log_page_size,
+            index: h.index.get(),
+            variant: h.variant,
+            pd: h.pd.get(),
+            start: h.start.get(),
+            len: h.len.get(),
+            log_page_size: h.log_page_size.get(),
             mtt,
         });
     }

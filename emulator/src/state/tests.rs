@@ -1,5 +1,5 @@
-use super::codec::W;
 use super::*;
+use zerocopy::{FromZeros, IntoBytes};
 
 fn le64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
@@ -146,9 +146,12 @@ fn with_extra_section(tag_v: u16, flags: u16) -> Vec<u8> {
     }
     let extra_off =
         (HEADER_LEN + (SECTIONS_WRITTEN.len() + 1) * SECTION_ENTRY_LEN + payload.len()) as u64;
-    let mut w = W(Vec::new());
-    w.u16(tag_v).u16(flags).u32(0).u64(extra_off).u64(4);
-    out.extend_from_slice(&w.0);
+    let mut e = SectionEntry::new_zeroed();
+    e.tag.set(tag_v);
+    e.flags.set(flags);
+    e.offset.set(extra_off);
+    e.length.set(4);
+    out.extend_from_slice(e.as_bytes());
     out.extend_from_slice(payload);
     out.extend_from_slice(&[1, 2, 3, 4]);
     let total = (out.len() + CHECKSUM_LEN) as u64;
