@@ -21,9 +21,9 @@ use mlx5_prm::cmd::hca::{
 use mlx5_prm::cmd::migration::*;
 use mlx5_prm::ifc::{get, set};
 use mlx5_prm::{CmdStatus, Opcode};
-use mlx5_testbed::bringup::{cmdif, pf_up, ARENA};
+use mlx5_testbed::bringup::{cmdif, pf_up, vhca_input, ARENA};
 use mlx5_testbed::mem::GuestMem;
-use mlx5_testbed::{devmem, init_tracing, AdapterConfig, Testbed};
+use mlx5_testbed::{devmem, faults, init_tracing, AdapterConfig, Testbed};
 use mlx5vf::cmdif::new_input;
 
 const VF_VHCA: u16 = 1;
@@ -49,9 +49,7 @@ fn query_hca_cap() -> Vec<u8> {
 }
 
 fn naming_vf(op: Opcode, op_mod: u16, len: usize) -> Vec<u8> {
-    let mut m = new_input(op, op_mod, len);
-    set(&mut m, IN_VHCA_ID, VF_VHCA.into());
-    m
+    vhca_input(op, op_mod, len, VF_VHCA)
 }
 
 /// Where in `f`'s command log the first record of `op` (with `op_mod`) is.
@@ -150,7 +148,7 @@ fn pf_answers_commands_while_a_vf_responder_suspend_waits_on_its_drain() {
 
     // The guest's ENABLE_HCA is held in the VF's firmware: admitted work in flight.
     let hold = Duration::from_secs(3);
-    vf.delay_commands(Opcode::EnableHca, None, hold, 1);
+    faults::delay_commands(&vf, Opcode::EnableHca, None, hold, 1);
     let t_guest = guest
         .submit(
             &new_input(Opcode::EnableHca, 0, ENABLE_HCA_IN_LEN),
