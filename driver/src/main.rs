@@ -22,17 +22,16 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use mlx5_prm::cmd::migration::{ResumeOpMod, SuspendOpMod};
+use mlx5_prm::CmdStatus;
 use mlx5vf::cmdif::{errno_name, ArenaConfig, CmdIf, CmdIfConfig};
 use mlx5vf::hca::{Hca, HcaError, HcaOptions, MigrationCaps};
-use mlx5vf::migration::arcs::Fw;
 use mlx5vf::migration::fsm::MigState;
-use mlx5vf::migration::layout::{
-    RESUME_INITIATOR, RESUME_RESPONDER, STATUS_BAD_RES_STATE, SUSPEND_INITIATOR, SUSPEND_RESPONDER,
-};
+use mlx5vf::migration::fw::Fw;
 use mlx5vf::migration::{DataStream, MigError, MigrationDevice};
 
 #[derive(Parser, Debug)]
@@ -178,12 +177,12 @@ fn info(
             ..Default::default()
         },
     )?;
-    let mut hca = Hca::new(cmd);
+    let hca = Hca::new(cmd);
     let opts = HcaOptions {
         events: !polling,
         ..Default::default()
     };
-    let info = hca.up(&opts)?.clone();
+    let info = hca.up(&opts)?;
     // Query everything first, print only when it all worked.
     let other = match vf {
         Some(n) => match n.checked_add(1) {
@@ -213,7 +212,7 @@ fn info(
 }
 
 /// Connects to a PF socket and brings the PF up with an arena of `arena_mib` MiB.
-fn pf_up(socket: &Path, arena_mib: u64, timeout: Duration) -> Result<Arc<Mutex<Hca>>, CliError> {
+fn pf_up(socket: &Path, arena_mib: u64, timeout: Duration) -> Result<Arc<Hca>, CliError> {
     let client = vfu::Client::connect(socket).map_err(|source| CliError::Connect {
         path: socket.to_path_buf(),
         source,
@@ -229,14 +228,13 @@ fn pf_up(socket: &Path, arena_mib: u64, timeout: Duration) -> Result<Arc<Mutex<H
             ..Default::default()
         },
     )?;
-    let mut hca = Hca::new(cmd);
+    let hca = Hca::new(cmd);
     hca.up(&HcaOptions::default())?;
-    Ok(Arc::new(Mutex::new(hca)))
+    Ok(Arc::new(hca))
 }
 
-fn pf_down(pf: Arc<Mutex<Hca>>) {
-    let mut hca = pf.lock().unwrap_or_else(|e| e.into_inner());
-    if let Err(e) = hca.down() {
+fn pf_down(pf: Arc<Hca>) {
+    if let Err(e) = pf.down() {
         tracing::warn!(error = %e, "PF teardown");
     }
 }
@@ -303,11 +301,7 @@ fn migrate(a: &MigrateArgs) -> Result<(), CliError> {
     r
 }
 
-fn migrate_between(
-    a: &MigrateArgs,
-    src_pf: &Arc<Mutex<Hca>>,
-    dst_pf: &Arc<Mutex<Hca>>,
-) -> Result<(), CliError> {
+fn migrate_between(a: &MigrateArgs, src_pf: &Arc<Hca>, dst_pf: &Arc<Hca>) -> Result<(), CliError> {
     let src = MigrationDevice::new(src_pf.clone(), a.vf).map_err(mig("source VF"))?;
     let dst = MigrationDevice::new(dst_pf.clone(), a.vf).map_err(mig("destination VF"))?;
     let r = run_migration(a, &src, &dst);
@@ -395,19 +389,19 @@ fn run_migration(
 }
 
 fn is_bad_res_state(e: &MigError) -> bool {
-    matches!(e, MigError::Cmd { source, .. } if source.status() == Some(STATUS_BAD_RES_STATE))
+    matches!(e, MigError::Cmd { source, .. } if source.status() == Some(CmdStatus::BadResStateErr))
 }
 
 /// The suspend level of the VF, probed with SUSPEND_VHCA and undone at once.
-fn probe_state(fw: &mut Fw<'_>) -> Result<MigState, MigError> {
-    match fw.suspend(SUSPEND_INITIATOR) {
+fn probe_state(fw: &Fw<'_>) -> Result<MigState, MigError> {
+    match fw.suspend(SuspendOpMod::Initiator) {
         Ok(()) => {
-            fw.resume(RESUME_INITIATOR)?;
+            fw.resume(ResumeOpMod::Initiator)?;
             Ok(MigState::Running)
         }
-        Err(e) if is_bad_res_state(&e) => match fw.suspend(SUSPEND_RESPONDER) {
+        Err(e) if is_bad_res_state(&e) => match fw.suspend(SuspendOpMod::Responder) {
             Ok(()) => {
-                fw.resume(RESUME_RESPONDER)?;
+                fw.resume(ResumeOpMod::Responder)?;
                 Ok(MigState::RunningP2p)
             }
             Err(e) if is_bad_res_state(&e) => Ok(MigState::Stop),
@@ -436,18 +430,17 @@ fn state(
     r
 }
 
-fn state_on(pf: &Arc<Mutex<Hca>>, vf: u16, set: Option<MigState>) -> Result<(), CliError> {
+fn state_on(pf: &Arc<Hca>, vf: u16, set: Option<MigState>) -> Result<(), CliError> {
     // Probe with a device in RUNNING first to learn vhca_id and chunk mode.
     let probe_dev = MigrationDevice::new(pf.clone(), vf).map_err(mig("VF"))?;
     let info = probe_dev.info();
     let (cur, q) = {
-        let mut hca = pf.lock().unwrap_or_else(|e| e.into_inner());
-        let mut fw = Fw {
-            hca: &mut hca,
+        let fw = Fw {
+            hca: pf,
             vhca_id: info.vhca_id,
             chunk_mode: info.chunk_mode,
         };
-        let cur = probe_state(&mut fw).map_err(mig("probing the suspend state"))?;
+        let cur = probe_state(&fw).map_err(mig("probing the suspend state"))?;
         let q = fw.query(false).map_err(mig("QUERY_VHCA_MIGRATION_STATE"))?;
         (cur, q)
     };

@@ -16,6 +16,7 @@
 
 use std::fs::File;
 use std::sync::atomic::Ordering;
+use std::sync::{Mutex, MutexGuard};
 
 use mlx5_prm::cmdq::{MAILBOX_BLOCK_ALIGN, MAILBOX_BLOCK_SIZE};
 use vm_memory::{Bytes, FileOffset, MmapRegion, VolatileMemory};
@@ -128,6 +129,14 @@ pub struct DmaArena {
     cfg: ArenaConfig,
     mailbox_base: u64,
     page_base: u64,
+    /// The allocators. A leaf lock: taken for one allocation or release at a time,
+    /// never across I/O. Reads and writes of the memory itself take no lock (the
+    /// device writes it concurrently anyway; every access is volatile).
+    pools: Mutex<Pools>,
+}
+
+#[derive(Debug)]
+struct Pools {
     blocks: UnitPool,
     pages: UnitPool,
 }
@@ -136,8 +145,8 @@ impl std::fmt::Debug for DmaArena {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DmaArena")
             .field("cfg", &self.cfg)
-            .field("free_blocks", &self.blocks.available())
-            .field("free_pages", &self.pages.available())
+            .field("free_blocks", &self.free_blocks())
+            .field("free_pages", &self.free_pages())
             .finish()
     }
 }
@@ -179,8 +188,10 @@ impl DmaArena {
             cfg,
             mailbox_base,
             page_base,
-            blocks: UnitPool::new(cfg.mailbox_blocks),
-            pages: UnitPool::new(npages),
+            pools: Mutex::new(Pools {
+                blocks: UnitPool::new(cfg.mailbox_blocks),
+                pages: UnitPool::new(npages),
+            }),
         })
     }
 
@@ -204,19 +215,24 @@ impl DmaArena {
         self.cfg.iova
     }
 
+    fn pools(&self) -> MutexGuard<'_, Pools> {
+        // The pools stay consistent under a panic (each operation is one push or pop).
+        self.pools.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Free mailbox blocks.
     pub fn free_blocks(&self) -> usize {
-        self.blocks.available()
+        self.pools().blocks.available()
     }
 
     /// Free pages.
     pub fn free_pages(&self) -> usize {
-        self.pages.available()
+        self.pools().pages.available()
     }
 
     /// Total pages of the page pool.
     pub fn page_capacity(&self) -> usize {
-        self.pages.capacity()
+        self.pools().pages.capacity()
     }
 
     fn offset(&self, iova: u64, len: usize) -> Result<usize, ArenaError> {
@@ -291,18 +307,18 @@ impl DmaArena {
     }
 
     /// A mailbox block (576 bytes used, 1024-aligned), or `None` if the pool is empty.
-    pub fn alloc_block(&mut self) -> Option<u64> {
-        let i = self.blocks.alloc()?;
+    pub fn alloc_block(&self) -> Option<u64> {
+        let i = self.pools().blocks.alloc()?;
         Some(self.cfg.iova + self.mailbox_base + u64::from(i) * MAILBOX_BLOCK_ALIGN)
     }
 
     /// Returns a mailbox block to the pool.
-    pub fn free_block(&mut self, iova: u64) -> Result<(), ArenaError> {
+    pub fn free_block(&self, iova: u64) -> Result<(), ArenaError> {
         let idx = self.block_index(iova).ok_or(ArenaError::NotAllocated {
             iova,
             what: "mailbox block",
         })?;
-        if self.blocks.release(idx) {
+        if self.pools().blocks.release(idx) {
             Ok(())
         } else {
             Err(ArenaError::NotAllocated {
@@ -322,11 +338,11 @@ impl DmaArena {
     }
 
     /// A zeroed 4 KiB page, or `None` if the pool is empty.
-    pub fn alloc_page(&mut self) -> Option<u64> {
-        let i = self.pages.alloc()?;
+    pub fn alloc_page(&self) -> Option<u64> {
+        let i = self.pools().pages.alloc()?;
         let iova = self.cfg.iova + self.page_base + u64::from(i) * PAGE_SIZE;
         if self.fill(iova, PAGE_SIZE as usize, 0).is_err() {
-            self.pages.release(i);
+            self.pools().pages.release(i);
             return None;
         }
         Some(iova)
@@ -338,19 +354,20 @@ impl DmaArena {
             return None;
         }
         let i = u32::try_from(rel / PAGE_SIZE).ok()?;
-        ((i as usize) < self.pages.capacity()).then_some(i)
+        ((i as usize) < self.page_capacity()).then_some(i)
     }
 
     /// Whether `iova` is a page this arena handed out and has not got back.
     pub fn owns_page(&self, iova: u64) -> bool {
-        self.page_index(iova).is_some_and(|i| self.pages.is_used(i))
+        self.page_index(iova)
+            .is_some_and(|i| self.pools().pages.is_used(i))
     }
 
     /// Returns a page to the pool; an address that is not an outstanding page (e.g. one
     /// the device made up) is refused.
-    pub fn free_page(&mut self, iova: u64) -> Result<(), ArenaError> {
+    pub fn free_page(&self, iova: u64) -> Result<(), ArenaError> {
         match self.page_index(iova) {
-            Some(i) if self.pages.release(i) => Ok(()),
+            Some(i) if self.pools().pages.release(i) => Ok(()),
             _ => Err(ArenaError::NotAllocated { iova, what: "page" }),
         }
     }
@@ -374,7 +391,7 @@ mod tests {
 
     #[test]
     fn blocks_are_1024_aligned_and_pages_4k_aligned_after_the_queue() {
-        let mut a = small();
+        let a = small();
         let b0 = a.alloc_block().unwrap();
         let b1 = a.alloc_block().unwrap();
         assert_eq!(b0, 0x10_1000);
@@ -387,7 +404,7 @@ mod tests {
 
     #[test]
     fn pools_run_dry_and_refuse_foreign_or_double_frees() {
-        let mut a = small();
+        let a = small();
         let blocks: Vec<_> = (0..8).map(|_| a.alloc_block().unwrap()).collect();
         assert!(a.alloc_block().is_none());
         a.free_block(blocks[3]).unwrap();

@@ -6,14 +6,37 @@
 //! `mlx5_copy_from_msg` does.
 
 use mlx5_prm::cmdq::{
-    block_count, block_signatures, entry_signature, BLOCK_CTRL_SIG_OFFSET, BLOCK_NEXT_OFFSET,
-    BLOCK_NUM_OFFSET, BLOCK_SIG_OFFSET, BLOCK_TOKEN_OFFSET, CMD_ENTRY_SIZE, CMD_INLEN_OFFSET,
-    CMD_IN_OFFSET, CMD_IN_PTR_OFFSET, CMD_OUTLEN_OFFSET, CMD_OUT_OFFSET, CMD_OUT_PTR_OFFSET,
-    CMD_OWNER_HW, CMD_SIG_OFFSET, CMD_STATUS_OWN_OFFSET, CMD_TOKEN_OFFSET, INLINE_SIZE,
+    block_count, block_signatures, entry_signature, CMD_ENTRY_SIZE, CMD_OWNER_HW, INLINE_SIZE,
     MAILBOX_BLOCK_SIZE, MAILBOX_DATA_SIZE, MLX5_PCI_CMD_XPORT,
 };
+use mlx5_prm::{CmdInHeader, CmdLayout, CmdOutHeader, CmdProtBlock, Opcode};
+use zerocopy::{FromZeros, IntoBytes};
 
 use super::arena::{ArenaError, DmaArena};
+
+/// A command input of `len` bytes (at least the 16-byte header) with the header's
+/// opcode and op_mod set.
+pub fn new_input(opcode: Opcode, op_mod: u16, len: usize) -> Vec<u8> {
+    let mut m = vec![0u8; len.max(INLINE_SIZE)];
+    m[..INLINE_SIZE].copy_from_slice(CmdInHeader::new(opcode, op_mod).as_bytes());
+    m
+}
+
+/// The input header of a message (zeros where the message is shorter).
+pub fn in_header(input: &[u8]) -> CmdInHeader {
+    let mut h = CmdInHeader::new_zeroed();
+    let n = input.len().min(INLINE_SIZE);
+    h.as_mut_bytes()[..n].copy_from_slice(&input[..n]);
+    h
+}
+
+/// The output header of a message (zeros where the message is shorter).
+pub fn out_header(out: &[u8]) -> CmdOutHeader {
+    let mut h = CmdOutHeader::new_zeroed();
+    let n = out.len().min(INLINE_SIZE);
+    h.as_mut_bytes()[..n].copy_from_slice(&out[..n]);
+    h
+}
 
 /// A chain of mailbox blocks this driver built, in order.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -54,7 +77,7 @@ pub enum ChainError {
 /// the 16 inline ones). Every block gets `next`, `block_num` and `token`; when `data` is
 /// given (input chains) it is copied into the blocks and the blocks are signed.
 pub fn build_chain(
-    arena: &mut DmaArena,
+    arena: &DmaArena,
     msg_len: usize,
     token: u8,
     data: Option<&[u8]>,
@@ -80,27 +103,26 @@ pub fn build_chain(
         }
     }
     let tail = msg_len.saturating_sub(INLINE_SIZE);
-    let mut block = [0u8; MAILBOX_BLOCK_SIZE];
     for (n, &iova) in chain.blocks.iter().enumerate() {
-        block.fill(0);
+        let mut block = CmdProtBlock::new_zeroed();
         if let Some(data) = data {
             let start = n * MAILBOX_DATA_SIZE;
             let end = (start + MAILBOX_DATA_SIZE).min(tail).min(data.len());
             if start < end {
-                block[..end - start].copy_from_slice(&data[start..end]);
+                block.data[..end - start].copy_from_slice(&data[start..end]);
             }
         }
-        let next = chain.blocks.get(n + 1).copied().unwrap_or(0);
-        block[BLOCK_NEXT_OFFSET..BLOCK_NEXT_OFFSET + 8].copy_from_slice(&next.to_be_bytes());
+        block
+            .next
+            .set(chain.blocks.get(n + 1).copied().unwrap_or(0));
         // `need` came from a message length that fits u32, so n fits too.
-        block[BLOCK_NUM_OFFSET..BLOCK_NUM_OFFSET + 4].copy_from_slice(&(n as u32).to_be_bytes());
-        block[BLOCK_TOKEN_OFFSET] = token;
+        block.block_num.set(n as u32);
+        block.token = token;
         if data.is_some() {
-            let (ctrl, sig) = block_signatures(&block);
-            block[BLOCK_CTRL_SIG_OFFSET] = ctrl;
-            block[BLOCK_SIG_OFFSET] = sig;
+            let bytes: [u8; MAILBOX_BLOCK_SIZE] = zerocopy::transmute!(block);
+            (block.ctrl_sig, block.sig) = block_signatures(&bytes);
         }
-        if let Err(e) = arena.write(iova, &block) {
+        if let Err(e) = arena.write(iova, block.as_bytes()) {
             free_chain(arena, &mut chain);
             return Err(e.into());
         }
@@ -109,7 +131,7 @@ pub fn build_chain(
 }
 
 /// Returns every block of `chain` to the arena and empties it.
-pub fn free_chain(arena: &mut DmaArena, chain: &mut Chain) {
+pub fn free_chain(arena: &DmaArena, chain: &mut Chain) {
     for b in chain.blocks.drain(..) {
         if let Err(e) = arena.free_block(b) {
             tracing::error!(error = %e, "mailbox block bookkeeping");
@@ -131,34 +153,31 @@ pub fn read_chain(arena: &DmaArena, chain: &Chain, out: &mut [u8]) -> Result<(),
 
 /// A command entry: type 7, lengths, pointers, the first 16 input bytes, token,
 /// status_own = HW and the signature.
-pub fn encode_entry(
-    input: &[u8],
-    in_ptr: u64,
-    out_ptr: u64,
-    outlen: u32,
-    token: u8,
-) -> [u8; CMD_ENTRY_SIZE] {
-    let mut e = [0u8; CMD_ENTRY_SIZE];
-    e[0] = MLX5_PCI_CMD_XPORT;
-    let inlen = u32::try_from(input.len()).unwrap_or(u32::MAX);
-    e[CMD_INLEN_OFFSET..CMD_INLEN_OFFSET + 4].copy_from_slice(&inlen.to_be_bytes());
-    e[CMD_IN_PTR_OFFSET..CMD_IN_PTR_OFFSET + 8].copy_from_slice(&in_ptr.to_be_bytes());
+pub fn encode_entry(input: &[u8], in_ptr: u64, out_ptr: u64, outlen: u32, token: u8) -> CmdLayout {
+    let mut e = CmdLayout::new_zeroed();
+    e.type_ = MLX5_PCI_CMD_XPORT;
+    e.inlen.set(u32::try_from(input.len()).unwrap_or(u32::MAX));
+    e.in_ptr.set(in_ptr);
     let n = input.len().min(INLINE_SIZE);
-    e[CMD_IN_OFFSET..CMD_IN_OFFSET + n].copy_from_slice(&input[..n]);
-    e[CMD_OUT_PTR_OFFSET..CMD_OUT_PTR_OFFSET + 8].copy_from_slice(&out_ptr.to_be_bytes());
-    e[CMD_OUTLEN_OFFSET..CMD_OUTLEN_OFFSET + 4].copy_from_slice(&outlen.to_be_bytes());
-    e[CMD_TOKEN_OFFSET] = token;
-    e[CMD_STATUS_OWN_OFFSET] = CMD_OWNER_HW;
-    e[CMD_SIG_OFFSET] = entry_signature(&e);
+    e.in_[..n].copy_from_slice(&input[..n]);
+    e.out_ptr.set(out_ptr);
+    e.outlen.set(outlen);
+    e.token = token;
+    e.status_own = CMD_OWNER_HW;
+    let bytes: [u8; CMD_ENTRY_SIZE] = zerocopy::transmute!(e);
+    e.sig = entry_signature(&bytes);
     e
 }
 
-/// The inline output bytes of a completed entry.
-pub fn entry_out(entry: &[u8; CMD_ENTRY_SIZE]) -> [u8; INLINE_SIZE] {
-    let mut o = [0u8; INLINE_SIZE];
-    o.copy_from_slice(&entry[CMD_OUT_OFFSET..CMD_OUT_OFFSET + INLINE_SIZE]);
-    o
+/// Reads the entry at `iova` back (after the device handed it to software).
+pub fn read_entry(arena: &DmaArena, iova: u64) -> Result<CmdLayout, ArenaError> {
+    let mut e = CmdLayout::new_zeroed();
+    arena.read(iova, e.as_mut_bytes())?;
+    Ok(e)
 }
+
+const _: () = assert!(core::mem::size_of::<CmdLayout>() == CMD_ENTRY_SIZE);
+const _: () = assert!(core::mem::size_of::<CmdInHeader>() == INLINE_SIZE);
 
 #[cfg(test)]
 mod tests {
@@ -179,9 +198,18 @@ mod tests {
     }
 
     #[test]
+    fn new_input_sets_opcode_and_op_mod_big_endian() {
+        let m = new_input(Opcode::QueryHcaCap, 0x41, 16);
+        assert_eq!(&m[..8], &[0x01, 0x00, 0, 0, 0, 0, 0, 0x41]);
+        let h = in_header(&m);
+        assert_eq!((h.opcode.get(), h.op_mod.get()), (0x100, 0x41));
+    }
+
+    #[test]
     fn entry_has_sheet_fields_and_xors_to_ff() {
         let input: Vec<u8> = (0..40u8).collect();
         let e = encode_entry(&input, 0x1000, 0x2000, 0x1010, 7);
+        let e = e.as_bytes();
         assert_eq!(e[0], 7);
         assert_eq!(&e[4..8], &40u32.to_be_bytes());
         assert_eq!(&e[8..16], &0x1000u64.to_be_bytes());
@@ -190,12 +218,13 @@ mod tests {
         assert_eq!(&e[0x38..0x3c], &0x1010u32.to_be_bytes());
         assert_eq!(e[0x3c], 7);
         assert_eq!(e[0x3f], 1);
-        assert_eq!(xor(&e), 0xff);
+        assert_eq!(xor(e), 0xff);
     }
 
     #[test]
     fn short_input_is_zero_padded_inline() {
         let e = encode_entry(&[1, 4], 0, 0, 16, 1);
+        let e = e.as_bytes();
         assert_eq!(
             &e[16..32],
             &[1, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
@@ -205,7 +234,7 @@ mod tests {
 
     #[test]
     fn chains_of_zero_one_and_many_blocks() {
-        let mut a = arena();
+        let a = arena();
         for (len, blocks) in [
             (16usize, 0usize),
             (17, 1),
@@ -215,7 +244,7 @@ mod tests {
             (0x1010, 8),
         ] {
             let msg: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
-            let mut c = build_chain(&mut a, len, 0x42, Some(&msg[16.min(len)..])).unwrap();
+            let mut c = build_chain(&a, len, 0x42, Some(&msg[16.min(len)..])).unwrap();
             assert_eq!(c.len(), blocks, "len {len}");
             for (n, &b) in c.blocks().iter().enumerate() {
                 let mut raw = [0u8; MAILBOX_BLOCK_SIZE];
@@ -233,17 +262,17 @@ mod tests {
             let mut back = vec![0u8; len.saturating_sub(16)];
             read_chain(&a, &c, &mut back).unwrap();
             assert_eq!(back, msg[16.min(len)..]);
-            free_chain(&mut a, &mut c);
+            free_chain(&a, &mut c);
             assert_eq!(a.free_blocks(), 64);
         }
     }
 
     #[test]
     fn running_out_of_blocks_is_an_error_and_leaks_nothing() {
-        let mut a = arena();
+        let a = arena();
         let too_big = 16 + 65 * 512;
         assert!(matches!(
-            build_chain(&mut a, too_big, 1, None),
+            build_chain(&a, too_big, 1, None),
             Err(ChainError::NoBlocks { need: 65, .. })
         ));
         assert_eq!(a.free_blocks(), 64);

@@ -69,7 +69,7 @@ impl EventQueue {
     /// Allocates the buffer (4 KiB pages, `log_page_size` 0) for 2^`log_size` EQEs and
     /// sets every owner byte to 1 (`MLX5_EQE_OWNER_INIT_VAL`), as `init_eq_buf` does.
     pub fn alloc(
-        arena: &mut DmaArena,
+        arena: &DmaArena,
         log_size: u32,
         uar_page: u32,
         vector: u16,
@@ -109,7 +109,7 @@ impl EventQueue {
     }
 
     /// Returns the buffer pages to the arena (after DESTROY_EQ).
-    pub fn free(self, arena: &mut DmaArena) {
+    pub fn free(self, arena: &DmaArena) {
         for p in self.pages {
             if let Err(e) = arena.free_page(p) {
                 tracing::error!(error = %e, "EQ page bookkeeping");
@@ -257,8 +257,8 @@ mod tests {
 
     #[test]
     fn fresh_ring_is_all_device_owned() {
-        let mut a = arena();
-        let mut eq = EventQueue::alloc(&mut a, 3, 3, 0).unwrap();
+        let a = arena();
+        let mut eq = EventQueue::alloc(&a, 3, 3, 0).unwrap();
         assert_eq!(eq.pages().len(), 1);
         assert!(eq.next(&a).unwrap().is_none());
         assert_eq!(eq.ci(), 0);
@@ -266,9 +266,9 @@ mod tests {
 
     #[test]
     fn owner_parity_flips_each_pass_and_ring_spans_pages() {
-        let mut a = arena();
+        let a = arena();
         // 128 entries of 64 bytes = 2 pages.
-        let mut eq = EventQueue::alloc(&mut a, 7, 3, 0).unwrap();
+        let mut eq = EventQueue::alloc(&a, 7, 3, 0).unwrap();
         assert_eq!(eq.pages().len(), 2);
         for pi in 0..300u32 {
             produce(&a, &eq, pi, 1 << (pi % 32));
@@ -282,8 +282,8 @@ mod tests {
 
     #[test]
     fn drain_is_bounded_by_the_ring_and_updates_ci_on_the_way() {
-        let mut a = arena();
-        let mut eq = EventQueue::alloc(&mut a, CMD_EQ_LOG_SIZE, 5, 0).unwrap();
+        let a = arena();
+        let mut eq = EventQueue::alloc(&a, CMD_EQ_LOG_SIZE, 5, 0).unwrap();
         eq.set_eqn(9);
         assert_eq!(eq.nent(), 256);
         // A device that marks every entry ours (owner 0 on the first pass): a hostile
@@ -314,8 +314,8 @@ mod tests {
 
     #[test]
     fn create_input_carries_the_eqc_and_pas() {
-        let mut a = arena();
-        let mut eq = EventQueue::alloc(&mut a, CMD_EQ_LOG_SIZE, 7, 0).unwrap();
+        let a = arena();
+        let mut eq = EventQueue::alloc(&a, CMD_EQ_LOG_SIZE, 7, 0).unwrap();
         eq.set_eqn(1);
         let m = eq.create_input(1 << EVENT_TYPE_CMD);
         assert_eq!(m.len(), 0x110 + 8 * 4);
@@ -327,23 +327,23 @@ mod tests {
         for (i, p) in eq.pages().iter().enumerate() {
             assert_eq!(&m[0x110 + 8 * i..0x118 + 8 * i], &p.to_be_bytes());
         }
-        eq.free(&mut a);
+        eq.free(&a);
     }
 
     #[test]
     fn bad_sizes_are_refused() {
-        let mut a = arena();
+        let a = arena();
         assert!(matches!(
-            EventQueue::alloc(&mut a, 0, 3, 0),
+            EventQueue::alloc(&a, 0, 3, 0),
             Err(EqError::Size(0))
         ));
         assert!(matches!(
-            EventQueue::alloc(&mut a, 13, 3, 0),
+            EventQueue::alloc(&a, 13, 3, 0),
             Err(EqError::Size(13))
         ));
         // 2^12 entries need 64 pages; this arena has fewer.
         assert!(matches!(
-            EventQueue::alloc(&mut a, 12, 3, 0),
+            EventQueue::alloc(&a, 12, 3, 0),
             Err(EqError::NoPages { need: 64 })
         ));
     }

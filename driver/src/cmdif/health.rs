@@ -12,7 +12,8 @@ use mlx5_prm::iseg::{
 };
 use mlx5_prm::NicInterface;
 
-use super::{read32, CmdError, CmdIf, BAR0};
+use super::init::{read32, BAR0};
+use super::{CmdError, CmdIf};
 
 /// What `health.fw_ver` (0x230) reads on a dead link (`sensor_pci_not_working`).
 pub const FW_VER_DEAD: u32 = 0xffff_ffff;
@@ -43,9 +44,10 @@ pub enum HealthFault {
 impl CmdIf {
     /// Reads the health buffer and `nic_interface`: `Ok(None)` when healthy. Two BAR0
     /// reads; it does not touch the command queue.
-    pub fn health(&mut self) -> Result<Option<HealthFault>, CmdError> {
+    pub fn health(&self) -> Result<Option<HealthFault>, CmdError> {
         let mut raw = [0u8; HEALTH_SIZE];
-        self.client.region_read(BAR0, HEALTH_OFFSET, &mut raw)?;
+        let mut client = self.client();
+        client.region_read(BAR0, HEALTH_OFFSET, &mut raw)?;
         let fw_ver = u32::from_be_bytes([
             raw[FW_VER_AT],
             raw[FW_VER_AT + 1],
@@ -56,7 +58,7 @@ impl CmdIf {
             return Ok(Some(HealthFault::PciCommErr));
         }
         let nic = NicInterface::try_from(nic_interface_bits(read32(
-            &mut self.client,
+            &mut client,
             CMDQ_ADDR_L_SZ_OFFSET,
         )?));
         if let Ok(n @ (NicInterface::Disabled | NicInterface::SwReset)) = nic {

@@ -6,9 +6,15 @@
 //! it drives one VF through the PF's command interface, naming it by `vhca_id`.
 //!
 //! # Locking and reset
-//! One mutex (`state_mutex`) guards the state, the migration files and every firmware
-//! command issued for the VF; it is held across those commands, as in mlx5vf. The PF's
-//! [`Hca`] has its own mutex, taken inside (order: device, then PF). [`MigrationDevice::reset`]
+//! Lock order: `Shared::inner` (this VF's `state_mutex`), then `Shared::reset_pending`
+//! (`reset_lock`), then the PF command interface's own short locks ([`crate::cmdif`]).
+//!
+//! `state_mutex` guards this VF's state and migration files and serialises the VF's
+//! operations, as mlx5vf does: it is held while an arc's commands run, because the
+//! arc's outcome decides the state. It is per VF, so it never delays another VF: the
+//! PF is shared as an `Arc<Hca>` whose command interface takes no lock across a wait,
+//! and commands for different VFs are in flight on different slots together.
+//! [`MigrationDevice::reset`]
 //! is mlx5vf's `reset_done`: it marks a reset as pending and, if the state mutex is
 //! busy (a command in flight), leaves it to the holder, which carries it out when it
 //! unlocks (`mlx5vf_state_mutex_unlock`). A reset lands in RUNNING, closes the data
@@ -29,7 +35,7 @@
 
 pub mod arcs;
 pub mod fsm;
-pub mod layout;
+pub mod fw;
 pub mod precopy;
 pub mod resume;
 pub mod stream;
@@ -37,10 +43,13 @@ pub mod stream;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::cmdif::{CmdError, HealthFault};
+use mlx5_prm::cmd::migration::ResumeOpMod;
+
+use crate::cmdif::{ArenaError, CmdError, HealthFault};
 use crate::hca::{Hca, HcaError, MigrationCaps};
-use arcs::{Fw, Opened};
+use arcs::Opened;
 use fsm::{FsmError, MigFlags, MigState};
+use fw::Fw;
 use precopy::SaveFile;
 pub use precopy::{PrecopyInfo, SaveState, SaveStats};
 use resume::ResumeFile;
@@ -79,10 +88,48 @@ pub enum MigError {
         #[source]
         source: StreamError,
     },
-    #[error("{why}")]
-    Device { errno: i32, why: String },
     #[error("VF {vf} does not support migration: {why}")]
-    NotSupported { vf: u16, why: String },
+    NotSupported { vf: u16, why: &'static str },
+    #[error("a migration device starts in RUNNING, RUNNING_P2P or STOP, not {state}")]
+    BadInitialState { state: MigState },
+    #[error("{from} -> {to} is not an arc this driver implements (the state machine offered it; a driver bug)")]
+    NotAnArc { from: MigState, to: MigState },
+    #[error("{from} -> {to} opened a data stream inside a path; the stream was closed")]
+    StreamInsidePath { from: MigState, to: MigState },
+    #[error("{op} on a {dir:?} stream")]
+    WrongDirection { op: &'static str, dir: Opened },
+    #[error("QUERY_VHCA_MIGRATION_STATE reported migration_state {value:#x}, which this driver does not know")]
+    UnknownMigrationState { value: u8 },
+    #[error("SAVE_VHCA_STATE reported an image of {image} bytes in a {buffer}-byte buffer")]
+    ImageOverflow { image: u64, buffer: u64 },
+    #[error("a {bytes}-byte migration buffer exceeds the largest SAVE/LOAD buffer ({max} bytes)")]
+    BufferTooLarge { bytes: u64, max: u64 },
+    #[error("a {bytes}-byte migration buffer needs {pages} pages, the PF's DMA arena has {free} free (raise the arena size)")]
+    ArenaExhausted {
+        bytes: u64,
+        pages: usize,
+        free: usize,
+    },
+    #[error("access of {len} bytes at offset {offset} outside a {size}-byte migration buffer")]
+    BufferRange { offset: u64, len: u64, size: u64 },
+    #[error("migration buffer access: {source}")]
+    BufferAccess {
+        #[source]
+        source: ArenaError,
+    },
+    #[error("stop-copy buffer size overflows (device state of {state_size} bytes plus 10%)")]
+    StopCopySizeOverflow { state_size: u64 },
+    #[error("pre-copy cleanup SAVE failed: {source}")]
+    PreCopyCleanup {
+        #[source]
+        source: Box<MigError>,
+    },
+    #[error(
+        "the saving file had failed before pre-copy ended; the data read so far is not usable"
+    )]
+    SaveFailedEarlier,
+    #[error("no stream data queued yet; read again")]
+    NoDataYet,
     #[error("the device is in ERROR; only a reset leaves it")]
     InError,
     #[error("{0} is only valid in PRE_COPY or PRE_COPY_P2P")]
@@ -104,8 +151,20 @@ impl MigError {
             MigError::Fsm(e) => -e.errno().abs(),
             MigError::Stream(e) => e.errno(),
             MigError::Incomplete { .. } => -libc::EINVAL,
-            MigError::Device { errno, .. } => *errno,
             MigError::NotSupported { .. } => -libc::EOPNOTSUPP,
+            MigError::BadInitialState { .. }
+            | MigError::NotAnArc { .. }
+            | MigError::StreamInsidePath { .. }
+            | MigError::WrongDirection { .. }
+            | MigError::BufferRange { .. } => -libc::EINVAL,
+            MigError::UnknownMigrationState { .. }
+            | MigError::ImageOverflow { .. }
+            | MigError::BufferAccess { .. }
+            | MigError::PreCopyCleanup { .. }
+            | MigError::SaveFailedEarlier => -libc::EIO,
+            MigError::BufferTooLarge { .. } | MigError::ArenaExhausted { .. } => -libc::ENOMEM,
+            MigError::StopCopySizeOverflow { .. } => -libc::EOVERFLOW,
+            MigError::NoDataYet => -libc::EAGAIN,
             MigError::InError | MigError::NotPreCopy(_) => -libc::EINVAL,
             MigError::NoDev => -libc::ENODEV,
             MigError::NoMsg => -libc::ENOMSG,
@@ -145,8 +204,19 @@ impl MigError {
             self,
             MigError::Cmd { .. }
                 | MigError::Hca { .. }
-                | MigError::Device { .. }
                 | MigError::Stream(StreamError::Sink { .. })
+                | MigError::NotAnArc { .. }
+                | MigError::StreamInsidePath { .. }
+                | MigError::UnknownMigrationState { .. }
+                | MigError::ImageOverflow { .. }
+                | MigError::BufferTooLarge { .. }
+                | MigError::ArenaExhausted { .. }
+                | MigError::BufferRange { .. }
+                | MigError::BufferAccess { .. }
+                | MigError::StopCopySizeOverflow { .. }
+                | MigError::PreCopyCleanup { .. }
+                | MigError::SaveFailedEarlier
+                | MigError::NoDataYet
         )
     }
 
@@ -169,7 +239,7 @@ impl MigError {
 fn cmd_is_fatal(e: &CmdError) -> bool {
     matches!(
         e,
-        CmdError::Timeout { .. } | CmdError::Vfu(_) | CmdError::Aborted(_) | CmdError::Irq(_)
+        CmdError::Timeout { .. } | CmdError::Vfu(_) | CmdError::Aborted { .. } | CmdError::Irq(_)
     )
 }
 
@@ -184,7 +254,7 @@ pub struct VfInfo {
 
 /// State under `state_mutex`.
 pub(crate) struct Inner {
-    pub(crate) pf: Arc<Mutex<Hca>>,
+    pub(crate) pf: Arc<Hca>,
     pub(crate) vhca_id: u16,
     pub(crate) chunk_mode: bool,
     pub(crate) state: MigState,
@@ -196,7 +266,7 @@ pub(crate) struct Inner {
 
 impl Inner {
     /// `mlx5vf_disable_fds`: closes both files and frees their buffers and PDs.
-    pub(crate) fn disable_fds(&mut self, fw: &mut Fw<'_>) {
+    pub(crate) fn disable_fds(&mut self, fw: &Fw<'_>) {
         if let Some(f) = self.saving.take() {
             f.close(fw);
         }
@@ -212,13 +282,12 @@ impl Inner {
             return;
         }
         let pf = self.pf.clone();
-        let mut hca = lock(&pf);
-        let mut fw = Fw {
-            hca: &mut hca,
+        let fw = Fw {
+            hca: &pf,
             vhca_id: self.vhca_id,
             chunk_mode: self.chunk_mode,
         };
-        self.disable_fds(&mut fw);
+        self.disable_fds(&fw);
     }
 
     /// Drops both files without a firmware command: the device cannot be reached (or
@@ -252,13 +321,12 @@ impl Inner {
         }
         self.disable_fds_locked();
         let pf = self.pf.clone();
-        let mut hca = lock(&pf);
-        let mut fw = Fw {
-            hca: &mut hca,
+        let fw = Fw {
+            hca: &pf,
             vhca_id: self.vhca_id,
             chunk_mode: self.chunk_mode,
         };
-        for op_mod in [layout::RESUME_RESPONDER, layout::RESUME_INITIATOR] {
+        for op_mod in [ResumeOpMod::Responder, ResumeOpMod::Initiator] {
             if let Err(e) = fw.resume(op_mod) {
                 tracing::debug!(error = %e, "reset: RESUME_VHCA (already running?)");
             }
@@ -266,27 +334,23 @@ impl Inner {
         self.state = MigState::Running;
     }
 
-    fn fw_call<T>(&mut self, f: impl FnOnce(&mut Fw<'_>, &mut Self) -> T) -> T {
+    fn fw_call<T>(&mut self, f: impl FnOnce(&Fw<'_>, &mut Self) -> T) -> T {
         let pf = self.pf.clone();
-        let mut hca = lock(&pf);
-        let mut fw = Fw {
-            hca: &mut hca,
+        let fw = Fw {
+            hca: &pf,
             vhca_id: self.vhca_id,
             chunk_mode: self.chunk_mode,
         };
-        f(&mut fw, self)
+        f(&fw, self)
     }
 
     /// The PF's health (BAR0 health buffer and nic_interface). A failure to read it is
     /// a transport failure, itself fatal.
     fn check_health(&mut self) -> Result<(), MigError> {
-        let fault = lock(&self.pf)
-            .cmd()
-            .health()
-            .map_err(|source| MigError::Cmd {
-                what: "read the PF's health",
-                source,
-            })?;
+        let fault = self.pf.cmd().health().map_err(|source| MigError::Cmd {
+            what: "read the PF's health",
+            source,
+        })?;
         match fault {
             None => Ok(()),
             Some(f) => Err(MigError::Unhealthy(f)),
@@ -403,27 +467,24 @@ impl MigrationDevice {
     /// Probes VF `vf` through the PF (up): its vhca_id (QUERY_HCA_CAP other_function,
     /// function_id = vf + 1) and the caps mlx5vf requires (migration, multi_load,
     /// tracking_state); chunk mode if migration_in_chunks. Starts in RUNNING.
-    pub fn new(pf: Arc<Mutex<Hca>>, vf: u16) -> Result<Self, MigError> {
+    pub fn new(pf: Arc<Hca>, vf: u16) -> Result<Self, MigError> {
         Self::with_state(pf, vf, MigState::Running)
     }
 
     /// As [`MigrationDevice::new`], starting from `state` (RUNNING, RUNNING_P2P or
     /// STOP: e.g. what `mlx5vf state` inferred from the firmware).
-    pub fn with_state(pf: Arc<Mutex<Hca>>, vf: u16, state: MigState) -> Result<Self, MigError> {
+    pub fn with_state(pf: Arc<Hca>, vf: u16, state: MigState) -> Result<Self, MigError> {
         if !matches!(
             state,
             MigState::Running | MigState::RunningP2p | MigState::Stop
         ) {
-            return Err(MigError::Device {
-                errno: -libc::EINVAL,
-                why: format!("a device can start in RUNNING, RUNNING_P2P or STOP, not {state}"),
-            });
+            return Err(MigError::BadInitialState { state });
         }
         let function_id = vf.checked_add(1).ok_or(MigError::NotSupported {
             vf,
-            why: "VF number too large".into(),
+            why: "VF number too large",
         })?;
-        let other = lock(&pf)
+        let other = pf
             .query_other_caps(function_id)
             .map_err(|source| MigError::Hca {
                 what: "query the VF's caps",
@@ -433,13 +494,13 @@ impl MigrationDevice {
         if !caps.migration {
             return Err(MigError::NotSupported {
                 vf,
-                why: "cmd_hca_cap.migration is 0".into(),
+                why: "cmd_hca_cap.migration is 0",
             });
         }
         if !(caps.multi_load && caps.tracking_state) {
             return Err(MigError::NotSupported {
                 vf,
-                why: "PRE_COPY needs migration_multi_load and migration_tracking_state".into(),
+                why: "PRE_COPY needs migration_multi_load and migration_tracking_state",
             });
         }
         let info = VfInfo {
@@ -514,10 +575,7 @@ impl MigrationDevice {
                     if o.is_some() && i != last {
                         tracing::warn!(%from, %to, "a data stream opened inside a path");
                         g.disable_fds_locked();
-                        return Err(MigError::Device {
-                            errno: -libc::EINVAL,
-                            why: format!("{from} -> {to} opened a stream inside a path"),
-                        });
+                        return Err(MigError::StreamInsidePath { from, to });
                     }
                     opened = o;
                 }
@@ -649,26 +707,22 @@ impl DataStream {
     /// Reads the saving stream: ENOMSG at the pre-copy temporary end, 0 at the end of
     /// STOP_COPY, ENODEV once closed or failed.
     pub fn read_data(&mut self, buf: &mut [u8]) -> Result<usize, MigError> {
-        self.stream_io(
-            Opened::Saving,
-            "read on a resuming stream",
-            |fw, inner| match inner.saving.as_mut() {
+        self.stream_io(Opened::Saving, "read", |fw, inner| {
+            match inner.saving.as_mut() {
                 Some(f) => f.read(fw, buf),
                 None => Err(MigError::NoDev),
-            },
-        )
+            }
+        })
     }
 
     /// Writes any part of the resuming stream; one LOAD per complete FW_DATA record.
     pub fn write_data(&mut self, data: &[u8]) -> Result<usize, MigError> {
-        self.stream_io(
-            Opened::Resuming,
-            "write on a saving stream",
-            |fw, inner| match inner.resuming.as_mut() {
+        self.stream_io(Opened::Resuming, "write", |fw, inner| {
+            match inner.resuming.as_mut() {
                 Some(f) => f.write(fw, data),
                 None => Err(MigError::NoDev),
-            },
-        )
+            }
+        })
     }
 
     /// One read or write of this stream: EINVAL in the wrong direction, ENODEV once the
@@ -676,13 +730,13 @@ impl DataStream {
     fn stream_io(
         &mut self,
         dir: Opened,
-        wrong_dir: &str,
-        f: impl FnOnce(&mut Fw<'_>, &mut Inner) -> Result<usize, MigError>,
+        wrong_dir: &'static str,
+        f: impl FnOnce(&Fw<'_>, &mut Inner) -> Result<usize, MigError>,
     ) -> Result<usize, MigError> {
         if self.dir != dir {
-            return Err(MigError::Device {
-                errno: -libc::EINVAL,
-                why: wrong_dir.into(),
+            return Err(MigError::WrongDirection {
+                op: wrong_dir,
+                dir: self.dir,
             });
         }
         let mut g = self.lock();

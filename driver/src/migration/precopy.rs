@@ -13,10 +13,16 @@
 
 use std::collections::VecDeque;
 
-use super::arcs::{Fw, MigBuf};
-use super::layout::{MAX_CHUNK_SIZE, MAX_NUM_CHUNKS, RECORD_HEADER_LEN, STATUS_BAD_RES_STATE};
-use super::stream::{stop_copy_size_record, RecordHeader};
+use mlx5_prm::cmd::migration::MAX_CHUNK_SIZE;
+use mlx5_prm::migration_stream::{RecordHeader, RECORD_HEADER_LEN};
+use mlx5_prm::CmdStatus;
+
+use super::fw::{Fw, MigBuf};
+use super::stream::stop_copy_size_record;
 use super::MigError;
+
+/// mlx5vf's `MAX_NUM_CHUNKS`: stop-copy chunks in flight (double buffering).
+const MAX_NUM_CHUNKS: usize = 2;
 
 /// Buffers kept on the avail list at most (the rest are freed).
 const MAX_AVAIL: usize = 4;
@@ -99,7 +105,7 @@ pub struct SaveFile {
 impl SaveFile {
     /// `mlx5vf_pci_save_device_data`: PD, QUERY, stop-copy buffers and the
     /// STOP_COPY_SIZE record, then the first SAVE (tracked for pre-copy).
-    pub fn open(fw: &mut Fw<'_>, track: bool) -> Result<SaveFile, MigError> {
+    pub fn open(fw: &Fw<'_>, track: bool) -> Result<SaveFile, MigError> {
         let pd = fw.alloc_pd()?;
         let mut f = SaveFile {
             pd,
@@ -129,7 +135,7 @@ impl SaveFile {
         }
     }
 
-    fn start(&mut self, fw: &mut Fw<'_>, track: bool) -> Result<(), MigError> {
+    fn start(&mut self, fw: &Fw<'_>, track: bool) -> Result<(), MigError> {
         let q = fw.query(false)?;
         self.prep_stop_copy(fw, q.required_umem_size, q.total, track)?;
         if track {
@@ -145,7 +151,7 @@ impl SaveFile {
     /// `mlx5vf_prep_stop_copy`.
     fn prep_stop_copy(
         &mut self,
-        fw: &mut Fw<'_>,
+        fw: &Fw<'_>,
         state_size: u64,
         full_size: u64,
         track: bool,
@@ -157,10 +163,9 @@ impl SaveFile {
             )
         } else if track {
             let extra = state_size / 10;
-            let inc = state_size.checked_add(extra).ok_or(MigError::Device {
-                errno: -libc::EOVERFLOW,
-                why: "stop-copy size overflows".into(),
-            })?;
+            let inc = state_size
+                .checked_add(extra)
+                .ok_or(MigError::StopCopySizeOverflow { state_size })?;
             (inc, 1)
         } else {
             (state_size, 1)
@@ -182,7 +187,7 @@ impl SaveFile {
     }
 
     /// Chunk slot `i`'s buffer, grown to `min_size` if needed.
-    fn take_chunk(&mut self, fw: &mut Fw<'_>, i: usize, min_size: u64) -> Result<MigBuf, MigError> {
+    fn take_chunk(&mut self, fw: &Fw<'_>, i: usize, min_size: u64) -> Result<MigBuf, MigError> {
         match self.chunks.get_mut(i).and_then(Option::take) {
             Some(b) if b.size() >= min_size => Ok(b),
             Some(b) => {
@@ -194,14 +199,14 @@ impl SaveFile {
     }
 
     /// `mlx5vf_get_data_buffer`: a buffer from the avail list or a new one.
-    fn data_buffer(&mut self, fw: &mut Fw<'_>, size: u64) -> Result<MigBuf, MigError> {
+    fn data_buffer(&mut self, fw: &Fw<'_>, size: u64) -> Result<MigBuf, MigError> {
         if let Some(i) = self.avail.iter().position(|b| b.size() >= size.max(1)) {
             return Ok(self.avail.swap_remove(i));
         }
         MigBuf::alloc(fw, self.pd, size)
     }
 
-    fn put_home(&mut self, fw: &mut Fw<'_>, buf: MigBuf, home: Home) {
+    fn put_home(&mut self, fw: &Fw<'_>, buf: MigBuf, home: Home) {
         match home {
             Home::Chunk(i) if i < MAX_NUM_CHUNKS && self.chunks[i].is_none() => {
                 self.chunks[i] = Some(buf)
@@ -214,7 +219,7 @@ impl SaveFile {
     /// `mlx5vf_cmd_save_vhca_state` and its completion callback, synchronously.
     fn save(
         &mut self,
-        fw: &mut Fw<'_>,
+        fw: &Fw<'_>,
         buf: MigBuf,
         home: Home,
         inc: bool,
@@ -232,7 +237,7 @@ impl SaveFile {
             Err(e) => {
                 self.put_home(fw, buf, home);
                 let bad_res_state = matches!(&e, MigError::Cmd { source, .. }
-                    if source.status() == Some(STATUS_BAD_RES_STATE));
+                    if source.status() == Some(CmdStatus::BadResStateErr));
                 self.state = if !stop_copy_chunk && bad_res_state {
                     SaveState::PreCopyError
                 } else {
@@ -255,7 +260,7 @@ impl SaveFile {
         let initial_pre_copy = self.state != SaveState::PreCopy && !stop_copy_chunk;
         self.stats.image_bytes += image;
         if image > 0 {
-            self.push(Seg::Bytes(RecordHeader::fw_data(image).encode().to_vec()));
+            self.push(Seg::Bytes(RecordHeader::fw_data(image).to_bytes().to_vec()));
             self.push(Seg::Buf {
                 buf,
                 len: image,
@@ -286,7 +291,7 @@ impl SaveFile {
 
     /// Queues the next stop-copy chunk into the other slot, or defers it while both
     /// chunks are unread (MAX_NUM_CHUNKS).
-    fn next_chunk(&mut self, fw: &mut Fw<'_>, size: u64) -> Result<(), MigError> {
+    fn next_chunk(&mut self, fw: &Fw<'_>, size: u64) -> Result<(), MigError> {
         let slot = (self.last_chunk + 1) % MAX_NUM_CHUNKS;
         if self.chunks[slot].is_none() {
             self.deferred_chunk = Some(size);
@@ -298,7 +303,7 @@ impl SaveFile {
 
     /// PRE_COPY_P2P → STOP_COPY after SUSPEND responder
     /// (`mlx5vf_pci_save_device_inc_data`).
-    pub fn save_final(&mut self, fw: &mut Fw<'_>) -> Result<(), MigError> {
+    pub fn save_final(&mut self, fw: &Fw<'_>) -> Result<(), MigError> {
         if self.state == SaveState::Error {
             return Err(MigError::NoDev);
         }
@@ -319,7 +324,7 @@ impl SaveFile {
 
     /// PRE_COPY → RUNNING: QUERY(inc) and the cleanup SAVE (incremental 0, track 0)
     /// that tells the firmware tracking ends.
-    pub fn pre_copy_cleanup(&mut self, fw: &mut Fw<'_>) -> Result<(), MigError> {
+    pub fn pre_copy_cleanup(&mut self, fw: &Fw<'_>) -> Result<(), MigError> {
         if self.state == SaveState::Error {
             return Ok(()); // the arc reports EIO
         }
@@ -332,7 +337,7 @@ impl SaveFile {
     /// PRE_COPY (not PRE_COPY_P2P, where the device is quiesced and not queried).
     pub fn precopy_info(
         &mut self,
-        fw: &mut Fw<'_>,
+        fw: &Fw<'_>,
         device_pre_copy: bool,
     ) -> Result<PrecopyInfo, MigError> {
         let inc_length = if device_pre_copy {
@@ -370,7 +375,7 @@ impl SaveFile {
 
     /// `mlx5vf_save_read`: sequential; ENOMSG at the pre-copy temporary end, 0 at the
     /// stop-copy end, ENODEV after an error.
-    pub fn read(&mut self, fw: &mut Fw<'_>, out: &mut [u8]) -> Result<usize, MigError> {
+    pub fn read(&mut self, fw: &Fw<'_>, out: &mut [u8]) -> Result<usize, MigError> {
         if self.state == SaveState::Error {
             return Err(MigError::NoDev);
         }
@@ -416,10 +421,7 @@ impl SaveFile {
                 SaveState::PreCopy | SaveState::PreCopyError => Err(MigError::NoMsg),
                 SaveState::Complete => Ok(0),
                 SaveState::Error => Err(MigError::NoDev),
-                SaveState::Init | SaveState::StopCopyChunk => Err(MigError::Device {
-                    errno: -libc::EAGAIN,
-                    why: "no data queued yet".into(),
-                }),
+                SaveState::Init | SaveState::StopCopyChunk => Err(MigError::NoDataYet),
             };
         }
         Ok(done)
@@ -427,7 +429,7 @@ impl SaveFile {
 
     /// A segment was read whole: its buffer goes home; a freed chunk slot starts a
     /// deferred chunk SAVE.
-    fn release(&mut self, fw: &mut Fw<'_>, seg: Seg) -> Result<(), MigError> {
+    fn release(&mut self, fw: &Fw<'_>, seg: Seg) -> Result<(), MigError> {
         if let Seg::Buf { buf, home, .. } = seg {
             self.put_home(fw, buf, home);
             if matches!(home, Home::Chunk(_)) {
@@ -457,7 +459,7 @@ impl SaveFile {
     }
 
     /// Frees every buffer and the PD (`mlx5vf_disable_fd` + cleanup).
-    pub fn close(mut self, fw: &mut Fw<'_>) {
+    pub fn close(mut self, fw: &Fw<'_>) {
         for q in std::mem::take(&mut self.queue) {
             if let Seg::Buf { buf, .. } = q.seg {
                 buf.free(fw);

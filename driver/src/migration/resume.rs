@@ -2,7 +2,7 @@
 //! buffer and issuing one LOAD_VHCA_STATE per complete FW_DATA record
 //! (`mlx5vf_resume_write`).
 
-use super::arcs::{Fw, MigBuf};
+use super::fw::{Fw, MigBuf};
 use super::stream::{RecordSink, ResumeParser, SinkError, StreamError};
 use super::MigError;
 
@@ -16,7 +16,7 @@ pub struct ResumeFile {
 }
 
 struct Sink<'a, 'b> {
-    fw: &'a mut Fw<'b>,
+    fw: &'a Fw<'b>,
     pd: u32,
     buf: &'a mut Option<MigBuf>,
     loads: &'a mut u64,
@@ -82,7 +82,7 @@ impl RecordSink for Sink<'_, '_> {
 
 impl ResumeFile {
     /// STOP → RESUMING: a PD for the file; buffers come with the first record.
-    pub fn open(fw: &mut Fw<'_>) -> Result<ResumeFile, MigError> {
+    pub fn open(fw: &Fw<'_>) -> Result<ResumeFile, MigError> {
         Ok(ResumeFile {
             pd: fw.alloc_pd()?,
             parser: ResumeParser::new(),
@@ -92,7 +92,7 @@ impl ResumeFile {
     }
 
     /// One write of any part of the stream.
-    pub fn write(&mut self, fw: &mut Fw<'_>, data: &[u8]) -> Result<usize, MigError> {
+    pub fn write(&mut self, fw: &Fw<'_>, data: &[u8]) -> Result<usize, MigError> {
         let mut sink = Sink {
             fw,
             pd: self.pd,
@@ -131,7 +131,7 @@ impl ResumeFile {
         self.parser.stats().bytes
     }
 
-    pub fn close(mut self, fw: &mut Fw<'_>) {
+    pub fn close(mut self, fw: &Fw<'_>) {
         if let Some(b) = self.buf.take() {
             b.free(fw);
         }

@@ -16,68 +16,16 @@
 //! skips unknown optional records. The first error is sticky: every later write
 //! returns ENODEV, as mlx5vf's migf in `MLX5_MIGF_STATE_ERROR`.
 
-use super::layout::{
-    FLAGS_TAG_OPTIONAL, MAX_LOAD_SIZE, RECORD_HEADER_LEN, STOP_COPY_SIZE_PAYLOAD, TAG_FW_DATA,
+use mlx5_prm::cmd::migration::MAX_LOAD_SIZE;
+pub use mlx5_prm::migration_stream::RecordHeader;
+use mlx5_prm::migration_stream::{
+    RECORD_HEADER_LEN, STOP_COPY_SIZE_PAYLOAD_LEN as STOP_COPY_SIZE_PAYLOAD, TAG_FW_DATA,
     TAG_STOP_COPY_SIZE,
 };
 
-/// One record header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RecordHeader {
-    pub record_size: u64,
-    pub flags: u32,
-    pub tag: u32,
-}
-
-impl RecordHeader {
-    /// The header of a FW_DATA record of `size` image bytes.
-    pub const fn fw_data(size: u64) -> Self {
-        RecordHeader {
-            record_size: size,
-            flags: 0,
-            tag: TAG_FW_DATA,
-        }
-    }
-
-    /// The STOP_COPY_SIZE record header (its payload is a le64).
-    pub const fn stop_copy_size() -> Self {
-        RecordHeader {
-            record_size: STOP_COPY_SIZE_PAYLOAD as u64,
-            flags: FLAGS_TAG_OPTIONAL,
-            tag: TAG_STOP_COPY_SIZE,
-        }
-    }
-
-    pub fn encode(&self) -> [u8; RECORD_HEADER_LEN] {
-        let mut b = [0u8; RECORD_HEADER_LEN];
-        b[0..8].copy_from_slice(&self.record_size.to_le_bytes());
-        b[8..12].copy_from_slice(&self.flags.to_le_bytes());
-        b[12..16].copy_from_slice(&self.tag.to_le_bytes());
-        b
-    }
-
-    pub fn decode(b: &[u8; RECORD_HEADER_LEN]) -> Self {
-        let mut s = [0u8; 8];
-        s.copy_from_slice(&b[0..8]);
-        let mut f = [0u8; 4];
-        f.copy_from_slice(&b[8..12]);
-        let mut t = [0u8; 4];
-        t.copy_from_slice(&b[12..16]);
-        RecordHeader {
-            record_size: u64::from_le_bytes(s),
-            flags: u32::from_le_bytes(f),
-            tag: u32::from_le_bytes(t),
-        }
-    }
-
-    pub fn is_optional(&self) -> bool {
-        self.flags & FLAGS_TAG_OPTIONAL != 0
-    }
-}
-
 /// The complete STOP_COPY_SIZE record (24 bytes) announcing `size`.
 pub fn stop_copy_size_record(size: u64) -> Vec<u8> {
-    let mut v = RecordHeader::stop_copy_size().encode().to_vec();
+    let mut v = RecordHeader::stop_copy_size().to_bytes().to_vec();
     v.extend_from_slice(&size.to_le_bytes());
     v
 }
@@ -299,7 +247,7 @@ impl ResumeParser {
                     rest = &rest[n..];
                     self.stats.bytes += n as u64;
                     if *have == RECORD_HEADER_LEN {
-                        let h = RecordHeader::decode(buf);
+                        let h: RecordHeader = zerocopy::transmute!(*buf);
                         self.record_start = offset + n as u64 - RECORD_HEADER_LEN as u64;
                         self.phase = self.next_phase(h, sink)?;
                     }
@@ -380,33 +328,34 @@ impl ResumeParser {
         sink: &mut dyn RecordSink,
     ) -> Result<Phase, StreamError> {
         let offset = self.record_start;
-        if h.record_size > MAX_LOAD_SIZE {
+        let (record_size, flags) = (h.record_size.get(), h.flags.get());
+        if record_size > MAX_LOAD_SIZE {
             return Err(StreamError::TooLarge {
-                size: h.record_size,
+                size: record_size,
                 offset,
             });
         }
-        match h.tag {
+        match h.tag.get() {
             TAG_FW_DATA => {
-                if h.record_size == 0 {
+                if record_size == 0 {
                     return Err(StreamError::EmptyImage { offset });
                 }
-                sink.prepare(h.record_size, self.stop_copy_prep_size)
+                sink.prepare(record_size, self.stop_copy_prep_size)
                     .map_err(|source| StreamError::Sink { offset, source })?;
                 Ok(Phase::Image {
-                    size: h.record_size,
+                    size: record_size,
                     got: 0,
                 })
             }
             TAG_STOP_COPY_SIZE => {
-                if h.record_size < STOP_COPY_SIZE_PAYLOAD as u64 {
+                if record_size < STOP_COPY_SIZE_PAYLOAD as u64 {
                     return Err(StreamError::BadStopCopySize {
-                        size: h.record_size,
+                        size: record_size,
                         offset,
                     });
                 }
                 Ok(Phase::StopCopySize {
-                    size: h.record_size,
+                    size: record_size,
                     got: 0,
                     value: [0; STOP_COPY_SIZE_PAYLOAD],
                 })
@@ -414,24 +363,20 @@ impl ResumeParser {
             tag if h.is_optional() => {
                 tracing::debug!(
                     tag,
-                    size = h.record_size,
+                    size = record_size,
                     offset,
                     "skipping an optional record"
                 );
-                if h.record_size == 0 {
+                if record_size == 0 {
                     self.stats.optional_records += 1;
                     return Ok(Self::header());
                 }
                 Ok(Phase::Skip {
-                    size: h.record_size,
+                    size: record_size,
                     got: 0,
                 })
             }
-            tag => Err(StreamError::UnknownMandatoryTag {
-                tag,
-                flags: h.flags,
-                offset,
-            }),
+            tag => Err(StreamError::UnknownMandatoryTag { tag, flags, offset }),
         }
     }
 }
@@ -439,6 +384,7 @@ impl ResumeParser {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mlx5_prm::migration_stream::FLAGS_TAG_OPTIONAL;
     use rand::{Rng, SeedableRng};
 
     /// A sink that keeps every loaded image.
@@ -477,7 +423,7 @@ mod tests {
     }
 
     fn record(h: RecordHeader, payload: &[u8]) -> Vec<u8> {
-        let mut v = h.encode().to_vec();
+        let mut v = h.to_bytes().to_vec();
         v.extend_from_slice(payload);
         v
     }
@@ -493,11 +439,7 @@ mod tests {
             if i == 1 {
                 // An unknown optional record in the middle is skipped.
                 s.extend(record(
-                    RecordHeader {
-                        record_size: 5,
-                        flags: FLAGS_TAG_OPTIONAL,
-                        tag: 0x40,
-                    },
+                    RecordHeader::new(5, FLAGS_TAG_OPTIONAL, 0x40),
                     b"hello",
                 ));
             }
@@ -566,7 +508,7 @@ mod tests {
     fn oversized_record_is_refused_with_enomem_and_later_writes_get_enodev() {
         let mut p = ResumeParser::new();
         let mut sink = VecSink::default();
-        let h = RecordHeader::fw_data(MAX_LOAD_SIZE + 1).encode();
+        let h = RecordHeader::fw_data(MAX_LOAD_SIZE + 1).to_bytes();
         // Split inside the header: nothing happens before the 16th byte.
         assert_eq!(p.write(&h[..7], &mut sink), Ok(7));
         let e = p.write(&h[7..], &mut sink).unwrap_err();
@@ -594,7 +536,7 @@ mod tests {
                 unreachable!("never complete")
             }
         }
-        let h = RecordHeader::fw_data(MAX_LOAD_SIZE).encode();
+        let h = RecordHeader::fw_data(MAX_LOAD_SIZE).to_bytes();
         assert_eq!(p.write(&h, &mut Lazy), Ok(16));
         assert!(p.check_complete().is_err());
     }
@@ -603,21 +545,9 @@ mod tests {
     fn unknown_mandatory_tag_is_eopnotsupp_and_optional_is_skipped() {
         let mut p = ResumeParser::new();
         let mut sink = VecSink::default();
-        let opt = record(
-            RecordHeader {
-                record_size: 3,
-                flags: FLAGS_TAG_OPTIONAL,
-                tag: 7,
-            },
-            b"abc",
-        );
+        let opt = record(RecordHeader::new(3, FLAGS_TAG_OPTIONAL, 7), b"abc");
         assert_eq!(p.write(&opt, &mut sink), Ok(opt.len()));
-        let bad = RecordHeader {
-            record_size: 3,
-            flags: 0,
-            tag: 7,
-        }
-        .encode();
+        let bad = RecordHeader::new(3, 0, 7).to_bytes();
         let e = p.write(&bad, &mut sink).unwrap_err();
         assert_eq!(e.errno(), -libc::EOPNOTSUPP);
         assert!(e.to_string().contains("0x7"), "{e}");
@@ -660,11 +590,7 @@ mod tests {
             .unwrap();
         assert_eq!(p.stop_copy_prep_size(), MAX_LOAD_SIZE);
         let mut p = ResumeParser::new();
-        let short = RecordHeader {
-            record_size: 4,
-            flags: FLAGS_TAG_OPTIONAL,
-            tag: TAG_STOP_COPY_SIZE,
-        };
+        let short = RecordHeader::new(4, FLAGS_TAG_OPTIONAL, TAG_STOP_COPY_SIZE);
         let e = p.write(&record(short, &[0; 4]), &mut sink).unwrap_err();
         assert_eq!(e.errno(), -libc::EINVAL);
     }

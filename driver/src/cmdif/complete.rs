@@ -1,0 +1,331 @@
+//! Completing commands: waiting for tickets, the one thread at a time that drives
+//! completion (scanning `status_own` in polling mode, consuming the command EQ and
+//! blocking on its eventfd in event mode) without the queue lock, and reading each
+//! completed entry's delivery status, output and command status.
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mlx5_prm::cmdq::{DELIVERY_STATUS_SHIFT, INLINE_SIZE};
+use mlx5_prm::{CmdStatus, DeliveryStatus};
+
+use super::entry::{out_header, read_chain, read_entry};
+use super::error::{opcode_name, CmdError};
+use super::init::BAR0;
+use super::slots::{Events, InFlight, Mode, Queue, Slot, Ticket};
+use super::CmdIf;
+
+/// Longest single block on the interrupt eventfd (or on the queue's condition
+/// variable) before deadlines are looked at again.
+pub(super) const EVENT_SLICE: Duration = Duration::from_millis(100);
+
+/// What one round of driving completion found, outside the lock.
+#[derive(Debug, Default)]
+struct Found {
+    /// Slots whose entry came back (polling) or that an EQE named (events).
+    slots: u32,
+    interrupts: u64,
+    eqes: u64,
+}
+
+impl CmdIf {
+    /// Waits for one posted command.
+    pub fn wait(&self, t: Ticket) -> Result<Vec<u8>, CmdError> {
+        self.wait_all(&[t])
+            .pop()
+            .unwrap_or(Err(CmdError::UnknownTicket { slot: t.slot }))
+    }
+
+    /// Waits for several posted commands; each has its own deadline.
+    pub fn wait_all(&self, tickets: &[Ticket]) -> Vec<Result<Vec<u8>, CmdError>> {
+        let failure = self.progress_until(tickets).err();
+        let mut q = self.lock_queue();
+        tickets
+            .iter()
+            .map(|t| match &failure {
+                Some(cause) if !q.is_done(*t) => {
+                    // The transport failed; the command may or may not have run.
+                    let (opcode, op_mod) = q.busy(*t).map_or((0, 0), |f| (f.opcode, f.op_mod));
+                    q.expire(*t);
+                    Err(CmdError::Aborted {
+                        opcode,
+                        op_mod,
+                        slot: t.slot,
+                        cause: cause.clone(),
+                    })
+                }
+                _ => q.collect(*t),
+            })
+            .collect()
+    }
+
+    /// Drives completion until every ticket is done or past its deadline. One waiter
+    /// at a time drives (without the queue lock); the others sleep on `done`.
+    pub(super) fn progress_until(&self, tickets: &[Ticket]) -> Result<(), Arc<CmdError>> {
+        let mut idle: u32 = 0;
+        let mut q = self.lock_queue();
+        loop {
+            let now = Instant::now();
+            let mut deadline: Option<Instant> = None;
+            for t in tickets {
+                let Some(d) = q.busy(*t).map(|f| f.deadline) else {
+                    continue;
+                };
+                if now >= d {
+                    q.expire(*t);
+                } else {
+                    deadline = Some(deadline.map_or(d, |m| m.min(d)));
+                }
+            }
+            let Some(deadline) = deadline else {
+                return Ok(());
+            };
+            let left = deadline.saturating_duration_since(now);
+            if q.driving {
+                q = self.wait_done(q, left.min(EVENT_SLICE));
+                continue;
+            }
+            q.driving = true;
+            let mut events = q.events.take();
+            let polling = q.mode == Mode::Polling;
+            let scan = if polling { q.outstanding() } else { Vec::new() };
+            drop(q);
+            let r = match events.as_mut() {
+                Some(ev) => self.drive_events(ev, left),
+                None => self.drive_polling(&scan),
+            };
+            q = self.lock_queue();
+            q.events = events;
+            q.driving = false;
+            let found = match r {
+                Ok(f) => {
+                    q.stats.interrupts += f.interrupts;
+                    q.stats.eqes += f.eqes;
+                    self.apply(&mut q, f.slots, polling)
+                }
+                Err(e) => {
+                    self.done.notify_all();
+                    return Err(Arc::new(e));
+                }
+            };
+            self.done.notify_all();
+            if found > 0 {
+                idle = 0;
+            } else if polling {
+                drop(q);
+                backoff(idle);
+                idle = idle.saturating_add(1);
+                q = self.lock_queue();
+            }
+        }
+    }
+
+    /// Polling mode: the slots of `scan` whose entry is back in software hands.
+    fn drive_polling(&self, scan: &[usize]) -> Result<Found, CmdError> {
+        let mut found = Found::default();
+        for &slot in scan {
+            if slot < 32 && self.owned_by_sw(slot)? {
+                found.slots |= 1 << slot;
+            }
+        }
+        Ok(found)
+    }
+
+    /// Event mode: takes EQEs; when none came, blocks on the eventfd (at most
+    /// `max_wait`, in slices) and takes them again.
+    fn drive_events(&self, ev: &mut Events, max_wait: Duration) -> Result<Found, CmdError> {
+        let mut found = Found::default();
+        self.drain_eq(ev, &mut found)?;
+        if found.slots != 0 {
+            return Ok(found);
+        }
+        let wait = max_wait.min(EVENT_SLICE);
+        let ms = i32::try_from(wait.as_millis().max(1)).unwrap_or(i32::MAX);
+        let mut pfd = libc::pollfd {
+            fd: ev.eventfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is a valid pollfd for the duration of the call and nfds is 1;
+        // the fd belongs to the eventfd we own, which outlives the call.
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(CmdError::Irq(e));
+            }
+        } else if rc > 0 {
+            match ev.eventfd.read() {
+                Ok(n) => found.interrupts += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(CmdError::Irq(e)),
+            }
+            self.drain_eq(ev, &mut found)?;
+        }
+        Ok(found)
+    }
+
+    /// Consumes the command EQ, notes the slots named, then updates CI and re-arms;
+    /// scans once more after arming so an EQE written before the arm is not missed.
+    fn drain_eq(&self, ev: &mut Events, found: &mut Found) -> Result<(), CmdError> {
+        // Pass 0 takes what is there; pass 1 runs after the arm, for an EQE the device
+        // wrote while the EQ was not armed (it raised no interrupt for it).
+        for _pass in 0..2 {
+            let mut bells: Vec<(u64, [u8; 4])> = Vec::new();
+            let eqes = ev.eq.drain(&self.arena, |off, v| bells.push((off, v)))?;
+            if eqes.is_empty() {
+                break;
+            }
+            bells.push(ev.eq.doorbell(true));
+            found.eqes += eqes.len() as u64;
+            for (off, v) in bells {
+                self.client().region_write(BAR0, off, &v)?;
+            }
+            for e in &eqes {
+                match e.cmd_vector() {
+                    Some(vector) => found.slots |= vector,
+                    None => tracing::debug!(
+                        event_type = e.event_type(),
+                        "ignoring a non-command event on the command EQ"
+                    ),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the completions of `slots` (under the queue lock). Returns how many
+    /// commands completed.
+    fn apply(&self, q: &mut Queue, slots: u32, polling: bool) -> usize {
+        let mut completed = 0;
+        for slot in 0..q.slots.len().min(32) {
+            if slots & (1 << slot) == 0 {
+                continue;
+            }
+            match &q.slots[slot] {
+                Slot::Busy(_) => {
+                    if self.owned_by_sw(slot).unwrap_or(false) {
+                        self.finish(q, slot);
+                        if polling {
+                            q.stats.completed_by_polling += 1;
+                        } else {
+                            q.stats.completed_by_eqe += 1;
+                        }
+                        completed += 1;
+                    } else {
+                        tracing::warn!(slot, "EQE names a slot the device still owns; ignored");
+                    }
+                }
+                Slot::Stuck(_) => {
+                    if self.owned_by_sw(slot).unwrap_or(false) {
+                        q.reap(slot, &self.arena);
+                    }
+                }
+                _ if polling => {}
+                _ => tracing::warn!(slot, "EQE names a slot with no command; ignored"),
+            }
+        }
+        completed
+    }
+
+    /// Reads the completed entry and output of `slot`, frees its mailboxes and stores
+    /// the result for the ticket.
+    fn finish(&self, q: &mut Queue, slot: usize) {
+        let Slot::Busy(f) = std::mem::replace(&mut q.slots[slot], Slot::Free) else {
+            return;
+        };
+        let result = self.read_result(slot, &f);
+        let elapsed_us = f.posted.elapsed().as_micros() as u64;
+        let _enter = f.span.enter();
+        match &result {
+            Ok(_) => {
+                f.span.record("status", 0);
+                f.span.record("syndrome", 0);
+                tracing::debug!(
+                    opcode = %opcode_name(f.opcode), op_mod = f.op_mod, slot, token = f.token,
+                    status = 0, syndrome = 0, elapsed_us, "command completed"
+                );
+            }
+            Err(e @ (CmdError::Status { .. } | CmdError::UnknownStatus { .. })) => {
+                let syndrome = e.syndrome().unwrap_or(0);
+                f.span.record(
+                    "status",
+                    tracing::field::display(e.status().map_or("UNKNOWN", CmdStatus::name)),
+                );
+                f.span.record(
+                    "syndrome",
+                    tracing::field::display(format_args!("{syndrome:#x}")),
+                );
+                tracing::info!(
+                    opcode = %opcode_name(f.opcode), op_mod = f.op_mod, slot, token = f.token,
+                    status = ?e.status(), syndrome = format_args!("{syndrome:#x}"),
+                    errno = e.errno(), elapsed_us, "command failed"
+                );
+            }
+            Err(e) => tracing::warn!(
+                opcode = %opcode_name(f.opcode), op_mod = f.op_mod, slot, token = f.token,
+                error = %e, elapsed_us, "command not delivered"
+            ),
+        }
+        drop(_enter);
+        let seq = f.seq;
+        f.release(&self.arena);
+        q.slots[slot] = Slot::Done { seq, result };
+    }
+
+    fn read_result(&self, slot: usize, f: &InFlight) -> Result<Vec<u8>, CmdError> {
+        let e = read_entry(&self.arena, self.entry_iova(slot))?;
+        let delivery = e.status_own >> DELIVERY_STATUS_SHIFT;
+        if delivery != 0 {
+            return Err(match DeliveryStatus::try_from(delivery) {
+                Ok(status) => CmdError::Delivery {
+                    opcode: f.opcode,
+                    op_mod: f.op_mod,
+                    status,
+                },
+                Err(_) => CmdError::UnknownDelivery {
+                    opcode: f.opcode,
+                    op_mod: f.op_mod,
+                    raw: delivery,
+                },
+            });
+        }
+        let mut out = vec![0u8; f.out_len];
+        let n = f.out_len.min(INLINE_SIZE);
+        out[..n].copy_from_slice(&e.out[..n]);
+        if f.out_len > INLINE_SIZE {
+            read_chain(&self.arena, &f.out_chain, &mut out[INLINE_SIZE..])?;
+        }
+        let h = out_header(&out);
+        if h.status == 0 {
+            return Ok(out);
+        }
+        let syndrome = h.syndrome.get();
+        Err(match h.status() {
+            Ok(status) => CmdError::Status {
+                opcode: f.opcode,
+                op_mod: f.op_mod,
+                status,
+                syndrome,
+            },
+            Err(_) => CmdError::UnknownStatus {
+                opcode: f.opcode,
+                op_mod: f.op_mod,
+                raw: h.status,
+                syndrome,
+            },
+        })
+    }
+}
+
+/// Polling back-off: yield first (the device answers within microseconds), then sleep
+/// in growing steps up to 1 ms.
+fn backoff(idle: u32) {
+    match idle {
+        0..=63 => std::thread::yield_now(),
+        64..=255 => std::thread::sleep(Duration::from_micros(20)),
+        256..=1023 => std::thread::sleep(Duration::from_micros(200)),
+        _ => std::thread::sleep(Duration::from_millis(1)),
+    }
+}
