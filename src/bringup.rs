@@ -3,7 +3,7 @@
 //! its own driver as a guest would.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mlx5_prm::cmd::migration::{IN_VHCA_ID, SUSPEND_VHCA_IN_LEN, SUSPEND_VHCA_OUT_LEN};
@@ -43,7 +43,7 @@ pub fn cmdif(client: vfu::Client, arena: u64) -> CmdIf {
 /// Brings the function behind `client` up as mlx5_core does; `events` chooses
 /// completion by command EQ and MSI-X (else polling).
 pub fn up(client: vfu::Client, arena: u64, events: bool) -> Hca {
-    let mut hca = Hca::new(cmdif(client, arena));
+    let hca = Hca::new(cmdif(client, arena));
     hca.up(&HcaOptions {
         events,
         ..Default::default()
@@ -60,8 +60,8 @@ pub fn pf_up(socket: &Path) -> Hca {
 
 /// The PF behind `socket`, brought up and shared, as mlx5vf's migration devices
 /// take it.
-pub fn shared_pf_up(socket: &Path) -> Arc<Mutex<Hca>> {
-    Arc::new(Mutex::new(pf_up(socket)))
+pub fn shared_pf_up(socket: &Path) -> Arc<Hca> {
+    Arc::new(pf_up(socket))
 }
 
 /// A VF brought up by its own driver (polling), as a guest would, with some objects.
@@ -75,12 +75,12 @@ pub struct Guest {
 /// one-page mkeys.
 pub fn guest_up(socket: &Path) -> Guest {
     let client = vfu::Client::connect(socket).expect("VF client");
-    let mut hca = up(client, ARENA, false);
+    let hca = up(client, ARENA, false);
     let mut pds = Vec::new();
     let mut mkeys = Vec::new();
     for i in 0..3u8 {
         pds.push(hca.alloc_pd().expect("alloc pd"));
-        let page = hca.cmd().arena_mut().alloc_page().expect("page");
+        let page = hca.cmd().arena().alloc_page().expect("page");
         mkeys.push(hca.create_mkey(&[page], 12, 4096, i).expect("mkey"));
     }
     Guest { hca, pds, mkeys }
@@ -95,7 +95,7 @@ pub fn vhca_input(op: Opcode, op_mod: u16, len: usize, vhca_id: u16) -> Vec<u8> 
 }
 
 /// SUSPEND_VHCA or RESUME_VHCA (`op`, `op_mod`) of `vhca_id` through `pf`.
-pub fn suspend_resume(pf: &mut Hca, op: Opcode, op_mod: u16, vhca_id: u16) -> Result<(), CmdError> {
+pub fn suspend_resume(pf: &Hca, op: Opcode, op_mod: u16, vhca_id: u16) -> Result<(), CmdError> {
     let m = vhca_input(op, op_mod, SUSPEND_VHCA_IN_LEN, vhca_id);
     pf.cmd().exec(&m, SUSPEND_VHCA_OUT_LEN).map(drop)
 }

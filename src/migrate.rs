@@ -4,7 +4,7 @@
 
 use std::io::Read;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mlx5_emulator::{Function, MigState as FwState};
@@ -177,7 +177,7 @@ pub fn errno_of<T: std::fmt::Debug>(r: Result<T, MigError>) -> i32 {
 /// commands there: the migrated function keeps working.
 pub fn keeps_working(arena: DmaArena, dst_vf: &Path) {
     let client = vfu::Client::connect(dst_vf).expect("destination VF");
-    let mut cmd = CmdIf::attach(client, arena, CMD_TIMEOUT).expect("attach");
+    let cmd = CmdIf::attach(client, arena, CMD_TIMEOUT).expect("attach");
     let m = new_input(Opcode::AllocPd, 0, 16);
     cmd.exec(&m, 16).expect("ALLOC_PD on the migrated function");
     let m = new_input(Opcode::QueryIssi, 0, 16);
@@ -188,7 +188,7 @@ pub fn keeps_working(arena: DmaArena, dst_vf: &Path) {
 /// An adapter with one VF, its PF brought up, and the VF's migration driver.
 pub struct Rig {
     pub tb: Testbed,
-    pub pf: Arc<Mutex<Hca>>,
+    pub pf: Arc<Hca>,
     pub dev: MigrationDevice,
 }
 
@@ -217,7 +217,7 @@ impl Rig {
 
     /// The PF command interface's timeout.
     pub fn set_timeout(&self, t: Duration) {
-        self.pf.lock().unwrap().cmd().set_timeout(t);
+        self.pf.cmd().set_timeout(t);
     }
 
     /// The VF still moves: STOP suspends it in the firmware (responder), RUNNING

@@ -43,7 +43,7 @@ fn cycle(f: &Function, socket: &std::path::Path, n: usize) -> Duration {
     let start = Instant::now();
     for i in 0..n {
         let events = i % 10 != 9; // every tenth cycle completes by polling only
-        let mut hca = up(client, ARENA, events);
+        let hca = up(client, ARENA, events);
         let info = hca.info().expect("info").clone();
         assert_eq!(info.vhca_id, f.id.vhca_id);
         assert_eq!(info.pages_given, f.object_counts().pages);
@@ -53,8 +53,8 @@ fn cycle(f: &Function, socket: &std::path::Path, n: usize) -> Duration {
         );
         hca.down().expect("teardown");
         assert_no_objects(f, &format!("cycle {i}"));
-        let mut cmd = hca.into_cmdif();
-        let arena = cmd.arena_mut();
+        let cmd = hca.into_cmdif();
+        let arena = cmd.arena();
         assert_eq!(
             arena.free_pages(),
             arena.page_capacity(),
@@ -86,7 +86,7 @@ fn query_hca_cap_output_spans_eight_mailboxes_byte_exact() {
     init_tracing();
     let tb = Testbed::start(1);
     let vf = tb.vf(0);
-    let mut hca = up(tb.vf_client(0), ARENA, true);
+    let hca = up(tb.vf_client(0), ARENA, true);
     for (t, mode) in [
         (CapType::General, CapMode::Max),
         (CapType::General, CapMode::Cur),
@@ -127,7 +127,7 @@ fn give_and_take_in_one_command(hca: &mut Hca, f: &Function, n: usize) {
     let held_before = f.object_counts().pages;
     let cmd = hca.cmd();
     let pas: Vec<u64> = (0..n)
-        .map(|_| cmd.arena_mut().alloc_page().expect("page"))
+        .map(|_| cmd.arena().alloc_page().expect("page"))
         .collect();
     let mut m = new_input(
         Opcode::ManagePages,
@@ -156,7 +156,7 @@ fn give_and_take_in_one_command(hca: &mut Hca, f: &Function, n: usize) {
     assert_eq!(f.object_counts().pages, total - n);
     assert_eq!(back, given, "TAKE returned other pages than the {n} given");
     for p in pas {
-        cmd.arena_mut().free_page(p).unwrap();
+        cmd.arena().free_page(p).unwrap();
     }
 }
 
@@ -166,7 +166,7 @@ fn manage_pages_with_many_pages_round_trips_byte_exact() {
     let tb = Testbed::start(1);
     let vf = tb.vf(0);
     // The function is only enabled (no boot pages held), so TAKE can only return ours.
-    let mut cmd = cmdif(tb.vf_client(0), ARENA);
+    let cmd = cmdif(tb.vf_client(0), ARENA);
     cmd.exec(&new_input(Opcode::EnableHca, 0, 16), 12).unwrap();
     let mut hca = Hca::new(cmd);
     for n in [1usize, 63, 64, 65, 1000] {
@@ -183,10 +183,10 @@ fn create_mkey_with_a_long_mtt_list_reaches_the_firmware_intact() {
     init_tracing();
     let tb = Testbed::start(1);
     let vf = tb.vf(0);
-    let mut hca = up(tb.vf_client(0), ARENA, true);
+    let hca = up(tb.vf_client(0), ARENA, true);
     // 1000 pages: 0x110 + 8000 bytes of input = 16 blocks; not contiguous, reversed.
     let mut mtt: Vec<u64> = (0..1000)
-        .map(|_| hca.cmd().arena_mut().alloc_page().unwrap())
+        .map(|_| hca.cmd().arena().alloc_page().unwrap())
         .collect();
     mtt.reverse();
     let len = mtt.len() as u64 * 4096;
@@ -206,7 +206,7 @@ fn create_mkey_with_a_long_mtt_list_reaches_the_firmware_intact() {
     hca.destroy_mkey(key2).unwrap();
     hca.destroy_mkey(key).unwrap();
     for p in mtt {
-        hca.cmd().arena_mut().free_page(p).unwrap();
+        hca.cmd().arena().free_page(p).unwrap();
     }
     hca.down().unwrap();
     assert_no_objects(&vf, "end");
@@ -267,7 +267,7 @@ fn all_slots_in_flight(events: bool) {
     let vfs = 4;
     let tb = Testbed::start(vfs);
     let pf = tb.pf();
-    let mut hca = up(tb.pf_client(), ARENA, events);
+    let hca = up(tb.pf_client(), ARENA, events);
     let cmds = thirty_two_commands(vfs);
     let one_by_one: Vec<Vec<u8>> = cmds
         .iter()
@@ -332,7 +332,7 @@ fn all_32_slots_in_flight_complete_each_with_its_own_output_events() {
 fn commands_complete_by_eqe_and_msix_eventfd() {
     init_tracing();
     let tb = Testbed::start(1);
-    let mut hca = up(tb.vf_client(0), ARENA, true);
+    let hca = up(tb.vf_client(0), ARENA, true);
     assert_eq!(hca.cmd().mode(), Mode::Events);
     let eqn = hca.info().unwrap().cmd_eqn.expect("cmd EQ");
     assert_eq!(hca.cmd().event_queue().unwrap().eqn(), Some(eqn));
@@ -358,7 +358,7 @@ fn commands_complete_by_eqe_and_msix_eventfd() {
 fn status_errors_map_to_the_kernel_errno_and_the_next_command_works() {
     init_tracing();
     let tb = Testbed::start(1);
-    let mut hca = up(tb.vf_client(0), ARENA, true);
+    let hca = up(tb.vf_client(0), ARENA, true);
     let cases: Vec<(Vec<u8>, usize, u8, i32)> = vec![
         // Unknown opcode: BAD_OP -> -EINVAL.
         (
@@ -384,7 +384,7 @@ fn status_errors_map_to_the_kernel_errno_and_the_next_command_works() {
     for (m, out, status, errno) in cases {
         match hca.cmd().exec(&m, out) {
             Err(e @ CmdError::Status { .. }) => {
-                assert_eq!(e.status(), Some(status), "{e}");
+                assert_eq!(e.status().map(u8::from), Some(status), "{e}");
                 assert_eq!(e.errno(), errno, "{e}");
                 let CmdError::Status {
                     syndrome, opcode, ..
@@ -409,7 +409,7 @@ fn status_errors_map_to_the_kernel_errno_and_the_next_command_works() {
 fn a_command_the_device_never_completes_times_out_and_keeps_its_slot() {
     init_tracing();
     let tb = Testbed::start(1);
-    let mut cmd = cmdif(tb.vf_client(0), ARENA);
+    let cmd = cmdif(tb.vf_client(0), ARENA);
     // The device's queue moved to an address nothing is mapped at: the doorbell cannot
     // be served, so the entry stays hardware-owned.
     let stuck = faults::unreachable_cmdq(&tb.vf(0));
@@ -434,7 +434,7 @@ fn a_command_the_device_never_completes_times_out_and_keeps_its_slot() {
 fn pf_reads_a_vfs_caps_through_other_function() {
     init_tracing();
     let tb = Testbed::start(2);
-    let mut hca = up(tb.pf_client(), ARENA, true);
+    let hca = up(tb.pf_client(), ARENA, true);
     assert_eq!(hca.info().unwrap().vhca_id, 0);
     for n in 0..2u16 {
         let other = hca.query_other_caps(n + 1).expect("other caps");

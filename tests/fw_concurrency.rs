@@ -76,9 +76,9 @@ fn query_issi_completes_while_a_256_mib_save_runs_on_another_slot() {
     // Non-zero device memory, so that the base image carries every page.
     devmem::fill(&vf, 0x5a);
 
-    let mut pf = pf_up(&tb.pf_socket());
+    let pf = pf_up(&tb.pf_socket());
     pf.cmd().set_timeout(SAVE_TIMEOUT);
-    let _buf = GuestMem::mapped(pf.cmd().client(), "fwc-save-buffer", BUF_IOVA, BUF_LEN);
+    let _buf = GuestMem::mapped(&mut pf.cmd().client(), "fwc-save-buffer", BUF_IOVA, BUF_LEN);
     let key = pf
         .create_mkey(&[BUF_IOVA], MKEY_LOG_PAGE, BUF_LEN, 0x42)
         .unwrap();
@@ -143,8 +143,8 @@ fn pf_answers_commands_while_a_vf_responder_suspend_waits_on_its_drain() {
     let tb = Testbed::start(1);
     let pf_fn = tb.pf();
     let vf = tb.vf(0);
-    let mut pf = pf_up(&tb.pf_socket());
-    let mut guest = cmdif(tb.vf_client(0), ARENA);
+    let pf = pf_up(&tb.pf_socket());
+    let guest = cmdif(tb.vf_client(0), ARENA);
 
     // The guest's ENABLE_HCA is held in the VF's firmware: admitted work in flight.
     let hold = Duration::from_secs(3);

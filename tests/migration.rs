@@ -25,8 +25,8 @@ fn round_trip_moves_device_memory_and_every_object_to_a_second_adapter() {
     init_tracing();
     let a = Rig::start();
     let b = Rig::start();
-    let mut guest = guest_up(&a.tb.vf_socket(0));
-    let pattern = fill_bar2(guest.hca.cmd().client(), 0x5eed);
+    let guest = guest_up(&a.tb.vf_socket(0));
+    let pattern = fill_bar2(&mut guest.hca.cmd().client(), 0x5eed);
     let src_fn = a.vf();
     let dst_fn = b.vf();
     let before = (
@@ -72,8 +72,8 @@ fn round_trip_to_a_second_emulator_process() {
     let emu = ChildAdapter::start(1);
     let src_pf = shared_pf_up(&a.pf_socket());
     let dst_pf = shared_pf_up(&emu.pf_socket());
-    let mut guest = guest_up(&a.vf_socket(0));
-    let pattern = fill_bar2(guest.hca.cmd().client(), 7);
+    let guest = guest_up(&a.vf_socket(0));
+    let pattern = fill_bar2(&mut guest.hca.cmd().client(), 7);
     let src = MigrationDevice::new(src_pf, 0).unwrap();
     let dst = MigrationDevice::new(dst_pf, 0).unwrap();
     migrate(&src, &dst, 64 << 10, || {});
@@ -136,8 +136,8 @@ fn corrupted_streams_are_refused_and_leave_the_destination_unchanged() {
     init_tracing();
     let a = Rig::start();
     let b = Rig::start();
-    let mut guest = guest_up(&a.tb.vf_socket(0));
-    let pattern = fill_bar2(guest.hca.cmd().client(), 3);
+    let guest = guest_up(&a.tb.vf_socket(0));
+    let pattern = fill_bar2(&mut guest.hca.cmd().client(), 3);
     let mut dst_guest = vfu::Client::connect(&b.tb.vf_socket(0)).unwrap();
     let dst_pattern = fill_bar2(&mut dst_guest, 4);
     let dst_objects = b.vf().object_counts();
@@ -151,7 +151,7 @@ fn corrupted_streams_are_refused_and_leave_the_destination_unchanged() {
         .cmd()
         .exec(&m, 0x70)
         .expect("source keeps working");
-    assert!(read_bar2(guest.hca.cmd().client()) == pattern);
+    assert!(read_bar2(&mut guest.hca.cmd().client()) == pattern);
 
     let fw = first_fw_data(&good);
     let mut flipped = good.clone();

@@ -15,13 +15,13 @@ use mlx5_testbed::bringup::{pf_up, suspend_resume, up, vhca_input, ARENA};
 use mlx5_testbed::devmem::{dev_mem, pattern, Bar2Map, BAR2};
 use mlx5_testbed::{init_tracing, Function, Testbed};
 use mlx5vf::hca::Hca;
-use mlx5vf::migration::arcs::{Fw, MigBuf};
+use mlx5vf::migration::fw::{Fw, MigBuf};
 
 const PAGE: u64 = 4096;
 const VF_VHCA: u16 = 1;
 
 /// The PF's command interface aimed at the VF, as mlx5vf's arcs hold it.
-fn fw(pf: &mut Hca) -> Fw<'_> {
+fn fw(pf: &Hca) -> Fw<'_> {
     Fw {
         hca: pf,
         vhca_id: VF_VHCA,
@@ -30,8 +30,8 @@ fn fw(pf: &mut Hca) -> Fw<'_> {
 }
 
 /// A SAVE/LOAD buffer of `bytes` in `pd`: mlx5vf's own.
-fn mig_buf(pf: &mut Hca, pd: u32, bytes: u64) -> MigBuf {
-    MigBuf::alloc(&mut fw(pf), pd, bytes).expect("migration buffer")
+fn mig_buf(pf: &Hca, pd: u32, bytes: u64) -> MigBuf {
+    MigBuf::alloc(&fw(pf), pd, bytes).expect("migration buffer")
 }
 
 fn cmd(op: Opcode, op_mod: u16, len: usize) -> Vec<u8> {
@@ -71,8 +71,8 @@ fn vf_state_and_device_memory_move_to_a_second_adapter() {
             .region_write(BAR2, (size / 2 + i * (64 << 10)) as u64, chunk)
             .unwrap();
     }
-    let mut vf = up(vf_client, ARENA, true);
-    let page = vf.cmd().arena_mut().alloc_page().unwrap();
+    let vf = up(vf_client, ARENA, true);
+    let page = vf.cmd().arena().alloc_page().unwrap();
     let vf_mkey = vf.create_mkey(&[page], 12, PAGE, 0x77).expect("VF mkey");
     let extra_pd = vf.alloc_pd().unwrap();
     assert!(
@@ -102,7 +102,7 @@ fn vf_state_and_device_memory_move_to_a_second_adapter() {
     .unwrap();
     let required = get(&q, QUERY_VHCA_MIGRATION_STATE_OUT_REQUIRED_UMEM_SIZE);
     let pd = pf.alloc_pd().unwrap();
-    let buf = mig_buf(&mut pf, pd, required);
+    let buf = mig_buf(&pf, pd, required);
     let mut m = cmd(Opcode::SaveVhcaState, 0, SAVE_VHCA_STATE_IN_LEN);
     set(&mut m, SAVE_VHCA_STATE_IN_MKEY, buf.mkey().into());
     set(&mut m, SAVE_VHCA_STATE_IN_SIZE, buf.size());
@@ -126,7 +126,7 @@ fn vf_state_and_device_memory_move_to_a_second_adapter() {
     suspend(&mut pf_b, SUSPEND_OP_MOD_INITIATOR);
     suspend(&mut pf_b, SUSPEND_OP_MOD_RESPONDER);
     let pd_b = pf_b.alloc_pd().unwrap();
-    let buf_b = mig_buf(&mut pf_b, pd_b, image_size);
+    let buf_b = mig_buf(&pf_b, pd_b, image_size);
     // A corrupted copy first: refused, and B's VF is unchanged.
     let before = (b_vf.object_counts(), dev_mem(&b_vf));
     let mut bad = image.clone();
@@ -168,7 +168,7 @@ fn vf_state_and_device_memory_move_to_a_second_adapter() {
     vf.dealloc_pd(extra_pd).unwrap();
     vf.down().expect("source VF still answers its driver");
     for (hca, buf, pd) in [(&mut pf, buf, pd), (&mut pf_b, buf_b, pd_b)] {
-        buf.free(&mut fw(hca));
+        buf.free(&fw(hca));
         hca.dealloc_pd(pd).unwrap();
         hca.down().unwrap();
     }

@@ -33,7 +33,7 @@ const PROMPT: Duration = Duration::from_secs(1);
 
 /// SUSPEND_VHCA / RESUME_VHCA on the VF through the PF, behind the driver's back.
 fn behind_back(r: &Rig, op: Opcode, op_mod: u16) -> Result<(), CmdError> {
-    suspend_resume(&mut r.pf.lock().unwrap(), op, op_mod, r.dev.info().vhca_id)
+    suspend_resume(&r.pf, op, op_mod, r.dev.info().vhca_id)
 }
 
 /// PRE_COPY → STOP walks PRE_COPY → RUNNING → RUNNING_P2P → STOP. Another PF user
@@ -62,7 +62,7 @@ fn a_suspend_refused_mid_path_leaves_the_device_in_the_last_state_reached() {
     eprintln!("PRE_COPY -> STOP: {e} [{}]", e.errno());
     assert_eq!(e.errno(), -libc::EINVAL, "{e}");
     assert!(
-        matches!(&e, MigError::Cmd { source, .. } if source.status() == Some(0x9)),
+        matches!(&e, MigError::Cmd { source, .. } if source.status().map(u8::from) == Some(0x9)),
         "the firmware's refusal comes back as is: {e:?}"
     );
     assert_eq!(r.dev.state(), MigState::Running, "the intermediate state");
@@ -88,8 +88,7 @@ fn stop_copy_without_dma_memory_fails_with_enomem_and_stays_in_stop() {
     r.fill(2);
     let objects = r.pf_fn().object_counts();
     let hoard: Vec<u64> = {
-        let mut hca = r.pf.lock().unwrap();
-        let arena = hca.cmd().arena_mut();
+        let arena = r.pf.cmd().arena();
         std::iter::from_fn(|| arena.alloc_page()).collect()
     };
     assert!(!hoard.is_empty());
@@ -100,8 +99,7 @@ fn stop_copy_without_dma_memory_fails_with_enomem_and_stays_in_stop() {
     assert_eq!(r.fw_state(), FwState::ResponderSuspended);
     assert_eq!(r.pf_fn().object_counts(), objects, "the failed open leaked");
     {
-        let mut hca = r.pf.lock().unwrap();
-        let arena = hca.cmd().arena_mut();
+        let arena = r.pf.cmd().arena();
         for p in hoard {
             arena.free_page(p).unwrap();
         }

@@ -106,7 +106,8 @@ impl Hca {
         const STEP: &str = "reclaim pages failed";
         let mut reclaimed = 0;
         // Each successful round returns at least one page; bound the rounds anyway.
-        let max_rounds = self.held().len() / PAGES_PER_COMMAND + self.held().len() + 1;
+        let held = self.pages_held();
+        let max_rounds = held / PAGES_PER_COMMAND + held + 1;
         for _ in 0..max_rounds {
             if self.held().is_empty() {
                 break;
