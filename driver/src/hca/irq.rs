@@ -79,18 +79,12 @@ impl Hca {
         let mut c = self.cmd.client();
         let cap = find_msix_cap(&mut c)
             .map_err(vfu)?
-            .ok_or_else(|| HcaError::Device {
-                step: STEP,
-                why: "no MSI-X capability in config space".into(),
-            })?;
+            .ok_or(HcaError::NoMsix { step: STEP })?;
         let table = read_cfg32(&mut c, cap + PCI_MSIX_TABLE).map_err(vfu)?;
         if table & PCI_MSIX_TABLE_BIR != 0 {
-            return Err(HcaError::Device {
+            return Err(HcaError::MsixTableBar {
                 step: STEP,
-                why: format!(
-                    "MSI-X table in BAR{}, expected BAR0",
-                    table & PCI_MSIX_TABLE_BIR
-                ),
+                bar: table & PCI_MSIX_TABLE_BIR,
             });
         }
         let entry =

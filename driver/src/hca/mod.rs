@@ -82,8 +82,24 @@ pub enum HcaError {
         #[source]
         source: vfu::VfuError,
     },
-    #[error("{step}: {why}")]
-    Device { step: &'static str, why: String },
+    #[error("{step}: the firmware supports ISSI mask {mask:#x}, neither 0 nor 1")]
+    UnsupportedIssi { step: &'static str, mask: u64 },
+    #[error("{step}: out of DMA pages for the firmware ({asked} asked); raise the arena size")]
+    OutOfPages { step: &'static str, asked: usize },
+    #[error("{step}: corruption: asked for {asked} pages, the firmware returned {got}")]
+    TooManyPages {
+        step: &'static str,
+        asked: usize,
+        got: u64,
+    },
+    #[error("{step}: the firmware returned page {page:#x}, which it was never given")]
+    ForeignPage { step: &'static str, page: u64 },
+    #[error("{step}: {held} pages still held by the firmware; they stay out of the arena")]
+    PagesStillHeld { step: &'static str, held: usize },
+    #[error("{step}: no MSI-X capability in config space")]
+    NoMsix { step: &'static str },
+    #[error("{step}: MSI-X table in BAR{bar}, expected BAR0")]
+    MsixTableBar { step: &'static str, bar: u32 },
     #[error("{step}: {source}")]
     Eq {
         step: &'static str,
@@ -109,7 +125,13 @@ impl HcaError {
                 vfu::VfuError::Remote { errno, .. } => -errno.raw(),
                 _ => -libc::EIO,
             },
-            HcaError::Device { .. } => -libc::EOPNOTSUPP,
+            HcaError::UnsupportedIssi { .. }
+            | HcaError::NoMsix { .. }
+            | HcaError::MsixTableBar { .. } => -libc::EOPNOTSUPP,
+            HcaError::OutOfPages { .. } => -libc::ENOMEM,
+            HcaError::TooManyPages { .. }
+            | HcaError::ForeignPage { .. }
+            | HcaError::PagesStillHeld { .. } => -libc::EIO,
             HcaError::Eq { .. } => -libc::ENOMEM,
             HcaError::Io { source, .. } => -source.raw_os_error().unwrap_or(libc::EIO),
             HcaError::State(_) => -libc::EINVAL,
@@ -419,9 +441,9 @@ impl Hca {
         } else if supported == 0 || supported == ISSI_0 {
             Ok(0)
         } else {
-            Err(HcaError::Device {
+            Err(HcaError::UnsupportedIssi {
                 step: STEP,
-                why: format!("unsupported ISSI mask {supported:#x}"),
+                mask: supported,
             })
         }
     }

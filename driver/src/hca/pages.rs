@@ -57,9 +57,9 @@ impl Hca {
                     None => {
                         self.release_local(&pas);
                         self.cant_give(func_id);
-                        return Err(HcaError::Device {
+                        return Err(HcaError::OutOfPages {
                             step: STEP,
-                            why: format!("out of DMA pages for the firmware ({n} asked)"),
+                            asked: n,
                         });
                     }
                 }
@@ -120,9 +120,10 @@ impl Hca {
             let out = self.cmd.exec(&m, out_len).map_err(step(STEP))?;
             let got = get(&out, MANAGE_PAGES_OUT_OUTPUT_NUM_ENTRIES);
             if got > want as u64 {
-                return Err(HcaError::Device {
+                return Err(HcaError::TooManyPages {
                     step: STEP,
-                    why: format!("corruption: asked for {want} pages, got {got}"),
+                    asked: want,
+                    got,
                 });
             }
             if got == 0 {
@@ -131,9 +132,9 @@ impl Hca {
             for i in 0..got as usize {
                 let pa = MANAGE_PAGES_OUT_PAS.nth(i).map_or(0, |f| get(&out, f));
                 if !self.held().remove(&pa) {
-                    return Err(HcaError::Device {
+                    return Err(HcaError::ForeignPage {
                         step: STEP,
-                        why: format!("firmware returned page {pa:#x} it was never given"),
+                        page: pa,
                     });
                 }
                 if let Err(e) = self.cmd.arena().free_page(pa) {
@@ -143,9 +144,9 @@ impl Hca {
             }
         }
         if !self.held().is_empty() {
-            return Err(HcaError::Device {
+            return Err(HcaError::PagesStillHeld {
                 step: STEP,
-                why: format!("{} pages still held by the firmware", self.held().len()),
+                held: self.pages_held(),
             });
         }
         Ok(reclaimed)
