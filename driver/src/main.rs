@@ -187,7 +187,7 @@ fn info(
     let other = match vf {
         Some(n) => match n.checked_add(1) {
             Some(function_id) => hca.query_other_caps(function_id).map(|o| Some((n, o))),
-            None => Err(HcaError::State("VF number too large")),
+            None => Err(HcaError::BadVf { vf: n }),
         },
         None => Ok(None),
     };

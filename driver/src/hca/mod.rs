@@ -112,8 +112,16 @@ pub enum HcaError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{0}")]
-    State(&'static str),
+    #[error("the function is already up; bring it down first")]
+    AlreadyUp,
+    #[error("another bring-up or teardown of this function is running; retry when it ends")]
+    LifecycleBusy,
+    #[error("{what} needs the function up (bring-up allocates its PD)")]
+    NotUp { what: &'static str },
+    #[error("an MTT of {entries} entries overflows the CREATE_MKEY input length")]
+    MttTooLong { entries: usize },
+    #[error("VF {vf} has no function number (function_id = VF + 1 overflows)")]
+    BadVf { vf: u16 },
 }
 
 impl HcaError {
@@ -134,7 +142,9 @@ impl HcaError {
             | HcaError::PagesStillHeld { .. } => -libc::EIO,
             HcaError::Eq { .. } => -libc::ENOMEM,
             HcaError::Io { source, .. } => -source.raw_os_error().unwrap_or(libc::EIO),
-            HcaError::State(_) => -libc::EINVAL,
+            HcaError::AlreadyUp | HcaError::NotUp { .. } | HcaError::BadVf { .. } => -libc::EINVAL,
+            HcaError::LifecycleBusy => -libc::EBUSY,
+            HcaError::MttTooLong { .. } => -libc::E2BIG,
         }
     }
 
@@ -285,9 +295,7 @@ impl Hca {
     /// Marks a bring-up or teardown as running; refused while another one is.
     fn lifecycle(&self) -> Result<Lifecycle<'_>, HcaError> {
         if self.lifecycle.swap(true, Ordering::AcqRel) {
-            return Err(HcaError::State(
-                "another bring-up or teardown of this function is running",
-            ));
+            return Err(HcaError::LifecycleBusy);
         }
         Ok(Lifecycle(&self.lifecycle))
     }
@@ -316,7 +324,7 @@ impl Hca {
     pub fn up(&self, opts: &HcaOptions) -> Result<Arc<HcaInfo>, HcaError> {
         let _busy = self.lifecycle()?;
         if self.stages().enabled {
-            return Err(HcaError::State("the function is already up"));
+            return Err(HcaError::AlreadyUp);
         }
         match self.bring_up(opts) {
             Ok(info) => {

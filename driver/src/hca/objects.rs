@@ -29,10 +29,9 @@ impl Hca {
         len: u64,
         variant: u8,
     ) -> Result<u32, HcaError> {
-        let pd = self
-            .stages()
-            .pd
-            .ok_or(HcaError::State("create mkey needs the function up (no PD)"))?;
+        let pd = self.stages().pd.ok_or(HcaError::NotUp {
+            what: "CREATE_MKEY in the function's PD",
+        })?;
         self.create_mkey_in_pd(pd, mtt, log_page_size, len, variant)
     }
 
@@ -66,7 +65,8 @@ impl Hca {
         variant: u8,
     ) -> Result<u32, HcaError> {
         const STEP: &str = "create mkey failed";
-        let in_len = create_mkey_in_len(mtt.len()).ok_or(HcaError::State("MTT too long"))?;
+        let in_len =
+            create_mkey_in_len(mtt.len()).ok_or(HcaError::MttTooLong { entries: mtt.len() })?;
         let mut m = new_input(Opcode::CreateMkey, 0, in_len);
         let oct = mtt_octwords(mtt.len()) as u64;
         set(

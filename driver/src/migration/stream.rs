@@ -72,8 +72,8 @@ pub enum StreamError {
         #[source]
         source: SinkError,
     },
-    #[error("the resuming file failed earlier ({first}); no more writes")]
-    Closed { first: String },
+    #[error("the resuming file failed earlier ({first}); later writes are refused until the device is reset")]
+    Closed { first: Box<StreamError> },
 }
 
 impl StreamError {
@@ -127,7 +127,7 @@ enum Phase {
     /// READ_IMAGE.
     Image { size: u64, got: u64 },
     /// A write failed; everything after is refused.
-    Failed { first: String },
+    Failed { first: Box<StreamError> },
 }
 
 /// Counters of what the parser has seen.
@@ -220,7 +220,7 @@ impl ResumeParser {
             Ok(()) => Ok(data.len()),
             Err(e) => {
                 self.phase = Phase::Failed {
-                    first: e.to_string(),
+                    first: Box::new(e.clone()),
                 };
                 Err(e)
             }
