@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use mlx5_prm::cmd::migration::QUERY_VHCA_MIGRATION_STATE_OUT_LEN;
 use mlx5_prm::Opcode;
 use mlx5_testbed::bringup::{up, vhca_input, MIG_ARENA};
-use mlx5_testbed::{init_tracing, Testbed};
+use mlx5_testbed::{faults, init_tracing, Testbed};
 use mlx5vf::hca::Hca;
 use mlx5vf::migration::MigrationDevice;
 
@@ -45,9 +45,13 @@ fn held_command_does_not_stall_the_other_vfs(events: bool) -> Others {
         .map(|vf| MigrationDevice::new(pf.clone(), vf).expect("migration device"))
         .collect();
     let held_vhca = devs[0].info().vhca_id;
-    tb.adapter
-        .pf()
-        .delay_commands(Opcode::QueryVhcaMigrationState, Some(held_vhca), HOLD, 1);
+    faults::delay_commands(
+        &tb.pf(),
+        Opcode::QueryVhcaMigrationState,
+        Some(held_vhca),
+        HOLD,
+        1,
+    );
 
     let start = Arc::new(Barrier::new(VFS as usize));
     let held_done = Arc::new(AtomicBool::new(false));
