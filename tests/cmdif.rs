@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use mlx5_prm::cmd::caps::{
     query_op_mod, CapMode, CapType, HCA_CAP_IN_FUNCTION_ID, HCA_CAP_IN_OTHER_FUNCTION,
+    QUERY_HCA_CAP_OUT_LEN,
 };
 use mlx5_prm::cmd::hca::{QUERY_ISSI_OUT_LEN, QUERY_ISSI_OUT_SUPPORTED_ISSI_DW0};
 use mlx5_prm::cmd::pages::{
@@ -18,8 +19,6 @@ use mlx5_testbed::bringup::{cmdif, up, ARENA};
 use mlx5_testbed::{faults, init_tracing, run_cli, Function, Testbed};
 use mlx5vf::cmdif::{new_input, CmdError, Mode};
 use mlx5vf::hca::Hca;
-
-const QUERY_HCA_CAP_OUT: usize = 0x1010;
 
 fn assert_no_objects(f: &Function, when: &str) {
     let c = f.object_counts();
@@ -94,9 +93,9 @@ fn query_hca_cap_output_spans_eight_mailboxes_byte_exact() {
     ] {
         let out = hca
             .cmd()
-            .exec(&caps_query(t, mode, None), QUERY_HCA_CAP_OUT)
+            .exec(&caps_query(t, mode, None), QUERY_HCA_CAP_OUT_LEN)
             .unwrap();
-        assert_eq!(out.len(), QUERY_HCA_CAP_OUT);
+        assert_eq!(out.len(), QUERY_HCA_CAP_OUT_LEN);
         assert_eq!(&out[..8], &[0; 8], "status and syndrome");
         let want = vf.firmware().cap_page(t, mode);
         assert_eq!(&out[16..], &want[..], "{t:?} {mode:?}");
@@ -220,15 +219,15 @@ fn thirty_two_commands(vfs: u16) -> Vec<(Vec<u8>, usize)> {
     let variants = [
         (
             caps_query(CapType::General, CapMode::Cur, None),
-            QUERY_HCA_CAP_OUT,
+            QUERY_HCA_CAP_OUT_LEN,
         ),
         (
             caps_query(CapType::General, CapMode::Max, None),
-            QUERY_HCA_CAP_OUT,
+            QUERY_HCA_CAP_OUT_LEN,
         ),
         (
             caps_query(CapType::General2, CapMode::Cur, None),
-            QUERY_HCA_CAP_OUT,
+            QUERY_HCA_CAP_OUT_LEN,
         ),
         (new_input(Opcode::QueryIssi, 0, 16), QUERY_ISSI_OUT_LEN),
         (new_input(Opcode::QueryAdapter, 0, 16), 0x110),
@@ -245,7 +244,7 @@ fn thirty_two_commands(vfs: u16) -> Vec<(Vec<u8>, usize)> {
             };
             cmds.push((
                 caps_query(CapType::General, mode, Some(fid)),
-                QUERY_HCA_CAP_OUT,
+                QUERY_HCA_CAP_OUT_LEN,
             ));
         } else {
             cmds.push(variants[i % variants.len()].clone());
@@ -374,7 +373,7 @@ fn status_errors_map_to_the_kernel_errno_and_the_next_command_works() {
         // A VF naming another function: BAD_PARAM -> -EINVAL.
         (
             caps_query(CapType::General, CapMode::Cur, Some(2)),
-            QUERY_HCA_CAP_OUT,
+            QUERY_HCA_CAP_OUT_LEN,
             0x03,
             -libc::EINVAL,
         ),

@@ -65,7 +65,6 @@ const PCI_MSIX_FLAGS_MASKALL: u16 = 1 << 14;
 /// Init segment: `cmdif_rev_fw_sub` (big-endian), command interface revision in the
 /// upper 16 bits.
 const ISEG_CMDIF_REV_FW_SUB: u64 = 0x4;
-const CMD_IF_REV: u32 = 5;
 
 /// DMA window used by the tests.
 const IOVA: u64 = 0x1_0000_0000;
@@ -235,7 +234,11 @@ fn vfio_user_crate_client_reads_ids_and_init_segment() {
         assert_eq!(header[9..12], class);
 
         let rev = u32::from_be_bytes(read_bytes(&mut c, BAR0_REGION, ISEG_CMDIF_REV_FW_SUB));
-        assert_eq!(rev >> 16, CMD_IF_REV, "cmdif_rev_fw_sub = {rev:#010x}");
+        assert_eq!(
+            rev >> 16,
+            u32::from(mlx5_prm::iseg::CMDIF_REV),
+            "cmdif_rev_fw_sub = {rev:#010x}"
+        );
         c.shutdown().expect("shutdown");
     });
 }
@@ -291,7 +294,7 @@ fn vfio_user_crate_client_dma_maps_memfd_resets_and_unmaps() {
         assert_eq!(vf.dma().windows(), windows, "reset keeps DMA maps");
         // The BAR still answers after the reset.
         let rev = u32::from_be_bytes(read_bytes(&mut c, BAR0_REGION, ISEG_CMDIF_REV_FW_SUB));
-        assert_eq!(rev >> 16, CMD_IF_REV);
+        assert_eq!(rev >> 16, u32::from(mlx5_prm::iseg::CMDIF_REV));
 
         c.dma_unmap(IOVA, DMA_SIZE).expect("DMA_UNMAP");
         assert!(

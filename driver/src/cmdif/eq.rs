@@ -16,8 +16,7 @@ use mlx5_prm::Opcode;
 
 use super::arena::{ArenaError, DmaArena, PAGE_SIZE};
 
-/// Size of a UAR page in BAR0 (`MLX5_ADAPTER_PAGE_SIZE`); UAR index i starts at i·4 KiB.
-pub const UAR_PAGE_SIZE: u64 = 4096;
+pub use mlx5_prm::cmd::uar::UAR_PAGE_SIZE;
 /// Largest EQ this driver builds (2^12 entries = 64 pages).
 pub const MAX_LOG_EQ_SIZE: u32 = 12;
 /// The kernel's command EQ: 32 command EQEs + 128 spare, rounded up to a power of two.
