@@ -306,7 +306,7 @@ wire_struct! {
     RegionAccess { offset: u64, region: u32, count: u32 }
 }
 
-/// One entry of REGION_WRITE_MULTI (24 bytes: offset, region, count, data[8]).
+/// One entry of REGION_WRITE_MULTI (24 bytes: offset, region, count, `data[8]`).
 pub const WRITE_MULTI_ENTRY_SIZE: usize = 24;
 /// Largest data of one REGION_WRITE_MULTI entry.
 pub const WRITE_MULTI_DATA_MAX: usize = 8;

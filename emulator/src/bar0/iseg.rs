@@ -36,7 +36,7 @@ pub const FW_VER_MINOR: u32 = 39;
 pub const FW_VER_SUBMINOR: u32 = 1002;
 pub const FW_REV: u32 = FW_VER_MINOR << FW_REV_MINOR_SHIFT | FW_VER_MAJOR;
 pub const CMDIF_REV_FW_SUB: u32 = (CMDIF_REV as u32) << CMDIF_REV_SHIFT | FW_VER_SUBMINOR;
-/// health.fw_ver as print_health_info decodes it: major[31:24] minor[23:16] sub[15:0].
+/// health.fw_ver as print_health_info decodes it: major\[31:24\] minor\[23:16\] sub\[15:0\].
 /// Anything but 0xffffffff (sensor_pci_not_working).
 pub const HEALTH_FW_VER: u32 = FW_VER_MAJOR << 24 | FW_VER_MINOR << 16 | FW_VER_SUBMINOR;
 

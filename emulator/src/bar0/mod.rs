@@ -67,7 +67,7 @@ pub enum Bar0Effect {
     CommandDoorbell(u32),
     /// cmdq_addr_l_sz address bits written: the full address with the stored high word.
     CmdqAddress(u64),
-    /// nic_interface (cmdq_addr_l_sz[10:8]) changed to this value.
+    /// nic_interface (cmdq_addr_l_sz\[10:8\]) changed to this value.
     NicInterface(u8),
     /// A 4-byte word of UAR page `page` written; `offset` is word aligned within the page
     /// and `value` is the word read big-endian (as mlx5 doorbells are), unwritten bytes 0.

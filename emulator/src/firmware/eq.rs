@@ -97,7 +97,7 @@ pub fn check_eq_uar(uars: &BTreeSet<u32>, uar: u32) -> Result<(), EqError> {
 }
 
 /// Pages of `page_size` bytes a ring of 2^`log_size` EQEs takes (the PAS entries
-/// CREATE_EQ reads). `log_size` is at most [`LOG_MAX_EQ_SZ`] once checked.
+/// CREATE_EQ reads). `log_size` is at most `LOG_MAX_EQ_SZ` once checked.
 pub fn eq_page_count(log_size: u64, page_size: u64) -> u64 {
     ((EQE_SIZE as u64) << log_size.min(LOG_MAX_EQ_SZ)).div_ceil(page_size.max(1))
 }

@@ -51,7 +51,7 @@ impl PageError {
     }
 }
 
-/// Holding `count` pages stays within [`MAX_FW_PAGES`].
+/// Holding `count` pages stays within `MAX_FW_PAGES`.
 pub fn check_page_count(count: usize) -> Result<(), PageError> {
     if count > MAX_FW_PAGES {
         return Err(PageError::TooMany {

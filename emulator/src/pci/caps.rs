@@ -25,7 +25,7 @@ pub const PCIE_CAP_LEN: usize = 0x3c;
 pub const PCIE_FLAGS_OFFSET: usize = 0x02;
 /// Capability version 2 (PCI_EXP_FLAGS_VERS).
 pub const PCIE_FLAGS_VERSION_2: u16 = 0x0002;
-/// Device/Port Type [7:4] = 0: PCI Express Endpoint (PCI_EXP_TYPE_ENDPOINT).
+/// Device/Port Type \[7:4\] = 0: PCI Express Endpoint (PCI_EXP_TYPE_ENDPOINT).
 pub const PCIE_FLAGS_TYPE_ENDPOINT: u16 = 0x0000;
 
 /// Device Capabilities (PCI_EXP_DEVCAP).
@@ -46,13 +46,13 @@ pub const PCIE_DEVCTL_OFFSET: usize = 0x08;
 pub const PCIE_DEVCTL_ERR_REPORTING: u16 = 0x000f;
 /// Enable Relaxed Ordering (PCI_EXP_DEVCTL_RELAX_EN).
 pub const PCIE_DEVCTL_RELAX_EN: u16 = 1 << 4;
-/// Max_Payload_Size [7:5] (PCI_EXP_DEVCTL_PAYLOAD).
+/// Max_Payload_Size \[7:5\] (PCI_EXP_DEVCTL_PAYLOAD).
 pub const PCIE_DEVCTL_PAYLOAD: u16 = 0b111 << 5;
 /// Extended Tag Field Enable (PCI_EXP_DEVCTL_EXT_TAG).
 pub const PCIE_DEVCTL_EXT_TAG: u16 = 1 << 8;
 /// Enable No Snoop (PCI_EXP_DEVCTL_NOSNOOP_EN).
 pub const PCIE_DEVCTL_NOSNOOP_EN: u16 = 1 << 11;
-/// Max_Read_Request_Size [14:12] (PCI_EXP_DEVCTL_READRQ).
+/// Max_Read_Request_Size \[14:12\] (PCI_EXP_DEVCTL_READRQ).
 pub const PCIE_DEVCTL_READRQ: u16 = 0b111 << 12;
 /// Max_Read_Request_Size = 010b, 512 bytes: the spec's default (PCI_EXP_DEVCTL_READRQ_512B).
 pub const PCIE_DEVCTL_READRQ_512: u16 = 0b010 << 12;
@@ -87,7 +87,7 @@ pub const PCIE_DEVSTA_RW1C: u16 =
 
 /// Link speed code 4 (16.0 GT/s) used in LNKCAP, LNKSTA and LNKCTL2 (PCI_EXP_LNKCAP_SLS_16_0GB).
 pub const PCIE_LINK_SPEED_16GT: u32 = 4;
-/// Link width x8, shifted into place for LNKCAP [9:4] and LNKSTA [9:4].
+/// Link width x8, shifted into place for LNKCAP \[9:4\] and LNKSTA \[9:4\].
 pub const PCIE_LINK_WIDTH_X8: u32 = 8 << 4;
 /// Link Capabilities (PCI_EXP_LNKCAP).
 pub const PCIE_LNKCAP_OFFSET: usize = 0x0c;
@@ -122,7 +122,7 @@ pub const PCIE_LNKCAP2_SLS_TO_16GT: u32 = 0b1111 << 1;
 pub const PCIE_LNKCTL2_OFFSET: usize = 0x30;
 /// Link Status 2 (PCI_EXP_LNKSTA2).
 pub const PCIE_LNKSTA2_OFFSET: usize = 0x32;
-/// Equalization 8.0 GT/s Complete and Phase 1-3 Successful, bits [4:1].
+/// Equalization 8.0 GT/s Complete and Phase 1-3 Successful, bits \[4:1\].
 pub const PCIE_LNKSTA2_EQ_COMPLETE: u32 = 0b1111 << 1;
 
 /// The PCIe capability registers; registers not listed (slot, root) are read-only zero.
@@ -173,7 +173,7 @@ pub const CAP_ID_MSIX: u8 = 0x11;
 pub const MSIX_CAP_LEN: usize = 12;
 /// Message Control (PCI_MSIX_FLAGS).
 pub const MSIX_FLAGS_OFFSET: usize = 0x02;
-/// Table Size [10:0], encoded as N-1 (PCI_MSIX_FLAGS_QSIZE); read-only.
+/// Table Size \[10:0\], encoded as N-1 (PCI_MSIX_FLAGS_QSIZE); read-only.
 pub const MSIX_FLAGS_QSIZE: u16 = 0x07ff;
 /// Function Mask (PCI_MSIX_FLAGS_MASKALL).
 pub const MSIX_FLAGS_MASKALL: u16 = 1 << 14;
@@ -183,9 +183,9 @@ pub const MSIX_FLAGS_ENABLE: u16 = 1 << 15;
 pub const MSIX_TABLE_OFFSET: usize = 0x04;
 /// PBA Offset / PBA BIR (PCI_MSIX_PBA).
 pub const MSIX_PBA_OFFSET: usize = 0x08;
-/// BIR field [2:0] of the table and PBA registers (PCI_MSIX_TABLE_BIR).
+/// BIR field \[2:0\] of the table and PBA registers (PCI_MSIX_TABLE_BIR).
 pub const MSIX_BIR_MASK: u32 = 0x7;
-/// Offset field [31:3] (PCI_MSIX_TABLE_OFFSET).
+/// Offset field \[31:3\] (PCI_MSIX_TABLE_OFFSET).
 pub const MSIX_OFFSET_MASK: u32 = !MSIX_BIR_MASK;
 /// The table and the PBA both live in BAR0.
 pub const MSIX_BIR_BAR0: u32 = 0;
@@ -265,13 +265,13 @@ pub(super) fn msix_regs(p: &ConfigParams, next: u8) -> [Reg; 4] {
 pub const ARI_EXT_CAP_OFFSET: usize = HEADER_SPACE_SIZE;
 /// Alternative Routing-ID Interpretation (PCI_EXT_CAP_ID_ARI).
 pub const EXT_CAP_ID_ARI: u16 = 0x000e;
-/// Extended capability header: version [19:16], next offset [31:20] (PCI_EXT_CAP_VER/NEXT).
+/// Extended capability header: version \[19:16\], next offset \[31:20\] (PCI_EXT_CAP_VER/NEXT).
 pub const EXT_CAP_VERSION_SHIFT: u32 = 16;
 /// Extended capability header next-offset field shift (PCI_EXT_CAP_NEXT); 0 ends the chain.
 pub const EXT_CAP_NEXT_SHIFT: u32 = 20;
 /// ARI capability structure version.
 pub const ARI_VERSION: u32 = 1;
-/// ARI Capability register (PCI_ARI_CAP); Next Function Number [15:8] = 0: last function.
+/// ARI Capability register (PCI_ARI_CAP); Next Function Number \[15:8\] = 0: last function.
 pub const ARI_CAP_OFFSET: usize = 0x04;
 /// ARI Control register (PCI_ARI_CTRL); MFVC and ACS groups unsupported, read-only zero.
 pub const ARI_CTRL_OFFSET: usize = 0x06;

@@ -1,7 +1,7 @@
 //! PCI configuration space of one mlx5 function: PF 15b3:101d or VF 15b3:101e.
 //!
 //! The 4 KiB space is a byte image plus two per-byte masks, all filled from register
-//! tables ([`Reg`]): the power-on value, the guest-writable mask and the write-1-to-clear
+//! tables (`Reg`): the power-on value, the guest-writable mask and the write-1-to-clear
 //! mask. A write stores `(old & !wmask) | (val & wmask)` and then clears `val & w1c`, so
 //! read-only bits, BAR sizing (address bits below the BAR size are read-only zero) and
 //! RW1C status bits all fall out of the tables. Writes that mean something to the device
@@ -101,7 +101,7 @@ pub const HEADER_TYPE_NORMAL: u8 = 0x00;
 pub const BAR0_OFFSET: usize = 0x10;
 /// Base Address Register 2 (PCI_BASE_ADDRESS_2); 64-bit when present, 0x1c is its upper half.
 pub const BAR2_OFFSET: usize = 0x18;
-/// Memory BAR type bits [2:1] = 10b: 64-bit decoder (PCI_BASE_ADDRESS_MEM_TYPE_64).
+/// Memory BAR type bits \[2:1\] = 10b: 64-bit decoder (PCI_BASE_ADDRESS_MEM_TYPE_64).
 pub const BAR_MEM_TYPE_64: u32 = 0b10 << 1;
 /// Prefetchable (PCI_BASE_ADDRESS_MEM_PREFETCH).
 pub const BAR_MEM_PREFETCH: u32 = 1 << 3;
@@ -122,7 +122,7 @@ pub const SUBSYSTEM_ID_VF: u16 = 0x0002;
 pub const ROM_ADDRESS_OFFSET: usize = 0x30;
 /// Capabilities Pointer (PCI_CAPABILITY_LIST).
 pub const CAPABILITY_LIST_OFFSET: usize = 0x34;
-/// Bits [1:0] of a capability pointer are reserved; mask them off when walking.
+/// Bits \[1:0\] of a capability pointer are reserved; mask them off when walking.
 pub const CAPABILITY_POINTER_MASK: u8 = 0xfc;
 /// Interrupt Line (PCI_INTERRUPT_LINE); read-write scratch for the OS.
 pub const INTERRUPT_LINE_OFFSET: usize = 0x3c;
