@@ -6,15 +6,21 @@ use std::time::{Duration, Instant};
 
 use mlx5_prm::cmd::caps::{
     query_op_mod, CapMode, CapType, HCA_CAP_IN_FUNCTION_ID, HCA_CAP_IN_OTHER_FUNCTION,
-    QUERY_HCA_CAP_OUT_LEN,
+    HCA_CAP_MSG_OFFSET, QUERY_HCA_CAP_IN_LEN, QUERY_HCA_CAP_OUT_LEN,
 };
-use mlx5_prm::cmd::hca::{QUERY_ISSI_OUT_LEN, QUERY_ISSI_OUT_SUPPORTED_ISSI_DW0};
+use mlx5_prm::cmd::hca::{
+    DISABLE_HCA_IN_LEN, DISABLE_HCA_OUT_LEN, ENABLE_HCA_IN_LEN, ENABLE_HCA_OUT_LEN,
+    INIT_HCA_IN_LEN, INIT_HCA_OUT_LEN, QUERY_ADAPTER_IN_LEN, QUERY_ADAPTER_OUT_LEN,
+    QUERY_ISSI_IN_LEN, QUERY_ISSI_OUT_LEN, QUERY_ISSI_OUT_SUPPORTED_ISSI_DW0,
+};
 use mlx5_prm::cmd::pages::{
-    manage_pages_in_len, manage_pages_out_len, ManagePagesOpMod, MANAGE_PAGES_IN_INPUT_NUM_ENTRIES,
-    MANAGE_PAGES_IN_PAS, MANAGE_PAGES_OUT_OUTPUT_NUM_ENTRIES, MANAGE_PAGES_OUT_PAS,
+    manage_pages_in_len, manage_pages_out_len, ManagePagesOpMod, QueryPagesOpMod,
+    MANAGE_PAGES_IN_INPUT_NUM_ENTRIES, MANAGE_PAGES_IN_LEN, MANAGE_PAGES_IN_PAS,
+    MANAGE_PAGES_OUT_LEN, MANAGE_PAGES_OUT_OUTPUT_NUM_ENTRIES, MANAGE_PAGES_OUT_PAS,
+    QUERY_PAGES_IN_LEN, QUERY_PAGES_OUT_LEN, QUERY_PAGES_OUT_NUM_PAGES,
 };
-use mlx5_prm::ifc::{get, set};
-use mlx5_prm::Opcode;
+use mlx5_prm::ifc::{get, hdr, set};
+use mlx5_prm::{CmdStatus, Opcode};
 use mlx5_testbed::bringup::{cmdif, up, ARENA};
 use mlx5_testbed::{faults, init_tracing, run_cli, Function, Testbed};
 use mlx5vf::cmdif::{new_input, CmdError, Mode};
@@ -25,8 +31,21 @@ fn assert_no_objects(f: &Function, when: &str) {
     assert!(c.is_empty(), "{when}: firmware still holds {c:?}");
 }
 
+/// QUERY_PAGES for the pages needed at run time.
+fn query_pages() -> Vec<u8> {
+    new_input(
+        Opcode::QueryPages,
+        QueryPagesOpMod::Regular.into(),
+        QUERY_PAGES_IN_LEN,
+    )
+}
+
 fn caps_query(t: CapType, mode: CapMode, other: Option<u16>) -> Vec<u8> {
-    let mut m = new_input(Opcode::QueryHcaCap, query_op_mod(t, mode), 16);
+    let mut m = new_input(
+        Opcode::QueryHcaCap,
+        query_op_mod(t, mode),
+        QUERY_HCA_CAP_IN_LEN,
+    );
     if let Some(fid) = other {
         set(&mut m, HCA_CAP_IN_OTHER_FUNCTION, 1);
         set(&mut m, HCA_CAP_IN_FUNCTION_ID, fid.into());
@@ -98,23 +117,23 @@ fn query_hca_cap_output_spans_eight_mailboxes_byte_exact() {
         assert_eq!(out.len(), QUERY_HCA_CAP_OUT_LEN);
         assert_eq!(&out[..8], &[0; 8], "status and syndrome");
         let want = vf.firmware().cap_page(t, mode);
-        assert_eq!(&out[16..], &want[..], "{t:?} {mode:?}");
+        assert_eq!(&out[HCA_CAP_MSG_OFFSET..], &want[..], "{t:?} {mode:?}");
     }
     // One output block: QUERY_ISSI (112 bytes).
     let out = hca
         .cmd()
-        .exec(&new_input(Opcode::QueryIssi, 0, 16), QUERY_ISSI_OUT_LEN)
+        .exec(
+            &new_input(Opcode::QueryIssi, 0, QUERY_ISSI_IN_LEN),
+            QUERY_ISSI_OUT_LEN,
+        )
         .unwrap();
     assert_eq!(out.len(), QUERY_ISSI_OUT_LEN);
     assert_eq!(get(&out, QUERY_ISSI_OUT_SUPPORTED_ISSI_DW0), 0x3);
     // No block at all: QUERY_PAGES (16 bytes each way), num_pages 0 at run time.
-    let out = hca
-        .cmd()
-        .exec(&new_input(Opcode::QueryPages, 3, 16), 16)
-        .unwrap();
-    assert_eq!(out.len(), 16);
+    let out = hca.cmd().exec(&query_pages(), QUERY_PAGES_OUT_LEN).unwrap();
+    assert_eq!(out.len(), QUERY_PAGES_OUT_LEN);
     assert_eq!(&out[..8], &[0; 8]);
-    assert_eq!(&out[12..16], &[0; 4]);
+    assert_eq!(get(&out, QUERY_PAGES_OUT_NUM_PAGES), 0);
     hca.down().unwrap();
     assert_no_objects(&vf, "end");
 }
@@ -137,11 +156,15 @@ fn give_and_take_in_one_command(hca: &mut Hca, f: &Function, n: usize) {
     for (i, &p) in pas.iter().enumerate() {
         set(&mut m, MANAGE_PAGES_IN_PAS.nth(i).unwrap(), p);
     }
-    cmd.exec(&m, 16).expect("give");
+    cmd.exec(&m, MANAGE_PAGES_OUT_LEN).expect("give");
     assert_eq!(f.object_counts().pages, held_before + n);
 
     let total = held_before + n;
-    let mut m = new_input(Opcode::ManagePages, ManagePagesOpMod::Take.into(), 16);
+    let mut m = new_input(
+        Opcode::ManagePages,
+        ManagePagesOpMod::Take.into(),
+        MANAGE_PAGES_IN_LEN,
+    );
     set(&mut m, MANAGE_PAGES_IN_INPUT_NUM_ENTRIES, n as u64);
     let out = cmd
         .exec(&m, manage_pages_out_len(n).unwrap())
@@ -166,13 +189,20 @@ fn manage_pages_with_many_pages_round_trips_byte_exact() {
     let vf = tb.vf(0);
     // The function is only enabled (no boot pages held), so TAKE can only return ours.
     let cmd = cmdif(tb.vf_client(0), ARENA);
-    cmd.exec(&new_input(Opcode::EnableHca, 0, 16), 12).unwrap();
+    cmd.exec(
+        &new_input(Opcode::EnableHca, 0, ENABLE_HCA_IN_LEN),
+        ENABLE_HCA_OUT_LEN,
+    )
+    .unwrap();
     let mut hca = Hca::new(cmd);
     for n in [1usize, 63, 64, 65, 1000] {
         give_and_take_in_one_command(&mut hca, &vf, n);
     }
     hca.cmd()
-        .exec(&new_input(Opcode::DisableHca, 0, 16), 12)
+        .exec(
+            &new_input(Opcode::DisableHca, 0, DISABLE_HCA_IN_LEN),
+            DISABLE_HCA_OUT_LEN,
+        )
         .unwrap();
     assert_no_objects(&vf, "end");
 }
@@ -229,9 +259,15 @@ fn thirty_two_commands(vfs: u16) -> Vec<(Vec<u8>, usize)> {
             caps_query(CapType::General2, CapMode::Cur, None),
             QUERY_HCA_CAP_OUT_LEN,
         ),
-        (new_input(Opcode::QueryIssi, 0, 16), QUERY_ISSI_OUT_LEN),
-        (new_input(Opcode::QueryAdapter, 0, 16), 0x110),
-        (new_input(Opcode::QueryPages, 3, 16), 16),
+        (
+            new_input(Opcode::QueryIssi, 0, QUERY_ISSI_IN_LEN),
+            QUERY_ISSI_OUT_LEN,
+        ),
+        (
+            new_input(Opcode::QueryAdapter, 0, QUERY_ADAPTER_IN_LEN),
+            QUERY_ADAPTER_OUT_LEN,
+        ),
+        (query_pages(), QUERY_PAGES_OUT_LEN),
     ];
     let mut i = 0;
     while cmds.len() < 31 {
@@ -254,8 +290,12 @@ fn thirty_two_commands(vfs: u16) -> Vec<(Vec<u8>, usize)> {
     cmds.insert(
         13,
         (
-            new_input(Opcode::ManagePages, ManagePagesOpMod::CantGive.into(), 16),
-            16,
+            new_input(
+                Opcode::ManagePages,
+                ManagePagesOpMod::CantGive.into(),
+                MANAGE_PAGES_IN_LEN,
+            ),
+            MANAGE_PAGES_OUT_LEN,
         ),
     );
     cmds
@@ -339,7 +379,10 @@ fn commands_complete_by_eqe_and_msix_eventfd() {
     let n = 300; // more than the 256-entry ring: the owner phase flips
     for _ in 0..n {
         hca.cmd()
-            .exec(&new_input(Opcode::QueryIssi, 0, 16), QUERY_ISSI_OUT_LEN)
+            .exec(
+                &new_input(Opcode::QueryIssi, 0, QUERY_ISSI_IN_LEN),
+                QUERY_ISSI_OUT_LEN,
+            )
             .unwrap();
     }
     let s = hca.cmd().stats();
@@ -358,32 +401,37 @@ fn status_errors_map_to_the_kernel_errno_and_the_next_command_works() {
     init_tracing();
     let tb = Testbed::start(1);
     let hca = up(tb.vf_client(0), ARENA, true);
-    let cases: Vec<(Vec<u8>, usize, u8, i32)> = vec![
+    let cases: Vec<(Vec<u8>, usize, CmdStatus, i32)> = vec![
         // Unknown opcode: BAD_OP -> -EINVAL.
         (
             {
-                let mut m = vec![0u8; 16];
-                m[0..2].copy_from_slice(&0x0999u16.to_be_bytes());
+                let mut m = vec![0u8; hdr::HDR_LEN];
+                set(&mut m, hdr::OPCODE, 0x0999);
                 m
             },
-            16,
-            0x02,
+            hdr::HDR_LEN,
+            CmdStatus::BadOpErr,
             -libc::EINVAL,
         ),
         // A VF naming another function: BAD_PARAM -> -EINVAL.
         (
             caps_query(CapType::General, CapMode::Cur, Some(2)),
             QUERY_HCA_CAP_OUT_LEN,
-            0x03,
+            CmdStatus::BadParamErr,
             -libc::EINVAL,
         ),
         // INIT_HCA while initialized: BAD_SYS_STATE -> -EIO.
-        (new_input(Opcode::InitHca, 0, 32), 16, 0x04, -libc::EIO),
+        (
+            new_input(Opcode::InitHca, 0, INIT_HCA_IN_LEN),
+            INIT_HCA_OUT_LEN,
+            CmdStatus::BadSysStateErr,
+            -libc::EIO,
+        ),
     ];
     for (m, out, status, errno) in cases {
         match hca.cmd().exec(&m, out) {
             Err(e @ CmdError::Status { .. }) => {
-                assert_eq!(e.status().map(u8::from), Some(status), "{e}");
+                assert_eq!(e.status(), Some(status), "{e}");
                 assert_eq!(e.errno(), errno, "{e}");
                 let CmdError::Status {
                     syndrome, opcode, ..
@@ -392,12 +440,15 @@ fn status_errors_map_to_the_kernel_errno_and_the_next_command_works() {
                     unreachable!()
                 };
                 assert_ne!(syndrome, 0);
-                assert_eq!(opcode, u16::from_be_bytes([m[0], m[1]]));
+                assert_eq!(u64::from(opcode), get(&m, hdr::OPCODE));
             }
             other => panic!("expected a status error, got {other:?}"),
         }
         hca.cmd()
-            .exec(&new_input(Opcode::QueryIssi, 0, 16), QUERY_ISSI_OUT_LEN)
+            .exec(
+                &new_input(Opcode::QueryIssi, 0, QUERY_ISSI_IN_LEN),
+                QUERY_ISSI_OUT_LEN,
+            )
             .expect("next command");
     }
     hca.down().unwrap();
@@ -415,7 +466,10 @@ fn a_command_the_device_never_completes_times_out_and_keeps_its_slot() {
     cmd.set_timeout(Duration::from_millis(200));
     let t = Instant::now();
     let e = cmd
-        .exec(&new_input(Opcode::EnableHca, 0, 16), 12)
+        .exec(
+            &new_input(Opcode::EnableHca, 0, ENABLE_HCA_IN_LEN),
+            ENABLE_HCA_OUT_LEN,
+        )
         .unwrap_err();
     assert!(matches!(e, CmdError::Timeout { slot: 0, .. }), "{e}");
     assert_eq!(e.errno(), -libc::ETIMEDOUT);
@@ -424,9 +478,16 @@ fn a_command_the_device_never_completes_times_out_and_keeps_its_slot() {
     stuck.restore();
     cmd.set_timeout(Duration::from_secs(10));
     // The next command takes another slot and completes.
-    cmd.exec(&new_input(Opcode::EnableHca, 0, 16), 12)
-        .expect("next command");
-    cmd.exec(&new_input(Opcode::DisableHca, 0, 16), 12).unwrap();
+    cmd.exec(
+        &new_input(Opcode::EnableHca, 0, ENABLE_HCA_IN_LEN),
+        ENABLE_HCA_OUT_LEN,
+    )
+    .expect("next command");
+    cmd.exec(
+        &new_input(Opcode::DisableHca, 0, DISABLE_HCA_IN_LEN),
+        DISABLE_HCA_OUT_LEN,
+    )
+    .unwrap();
 }
 
 #[test]

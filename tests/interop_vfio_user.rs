@@ -26,6 +26,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
 
+use mlx5_prm::iseg::{CMDIF_REV, CMDIF_REV_FW_SUB_OFFSET, CMDIF_REV_SHIFT};
 use mlx5_testbed::mem::memfd;
 use mlx5_testbed::wait::{bounded, eventually};
 use mlx5_testbed::Testbed;
@@ -61,10 +62,6 @@ const PCI_INTERRUPT_LINE: u64 = 0x3c;
 const PCI_CAP_ID_MSIX: u8 = 0x11;
 const PCI_MSIX_FLAGS_ENABLE: u16 = 1 << 15;
 const PCI_MSIX_FLAGS_MASKALL: u16 = 1 << 14;
-
-/// Init segment: `cmdif_rev_fw_sub` (big-endian), command interface revision in the
-/// upper 16 bits.
-const ISEG_CMDIF_REV_FW_SUB: u64 = 0x4;
 
 /// DMA window used by the tests.
 const IOVA: u64 = 0x1_0000_0000;
@@ -233,10 +230,11 @@ fn vfio_user_crate_client_reads_ids_and_init_segment() {
         assert_eq!(header[..4], ids);
         assert_eq!(header[9..12], class);
 
-        let rev = u32::from_be_bytes(read_bytes(&mut c, BAR0_REGION, ISEG_CMDIF_REV_FW_SUB));
+        // Init segment `cmdif_rev_fw_sub` (big-endian), the revision in the upper half.
+        let rev = u32::from_be_bytes(read_bytes(&mut c, BAR0_REGION, CMDIF_REV_FW_SUB_OFFSET));
         assert_eq!(
-            rev >> 16,
-            u32::from(mlx5_prm::iseg::CMDIF_REV),
+            rev >> CMDIF_REV_SHIFT,
+            u32::from(CMDIF_REV),
             "cmdif_rev_fw_sub = {rev:#010x}"
         );
         c.shutdown().expect("shutdown");
@@ -293,8 +291,8 @@ fn vfio_user_crate_client_dma_maps_memfd_resets_and_unmaps() {
         );
         assert_eq!(vf.dma().windows(), windows, "reset keeps DMA maps");
         // The BAR still answers after the reset.
-        let rev = u32::from_be_bytes(read_bytes(&mut c, BAR0_REGION, ISEG_CMDIF_REV_FW_SUB));
-        assert_eq!(rev >> 16, u32::from(mlx5_prm::iseg::CMDIF_REV));
+        let rev = u32::from_be_bytes(read_bytes(&mut c, BAR0_REGION, CMDIF_REV_FW_SUB_OFFSET));
+        assert_eq!(rev >> CMDIF_REV_SHIFT, u32::from(CMDIF_REV));
 
         c.dma_unmap(IOVA, DMA_SIZE).expect("DMA_UNMAP");
         assert!(

@@ -7,7 +7,9 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use mlx5_emulator::bar0::{MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET};
-use mlx5_emulator::pci::caps::{PCIE_CAP_OFFSET, PCIE_DEVCTL_OFFSET};
+use mlx5_emulator::pci::caps::{PCIE_CAP_OFFSET, PCIE_DEVCTL_BCR_FLR, PCIE_DEVCTL_OFFSET};
+use mlx5_emulator::pci::INTERRUPT_LINE_OFFSET;
+use mlx5_prm::iseg::{CMDIF_REV, CMDIF_REV_FW_SUB_OFFSET, CMDIF_REV_SHIFT, CMDQ_ADDR_H_OFFSET};
 use mlx5_testbed::irq::{enable_msix, msix_eventfd};
 use mlx5_testbed::mem::memfd;
 use mlx5_testbed::wait::wait_until;
@@ -19,7 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 const CONFIG: u32 = VFIO_PCI_CONFIG_REGION_INDEX;
 const BAR0: u32 = VFIO_PCI_BAR0_REGION_INDEX;
-const INTERRUPT_LINE: u64 = 0x3c;
+const INTERRUPT_LINE: u64 = INTERRUPT_LINE_OFFSET as u64;
 
 fn remote_errno(r: Result<impl std::fmt::Debug, VfuError>) -> Errno {
     match r {
@@ -109,30 +111,31 @@ fn every_command_round_trips() {
     let mut b = [0u8; 1];
     c.region_read(CONFIG, INTERRUPT_LINE, &mut b).unwrap();
     assert_eq!(b, [0x2b]);
-    let mut iseg = [0u8; 8];
-    c.region_read(BAR0, 0, &mut iseg).unwrap();
+    let mut rev = [0u8; 4];
+    c.region_read(BAR0, CMDIF_REV_FW_SUB_OFFSET, &mut rev)
+        .unwrap();
     assert_eq!(
-        u32::from_be_bytes(iseg[4..8].try_into().unwrap()) >> 16,
-        5,
+        u32::from_be_bytes(rev) >> CMDIF_REV_SHIFT,
+        u32::from(CMDIF_REV),
         "cmdif_rev"
     );
 
     // A posted write is applied before a later read (in-order processing).
-    c.region_write_posted(BAR0, 0x10, &0x1234_5678u32.to_be_bytes())
+    c.region_write_posted(BAR0, CMDQ_ADDR_H_OFFSET, &0x1234_5678u32.to_be_bytes())
         .unwrap();
     let mut hi = [0u8; 4];
-    c.region_read(BAR0, 0x10, &mut hi).unwrap();
+    c.region_read(BAR0, CMDQ_ADDR_H_OFFSET, &mut hi).unwrap();
     assert_eq!(u32::from_be_bytes(hi), 0x1234_5678);
 
     // REGION_WRITE_MULTI.
     c.region_write_multi(&[
         (CONFIG, INTERRUPT_LINE, &[0x11]),
-        (BAR0, 0x10, &[0, 0, 0, 9]),
+        (BAR0, CMDQ_ADDR_H_OFFSET, &[0, 0, 0, 9]),
     ])
     .unwrap();
     c.region_read(CONFIG, INTERRUPT_LINE, &mut b).unwrap();
     assert_eq!(b, [0x11]);
-    c.region_read(BAR0, 0x10, &mut hi).unwrap();
+    c.region_read(BAR0, CMDQ_ADDR_H_OFFSET, &mut hi).unwrap();
     assert_eq!(u32::from_be_bytes(hi), 9);
 
     // DMA_MAP / DMA_UNMAP with a memfd, seen by the device.
@@ -396,7 +399,7 @@ fn hostile_sizes_and_lengths() {
     );
     // REGION_WRITE whose count does not match its data.
     let mut p = RegionAccess {
-        offset: 0x3c,
+        offset: INTERRUPT_LINE,
         region: CONFIG,
         count: 8,
     }
@@ -673,7 +676,7 @@ fn disconnect_drops_dma_and_irqs_and_keeps_device_state() {
     {
         let mut c = tb.vf_client(0);
         c.region_write(CONFIG, INTERRUPT_LINE, &[0x5a]).unwrap();
-        c.region_write(BAR0, 0x10, &0xabcd_0000u32.to_be_bytes())
+        c.region_write(BAR0, CMDQ_ADDR_H_OFFSET, &0xabcd_0000u32.to_be_bytes())
             .unwrap();
         c.dma_map(0x0, 0x4000, mem.as_raw_fd(), 0, 3).unwrap();
         let _efd = msix_eventfd(&mut c, 0);
@@ -691,7 +694,7 @@ fn disconnect_drops_dma_and_irqs_and_keeps_device_state() {
     c.region_read(CONFIG, INTERRUPT_LINE, &mut b).unwrap();
     assert_eq!(b, [0x5a], "config space persists");
     let mut w = [0u8; 4];
-    c.region_read(BAR0, 0x10, &mut w).unwrap();
+    c.region_read(BAR0, CMDQ_ADDR_H_OFFSET, &mut w).unwrap();
     assert_eq!(u32::from_be_bytes(w), 0xabcd_0000, "BAR0 registers persist");
     assert!(vf.dma().read(0, &mut b).is_err(), "old maps are gone");
 }
@@ -729,20 +732,20 @@ fn flr_returns_the_function_to_power_on() {
     let tb = Testbed::start(1);
     let mut c = tb.vf_client(0);
     c.region_write(CONFIG, INTERRUPT_LINE, &[0x77]).unwrap();
-    c.region_write(BAR0, 0x10, &0x1111_0000u32.to_be_bytes())
+    c.region_write(BAR0, CMDQ_ADDR_H_OFFSET, &0x1111_0000u32.to_be_bytes())
         .unwrap();
     let devctl = PCIE_CAP_OFFSET as u64 + PCIE_DEVCTL_OFFSET as u64;
     let v = read_u16(&mut c, CONFIG, devctl);
-    c.region_write(CONFIG, devctl, &(v | 0x8000).to_le_bytes())
+    c.region_write(CONFIG, devctl, &(v | PCIE_DEVCTL_BCR_FLR).to_le_bytes())
         .unwrap();
     let mut b = [0u8; 1];
     c.region_read(CONFIG, INTERRUPT_LINE, &mut b).unwrap();
     assert_eq!(b, [0]);
     let mut w = [0u8; 4];
-    c.region_read(BAR0, 0x10, &mut w).unwrap();
+    c.region_read(BAR0, CMDQ_ADDR_H_OFFSET, &mut w).unwrap();
     assert_eq!(w, [0; 4]);
     assert_eq!(
-        read_u16(&mut c, CONFIG, devctl) & 0x8000,
+        read_u16(&mut c, CONFIG, devctl) & PCIE_DEVCTL_BCR_FLR,
         0,
         "Initiate FLR reads 0"
     );

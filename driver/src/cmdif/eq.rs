@@ -11,12 +11,12 @@ use mlx5_prm::cmd::eq::{
     EQE_CMD_VECTOR, EQE_OWNER_INIT_VAL, EQE_OWNER_OFFSET, EQE_SIZE, EQE_TYPE,
     EQ_DOORBELL_ARM_OFFSET, EQ_DOORBELL_NOARM_OFFSET, EVENT_TYPE_CMD, NUM_CMD_EQE, NUM_SPARE_EQE,
 };
+pub use mlx5_prm::cmd::uar::UAR_PAGE_SIZE;
 use mlx5_prm::ifc;
 use mlx5_prm::Opcode;
 
 use super::arena::{ArenaError, DmaArena, PAGE_SIZE};
 
-pub use mlx5_prm::cmd::uar::UAR_PAGE_SIZE;
 /// Largest EQ this driver builds (2^12 entries = 64 pages).
 pub const MAX_LOG_EQ_SIZE: u32 = 12;
 /// The kernel's command EQ: 32 command EQEs + 128 spare, rounded up to a power of two.
