@@ -56,30 +56,42 @@ impl fmt::Debug for Errno {
 
 impl fmt::Display for Errno {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = match self.0 {
-            libc::EPERM => "EPERM",
-            libc::ENOENT => "ENOENT",
-            libc::EIO => "EIO",
-            libc::E2BIG => "E2BIG",
-            libc::EBADF => "EBADF",
-            libc::EAGAIN => "EAGAIN",
-            libc::ENOMEM => "ENOMEM",
-            libc::EFAULT => "EFAULT",
-            libc::EBUSY => "EBUSY",
-            libc::EEXIST => "EEXIST",
-            libc::ENODEV => "ENODEV",
-            libc::EINVAL => "EINVAL",
-            libc::ENOSPC => "ENOSPC",
-            libc::ERANGE => "ERANGE",
-            libc::ENOSYS => "ENOSYS",
-            libc::ENOMSG => "ENOMSG",
-            libc::ENOTSUP => "ENOTSUP",
-            libc::ETIMEDOUT => "ETIMEDOUT",
-            libc::EPROTO => "EPROTO",
-            _ => "errno",
-        };
-        write!(f, "{}({})", name, self.0)
+        write!(f, "{}({})", errno_name(self.0).unwrap_or("errno"), self.0)
     }
+}
+
+/// The symbolic name of a (positive) errno, for logs and errors; `None` for values this
+/// crate and the drivers built on it do not name. 95 is `EOPNOTSUPP` (Linux's `ENOTSUP`
+/// is the same number).
+pub fn errno_name(errno: i32) -> Option<&'static str> {
+    Some(match errno {
+        libc::EPERM => "EPERM",
+        libc::ENOENT => "ENOENT",
+        libc::EIO => "EIO",
+        libc::ENXIO => "ENXIO",
+        libc::E2BIG => "E2BIG",
+        libc::EBADF => "EBADF",
+        libc::EAGAIN => "EAGAIN",
+        libc::ENOMEM => "ENOMEM",
+        libc::EFAULT => "EFAULT",
+        libc::EBUSY => "EBUSY",
+        libc::EEXIST => "EEXIST",
+        libc::ENODEV => "ENODEV",
+        libc::EINVAL => "EINVAL",
+        libc::ENOSPC => "ENOSPC",
+        libc::ERANGE => "ERANGE",
+        libc::ENOSYS => "ENOSYS",
+        libc::ENOMSG => "ENOMSG",
+        libc::EBADR => "EBADR",
+        libc::ENOLINK => "ENOLINK",
+        libc::EPROTO => "EPROTO",
+        libc::EOVERFLOW => "EOVERFLOW",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
+        libc::ECONNRESET => "ECONNRESET",
+        libc::ETIMEDOUT => "ETIMEDOUT",
+        libc::EREMOTEIO => "EREMOTEIO",
+        _ => return None,
+    })
 }
 
 impl std::error::Error for Errno {}

@@ -10,32 +10,15 @@ use mlx5_prm::{CmdStatus, DeliveryStatus, Opcode};
 use super::arena::ArenaError;
 use super::eq::EqError;
 
-/// Errno names for the values the status mappings produce (and a few more).
+/// The name of an errno as the kernel returns it (negative) or as a positive value:
+/// `OK` for 0, `E?` for a value without a name ([`vfu::errno_name`]).
 pub fn errno_name(errno: i32) -> &'static str {
-    match errno.unsigned_abs() as i32 {
+    match errno {
         0 => "OK",
-        libc::EPERM => "EPERM",
-        libc::ENOENT => "ENOENT",
-        libc::EIO => "EIO",
-        libc::ENXIO => "ENXIO",
-        libc::EAGAIN => "EAGAIN",
-        libc::ENOMEM => "ENOMEM",
-        libc::EFAULT => "EFAULT",
-        libc::EBUSY => "EBUSY",
-        libc::EEXIST => "EEXIST",
-        libc::ENODEV => "ENODEV",
-        libc::EINVAL => "EINVAL",
-        libc::ENOSPC => "ENOSPC",
-        libc::ENOMSG => "ENOMSG",
-        libc::EBADR => "EBADR",
-        libc::ENOLINK => "ENOLINK",
-        libc::EPROTO => "EPROTO",
-        libc::EOPNOTSUPP => "EOPNOTSUPP",
-        libc::EOVERFLOW => "EOVERFLOW",
-        libc::ECONNRESET => "ECONNRESET",
-        libc::ETIMEDOUT => "ETIMEDOUT",
-        libc::EREMOTEIO => "EREMOTEIO",
-        _ => "E?",
+        e => i32::try_from(e.unsigned_abs())
+            .ok()
+            .and_then(vfu::errno_name)
+            .unwrap_or("E?"),
     }
 }
 
@@ -242,5 +225,16 @@ mod tests {
         };
         assert!(a.never_completed());
         assert!(a.to_string().contains("slot 3"), "{a}");
+    }
+
+    #[test]
+    fn errno_names_are_vfus_with_ok_for_zero_and_a_mark_for_the_unnamed() {
+        assert_eq!(errno_name(0), "OK");
+        assert_eq!(errno_name(-libc::EINVAL), "EINVAL");
+        assert_eq!(errno_name(libc::EREMOTEIO), "EREMOTEIO");
+        assert_eq!(errno_name(-libc::EOPNOTSUPP), "EOPNOTSUPP");
+        assert_eq!(errno_name(-4095), "E?");
+        assert_eq!(errno_name(i32::MIN), "E?");
+        assert_eq!(vfu::Errno::EINVAL.to_string(), "EINVAL(22)");
     }
 }
