@@ -4,10 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use mlx5_prm::cmd::caps::{
-    query_op_mod, CapMode, CapType, HCA_CAP_IN_FUNCTION_ID, HCA_CAP_IN_OTHER_FUNCTION,
-    HCA_CAP_MSG_OFFSET, QUERY_HCA_CAP_IN_LEN, QUERY_HCA_CAP_OUT_LEN,
-};
+use mlx5_prm::cmd::caps::{CapMode, CapType, HCA_CAP_MSG_OFFSET, QUERY_HCA_CAP_OUT_LEN};
 use mlx5_prm::cmd::hca::{
     DISABLE_HCA_IN_LEN, DISABLE_HCA_OUT_LEN, ENABLE_HCA_IN_LEN, ENABLE_HCA_OUT_LEN,
     INIT_HCA_IN_LEN, INIT_HCA_OUT_LEN, QUERY_ADAPTER_IN_LEN, QUERY_ADAPTER_OUT_LEN,
@@ -24,6 +21,7 @@ use mlx5_prm::{CmdStatus, Opcode};
 use mlx5_testbed::bringup::{cmdif, up, ARENA};
 use mlx5_testbed::{faults, init_tracing, run_cli, Function, Testbed};
 use mlx5vf::cmdif::{new_input, CmdError, Mode};
+use mlx5vf::hca::caps::query_hca_cap_in;
 use mlx5vf::hca::Hca;
 
 fn assert_no_objects(f: &Function, when: &str) {
@@ -38,19 +36,6 @@ fn query_pages() -> Vec<u8> {
         QueryPagesOpMod::Regular.into(),
         QUERY_PAGES_IN_LEN,
     )
-}
-
-fn caps_query(t: CapType, mode: CapMode, other: Option<u16>) -> Vec<u8> {
-    let mut m = new_input(
-        Opcode::QueryHcaCap,
-        query_op_mod(t, mode),
-        QUERY_HCA_CAP_IN_LEN,
-    );
-    if let Some(fid) = other {
-        set(&mut m, HCA_CAP_IN_OTHER_FUNCTION, 1);
-        set(&mut m, HCA_CAP_IN_FUNCTION_ID, fid.into());
-    }
-    m
 }
 
 /// Brings `f` up and down `n` times on one vfio-user connection, re-creating the
@@ -112,7 +97,7 @@ fn query_hca_cap_output_spans_eight_mailboxes_byte_exact() {
     ] {
         let out = hca
             .cmd()
-            .exec(&caps_query(t, mode, None), QUERY_HCA_CAP_OUT_LEN)
+            .exec(&query_hca_cap_in(t, mode, None), QUERY_HCA_CAP_OUT_LEN)
             .unwrap();
         assert_eq!(out.len(), QUERY_HCA_CAP_OUT_LEN);
         assert_eq!(&out[..8], &[0; 8], "status and syndrome");
@@ -248,15 +233,15 @@ fn thirty_two_commands(vfs: u16) -> Vec<(Vec<u8>, usize)> {
     let mut cmds = Vec::new();
     let variants = [
         (
-            caps_query(CapType::General, CapMode::Cur, None),
+            query_hca_cap_in(CapType::General, CapMode::Cur, None),
             QUERY_HCA_CAP_OUT_LEN,
         ),
         (
-            caps_query(CapType::General, CapMode::Max, None),
+            query_hca_cap_in(CapType::General, CapMode::Max, None),
             QUERY_HCA_CAP_OUT_LEN,
         ),
         (
-            caps_query(CapType::General2, CapMode::Cur, None),
+            query_hca_cap_in(CapType::General2, CapMode::Cur, None),
             QUERY_HCA_CAP_OUT_LEN,
         ),
         (
@@ -279,7 +264,7 @@ fn thirty_two_commands(vfs: u16) -> Vec<(Vec<u8>, usize)> {
                 CapMode::Max
             };
             cmds.push((
-                caps_query(CapType::General, mode, Some(fid)),
+                query_hca_cap_in(CapType::General, mode, Some(fid)),
                 QUERY_HCA_CAP_OUT_LEN,
             ));
         } else {
@@ -415,7 +400,7 @@ fn status_errors_map_to_the_kernel_errno_and_the_next_command_works() {
         ),
         // A VF naming another function: BAD_PARAM -> -EINVAL.
         (
-            caps_query(CapType::General, CapMode::Cur, Some(2)),
+            query_hca_cap_in(CapType::General, CapMode::Cur, Some(2)),
             QUERY_HCA_CAP_OUT_LEN,
             CmdStatus::BadParamErr,
             -libc::EINVAL,

@@ -51,6 +51,21 @@ pub struct OtherCaps {
     pub caps2: Option<Vec<u8>>,
 }
 
+/// The input of QUERY_HCA_CAP for capability page `t` in `mode`, of this function or,
+/// with `other`, of function `other` (`other_function` = 1, `function_id`).
+pub fn query_hca_cap_in(t: CapType, mode: CapMode, other: Option<u16>) -> Vec<u8> {
+    let mut m = new_input(
+        Opcode::QueryHcaCap,
+        query_op_mod(t, mode),
+        QUERY_HCA_CAP_IN_LEN,
+    );
+    if let Some(fid) = other {
+        set(&mut m, HCA_CAP_IN_OTHER_FUNCTION, 1);
+        set(&mut m, HCA_CAP_IN_FUNCTION_ID, fid.into());
+    }
+    m
+}
+
 impl Hca {
     /// Another function's GENERAL (and GENERAL_2) CUR capabilities, read through this
     /// one with `other_function` = 1 (the PF reading VF n names function n + 1).
@@ -79,18 +94,9 @@ impl Hca {
         other: Option<u16>,
         what: &'static str,
     ) -> Result<Vec<u8>, HcaError> {
-        let mut m = new_input(
-            Opcode::QueryHcaCap,
-            query_op_mod(t, mode),
-            QUERY_HCA_CAP_IN_LEN,
-        );
-        if let Some(fid) = other {
-            set(&mut m, HCA_CAP_IN_OTHER_FUNCTION, 1);
-            set(&mut m, HCA_CAP_IN_FUNCTION_ID, fid.into());
-        }
         let out = self
             .cmd
-            .exec(&m, QUERY_HCA_CAP_OUT_LEN)
+            .exec(&query_hca_cap_in(t, mode, other), QUERY_HCA_CAP_OUT_LEN)
             .map_err(step(what))?;
         Ok(out[HCA_CAP_MSG_OFFSET..HCA_CAP_MSG_OFFSET + HCA_CAP_SIZE].to_vec())
     }

@@ -40,10 +40,6 @@ use mlx5_prm::cmd::caps::{cmd_hca_cap as cap, CapMode, CapType};
 use mlx5_prm::cmd::eq::{DESTROY_EQ_IN_EQ_NUMBER, DESTROY_EQ_IN_LEN, DESTROY_EQ_OUT_LEN};
 use mlx5_prm::cmd::hca::*;
 use mlx5_prm::cmd::pages::QueryPagesOpMod;
-use mlx5_prm::cmd::pd_mkey::{
-    ALLOC_PD_IN_LEN, ALLOC_PD_OUT_LEN, ALLOC_PD_OUT_PD, DEALLOC_PD_IN_LEN, DEALLOC_PD_IN_PD,
-    DEALLOC_PD_OUT_LEN,
-};
 use mlx5_prm::cmd::uar::{
     ALLOC_UAR_IN_LEN, ALLOC_UAR_OUT_LEN, ALLOC_UAR_OUT_UAR, DEALLOC_UAR_IN_LEN, DEALLOC_UAR_IN_UAR,
     DEALLOC_UAR_OUT_LEN,
@@ -399,12 +395,7 @@ impl Hca {
         if opts.events {
             self.start_cmd_eq(uar)?;
         }
-        let m = new_input(Opcode::AllocPd, 0, ALLOC_PD_IN_LEN);
-        let out = self
-            .cmd
-            .exec(&m, ALLOC_PD_OUT_LEN)
-            .map_err(step("alloc pd failed"))?;
-        let pd = get(&out, ALLOC_PD_OUT_PD) as u32;
+        let pd = self.alloc_pd()?;
         self.stages().pd = Some(pd);
 
         let info = HcaInfo {
@@ -508,14 +499,7 @@ impl Hca {
         };
         let pd = self.stages().pd.take();
         if let Some(pd) = pd {
-            let mut m = new_input(Opcode::DeallocPd, 0, DEALLOC_PD_IN_LEN);
-            set(&mut m, DEALLOC_PD_IN_PD, pd.into());
-            note(
-                self.cmd
-                    .exec(&m, DEALLOC_PD_OUT_LEN)
-                    .map(drop)
-                    .map_err(step("dealloc pd failed")),
-            );
+            note(self.dealloc_pd(pd));
         }
         // Back to polling before destroying the EQ that carries completions.
         let eq = self.cmd.use_polling();
