@@ -2,6 +2,7 @@
 //! with VFIO's mask/unmask/trigger semantics, for backends to use.
 
 use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vfio_bindings::bindings::vfio::{
@@ -290,19 +291,72 @@ impl IrqTable {
     }
 }
 
-/// Writes 1 to an interrupt eventfd (a failure is logged: the interrupt is lost, as a
-/// VMM that closed its end would lose it).
+/// Interrupt writes that found their eventfd full (counter at its maximum), process-wide.
+static FULL_EVENTFD_WRITES: AtomicU64 = AtomicU64::new(0);
+
+/// How many interrupt writes found their eventfd full and were counted, not waited on.
+pub fn full_eventfd_writes() -> u64 {
+    FULL_EVENTFD_WRITES.load(Ordering::Relaxed)
+}
+
+/// Writes 1 to an interrupt eventfd. The fd is non-blocking (see [`check_eventfd`]): a
+/// full eventfd (`EAGAIN`; its reader has an interrupt pending already) is counted
+/// and logged at the first and every power-of-two occurrence, never waited on. Any
+/// other failure is logged: the interrupt is lost, as a VMM that closed its end would
+/// lose it.
 pub fn write_eventfd(fd: &EventFd) {
-    if let Err(e) = fd.write(1) {
-        tracing::warn!(error = %e, "eventfd write failed");
+    match fd.write(1) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            let n = FULL_EVENTFD_WRITES.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    full_writes = n,
+                    "interrupt eventfd full: interrupt coalesced, not waited for"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "eventfd write failed"),
     }
+}
+
+/// Checks that `f` is an eventfd (the only fd kind SET_IRQS takes; a pipe or a socket
+/// could block or misbehave when written) and makes it non-blocking, so that an
+/// interrupt write never waits. `O_NONBLOCK` lives in the open file description, which
+/// the client shares; a VMM reads its interrupt eventfds without blocking anyway.
+pub fn check_eventfd(f: &File) -> Result<(), Errno> {
+    use std::os::fd::AsRawFd;
+    let fd = f.as_raw_fd();
+    let kind = std::fs::read_link(format!("/proc/self/fd/{fd}")).map_err(|e| {
+        tracing::warn!(error = %e, "cannot tell the kind of an interrupt fd: refused");
+        Errno::EINVAL
+    })?;
+    if kind.as_os_str() != "anon_inode:[eventfd]" {
+        tracing::warn!(
+            kind = %kind.display(),
+            "SET_IRQS fd is not an eventfd: refused (EINVAL)"
+        );
+        return Err(Errno::EINVAL);
+    }
+    // SAFETY: fcntl(F_GETFL) on an fd we own; it takes no pointer.
+    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: fcntl(F_SETFL) on an fd we own with an integer argument.
+    if fl < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0 {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "cannot make an interrupt eventfd non-blocking: refused"
+        );
+        return Err(Errno::EINVAL);
+    }
+    Ok(())
 }
 
 fn eventfd_from_file(f: File) -> EventFd {
     use std::os::fd::{FromRawFd, IntoRawFd};
     let fd = f.into_raw_fd();
     // SAFETY: `fd` was just released from a `File` that owned it, so the EventFd takes
-    // sole ownership; a non-eventfd fd only makes later writes fail, which we log.
+    // sole ownership; the server admits only eventfds (`check_eventfd`), and any other
+    // fd only makes later writes fail, which we log.
     unsafe { EventFd::from_raw_fd(fd) }
 }
 
@@ -377,5 +431,45 @@ mod tests {
         assert_eq!(SetIrqs::parse_flags(0x64), Err(Errno::EINVAL));
         assert_eq!(SetIrqs::parse_flags(0x04), Err(Errno::EINVAL));
         assert_eq!(SetIrqs::parse_flags(0x124), Err(Errno::EINVAL));
+    }
+
+    #[test]
+    fn a_full_eventfd_is_counted_not_waited_on_and_other_fds_are_refused() {
+        // A blocking eventfd at its maximum count: a blocking write would wait for a
+        // reader that never comes.
+        let e = EventFd::new(0).unwrap();
+        e.write(u64::MAX - 1).unwrap();
+        // SAFETY: dup returns a new fd owned by the File.
+        let f = unsafe { File::from_raw_fd(libc::dup(e.as_raw_fd())) };
+        check_eventfd(&f).unwrap();
+        let mut t = IrqTable::new(&[IrqIndexShape {
+            count: 1,
+            maskable: false,
+        }]);
+        t.apply(SetIrqs {
+            index: 0,
+            start: 0,
+            count: 1,
+            action: IrqAction::Trigger,
+            data: IrqData::Eventfds(vec![f]),
+        })
+        .unwrap();
+        let before = full_eventfd_writes();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            t.trigger(0, 0);
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the interrupt write waited on a full eventfd");
+        assert!(full_eventfd_writes() > before);
+        // A pipe is not an eventfd.
+        let mut p = [0; 2];
+        // SAFETY: pipe writes two fds into the array; the Files own them.
+        assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
+        // SAFETY: fresh fds from pipe(2), each owned by one File.
+        let (r, w) = unsafe { (File::from_raw_fd(p[0]), File::from_raw_fd(p[1])) };
+        assert_eq!(check_eventfd(&w), Err(Errno::EINVAL));
+        assert_eq!(check_eventfd(&r), Err(Errno::EINVAL));
     }
 }

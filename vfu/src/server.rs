@@ -823,6 +823,9 @@ impl Connection {
                 if !tail.is_empty() || !(fds.is_empty() || fds.len() == req.count as usize) {
                     return Err(Errno::EINVAL);
                 }
+                for f in &fds {
+                    crate::irq::check_eventfd(f)?;
+                }
                 IrqData::Eventfds(fds)
             }
             _ => return Err(Errno::EINVAL),
