@@ -215,18 +215,67 @@ impl Dma {
         Ok(())
     }
 
-    /// Unmaps exactly the window `iova..iova+size`; anything else is `ENOENT`. Returns
-    /// once no device access holds the mapping any more.
-    pub fn unmap(&self, iova: u64, size: u64) -> Result<(), Errno> {
-        let m = {
-            let mut t = self.write_table();
-            match t.maps.get(&iova) {
-                Some(m) if m.size == size => t.maps.remove(&iova).expect("present"),
-                _ => return Err(Errno::ENOENT),
-            }
-        };
-        Self::wait_unused(m);
+    /// The windows lying whole inside `iova..iova+size`, as Linux's type1 IOMMU
+    /// decides an unmap: a zero, unaligned or overflowing range is `EINVAL`, and so is a
+    /// range that cuts a window in part (that window, and every other, stays); a range
+    /// covering no window is empty, which is not an error.
+    pub fn covered(&self, iova: u64, size: u64) -> Result<Vec<DmaWindow>, Errno> {
+        let end = Self::check_unmap_range(iova, size)?;
+        let t = self.read_table();
+        Self::check_not_cut(&t, iova, end)?;
+        Ok(t.maps
+            .range(iova..end)
+            .map(|(_, m)| DmaWindow {
+                iova: m.iova,
+                size: m.size,
+                flags: m.flags,
+            })
+            .collect())
+    }
+
+    fn check_unmap_range(iova: u64, size: u64) -> Result<u64, Errno> {
+        if size == 0 || !iova.is_multiple_of(DMA_PAGE_SIZE) || !size.is_multiple_of(DMA_PAGE_SIZE) {
+            return Err(Errno::EINVAL);
+        }
+        iova.checked_add(size).ok_or(Errno::EINVAL)
+    }
+
+    /// `EINVAL` if a window starts before `iova` and reaches into the range, or starts
+    /// inside it and reaches past `end`.
+    fn check_not_cut(t: &Table, iova: u64, end: u64) -> Result<(), Errno> {
+        if t.find(iova).is_some_and(|m| m.iova != iova) {
+            return Err(Errno::EINVAL);
+        }
+        if t.find(end - 1).is_some_and(|m| m.iova + m.size != end) {
+            return Err(Errno::EINVAL);
+        }
         Ok(())
+    }
+
+    /// Unmaps every window lying whole inside `iova..iova+size` (Linux type1
+    /// semantics, see [`Dma::covered`]) and returns them; a range that cuts a window in
+    /// part changes nothing and is `EINVAL`. Returns once no device access holds the
+    /// removed mappings any more.
+    pub fn unmap(&self, iova: u64, size: u64) -> Result<Vec<DmaWindow>, Errno> {
+        let end = Self::check_unmap_range(iova, size)?;
+        let removed: Vec<Arc<Mapping>> = {
+            let mut t = self.write_table();
+            Self::check_not_cut(&t, iova, end)?;
+            let keys: Vec<u64> = t.maps.range(iova..end).map(|(&k, _)| k).collect();
+            keys.into_iter().filter_map(|k| t.maps.remove(&k)).collect()
+        };
+        let windows = removed
+            .iter()
+            .map(|m| DmaWindow {
+                iova: m.iova,
+                size: m.size,
+                flags: m.flags,
+            })
+            .collect();
+        for m in removed {
+            Self::wait_unused(m);
+        }
+        Ok(windows)
     }
 
     /// Unmaps every window; returns how many there were.
@@ -403,8 +452,8 @@ mod tests {
         let mut fb = [0u8; 4];
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut fb, 0x1ffe).unwrap();
         assert_eq!(fb, [1, 2, 3, 4]);
-        assert_eq!(dma.unmap(0x10000, 0x1000), Err(Errno::ENOENT));
-        dma.unmap(0x10000, 0x2000).unwrap();
+        assert_eq!(dma.unmap(0x10000, 0x1000), Err(Errno::EINVAL));
+        assert_eq!(dma.unmap(0x10000, 0x2000).unwrap().len(), 1);
         assert!(matches!(
             dma.read(0x10000, &mut b),
             Err(DmaError::NotMapped { .. })
@@ -506,5 +555,36 @@ mod tests {
             Err(DmaError::NotMapped { .. })
         ));
         assert_eq!(dma.unmap_all(), 2);
+    }
+
+    #[test]
+    fn unmap_removes_every_window_it_covers_and_refuses_a_cut() {
+        let dma = Dma::default();
+        let f = memfd("t", 0x10000).unwrap();
+        for iova in [0x10000, 0x20000, 0x30000] {
+            dma.map(iova, 0x2000, f.try_clone().unwrap(), 0, rw())
+                .unwrap();
+        }
+        // An empty range succeeds and removes nothing.
+        assert_eq!(dma.unmap(0x100000, 0x1000), Ok(vec![]));
+        assert_eq!(dma.unmap(0x12000, 0xe000), Ok(vec![]));
+        // A range that cuts a window (at its start or its end) is refused; nothing goes.
+        assert_eq!(dma.unmap(0x11000, 0x10000), Err(Errno::EINVAL));
+        assert_eq!(dma.unmap(0x0, 0x21000), Err(Errno::EINVAL));
+        assert_eq!(dma.unmap(0x10000, 0), Err(Errno::EINVAL));
+        assert_eq!(dma.len(), 3);
+        // A block covering two windows whole removes both (QEMU behind a vIOMMU).
+        let gone = dma.unmap(0x0, 0x30000).unwrap();
+        assert_eq!(
+            gone.iter().map(|w| w.iova).collect::<Vec<_>>(),
+            vec![0x10000, 0x20000]
+        );
+        let mut b = [0u8; 4];
+        assert!(matches!(
+            dma.read(0x20000, &mut b),
+            Err(DmaError::NotMapped { .. })
+        ));
+        assert_eq!(dma.windows().len(), 1);
+        dma.read(0x30000, &mut b).unwrap();
     }
 }

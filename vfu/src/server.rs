@@ -705,13 +705,19 @@ impl Connection {
             }
             dma.unmap_all();
         } else {
-            let w = dma
-                .windows()
-                .into_iter()
-                .find(|w| w.iova == req.address && w.size == req.size)
-                .ok_or(Errno::ENOENT)?;
-            backend.dma_unmapping(w);
-            dma.unmap(req.address, req.size)?;
+            // Linux type1: every window the range covers whole goes, a range covering
+            // none succeeds, a window cut in part refuses the whole unmap (EINVAL).
+            let covered = dma.covered(req.address, req.size)?;
+            for &w in &covered {
+                backend.dma_unmapping(w);
+            }
+            let gone = dma.unmap(req.address, req.size)?;
+            tracing::debug!(
+                iova = req.address,
+                size = req.size,
+                windows = gone.len(),
+                "dma unmapped"
+            );
         }
         ok(DmaUnmap {
             argsz: DmaUnmap::SIZE as u32,

@@ -1,0 +1,55 @@
+//! A hostile vfio-user client against a live adapter: each attack of the resource
+//! classes (interrupt fds, DMA files, fds, refusals, unmaps) gets a clear errno or is
+//! absorbed, and the function keeps answering.
+
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use mlx5_testbed::mem::memfd;
+use mlx5_testbed::wait::bounded;
+use mlx5_testbed::{init_tracing, Testbed};
+use vfu::uapi::*;
+use vfu::{Errno, VfuError};
+
+const RW: u32 = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
+
+fn remote_errno(r: Result<impl std::fmt::Debug, VfuError>) -> Errno {
+    match r {
+        Err(VfuError::Remote { errno, .. }) => errno,
+        other => panic!("expected an error reply, got {other:?}"),
+    }
+}
+
+/// Behind a vIOMMU QEMU unmaps whole address-space blocks: every window inside goes,
+/// and the device can no longer reach it.
+#[test]
+fn a_block_unmap_removes_every_window_inside_it() {
+    init_tracing();
+    let tb = Testbed::start(1);
+    let vf = tb.vf(0);
+    let mut c = tb.vf_client(0);
+    let mem = memfd("hostile-unmap", 0x10000);
+    c.dma_map(0x1000_0000, 0x4000, mem.as_raw_fd(), 0, RW)
+        .unwrap();
+    c.dma_map(0x2000_0000, 0x4000, mem.as_raw_fd(), 0x4000, RW)
+        .unwrap();
+    c.dma_map(0x9000_0000, 0x4000, mem.as_raw_fd(), 0x8000, RW)
+        .unwrap();
+    c.dma_unmap(0, 0x8000_0000)
+        .expect("a block covering two windows");
+    let mut b = [0u8; 8];
+    assert!(vf.dma().read(0x1000_0000, &mut b).is_err());
+    assert!(vf.dma().read(0x2000_0000, &mut b).is_err());
+    vf.dma().read(0x9000_0000, &mut b).unwrap();
+    // A block that cuts the last window is refused and leaves it whole.
+    assert_eq!(
+        remote_errno(c.dma_unmap(0x8000_0000, 0x1000_2000)),
+        Errno::EINVAL
+    );
+    vf.dma().read(0x9000_3ff8, &mut b).unwrap();
+    // Unmapping it again once gone is an empty range: success.
+    c.dma_unmap(0x8000_0000, 0x8000_0000).unwrap();
+    c.dma_unmap(0x8000_0000, 0x8000_0000).unwrap();
+    assert!(vf.dma().is_empty());
+    bounded(Duration::from_secs(30), move || c.device_info().unwrap());
+}
