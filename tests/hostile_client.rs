@@ -53,3 +53,39 @@ fn a_block_unmap_removes_every_window_inside_it() {
     assert!(vf.dma().is_empty());
     bounded(Duration::from_secs(30), move || c.device_info().unwrap());
 }
+
+/// A DMA file the client could shrink (a memfd without sealing) is refused by default,
+/// and accepted under the operator's explicit opt-in.
+#[test]
+fn a_dma_file_that_cannot_be_sealed_is_refused_unless_allowed() {
+    init_tracing();
+    let unsealable = || {
+        let name = std::ffi::CString::new("hostile-unsealable").unwrap();
+        // SAFETY: `name` is NUL-terminated; memfd_create has no other inputs.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create");
+        // SAFETY: memfd_create returned a new fd that nothing else owns.
+        let f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        f.set_len(0x4000).unwrap();
+        f
+    };
+    let tb = Testbed::start(1);
+    let mut c = tb.vf_client(0);
+    let f = unsealable();
+    assert_eq!(
+        remote_errno(c.dma_map(0x10000, 0x4000, f.as_raw_fd(), 0, RW)),
+        Errno::EPERM
+    );
+    assert!(tb.vf(0).dma().is_empty());
+    c.device_info().expect("still in sync");
+
+    let tb = Testbed::start_with(mlx5_testbed::AdapterConfig {
+        vfs: 1,
+        allow_unsealed_dma: true,
+        ..Default::default()
+    });
+    let mut c = tb.vf_client(0);
+    c.dma_map(0x10000, 0x4000, f.as_raw_fd(), 0, RW)
+        .expect("allowed by --allow-unsealed-dma");
+    assert_eq!(tb.vf(0).dma().len(), 1);
+}

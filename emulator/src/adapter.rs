@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use vfu::{Listener, ServerConfig, VfuError};
+use vfu::{Listener, ServerConfig, UnsealedFiles, VfuError};
 
 use crate::fabric::Fabric;
 use crate::function::{Function, FunctionError, FunctionId};
@@ -23,6 +23,9 @@ pub struct AdapterConfig {
     /// Device memory (BAR2) of every function in bytes: a power of two,
     /// [`crate::devmem::MIN_DEV_MEM_SIZE`]..=[`crate::devmem::MAX_DEV_MEM_SIZE`].
     pub dev_mem: u64,
+    /// Accept DMA_MAP of files that cannot be sealed against shrinking (QEMU's
+    /// `memory-backend-file`); refused by default, see [`vfu::UnsealedFiles`].
+    pub allow_unsealed_dma: bool,
 }
 
 impl Default for AdapterConfig {
@@ -31,6 +34,7 @@ impl Default for AdapterConfig {
             dir: PathBuf::from("mlx5-emu"),
             vfs: 1,
             dev_mem: crate::devmem::DEFAULT_DEV_MEM_SIZE,
+            allow_unsealed_dma: false,
         }
     }
 }
@@ -92,6 +96,14 @@ impl Adapter {
             )?);
             listeners.push(Arc::new(l));
         }
+        let server_cfg = ServerConfig {
+            unsealed_dma: if cfg.allow_unsealed_dma {
+                UnsealedFiles::Allow
+            } else {
+                UnsealedFiles::Refuse
+            },
+            ..ServerConfig::default()
+        };
         let mut threads = Vec::new();
         for (f, l) in functions.iter().zip(&listeners) {
             let (f, l) = (Arc::clone(f), Arc::clone(l));
@@ -101,7 +113,7 @@ impl Adapter {
                 .spawn(move || {
                     let dma = f.dma().clone();
                     let mut backend = FunctionBackend::new(Arc::clone(&f));
-                    if let Err(e) = l.serve(&mut backend, &dma, ServerConfig::default()) {
+                    if let Err(e) = l.serve(&mut backend, &dma, server_cfg) {
                         tracing::error!(socket = %l.path().display(), error = %e, "server stopped");
                     }
                 })

@@ -21,6 +21,11 @@ struct Args {
     /// 256 MiB; a K, M or G suffix is accepted (e.g. 1M).
     #[arg(long, default_value = "1M", value_parser = parse_dev_mem)]
     dev_mem: u64,
+    /// Accept DMA maps of files that cannot be sealed against shrinking, such as
+    /// QEMU's memory-backend-file guest RAM (refused by default: a client that
+    /// truncated such a file would crash the emulator). Only for a trusted VMM.
+    #[arg(long)]
+    allow_unsealed_dma: bool,
     /// Log level or filter (error, warn, info, debug, trace, or an env-filter string).
     #[arg(long, default_value = "info")]
     log: String,
@@ -77,6 +82,7 @@ fn main() -> ExitCode {
         dir: args.dir.clone(),
         vfs: args.vfs,
         dev_mem: args.dev_mem,
+        allow_unsealed_dma: args.allow_unsealed_dma,
     }) {
         Ok(a) => a,
         Err(e) => {

@@ -109,9 +109,8 @@ impl Dma {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Maps `size` bytes of `file` from `offset` at `iova`. Everything is checked first:
-    /// alignment, overflow, the file's size (a map past the end of a memfd would raise
-    /// SIGBUS on access), overlap (`EEXIST`) and the window count (`ENOSPC`).
+    /// Maps `size` bytes of `file` from `offset` at `iova`, refusing a file that cannot
+    /// be sealed against shrinking (see [`Dma::map_with`]).
     pub fn map(
         &self,
         iova: u64,
@@ -120,15 +119,33 @@ impl Dma {
         offset: u64,
         flags: u32,
     ) -> Result<(), Errno> {
+        self.map_with(iova, size, file, offset, flags, UnsealedFiles::Refuse)
+    }
+
+    /// Maps `size` bytes of `file` from `offset` at `iova`. Everything is checked first:
+    /// alignment, overflow, the seal against shrinking (added before the size is read,
+    /// so the client cannot truncate the file between the check and the map and make
+    /// a later device access raise SIGBUS; a file that cannot be sealed is `EPERM`
+    /// unless `unsealed` allows it), the file's size, overlap (`EEXIST`) and the
+    /// window count (`ENOSPC`).
+    pub fn map_with(
+        &self,
+        iova: u64,
+        size: u64,
+        file: File,
+        offset: u64,
+        flags: u32,
+        unsealed: UnsealedFiles,
+    ) -> Result<(), Errno> {
         Self::check_window(iova, size, offset, flags)?;
         let file_end = offset.checked_add(size).ok_or(Errno::EINVAL)?;
+        seal_against_shrinking(&file, iova, unsealed)?;
         let file_len = file.metadata().map_err(|e| Errno::from_io(&e))?.len();
         if file_end > file_len {
             return Err(Errno::EINVAL);
         }
         let len = usize::try_from(size).map_err(|_| Errno::EINVAL)?;
         self.check_free(iova, size)?;
-        seal_against_shrinking(&file, iova);
         let mut prot = 0;
         if flags & VFIO_DMA_MAP_FLAG_READ != 0 {
             prot |= libc::PROT_READ;
@@ -392,27 +409,55 @@ impl Dma {
     }
 }
 
-/// Makes sure the client can no longer shrink the file under our mapping: an access
-/// past the end of a truncated memfd would raise SIGBUS in the device. A memfd that
-/// allows sealing gets `F_SEAL_SHRINK` (QEMU's memfd backend is sealed already); a file
-/// that cannot be sealed is mapped with a warning.
-fn seal_against_shrinking(file: &File, iova: u64) {
+/// What DMA_MAP does with a file that cannot be sealed against shrinking (a plain
+/// file, such as QEMU's `memory-backend-file`, or a memfd created without
+/// `MFD_ALLOW_SEALING`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UnsealedFiles {
+    /// Refuse the map with `EPERM` (the default): a client that truncates the file
+    /// would make the next device access raise SIGBUS and take the process down.
+    #[default]
+    Refuse,
+    /// Map it with a warning: the operator trusts the client not to shrink it.
+    Allow,
+}
+
+/// Makes sure the client can no longer shrink the file under our mapping, before its
+/// size is read. A file carrying `F_SEAL_SHRINK` already is fine (QEMU seals its memfd
+/// backend); a sealable memfd gets it; any other file is `EPERM`, or is mapped with a
+/// warning under [`UnsealedFiles::Allow`].
+fn seal_against_shrinking(file: &File, iova: u64, unsealed: UnsealedFiles) -> Result<(), Errno> {
     use std::os::fd::AsRawFd;
     let fd = file.as_raw_fd();
     // SAFETY: fcntl(F_GET_SEALS) on an fd we own; it takes no pointer.
     let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
     if seals >= 0 && seals & libc::F_SEAL_SHRINK != 0 {
-        return;
+        return Ok(());
     }
     // SAFETY: fcntl(F_ADD_SEALS) on an fd we own with an integer argument.
     if seals >= 0 && unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) } == 0 {
         tracing::debug!(iova, "sealed the DMA fd against shrinking");
-        return;
+        return Ok(());
     }
-    tracing::warn!(
-        iova,
-        "DMA fd cannot be sealed against shrinking: a client that truncates it can crash the device"
-    );
+    match unsealed {
+        UnsealedFiles::Allow => {
+            tracing::warn!(
+                iova,
+                "DMA fd cannot be sealed against shrinking, mapped as allowed \
+                 (--allow-unsealed-dma): a client that truncates it can crash the device"
+            );
+            Ok(())
+        }
+        UnsealedFiles::Refuse => {
+            tracing::warn!(
+                iova,
+                "DMA_MAP refused (EPERM): its fd cannot be sealed against shrinking, and a \
+                 client that truncated it would crash the device; use a sealable memfd \
+                 (memory-backend-memfd) or start mlx5-emu with --allow-unsealed-dma"
+            );
+            Err(Errno::EPERM)
+        }
+    }
 }
 
 /// A memfd of `size` bytes, for tests and for drivers that DMA-map their own memory.
@@ -586,5 +631,44 @@ mod tests {
         ));
         assert_eq!(dma.windows().len(), 1);
         dma.read(0x30000, &mut b).unwrap();
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_sealed_is_refused_unless_allowed() {
+        let dma = Dma::default();
+        let name = std::ffi::CString::new("unsealable").unwrap();
+        // SAFETY: `name` is NUL-terminated; memfd_create has no other inputs.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: memfd_create returned a new fd that nothing else owns.
+        let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        f.set_len(0x4000).unwrap();
+        assert_eq!(
+            dma.map(0x0, 0x4000, f.try_clone().unwrap(), 0, rw()),
+            Err(Errno::EPERM)
+        );
+        let plain = tempfile::tempfile().unwrap();
+        plain.set_len(0x4000).unwrap();
+        assert_eq!(
+            dma.map(0x10000, 0x4000, plain.try_clone().unwrap(), 0, rw()),
+            Err(Errno::EPERM)
+        );
+        assert!(dma.is_empty());
+        dma.map_with(0x0, 0x4000, f, 0, rw(), UnsealedFiles::Allow)
+            .unwrap();
+        dma.map_with(0x10000, 0x4000, plain, 0, rw(), UnsealedFiles::Allow)
+            .unwrap();
+        // A memfd sealed by its owner already is fine.
+        let sealed = memfd("sealed", 0x4000).unwrap();
+        // SAFETY: fcntl(F_ADD_SEALS) on an fd we own with an integer argument.
+        let rc = unsafe {
+            libc::fcntl(
+                std::os::fd::AsRawFd::as_raw_fd(&sealed),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+            )
+        };
+        assert_eq!(rc, 0);
+        dma.map(0x20000, 0x4000, sealed, 0, rw()).unwrap();
     }
 }

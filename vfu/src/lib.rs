@@ -14,7 +14,7 @@ pub mod proto;
 pub mod server;
 
 pub use client::{Client, RegionInfo};
-pub use dma::{Dma, DmaError, DmaWindow};
+pub use dma::{Dma, DmaError, DmaWindow, UnsealedFiles};
 pub use error::{errno_name, Errno, VfuError};
 pub use irq::{IrqAction, IrqData, IrqIndexShape, IrqTable, SetIrqs};
 pub use server::{Backend, Connection, IrqDesc, Listener, RegionDesc, RegionMmap, ServerConfig};

@@ -24,7 +24,7 @@ use vfio_bindings::bindings::vfio::{
 
 use crate::caps::{Capabilities, MAX_VERSION_JSON, SERVER_MAX_DATA_XFER, SERVER_MAX_MSG_FDS};
 use crate::channel::{Channel, Incoming, Message};
-use crate::dma::{Dma, DmaWindow};
+use crate::dma::{Dma, DmaWindow, UnsealedFiles};
 use crate::error::{Errno, VfuError};
 use crate::irq::{IrqAction, IrqData, SetIrqs};
 use crate::proto::*;
@@ -129,6 +129,11 @@ pub trait Backend {
 pub struct ServerConfig {
     pub max_msg_fds: u32,
     pub max_data_xfer_size: u32,
+    /// DMA_MAP of a file that cannot be sealed against shrinking: refused with `EPERM`
+    /// by default; `Allow` (`mlx5-emu --allow-unsealed-dma`) is for VMMs whose guest
+    /// RAM is a plain shared file (QEMU's `memory-backend-file,share=on`), and trusts
+    /// the client not to truncate it.
+    pub unsealed_dma: UnsealedFiles,
 }
 
 impl Default for ServerConfig {
@@ -136,6 +141,7 @@ impl Default for ServerConfig {
         ServerConfig {
             max_msg_fds: SERVER_MAX_MSG_FDS,
             max_data_xfer_size: SERVER_MAX_DATA_XFER,
+            unsealed_dma: UnsealedFiles::Refuse,
         }
     }
 }
@@ -674,7 +680,14 @@ impl Connection {
                 Err(e) => return Err(e),
             }
         };
-        dma.map(req.address, req.size, file, req.offset, req.flags)?;
+        dma.map_with(
+            req.address,
+            req.size,
+            file,
+            req.offset,
+            req.flags,
+            self.cfg.unsealed_dma,
+        )?;
         let w = DmaWindow {
             iova: req.address,
             size: req.size,
