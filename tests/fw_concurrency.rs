@@ -161,7 +161,7 @@ fn pf_answers_commands_while_a_vf_responder_suspend_waits_on_its_drain() {
         .exec(
             &naming_vf(
                 Opcode::SuspendVhca,
-                SUSPEND_OP_MOD_INITIATOR,
+                u16::from(SuspendOpMod::Initiator),
                 SUSPEND_VHCA_IN_LEN,
             ),
             SUSPEND_VHCA_OUT_LEN,
@@ -169,7 +169,7 @@ fn pf_answers_commands_while_a_vf_responder_suspend_waits_on_its_drain() {
         .expect("SUSPEND_VHCA(initiator)");
     let responder = naming_vf(
         Opcode::SuspendVhca,
-        SUSPEND_OP_MOD_RESPONDER,
+        u16::from(SuspendOpMod::Responder),
         SUSPEND_VHCA_IN_LEN,
     );
     let t_suspend = pf.cmd().submit(&responder, SUSPEND_VHCA_OUT_LEN).unwrap();
@@ -189,7 +189,11 @@ fn pf_answers_commands_while_a_vf_responder_suspend_waits_on_its_drain() {
     );
     let answered = t1.elapsed();
     assert_eq!(
-        logged(&pf_fn, Opcode::SuspendVhca, SUSPEND_OP_MOD_RESPONDER),
+        logged(
+            &pf_fn,
+            Opcode::SuspendVhca,
+            u16::from(SuspendOpMod::Responder)
+        ),
         None,
         "the PF answered only after the suspend completed"
     );
@@ -208,7 +212,7 @@ fn pf_answers_commands_while_a_vf_responder_suspend_waits_on_its_drain() {
             .unwrap()
     };
     let cap_op_mod = get(&query_hca_cap(), mlx5_prm::ifc::hdr::OP_MOD) as u16;
-    let suspend_at = pos(Opcode::SuspendVhca, SUSPEND_OP_MOD_RESPONDER);
+    let suspend_at = pos(Opcode::SuspendVhca, u16::from(SuspendOpMod::Responder));
     assert!(pos(Opcode::QueryIssi, 0) < suspend_at);
     assert!(pos(Opcode::QueryHcaCap, cap_op_mod) < suspend_at);
     eprintln!(

@@ -42,12 +42,12 @@ fn exec(pf: &mut Hca, m: &[u8], out: usize) -> Result<Vec<u8>, i32> {
     pf.cmd().exec(m, out).map_err(|e| e.errno())
 }
 
-fn suspend(pf: &mut Hca, op_mod: u16) {
-    suspend_resume(pf, Opcode::SuspendVhca, op_mod, VF_VHCA).expect("suspend");
+fn suspend(pf: &mut Hca, op_mod: SuspendOpMod) {
+    suspend_resume(pf, Opcode::SuspendVhca, op_mod.into(), VF_VHCA).expect("suspend");
 }
 
-fn resume(pf: &mut Hca, op_mod: u16) {
-    suspend_resume(pf, Opcode::ResumeVhca, op_mod, VF_VHCA).expect("resume");
+fn resume(pf: &mut Hca, op_mod: ResumeOpMod) {
+    suspend_resume(pf, Opcode::ResumeVhca, op_mod.into(), VF_VHCA).expect("resume");
 }
 
 #[test]
@@ -82,8 +82,8 @@ fn vf_state_and_device_memory_move_to_a_second_adapter() {
 
     // The PF of adapter A: suspend the VF (initiator, then responder), query, save.
     let mut pf = pf_up(&a.pf_socket());
-    suspend(&mut pf, SUSPEND_OP_MOD_INITIATOR);
-    suspend(&mut pf, SUSPEND_OP_MOD_RESPONDER);
+    suspend(&mut pf, SuspendOpMod::Initiator);
+    suspend(&mut pf, SuspendOpMod::Responder);
     // A write into the frozen VF's memory is refused and recorded.
     assert!(vf
         .cmd()
@@ -123,8 +123,8 @@ fn vf_state_and_device_memory_move_to_a_second_adapter() {
 
     // The destination: adapter B's PF loads it into its VF 0.
     let mut pf_b = pf_up(&b.pf_socket());
-    suspend(&mut pf_b, SUSPEND_OP_MOD_INITIATOR);
-    suspend(&mut pf_b, SUSPEND_OP_MOD_RESPONDER);
+    suspend(&mut pf_b, SuspendOpMod::Initiator);
+    suspend(&mut pf_b, SuspendOpMod::Responder);
     let pd_b = pf_b.alloc_pd().unwrap();
     let buf_b = mig_buf(&pf_b, pd_b, image_size);
     // A corrupted copy first: refused, and B's VF is unchanged.
@@ -141,8 +141,8 @@ fn vf_state_and_device_memory_move_to_a_second_adapter() {
     let t = Instant::now();
     exec(&mut pf_b, &m, 16).expect("load");
     let load_time = t.elapsed();
-    resume(&mut pf_b, RESUME_OP_MOD_RESPONDER);
-    resume(&mut pf_b, RESUME_OP_MOD_INITIATOR);
+    resume(&mut pf_b, ResumeOpMod::Responder);
+    resume(&mut pf_b, ResumeOpMod::Initiator);
 
     assert!(dev_mem(&b_vf) == want, "device memory arrived");
     assert_eq!(b_vf.object_counts(), a_vf.object_counts());
@@ -162,8 +162,8 @@ fn vf_state_and_device_memory_move_to_a_second_adapter() {
     );
 
     // The source runs on after resume: its driver's commands work and tear it down.
-    resume(&mut pf, RESUME_OP_MOD_RESPONDER);
-    resume(&mut pf, RESUME_OP_MOD_INITIATOR);
+    resume(&mut pf, ResumeOpMod::Responder);
+    resume(&mut pf, ResumeOpMod::Initiator);
     vf.destroy_mkey(vf_mkey).unwrap();
     vf.dealloc_pd(extra_pd).unwrap();
     vf.down().expect("source VF still answers its driver");

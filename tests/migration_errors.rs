@@ -12,7 +12,7 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 
 use mlx5_emulator::MigState as FwState;
-use mlx5_prm::cmd::migration::{RESUME_OP_MOD_INITIATOR, SUSPEND_OP_MOD_INITIATOR};
+use mlx5_prm::cmd::migration::{ResumeOpMod, SuspendOpMod};
 use mlx5_prm::iseg::HEALTH_SYND_FW_INTERNAL_ERR;
 use mlx5_prm::migration_stream::RecordHeader;
 use mlx5_prm::Opcode;
@@ -54,7 +54,7 @@ fn a_suspend_refused_mid_path_leaves_the_device_in_the_last_state_reached() {
         .expect("saving stream");
     drain(&mut s, &mut Vec::new());
 
-    behind_back(&r, Opcode::SuspendVhca, SUSPEND_OP_MOD_INITIATOR)
+    behind_back(&r, Opcode::SuspendVhca, u16::from(SuspendOpMod::Initiator))
         .expect("SUSPEND behind the driver's back");
     assert_eq!(r.fw_state(), FwState::InitiatorSuspended);
 
@@ -73,7 +73,7 @@ fn a_suspend_refused_mid_path_leaves_the_device_in_the_last_state_reached() {
     assert_eq!(r.pf_fn().object_counts(), objects, "migration file leaked");
 
     // The user may retry from there once the other user is done.
-    behind_back(&r, Opcode::ResumeVhca, RESUME_OP_MOD_INITIATOR)
+    behind_back(&r, Opcode::ResumeVhca, u16::from(ResumeOpMod::Initiator))
         .expect("RESUME behind the driver's back");
     r.assert_stops_and_runs("on retry");
 }

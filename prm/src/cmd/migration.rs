@@ -29,15 +29,6 @@ pub const SUSPEND_VHCA_IN_VHCA_ID: Field = IN_VHCA_ID;
 /// `resume_vhca_in.vhca_id`.
 pub const RESUME_VHCA_IN_VHCA_ID: Field = IN_VHCA_ID;
 
-/// `MLX5_SUSPEND_VHCA_IN_OP_MOD_SUSPEND_INITIATOR`: stop issuing DMA (RUNNING_P2P).
-pub const SUSPEND_OP_MOD_INITIATOR: u16 = 0x0;
-/// `MLX5_SUSPEND_VHCA_IN_OP_MOD_SUSPEND_RESPONDER`: freeze internal state (STOP).
-pub const SUSPEND_OP_MOD_RESPONDER: u16 = 0x1;
-/// `MLX5_RESUME_VHCA_IN_OP_MOD_RESUME_RESPONDER` (note the inverted numbering).
-pub const RESUME_OP_MOD_RESPONDER: u16 = 0x0;
-/// `MLX5_RESUME_VHCA_IN_OP_MOD_RESUME_INITIATOR`.
-pub const RESUME_OP_MOD_INITIATOR: u16 = 0x1;
-
 wire_enum! {
     /// `suspend_vhca_in.op_mod` (`MLX5_SUSPEND_VHCA_IN_OP_MOD_SUSPEND_*`).
     pub enum SuspendOpMod: u16, field = "SUSPEND_VHCA op_mod" {
@@ -77,17 +68,6 @@ pub const QUERY_VHCA_MIGRATION_STATE_OUT_MIGRATION_STATE: Field = Field::new(0x6
 pub const QUERY_VHCA_MIGRATION_STATE_OUT_REQUIRED_UMEM_SIZE: Field = Field::new(0x80, 32);
 /// `query_vhca_migration_state_out.remaining_total_size`, bytes 24–31 (chunk-mode patch).
 pub const QUERY_VHCA_MIGRATION_STATE_OUT_REMAINING_TOTAL_SIZE: Field = Field::new(0xc0, 64);
-
-/// `MLX5_QUERY_VHCA_MIG_STATE_UNINITIALIZED`.
-pub const MIG_STATE_UNINITIALIZED: u8 = 0x0;
-/// `MLX5_QUERY_VHCA_MIG_STATE_OPER_MIGRATION_IDLE`.
-pub const MIG_STATE_OPER_MIGRATION_IDLE: u8 = 0x1;
-/// `MLX5_QUERY_VHCA_MIG_STATE_OPER_MIGRATION_READY`.
-pub const MIG_STATE_OPER_MIGRATION_READY: u8 = 0x2;
-/// `MLX5_QUERY_VHCA_MIG_STATE_OPER_MIGRATION_DIRTY`.
-pub const MIG_STATE_OPER_MIGRATION_DIRTY: u8 = 0x3;
-/// `MLX5_QUERY_VHCA_MIG_STATE_OPER_MIGRATION_INIT`.
-pub const MIG_STATE_OPER_MIGRATION_INIT: u8 = 0x4;
 
 wire_enum! {
     /// `query_vhca_migration_state_out.migration_state` (`MLX5_QUERY_VHCA_MIG_STATE_*`, 2026).
@@ -162,16 +142,24 @@ mod tests {
         assert_eq!(RESUME_VHCA_IN_LEN * 8, 0x80);
         assert_eq!(RESUME_VHCA_OUT_LEN, 16);
         // The inverted numbering.
-        assert_eq!((SUSPEND_OP_MOD_INITIATOR, SUSPEND_OP_MOD_RESPONDER), (0, 1));
-        assert_eq!((RESUME_OP_MOD_RESPONDER, RESUME_OP_MOD_INITIATOR), (0, 1));
-        assert_eq!(u16::from(SuspendOpMod::Initiator), SUSPEND_OP_MOD_INITIATOR);
-        assert_eq!(u16::from(SuspendOpMod::Responder), SUSPEND_OP_MOD_RESPONDER);
-        assert_eq!(u16::from(ResumeOpMod::Responder), RESUME_OP_MOD_RESPONDER);
-        assert_eq!(u16::from(ResumeOpMod::Initiator), RESUME_OP_MOD_INITIATOR);
+        assert_eq!(
+            (
+                u16::from(SuspendOpMod::Initiator),
+                u16::from(SuspendOpMod::Responder)
+            ),
+            (0, 1)
+        );
+        assert_eq!(
+            (
+                u16::from(ResumeOpMod::Responder),
+                u16::from(ResumeOpMod::Initiator)
+            ),
+            (0, 1)
+        );
         assert!(SuspendOpMod::try_from(2).is_err());
         assert!(ResumeOpMod::try_from(2).is_err());
         assert_eq!(
-            VhcaMigrationState::try_from(MIG_STATE_OPER_MIGRATION_INIT),
+            VhcaMigrationState::try_from(0x4),
             Ok(VhcaMigrationState::OperMigrationInit)
         );
         assert!(VhcaMigrationState::try_from(5).is_err());
@@ -192,7 +180,7 @@ mod tests {
         set(
             &mut o,
             QUERY_VHCA_MIGRATION_STATE_OUT_MIGRATION_STATE,
-            u64::from(MIG_STATE_OPER_MIGRATION_INIT),
+            u64::from(u8::from(VhcaMigrationState::OperMigrationInit)),
         );
         assert_eq!(o[12], 0x40);
         set(

@@ -69,17 +69,19 @@ impl Rig {
         m
     }
 
-    fn suspend(&self, op_mod: u16) -> Reply {
-        self.exec(&Self::input(Opcode::SuspendVhca, op_mod, 16, 1), 16)
+    fn suspend(&self, op_mod: SuspendOpMod) -> Reply {
+        let m = Self::input(Opcode::SuspendVhca, op_mod.into(), SUSPEND_VHCA_IN_LEN, 1);
+        self.exec(&m, SUSPEND_VHCA_OUT_LEN)
     }
 
-    fn resume(&self, op_mod: u16) -> Reply {
-        self.exec(&Self::input(Opcode::ResumeVhca, op_mod, 16, 1), 16)
+    fn resume(&self, op_mod: ResumeOpMod) -> Reply {
+        let m = Self::input(Opcode::ResumeVhca, op_mod.into(), RESUME_VHCA_IN_LEN, 1);
+        self.exec(&m, RESUME_VHCA_OUT_LEN)
     }
 
     fn freeze(&self) {
-        ok(&self.suspend(SUSPEND_OP_MOD_INITIATOR));
-        ok(&self.suspend(SUSPEND_OP_MOD_RESPONDER));
+        ok(&self.suspend(SuspendOpMod::Initiator));
+        ok(&self.suspend(SuspendOpMod::Responder));
     }
 
     /// QUERY: (required_umem_size, remaining_total_size).
@@ -157,19 +159,19 @@ fn mem_of(f: &FakePeer) -> Vec<u8> {
 fn suspend_and_resume_go_in_order_else_bad_res_state() {
     let r = Rig::new();
     let wrong = |x: &Reply| fails(x, CmdStatus::BadResStateErr, mig_syndrome::WRONG_MIG_STATE);
-    wrong(&r.suspend(SUSPEND_OP_MOD_RESPONDER));
-    wrong(&r.resume(RESUME_OP_MOD_INITIATOR));
-    wrong(&r.resume(RESUME_OP_MOD_RESPONDER));
-    ok(&r.suspend(SUSPEND_OP_MOD_INITIATOR));
+    wrong(&r.suspend(SuspendOpMod::Responder));
+    wrong(&r.resume(ResumeOpMod::Initiator));
+    wrong(&r.resume(ResumeOpMod::Responder));
+    ok(&r.suspend(SuspendOpMod::Initiator));
     assert_eq!(r.vf.migration_state(), MigState::InitiatorSuspended);
-    wrong(&r.suspend(SUSPEND_OP_MOD_INITIATOR));
-    wrong(&r.resume(RESUME_OP_MOD_RESPONDER));
-    ok(&r.suspend(SUSPEND_OP_MOD_RESPONDER));
+    wrong(&r.suspend(SuspendOpMod::Initiator));
+    wrong(&r.resume(ResumeOpMod::Responder));
+    ok(&r.suspend(SuspendOpMod::Responder));
     assert_eq!(r.vf.migration_state(), MigState::ResponderSuspended);
-    wrong(&r.resume(RESUME_OP_MOD_INITIATOR));
-    ok(&r.resume(RESUME_OP_MOD_RESPONDER));
+    wrong(&r.resume(ResumeOpMod::Initiator));
+    ok(&r.resume(ResumeOpMod::Responder));
     assert_eq!(r.vf.migration_state(), MigState::InitiatorSuspended);
-    ok(&r.resume(RESUME_OP_MOD_INITIATOR));
+    ok(&r.resume(ResumeOpMod::Initiator));
     assert_eq!(r.vf.migration_state(), MigState::Running);
     fails(
         &r.exec(&Rig::input(Opcode::SuspendVhca, 2, 16, 1), 16),
@@ -446,7 +448,7 @@ fn precopy_cleanup_save_ends_tracking_and_writes_nothing() {
     let r = Rig::new();
     fill(&r.vf, 5);
     ok(&r.save(false, true, BUF_LEN).0);
-    ok(&r.suspend(SUSPEND_OP_MOD_INITIATOR));
+    ok(&r.suspend(SuspendOpMod::Initiator));
     let (rep, img) = r.save(false, false, BUF_LEN);
     ok(&rep);
     assert!(img.is_empty());
@@ -503,11 +505,11 @@ fn chunk_mode_saves_until_next_required_umem_size_is_zero() {
 #[test]
 fn responder_suspend_whose_work_does_not_drain_fails_with_int_err_and_stays_initiator_suspended() {
     let r = Rig::new();
-    ok(&r.suspend(SUSPEND_OP_MOD_INITIATOR));
+    ok(&r.suspend(SuspendOpMod::Initiator));
     // The VF has admitted work that does not drain.
     r.vf.stuck.store(2, std::sync::atomic::Ordering::Release);
     fails(
-        &r.suspend(SUSPEND_OP_MOD_RESPONDER),
+        &r.suspend(SuspendOpMod::Responder),
         CmdStatus::IntErr,
         mig_syndrome::DRAIN_TIMEOUT,
     );
@@ -525,7 +527,7 @@ fn responder_suspend_whose_work_does_not_drain_fails_with_int_err_and_stays_init
     ok(&issi);
     // Once the work drains the same command completes.
     r.vf.stuck.store(0, std::sync::atomic::Ordering::Release);
-    ok(&r.suspend(SUSPEND_OP_MOD_RESPONDER));
+    ok(&r.suspend(SuspendOpMod::Responder));
     assert_eq!(r.vf.migration_state(), MigState::ResponderSuspended);
 }
 
@@ -535,7 +537,7 @@ fn resume_responder_rings_the_doorbells_refused_while_frozen() {
     r.freeze();
     assert!(!r.vf.migration().admit_doorbell(0b110, "test", 0x18));
     assert!(r.vf.rung.lock().unwrap().is_empty());
-    ok(&r.resume(RESUME_OP_MOD_RESPONDER));
+    ok(&r.resume(ResumeOpMod::Responder));
     assert_eq!(*r.vf.rung.lock().unwrap(), vec![0b110]);
     assert_eq!(r.vf.migration_state(), MigState::InitiatorSuspended);
 }
@@ -545,12 +547,12 @@ fn migration_command_on_a_function_busy_with_another_is_res_busy() {
     let r = Rig::new();
     r.vf.migration().busy = true;
     let busy = |x: &Reply| fails(x, CmdStatus::ResBusy, mig_syndrome::BUSY);
-    busy(&r.suspend(SUSPEND_OP_MOD_INITIATOR));
+    busy(&r.suspend(SuspendOpMod::Initiator));
     busy(&r.save(false, true, BUF_LEN).0);
     busy(&r.load(&[0u8; 64]));
     assert_eq!(r.vf.migration_state(), MigState::Running);
     r.vf.migration().busy = false;
-    ok(&r.suspend(SUSPEND_OP_MOD_INITIATOR));
+    ok(&r.suspend(SuspendOpMod::Initiator));
 }
 
 #[test]
