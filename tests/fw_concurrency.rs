@@ -12,19 +12,18 @@
 use std::time::{Duration, Instant};
 
 use mlx5_emulator::{CmdRecord, Function, MigState};
-use mlx5_prm::cmd::caps::{
-    CapMode, CapType, HCA_CAP_OPMOD_TYPE_SHIFT, QUERY_HCA_CAP_IN_LEN, QUERY_HCA_CAP_OUT_LEN,
-};
+use mlx5_prm::cmd::caps::{CapMode, CapType, QUERY_HCA_CAP_OUT_LEN};
 use mlx5_prm::cmd::hca::{
     ENABLE_HCA_IN_LEN, ENABLE_HCA_OUT_LEN, QUERY_ISSI_IN_LEN, QUERY_ISSI_OUT_LEN,
 };
 use mlx5_prm::cmd::migration::*;
-use mlx5_prm::ifc::{get, set};
+use mlx5_prm::ifc::{get, hdr, set};
 use mlx5_prm::{CmdStatus, Opcode};
 use mlx5_testbed::bringup::{cmdif, pf_up, vhca_input, ARENA};
 use mlx5_testbed::mem::GuestMem;
 use mlx5_testbed::{devmem, faults, init_tracing, AdapterConfig, Testbed};
 use mlx5vf::cmdif::new_input;
+use mlx5vf::hca::caps::query_hca_cap_in;
 
 const VF_VHCA: u16 = 1;
 /// Device memory of every function in the SAVE test: the largest the emulator offers.
@@ -43,9 +42,7 @@ fn query_issi() -> Vec<u8> {
 }
 
 fn query_hca_cap() -> Vec<u8> {
-    let op_mod =
-        (u16::from(CapType::General) << HCA_CAP_OPMOD_TYPE_SHIFT) | u16::from(CapMode::Cur);
-    new_input(Opcode::QueryHcaCap, op_mod, QUERY_HCA_CAP_IN_LEN)
+    query_hca_cap_in(CapType::General, CapMode::Cur, None)
 }
 
 fn naming_vf(op: Opcode, op_mod: u16, len: usize) -> Vec<u8> {
@@ -60,7 +57,7 @@ fn logged(f: &Function, op: Opcode, op_mod: u16) -> Option<usize> {
 }
 
 fn ok_status(out: &[u8]) {
-    assert_eq!(out[0], u8::from(CmdStatus::Ok));
+    assert_eq!(get(out, hdr::STATUS), u64::from(u8::from(CmdStatus::Ok)));
 }
 
 #[test]

@@ -277,19 +277,22 @@ impl CmdIf {
     fn read_result(&self, slot: usize, f: &InFlight) -> Result<Vec<u8>, CmdError> {
         let e = read_entry(&self.arena, self.entry_iova(slot))?;
         let delivery = e.status_own >> DELIVERY_STATUS_SHIFT;
-        if delivery != 0 {
-            return Err(match DeliveryStatus::try_from(delivery) {
-                Ok(status) => CmdError::Delivery {
+        match DeliveryStatus::try_from(delivery) {
+            Ok(DeliveryStatus::Ok) => {}
+            Ok(status) => {
+                return Err(CmdError::Delivery {
                     opcode: f.opcode,
                     op_mod: f.op_mod,
                     status,
-                },
-                Err(_) => CmdError::UnknownDelivery {
+                })
+            }
+            Err(_) => {
+                return Err(CmdError::UnknownDelivery {
                     opcode: f.opcode,
                     op_mod: f.op_mod,
                     raw: delivery,
-                },
-            });
+                })
+            }
         }
         let mut out = vec![0u8; f.out_len];
         let n = f.out_len.min(INLINE_SIZE);
@@ -298,11 +301,9 @@ impl CmdIf {
             read_chain(&self.arena, &f.out_chain, &mut out[INLINE_SIZE..])?;
         }
         let h = out_header(&out);
-        if h.status == 0 {
-            return Ok(out);
-        }
         let syndrome = h.syndrome.get();
         Err(match h.status() {
+            Ok(CmdStatus::Ok) => return Ok(out),
             Ok(status) => CmdError::Status {
                 opcode: f.opcode,
                 op_mod: f.op_mod,
