@@ -77,6 +77,8 @@ pub struct DevMem {
     file: File,
     region: MmapRegion<()>,
     size: u64,
+    /// Written bits and the save baseline. A leaf lock: held for a bit update or a
+    /// copy of the bitmap, never across a page copy; nothing is taken under it.
     track: Mutex<Track>,
 }
 

@@ -11,6 +11,8 @@ use crate::firmware::Peer;
 /// Every function of one adapter, by `vhca_id`.
 #[derive(Default)]
 pub struct Fabric {
+    /// A leaf lock: held to look a function up by its id or to add one; no other lock
+    /// is taken under it (a PF's firmware lock may be held while it is taken).
     functions: RwLock<Vec<Weak<dyn Peer>>>,
 }
 
