@@ -53,9 +53,14 @@ fn disable_hca() -> (Vec<u8>, usize) {
     )
 }
 
-/// SUSPEND_VHCA or RESUME_VHCA of the VF through the PF; the errno on failure.
-fn mig(pf: &mut Hca, op: Opcode, op_mod: u16) -> Result<(), i32> {
-    suspend_resume(pf, op, op_mod, VF_VHCA).map_err(|e| e.errno())
+/// SUSPEND_VHCA of the VF through the PF; the errno on failure.
+fn suspend(pf: &mut Hca, op_mod: SuspendOpMod) -> Result<(), i32> {
+    suspend_resume(pf, Opcode::SuspendVhca, op_mod.into(), VF_VHCA).map_err(|e| e.errno())
+}
+
+/// RESUME_VHCA of the VF through the PF; the errno on failure.
+fn resume(pf: &mut Hca, op_mod: ResumeOpMod) -> Result<(), i32> {
+    suspend_resume(pf, Opcode::ResumeVhca, op_mod.into(), VF_VHCA).map_err(|e| e.errno())
 }
 
 #[test]
@@ -65,12 +70,7 @@ fn command_work_queued_before_responder_suspend_completes_before_suspend_does() 
     let vf = tb.vf(0);
     let mut q = vf_queue(&tb);
     let mut pf = pf_up(&tb.pf_socket());
-    mig(
-        &mut pf,
-        Opcode::SuspendVhca,
-        u16::from(SuspendOpMod::Initiator),
-    )
-    .unwrap();
+    suspend(&mut pf, SuspendOpMod::Initiator).unwrap();
 
     // The guest posts ENABLE_HCA and rings. The firmware lock is held here, so the VF's
     // worker takes the work and blocks executing it: the work is queued, not done.
@@ -84,11 +84,7 @@ fn command_work_queued_before_responder_suspend_completes_before_suspend_does() 
     let vf2 = vf.clone();
     let mem = q.mem.try_clone();
     let suspender = std::thread::spawn(move || {
-        let r = mig(
-            &mut pf,
-            Opcode::SuspendVhca,
-            u16::from(SuspendOpMod::Responder),
-        );
+        let r = suspend(&mut pf, SuspendOpMod::Responder);
         // What the device looks like the moment SUSPEND has completed.
         tx.send((
             r,
@@ -127,18 +123,8 @@ fn command_work_queued_before_responder_suspend_completes_before_suspend_does() 
     assert!(vf.violations().is_empty(), "{:?}", vf.violations());
     assert_eq!(q.wait_status(0), (DeliveryStatus::Ok, 0));
     let mut pf = suspender.join().unwrap();
-    mig(
-        &mut pf,
-        Opcode::ResumeVhca,
-        u16::from(ResumeOpMod::Responder),
-    )
-    .unwrap();
-    mig(
-        &mut pf,
-        Opcode::ResumeVhca,
-        u16::from(ResumeOpMod::Initiator),
-    )
-    .unwrap();
+    resume(&mut pf, ResumeOpMod::Responder).unwrap();
+    resume(&mut pf, ResumeOpMod::Initiator).unwrap();
     assert_eq!(vf.migration_state(), MigState::Running);
 }
 
@@ -155,18 +141,8 @@ fn doorbell_after_responder_suspend_is_a_violation_and_runs_after_resume_in_reve
     assert_eq!(vf.hca_state(), HcaState::Enabled);
 
     let mut pf = pf_up(&tb.pf_socket());
-    mig(
-        &mut pf,
-        Opcode::SuspendVhca,
-        u16::from(SuspendOpMod::Initiator),
-    )
-    .unwrap();
-    mig(
-        &mut pf,
-        Opcode::SuspendVhca,
-        u16::from(SuspendOpMod::Responder),
-    )
-    .unwrap();
+    suspend(&mut pf, SuspendOpMod::Initiator).unwrap();
+    suspend(&mut pf, SuspendOpMod::Responder).unwrap();
     let log_before = vf.command_log();
 
     // DISABLE_HCA would change the HCA state; the doorbell is refused and recorded.
@@ -215,31 +191,16 @@ fn doorbell_after_responder_suspend_is_a_violation_and_runs_after_resume_in_reve
     assert_eq!(vf.work_in_flight(), 0);
 
     // Resume in the wrong order is refused and still runs nothing.
-    assert!(mig(
-        &mut pf,
-        Opcode::ResumeVhca,
-        u16::from(ResumeOpMod::Initiator)
-    )
-    .is_err());
+    assert!(resume(&mut pf, ResumeOpMod::Initiator).is_err());
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(q.status_own(1) & CMD_OWNER_HW, CMD_OWNER_HW);
     assert_eq!(vf.hca_state(), HcaState::Enabled);
 
     // RESUME(responder) rings the refused doorbell: the command proceeds.
-    mig(
-        &mut pf,
-        Opcode::ResumeVhca,
-        u16::from(ResumeOpMod::Responder),
-    )
-    .unwrap();
+    resume(&mut pf, ResumeOpMod::Responder).unwrap();
     assert_eq!(q.wait_status(1), (DeliveryStatus::Ok, 0));
     assert_eq!(vf.hca_state(), HcaState::Disabled);
-    mig(
-        &mut pf,
-        Opcode::ResumeVhca,
-        u16::from(ResumeOpMod::Initiator),
-    )
-    .unwrap();
+    resume(&mut pf, ResumeOpMod::Initiator).unwrap();
     assert_eq!(vf.migration_state(), MigState::Running);
     assert_eq!(vf.violations().len(), 2, "resuming records nothing");
 
@@ -258,12 +219,7 @@ fn initiator_suspended_function_still_runs_its_command_queue() {
     let vf = tb.vf(0);
     let mut q = vf_queue(&tb);
     let mut pf = pf_up(&tb.pf_socket());
-    mig(
-        &mut pf,
-        Opcode::SuspendVhca,
-        u16::from(SuspendOpMod::Initiator),
-    )
-    .unwrap();
+    suspend(&mut pf, SuspendOpMod::Initiator).unwrap();
     let (input, outlen) = enable_hca();
     q.post(0, &input, outlen);
     q.ring(1);
@@ -279,12 +235,7 @@ fn every_doorbell_rung_before_responder_suspend_has_completed_when_it_returns() 
     let vf = tb.vf(0);
     let mut q = vf_queue(&tb);
     let mut pf = pf_up(&tb.pf_socket());
-    mig(
-        &mut pf,
-        Opcode::SuspendVhca,
-        u16::from(SuspendOpMod::Initiator),
-    )
-    .unwrap();
+    suspend(&mut pf, SuspendOpMod::Initiator).unwrap();
     // One doorbell per slot (one work item each); the VF is disabled, so each completes
     // with BAD_SYS_STATE, which is still a completion written by the device.
     let slots = mlx5_emulator::cmdq::CMDQ_SLOTS as u8;
@@ -293,12 +244,7 @@ fn every_doorbell_rung_before_responder_suspend_has_completed_when_it_returns() 
         q.post(slot, &input, outlen);
         q.ring(1 << slot);
     }
-    mig(
-        &mut pf,
-        Opcode::SuspendVhca,
-        u16::from(SuspendOpMod::Responder),
-    )
-    .unwrap();
+    suspend(&mut pf, SuspendOpMod::Responder).unwrap();
     for slot in 0..slots {
         assert_eq!(
             q.status_own(slot) & CMD_OWNER_HW,
