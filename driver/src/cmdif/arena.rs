@@ -40,7 +40,7 @@ pub enum ArenaError {
     #[error("creating the arena memfd or mapping: {0}")]
     Io(#[from] std::io::Error),
     #[error("mapping the arena into our process: {0}")]
-    Mmap(String),
+    Mmap(#[source] vm_memory::mmap::MmapRegionError),
     #[error("access of {len} bytes at IOVA {iova:#x} is outside the arena {base:#x}+{size:#x}")]
     OutOfRange {
         iova: u64,
@@ -51,7 +51,7 @@ pub enum ArenaError {
     #[error("IOVA {iova:#x} is not a {what} this arena handed out")]
     NotAllocated { iova: u64, what: &'static str },
     #[error("volatile access failed: {0}")]
-    Access(String),
+    Access(#[from] vm_memory::volatile_memory::Error),
 }
 
 /// A fixed-size-unit allocator over `count` units: a free stack plus an in-use map so
@@ -181,7 +181,7 @@ impl DmaArena {
         let file = vfu::dma::memfd("mlx5vf-dma", cfg.size)?;
         let region =
             MmapRegion::<()>::from_file(FileOffset::new(file.try_clone()?, 0), cfg.size as usize)
-                .map_err(|e| ArenaError::Mmap(e.to_string()))?;
+                .map_err(ArenaError::Mmap)?;
         Ok(DmaArena {
             file,
             region,
@@ -256,7 +256,7 @@ impl DmaArena {
         self.region
             .as_volatile_slice()
             .read_slice(buf, off)
-            .map_err(|e| ArenaError::Access(e.to_string()))
+            .map_err(ArenaError::Access)
     }
 
     /// Writes `buf` at `iova`.
@@ -265,7 +265,7 @@ impl DmaArena {
         self.region
             .as_volatile_slice()
             .write_slice(buf, off)
-            .map_err(|e| ArenaError::Access(e.to_string()))
+            .map_err(ArenaError::Access)
     }
 
     /// Fills `len` bytes at `iova` with `byte`.
@@ -275,14 +275,14 @@ impl DmaArena {
             .region
             .as_volatile_slice()
             .subslice(off, len)
-            .map_err(|e| ArenaError::Access(e.to_string()))?;
+            .map_err(ArenaError::Access)?;
         // Bounded by `len`, which was validated against the arena.
         let chunk = [byte; 512];
         let mut done = 0;
         while done < len {
             let n = (len - done).min(chunk.len());
             s.write_slice(&chunk[..n], done)
-                .map_err(|e| ArenaError::Access(e.to_string()))?;
+                .map_err(ArenaError::Access)?;
             done += n;
         }
         Ok(())
@@ -294,7 +294,7 @@ impl DmaArena {
         self.region
             .as_volatile_slice()
             .load::<u8>(off, Ordering::Acquire)
-            .map_err(|e| ArenaError::Access(e.to_string()))
+            .map_err(ArenaError::Access)
     }
 
     /// Writes one byte with release ordering (status_own hand-over to the device).
@@ -303,7 +303,7 @@ impl DmaArena {
         self.region
             .as_volatile_slice()
             .store::<u8>(v, off, Ordering::Release)
-            .map_err(|e| ArenaError::Access(e.to_string()))
+            .map_err(ArenaError::Access)
     }
 
     /// A mailbox block (576 bytes used, 1024-aligned), or `None` if the pool is empty.
