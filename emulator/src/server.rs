@@ -140,20 +140,19 @@ impl Backend for FunctionBackend {
             }
             VFIO_PCI_BAR0_REGION_INDEX => {
                 // The queue-address registers are state (they are in the image): a write
-                // to them is gated like a BAR2 write. The command doorbell and UAR
-                // doorbells are gated where their effects land.
-                let _admitted = if touches_iseg_state(offset, data.len()) {
-                    let a = self.func.admit(ViolationKind::RegisterWrite, offset);
-                    Some(a.ok_or(Errno::EPERM)?)
-                } else {
-                    None
+                // to them is gated like a BAR2 write, until it has landed. The command
+                // doorbell and UAR doorbells are gated where their effects land, after
+                // this admission ended (ringing may wait for queue room).
+                let effects = {
+                    let _admitted = if touches_iseg_state(offset, data.len()) {
+                        let a = self.func.admit(ViolationKind::RegisterWrite, offset);
+                        Some(a.ok_or(Errno::EPERM)?)
+                    } else {
+                        None
+                    };
+                    let written = self.func.lock().bar0.write(offset, data);
+                    written.map_err(|_| Errno::EINVAL)?
                 };
-                let effects = self
-                    .func
-                    .lock()
-                    .bar0
-                    .write(offset, data)
-                    .map_err(|_| Errno::EINVAL)?;
                 self.bar0_effects(effects);
                 Ok(())
             }
