@@ -1,13 +1,18 @@
 //! Criterion benchmarks. Each figure sits beside a baseline measured in the same run:
 //! a vfio-user round trip beside a bare unix-socket round trip of the same size, and
-//! device DMA through the IOVA space beside a plain memcpy.
+//! device DMA through the IOVA space beside a plain memcpy, and SAVE/LOAD_VHCA_STATE of
+//! device memory beside a memcpy of the same size.
 
+use std::cell::Cell;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use mlx5_prm::cmd::migration::SuspendOpMod;
 use mlx5_testbed::mem::GuestMem;
-use mlx5_testbed::Testbed;
+use mlx5_testbed::{bringup, devmem, AdapterConfig, Testbed};
+use mlx5vf::migration::fw::{Fw, MigBuf};
 use vfu::uapi::{VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX};
 
 /// A request/reply over a socketpair, with a thread echoing `reply` bytes for every
@@ -85,5 +90,103 @@ fn dma_vs_memcpy(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bare_round_trip, dma_vs_memcpy);
+/// Whether criterion measures (`cargo bench`) rather than runs each bench once
+/// (`cargo test --benches`): the large sizes only then.
+fn measuring() -> bool {
+    std::env::args().any(|a| a == "--bench")
+}
+
+/// Mean time per iteration of what `iter_custom` measured into `acc`.
+fn mean(acc: &Cell<(u64, Duration)>) -> Duration {
+    let (n, t) = acc.get();
+    t / u32::try_from(n.max(1)).unwrap_or(u32::MAX)
+}
+
+/// Times `iters` runs of `f`, adding them to `acc`.
+fn timed(acc: &Cell<(u64, Duration)>, iters: u64, mut f: impl FnMut()) -> Duration {
+    let t = Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    let e = t.elapsed();
+    let (n, sum) = acc.get();
+    acc.set((n + iters, sum + e));
+    e
+}
+
+/// SAVE_VHCA_STATE and LOAD_VHCA_STATE (stop-copy, one base image, non-chunk mode) of a
+/// VF whose device memory is filled with seeded random data, beside a memcpy of the
+/// device memory's size; a summary line per size gives each ratio to the memcpy.
+fn save_restore(c: &mut Criterion) {
+    let sizes: &[u64] = if measuring() {
+        &[1 << 20, 64 << 20, 256 << 20]
+    } else {
+        &[1 << 20]
+    };
+    let mut g = c.benchmark_group("save_restore");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    let mut summary = Vec::new();
+    for &size in sizes {
+        let tb = Testbed::start_with(AdapterConfig {
+            vfs: 1,
+            dev_mem: size,
+            ..AdapterConfig::default()
+        });
+        devmem::fill(&tb.vf(0), 0x5eed ^ size);
+        let pf = bringup::up(tb.pf_client(), size + size / 16 + (16 << 20), true);
+        let fw = Fw {
+            hca: &pf,
+            vhca_id: 1,
+            chunk_mode: false,
+        };
+        fw.suspend(SuspendOpMod::Initiator).expect("suspend initiator");
+        fw.suspend(SuspendOpMod::Responder).expect("suspend responder");
+        let need = fw.query(false).expect("query").required_umem_size;
+        let pd = fw.alloc_pd().expect("pd");
+        let buf = MigBuf::alloc(&fw, pd, need).expect("buffer");
+        let image = fw.save(&buf, false, false).expect("save").actual_image_size;
+
+        let len = size as usize;
+        let src = devmem::pattern(len, size);
+        let mut dst = vec![1u8; len];
+        let (copy, save, load) = (Cell::default(), Cell::default(), Cell::default());
+        g.throughput(Throughput::Bytes(size));
+        let id = |what| BenchmarkId::new(what, format!("{}MiB", size >> 20));
+        g.bench_function(id("memcpy"), |b| {
+            b.iter_custom(|n| timed(&copy, n, || dst.copy_from_slice(black_box(&src))))
+        });
+        g.bench_function(id("save"), |b| {
+            b.iter_custom(|n| {
+                timed(&save, n, || {
+                    fw.save(&buf, false, false).expect("save");
+                })
+            })
+        });
+        g.bench_function(id("load"), |b| {
+            b.iter_custom(|n| timed(&load, n, || fw.load(&buf, image).expect("load")))
+        });
+        let (m, s, l) = (mean(&copy), mean(&save), mean(&load));
+        summary.push(format!(
+            "save_restore {:>4} MiB (image {} B): memcpy {:?}, save {:?} = {:.2}x memcpy, \
+             load {:?} = {:.2}x memcpy",
+            size >> 20,
+            image,
+            m,
+            s,
+            m.as_secs_f64() / s.as_secs_f64(),
+            l,
+            m.as_secs_f64() / l.as_secs_f64(),
+        ));
+        buf.free(&fw);
+        fw.dealloc_pd(pd);
+    }
+    g.finish();
+    for line in summary {
+        println!("{line}");
+    }
+}
+
+criterion_group!(benches, bare_round_trip, dma_vs_memcpy, save_restore);
 criterion_main!(benches);
