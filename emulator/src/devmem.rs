@@ -64,6 +64,15 @@ pub fn page_digest(page: &[u8]) -> u64 {
     xxh3_64(page)
 }
 
+/// Whether `page` is all zeros (word-wise, so it runs at memory speed).
+pub fn is_zero(page: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: every bit pattern is a valid u64; align_to only splits the slice.
+        unsafe { page.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
 struct Track {
     /// One bit per page: written by a path the device sees since the last save.
     written: Vec<u64>,
@@ -198,8 +207,15 @@ impl DevMem {
 
     /// Copies page `index` and hashes the copy.
     pub fn copy_page(&self, index: u32) -> Result<PageCopy, DevMemError> {
-        let mut data = vec![0u8; DEV_MEM_PAGE_SIZE as usize].into_boxed_slice();
-        self.read(u64::from(index) * DEV_MEM_PAGE_SIZE, &mut data)?;
+        let i = index as usize;
+        if i >= self.pages() {
+            return Err(DevMemError::OutOfRange {
+                offset: u64::from(index) * DEV_MEM_PAGE_SIZE,
+                len: DEV_MEM_PAGE_SIZE,
+                size: self.size,
+            });
+        }
+        let data: Box<[u8]> = self.with_page(i, |p| Box::from(p));
         let digest = page_digest(&data);
         Ok(PageCopy {
             index,
@@ -208,11 +224,57 @@ impl DevMem {
         })
     }
 
-    /// Every page, copied.
-    pub fn copy_all(&self) -> Result<Vec<PageCopy>, DevMemError> {
-        (0..self.pages() as u32)
-            .map(|i| self.copy_page(i))
+    /// Every page that is not all zeros, copied (what a base image carries). A zero
+    /// page is found in place and costs no copy.
+    pub fn copy_nonzero(&self) -> Result<Vec<PageCopy>, DevMemError> {
+        (0..self.pages())
+            .filter(|&i| self.with_page(i, |p| !is_zero(p)))
+            .map(|i| self.copy_page(i as u32))
             .collect()
+    }
+
+    /// Runs `f` on page `index` in place, nothing copied. The bytes may change under
+    /// `f` (the client writes through its own mapping): callers only count or hash,
+    /// and a count or digest taken while a page changes is as stale as one taken just
+    /// before, which the digest comparison of the next round finds anyway.
+    fn with_page<T>(&self, index: usize, f: impl FnOnce(&[u8]) -> T) -> T {
+        let page = DEV_MEM_PAGE_SIZE as usize;
+        debug_assert!(index < self.pages());
+        // SAFETY: `index < self.pages()`, so the page lies inside our mapping of the
+        // (size-sealed) memfd, which lives as long as `self`; the slice is only read
+        // for the duration of `f` and never outlives the borrow.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(self.region.as_ptr().add(index * page), page) };
+        f(bytes)
+    }
+
+    /// Pages that are not all zeros (what a base image carries), counted in place.
+    pub fn count_nonzero(&self) -> usize {
+        (0..self.pages())
+            .filter(|&i| self.with_page(i, |p| !is_zero(p)))
+            .count()
+    }
+
+    /// Pages a delta would carry now (see [`DevMem::dirty_pages`]), counted in place:
+    /// one hashing pass, nothing copied. Without a session, every page.
+    pub fn count_dirty(&self) -> usize {
+        let (written, baseline) = {
+            let t = self.track();
+            (t.written.clone(), t.baseline.clone())
+        };
+        let Some(baseline) = baseline else {
+            return self.pages();
+        };
+        (0..self.pages())
+            .filter(|&i| {
+                let bit = written
+                    .get(i / 64)
+                    .is_some_and(|w| w & (1 << (i % 64)) != 0);
+                bit || baseline
+                    .get(i)
+                    .is_none_or(|&d| self.with_page(i, |p| page_digest(p) != d))
+            })
+            .count()
     }
 
     /// Whether a save session (a baseline) is open.
@@ -257,16 +319,17 @@ impl DevMem {
     /// Records that the destination now has `pages` (their digests become the
     /// baseline; their written bits clear). Bits of pages written after the copy may be
     /// cleared here too; the digest comparison still finds those pages dirty.
-    pub fn commit(&self, pages: &[PageCopy]) {
+    /// `pages` are (index, digest) pairs.
+    pub fn commit(&self, pages: impl IntoIterator<Item = (u32, u64)>) {
         let mut t = self.track();
         let Track { written, baseline } = &mut *t;
-        for p in pages {
-            let i = p.index as usize;
+        for (index, digest) in pages {
+            let i = index as usize;
             if let Some(w) = written.get_mut(i / 64) {
                 *w &= !(1 << (i % 64));
             }
             if let Some(d) = baseline.as_mut().and_then(|b| b.get_mut(i)) {
-                *d = p.digest;
+                *d = digest;
             }
         }
     }
@@ -324,7 +387,10 @@ mod tests {
         let m = DevMem::new("t", 64 << 10).unwrap();
         // Without a session every page is dirty.
         assert_eq!(m.dirty_pages().unwrap().len(), 16);
+        assert_eq!(m.count_dirty(), 16);
+        assert_eq!(m.count_nonzero(), 0);
         m.begin_session();
+        assert_eq!(m.count_dirty(), 0);
         assert!(
             m.dirty_pages().unwrap().is_empty(),
             "zeros match the baseline"
@@ -332,7 +398,9 @@ mod tests {
         m.write(5 * 4096 + 7, &[1]).unwrap();
         let d = m.dirty_pages().unwrap();
         assert_eq!(d.iter().map(|p| p.index).collect::<Vec<_>>(), vec![5]);
-        m.commit(&d);
+        assert_eq!((m.count_dirty(), m.count_nonzero()), (1, 1));
+        m.commit(d.iter().map(|p| (p.index, p.digest)));
+        assert_eq!(m.count_dirty(), 0);
         assert!(m.dirty_pages().unwrap().is_empty());
         // A write the device does not see (a second mapping of the memfd, as the client's
         // mmap) is found by its digest.
@@ -342,6 +410,7 @@ mod tests {
         other.get_slice(9 * 4096, 1).unwrap().copy_from(&[0xaau8]);
         let d = m.dirty_pages().unwrap();
         assert_eq!(d.iter().map(|p| p.index).collect::<Vec<_>>(), vec![9]);
+        assert_eq!((m.count_dirty(), m.count_nonzero()), (1, 2));
         m.end_session();
         assert!(!m.tracking());
     }

@@ -74,7 +74,7 @@ use mlx5_prm::{CmdStatus, Opcode};
 
 use super::pd_mkey::Mkey;
 use super::{Cmd, CmdFail, CmdResult, Env, Firmware, FunctionId, FwCell, HcaState, Peer};
-use crate::devmem::{page_digest, DevMem, PageCopy, DEV_MEM_PAGE_SIZE};
+use crate::devmem::DEV_MEM_PAGE_SIZE;
 use crate::pci::FunctionKind;
 use crate::state::{
     self, HcaImage, Image, ImageFunction, ImageHeader, ImageKind, ObjectsImage, PageImage,
@@ -521,12 +521,12 @@ pub(super) fn query_vhca_migration_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd
     let objects_len = state::objects_len(&f.firmware().image_objects());
     // incremental: what a delta of the open session would carry now; otherwise what
     // a base image would (pages that are not all zeros).
+    // Counted in place from the tracking state: nothing is copied.
     let pages = if incremental && session.is_some() {
-        f.devmem().dirty_pages().map(|p| p.len())
+        f.devmem().count_dirty()
     } else {
-        nonzero_pages(f.devmem()).map(|p| p.len())
-    }
-    .map_err(|_| CmdFail::new(CmdStatus::IntErr, mig_syndrome::DMA_FAULT))?;
+        f.devmem().count_nonzero()
+    };
     let (required, remaining, mig_state) = if incremental && session.is_none() {
         (0, 0, VhcaMigrationState::OperMigrationIdle)
     } else {
@@ -607,7 +607,7 @@ pub(super) fn save_vhca_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> Cm
     };
     let iseg = f.iseg();
     let pages = match plan {
-        SavePlan::Base { .. } => nonzero_pages(f.devmem()),
+        SavePlan::Base { .. } => f.devmem().copy_nonzero(),
         _ => f.devmem().dirty_pages(),
     }
     .map_err(|_| CmdFail::new(CmdStatus::IntErr, mig_syndrome::DMA_FAULT))?;
@@ -636,7 +636,10 @@ pub(super) fn save_vhca_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> Cm
         // Returned above, before any image is built.
         SavePlan::EndTracking => return Ok(out),
     };
-    let sent = &pages[..fit];
+    let mut pages = pages;
+    pages.truncate(fit);
+    // The pages move into the image; the session keeps only their digests.
+    let sent: Vec<(u32, u64)> = pages.iter().map(|p| (p.index, p.digest)).collect();
     let image = Image {
         header: ImageHeader {
             function: image_function(f.id()),
@@ -649,11 +652,11 @@ pub(super) fn save_vhca_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> Cm
         hca,
         iseg,
         objects,
-        pages: sent
-            .iter()
+        pages: pages
+            .into_iter()
             .map(|p| PageImage {
                 index: p.index,
-                data: p.data.clone(),
+                data: p.data,
             })
             .collect(),
     };
@@ -876,16 +879,6 @@ fn check_compatible(id: FunctionId, dev_mem_size: u64, h: &ImageHeader) -> Resul
         });
     }
     Ok(())
-}
-
-/// Pages of device memory that are not all zeros (what a base image carries).
-fn nonzero_pages(dm: &DevMem) -> Result<Vec<PageCopy>, crate::devmem::DevMemError> {
-    let zero = page_digest(&[0u8; DEV_MEM_PAGE_SIZE as usize]);
-    Ok(dm
-        .copy_all()?
-        .into_iter()
-        .filter(|p| p.digest != zero || p.data.iter().any(|&b| b != 0))
-        .collect())
 }
 
 /// Writes `bytes` at the start of the IOVA runs.
