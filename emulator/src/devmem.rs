@@ -339,6 +339,47 @@ impl DevMem {
         self.track().baseline = None;
     }
 
+    /// Applies a LOAD: writes `pages` ((index, 4 KiB of bytes) pairs; indices below
+    /// [`DevMem::pages`], bytes one page long, else skipped) and, when `zero_rest`, turns
+    /// every other page to zeros (a base image replaces all of device memory). A page
+    /// already zero is only read, never written, and a carried page is written once;
+    /// every page touched is marked written. One pass, one lock.
+    pub fn apply(&self, zero_rest: bool, pages: &[(u32, &[u8])]) {
+        let page = DEV_MEM_PAGE_SIZE as usize;
+        let mut carried = vec![0u64; self.pages().div_ceil(64)];
+        let mut t = self.track();
+        for &(index, data) in pages {
+            let i = index as usize;
+            if i >= self.pages() || data.len() != page {
+                continue;
+            }
+            // SAFETY: `i < self.pages()`, so the page lies inside our mapping of the
+            // size-sealed memfd, which lives as long as `self`; `data` is one page of
+            // other memory (the image), so the ranges do not overlap.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    data.as_ptr(),
+                    self.region.as_ptr().add(i * page),
+                    page,
+                )
+            };
+            carried[i / 64] |= 1 << (i % 64);
+            t.written[i / 64] |= 1 << (i % 64);
+        }
+        if zero_rest {
+            for i in 0..self.pages() {
+                if carried[i / 64] & (1 << (i % 64)) != 0 {
+                    continue;
+                }
+                if !self.with_page(i, is_zero) {
+                    // SAFETY: as above, page `i` lies inside our mapping.
+                    unsafe { std::ptr::write_bytes(self.region.as_ptr().add(i * page), 0, page) };
+                }
+                t.written[i / 64] |= 1 << (i % 64);
+            }
+        }
+    }
+
     /// Fills device memory with zeros (marking every page written).
     pub fn zero(&self) -> Result<(), DevMemError> {
         let zero = vec![0u8; DEV_MEM_PAGE_SIZE as usize];
@@ -413,5 +454,16 @@ mod tests {
         assert_eq!((m.count_dirty(), m.count_nonzero()), (1, 2));
         m.end_session();
         assert!(!m.tracking());
+        // LOAD: a base replaces everything, a delta only what it carries.
+        let one = [7u8; 4096];
+        m.apply(true, &[(3, &one), (99, &one), (4, &one[..10])]);
+        let mut all = vec![0u8; 64 << 10];
+        m.read(0, &mut all).unwrap();
+        assert!(all
+            .chunks(4096)
+            .enumerate()
+            .all(|(i, p)| p == if i == 3 { &one[..] } else { &[0u8; 4096][..] }));
+        m.apply(false, &[(1, &one)]);
+        assert_eq!(m.count_nonzero(), 2);
     }
 }

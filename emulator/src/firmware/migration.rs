@@ -74,7 +74,6 @@ use mlx5_prm::{CmdStatus, Opcode};
 
 use super::pd_mkey::Mkey;
 use super::{Cmd, CmdFail, CmdResult, Env, Firmware, FunctionId, FwCell, HcaState, Peer};
-use crate::devmem::DEV_MEM_PAGE_SIZE;
 use crate::pci::FunctionKind;
 use crate::state::{
     self, HcaImage, Image, ImageFunction, ImageHeader, ImageKind, ObjectsImage, PageImage,
@@ -779,14 +778,9 @@ pub(super) fn load_vhca_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> Cm
     // function is frozen and this command holds it busy, so nothing else changes it.
     f.install_firmware(new_fw);
     f.load_iseg(&image.iseg);
-    let dm = f.devmem();
-    if h.kind == ImageKind::Base {
-        let _ = dm.zero();
-    }
-    for p in &image.pages {
-        // Indices were checked against this size by validate + check_compatible.
-        let _ = dm.write(u64::from(p.index) * DEV_MEM_PAGE_SIZE, &p.data);
-    }
+    // Indices were checked against this size by validate + check_compatible.
+    let pages: Vec<(u32, &[u8])> = image.pages.iter().map(|p| (p.index, &*p.data)).collect();
+    f.devmem().apply(h.kind == ImageKind::Base, &pages);
     f.migration().loaded = Some((h.session, h.seq));
     tracing::info!(
         vhca_id = id.vhca_id,
