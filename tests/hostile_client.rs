@@ -89,3 +89,61 @@ fn a_dma_file_that_cannot_be_sealed_is_refused_unless_allowed() {
         .expect("allowed by --allow-unsealed-dma");
     assert_eq!(tb.vf(0).dma().len(), 1);
 }
+
+/// A refused client that claims a huge payload and trickles it byte by byte (each read
+/// well inside any per-read timeout) cannot keep the function's owner from
+/// reconnecting: every refusal has a total deadline and runs beside the acceptor.
+#[test]
+fn a_trickling_refused_client_cannot_hold_the_acceptor() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    init_tracing();
+    let tb = Testbed::start(1);
+    let owner = tb.vf_client(0);
+    /// Stops the tricklers however the test ends, so a failure cannot hang the run.
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_guard = StopOnDrop(Arc::clone(&stop));
+    let mut tricklers = Vec::new();
+    for _ in 0..3 {
+        let mut s = std::os::unix::net::UnixStream::connect(tb.vf_socket(0)).unwrap();
+        let stop = Arc::clone(&stop);
+        tricklers.push(std::thread::spawn(move || {
+            let header = vfu::proto::Header {
+                msg_id: 1,
+                command: vfu::proto::Command::Version as u16,
+                msg_size: u32::MAX,
+                flags: 0,
+                error: 0,
+            };
+            if s.write_all(&header.encode()).is_err() {
+                return;
+            }
+            while !stop.load(Ordering::SeqCst) {
+                if s.write_all(&[0]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // The owner leaves and comes back while the tricklers are still at it.
+    owner.shutdown();
+    drop(owner);
+    let path = tb.vf_socket(0);
+    let mut again = bounded(Duration::from_secs(30), move || {
+        vfu::Client::connect(&path).expect("the owner reconnects")
+    });
+    again.device_info().expect("served");
+    stop.store(true, Ordering::SeqCst);
+    for t in tricklers {
+        t.join().unwrap();
+    }
+}

@@ -4,6 +4,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -14,6 +15,16 @@ use crate::proto::{Header, HEADER_SIZE};
 /// this many so that an over-eager peer is detected (and its fds closed) instead of
 /// truncating the control data and losing sync.
 pub const SCM_MAX_FD: usize = 253;
+
+/// Whether a socket read failed because its timeout expired.
+fn is_timeout(errno: i32) -> bool {
+    errno == libc::EAGAIN || errno == libc::EWOULDBLOCK
+}
+
+/// The error of a receive whose deadline passed.
+fn timed_out() -> VfuError {
+    VfuError::DeadlinePassed
+}
 
 /// Chunk used to discard an oversized payload.
 const DRAIN_CHUNK: usize = 64 * 1024;
@@ -53,9 +64,15 @@ impl Channel {
 
     /// Reads exactly `buf.len()` bytes, collecting any fds that arrive on the way.
     /// `Ok(false)` means the peer closed the connection before the first byte.
-    fn read_exact_fds(&self, buf: &mut [u8], fds: &mut Vec<File>) -> Result<bool, VfuError> {
+    fn read_exact_fds(
+        &self,
+        buf: &mut [u8],
+        fds: &mut Vec<File>,
+        deadline: Option<Instant>,
+    ) -> Result<bool, VfuError> {
         let mut got = 0;
         while got < buf.len() {
+            self.arm(deadline)?;
             let mut raw = [-1 as RawFd; SCM_MAX_FD];
             let mut iov = [libc::iovec {
                 iov_base: buf[got..].as_mut_ptr().cast(),
@@ -67,6 +84,7 @@ impl Channel {
             let (n, nfds) = match r {
                 Ok(v) => v,
                 Err(e) if e.errno() == libc::EINTR => continue,
+                Err(e) if deadline.is_some() && is_timeout(e.errno()) => return Err(timed_out()),
                 Err(e) => return Err(VfuError::Io(e.into())),
             };
             for fd in &raw[..nfds] {
@@ -87,9 +105,45 @@ impl Channel {
     /// Receives one message. A payload above `max_payload` is drained and reported as
     /// `Oversized`, so the stream stays in sync. `Err(Disconnected)` on a clean EOF.
     pub fn recv(&self, max_payload: usize) -> Result<Incoming, VfuError> {
+        self.recv_by(max_payload, None)
+    }
+
+    /// [`Channel::recv`] that gives up with `Timeout` once `deadline` passes, however
+    /// the peer trickles its bytes: a total deadline over the whole message, its
+    /// drain included, not a per-read timeout. The socket's read timeout is cleared
+    /// afterwards.
+    pub fn recv_by(
+        &self,
+        max_payload: usize,
+        deadline: Option<Instant>,
+    ) -> Result<Incoming, VfuError> {
+        let r = self.recv_inner(max_payload, deadline);
+        if deadline.is_some() {
+            let _ = self.stream.set_read_timeout(None);
+        }
+        r
+    }
+
+    /// Sets the socket's read timeout to what is left before `deadline`.
+    fn arm(&self, deadline: Option<Instant>) -> Result<(), VfuError> {
+        if let Some(d) = deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(timed_out());
+            }
+            self.stream.set_read_timeout(Some(left))?;
+        }
+        Ok(())
+    }
+
+    fn recv_inner(
+        &self,
+        max_payload: usize,
+        deadline: Option<Instant>,
+    ) -> Result<Incoming, VfuError> {
         let mut hb = [0u8; HEADER_SIZE];
         let mut fds = Vec::new();
-        if !self.read_exact_fds(&mut hb, &mut fds)? {
+        if !self.read_exact_fds(&mut hb, &mut fds, deadline)? {
             return Err(VfuError::Disconnected);
         }
         let header = Header::decode(&hb);
@@ -99,11 +153,11 @@ impl Channel {
         }
         let len = size - HEADER_SIZE;
         if len > max_payload {
-            self.drain(len)?;
+            self.drain(len, deadline)?;
             return Ok(Incoming::Oversized(header));
         }
         let mut payload = vec![0u8; len];
-        if len > 0 && !self.read_exact_fds(&mut payload, &mut fds)? {
+        if len > 0 && !self.read_exact_fds(&mut payload, &mut fds, deadline)? {
             return Err(VfuError::Io(std::io::ErrorKind::UnexpectedEof.into()));
         }
         Ok(Incoming::Message(Message {
@@ -113,12 +167,20 @@ impl Channel {
         }))
     }
 
-    fn drain(&self, mut len: usize) -> Result<(), VfuError> {
+    fn drain(&self, mut len: usize, deadline: Option<Instant>) -> Result<(), VfuError> {
         let mut chunk = vec![0u8; DRAIN_CHUNK.min(len)];
         let mut s = &self.stream;
         while len > 0 {
+            self.arm(deadline)?;
             let n = chunk.len().min(len);
-            let got = s.read(&mut chunk[..n])?;
+            let got = match s.read(&mut chunk[..n]) {
+                Ok(got) => got,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if deadline.is_some() && e.raw_os_error().is_some_and(is_timeout) => {
+                    return Err(timed_out())
+                }
+                Err(e) => return Err(e.into()),
+            };
             if got == 0 {
                 return Err(VfuError::Disconnected);
             }

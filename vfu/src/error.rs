@@ -127,4 +127,6 @@ pub enum VfuError {
     SocketInUse(String),
     #[error("no reply within {0:?}")]
     Timeout(std::time::Duration),
+    #[error("the peer did not send a whole message before its deadline")]
+    DeadlinePassed,
 }

@@ -10,7 +10,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use vfio_bindings::bindings::vfio::{
@@ -31,6 +31,12 @@ use crate::proto::*;
 
 /// Most entries in one REGION_WRITE_MULTI (QEMU batches at most 200).
 pub const MAX_WRITE_MULTI: u64 = 1024;
+/// How long a refused client has, in total, to send its first message.
+pub const REFUSE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a new client has, in total, to complete VERSION.
+pub const HANDSHAKE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+/// Refused clients answered at once; more are closed unanswered.
+pub const MAX_REFUSALS: usize = 4;
 /// Room for the fixed part of any message on top of the data cap.
 const FIXED_OVERHEAD: usize = 4096;
 
@@ -153,6 +159,8 @@ pub struct Listener {
     /// A handle on the connection being served, so `shutdown` can end it.
     current: Mutex<Option<UnixStream>>,
     stopping: AtomicBool,
+    /// Refusals under way, each on a thread of its own.
+    refusing: AtomicUsize,
 }
 
 impl Listener {
@@ -178,6 +186,7 @@ impl Listener {
             path: path.to_path_buf(),
             current: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            refusing: AtomicUsize::new(0),
         })
     }
 
@@ -196,7 +205,7 @@ impl Listener {
     ) -> Result<(), VfuError> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<UnixStream>(1);
         std::thread::scope(|scope| {
-            let acceptor = scope.spawn(move || self.accept_loop(tx));
+            let acceptor = scope.spawn(move || self.accept_loop(scope, tx));
             for stream in rx {
                 tracing::info!(socket = %self.path.display(), "client connected");
                 let r = Connection::new(stream, cfg).run(backend, dma);
@@ -212,7 +221,16 @@ impl Listener {
         })
     }
 
-    fn accept_loop(&self, tx: std::sync::mpsc::SyncSender<UnixStream>) -> Result<(), VfuError> {
+    /// Accepts clients. One that arrives while the device is attached is handed to a
+    /// short-lived thread of its own (at most [`MAX_REFUSALS`] at once; beyond that it is
+    /// closed at once), which waits out the previous connection's teardown or refuses
+    /// it under a total deadline, so no client can hold the acceptor.
+    fn accept_loop<'s>(
+        &'s self,
+        scope: &'s std::thread::Scope<'s, '_>,
+        tx: std::sync::mpsc::SyncSender<UnixStream>,
+    ) -> Result<(), VfuError> {
+        let refusing = &self.refusing;
         loop {
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
@@ -220,47 +238,89 @@ impl Listener {
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(e) => return Err(e.into()),
             };
-            // A client that reconnects right after leaving may find its old connection
-            // still being torn down: give that a moment before calling the device busy.
-            let grace = std::time::Instant::now();
-            let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
-            while cur.is_some() && grace.elapsed() < BUSY_GRACE {
-                drop(cur);
-                std::thread::sleep(std::time::Duration::from_millis(2));
-                cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
-            }
-            // Checked and stored under one lock, so `shutdown` either sees this
-            // connection or stops us before we serve it.
-            if self.stopping.load(Ordering::SeqCst) {
-                return Ok(());
-            }
-            if cur.is_some() {
-                drop(cur);
-                tracing::warn!(socket = %self.path.display(), "second client refused: the device is attached");
-                refuse_busy(stream);
-                continue;
-            }
-            *cur = stream.try_clone().ok();
-            drop(cur);
-            if tx.send(stream).is_err() {
-                return Ok(());
+            match self.claim(stream, &tx, false) {
+                Claim::Served => {}
+                Claim::Stop => return Ok(()),
+                Claim::Busy(stream) => {
+                    if refusing.fetch_add(1, Ordering::SeqCst) >= MAX_REFUSALS {
+                        refusing.fetch_sub(1, Ordering::SeqCst);
+                        tracing::warn!(socket = %self.path.display(), "client closed unanswered: too many refusals under way");
+                        continue;
+                    }
+                    let tx = tx.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("vfu-refuse".into())
+                        .spawn_scoped(scope, move || {
+                            if let Claim::Busy(stream) = self.claim(stream, &tx, true) {
+                                tracing::warn!(socket = %self.path.display(), "second client refused: the device is attached");
+                                refuse_busy(stream);
+                            }
+                            refusing.fetch_sub(1, Ordering::SeqCst);
+                        });
+                    if spawned.is_err() {
+                        refusing.fetch_sub(1, Ordering::SeqCst);
+                        tracing::warn!(socket = %self.path.display(), "client closed unanswered: cannot start a thread");
+                    }
+                }
             }
         }
     }
+
+    /// Makes `stream` the connection served if none is (after waiting up to
+    /// [`BUSY_GRACE`] for the previous one's teardown when `grace`).
+    fn claim(
+        &self,
+        stream: UnixStream,
+        tx: &std::sync::mpsc::SyncSender<UnixStream>,
+        grace: bool,
+    ) -> Claim {
+        let start = std::time::Instant::now();
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        while grace && cur.is_some() && start.elapsed() < BUSY_GRACE {
+            drop(cur);
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        }
+        // Checked and stored under one lock, so `shutdown` either sees this
+        // connection or stops us before we serve it.
+        if self.stopping.load(Ordering::SeqCst) {
+            return Claim::Stop;
+        }
+        if cur.is_some() {
+            return Claim::Busy(stream);
+        }
+        *cur = stream.try_clone().ok();
+        drop(cur);
+        if tx.send(stream).is_err() {
+            return Claim::Stop;
+        }
+        Claim::Served
+    }
+}
+
+/// What became of an accepted client.
+enum Claim {
+    Served,
+    Busy(UnixStream),
+    Stop,
 }
 
 /// How long a new client waits for the previous connection's teardown.
 const BUSY_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
-/// How long a refused client has to send its VERSION before we hang up.
-const REFUSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Answers a refused client's first message with `EBUSY`, then closes.
+/// Answers a refused client's first message with `EBUSY`, then closes; the whole
+/// exchange (a claimed payload's drain included) has [`REFUSE_DEADLINE`].
 fn refuse_busy(stream: UnixStream) {
-    let _ = stream.set_read_timeout(Some(REFUSE_TIMEOUT));
     let chan = Channel::new(stream);
-    if let Ok(Incoming::Message(m)) = chan.recv(MAX_VERSION_JSON) {
-        let h = m.header.error_reply(Errno::EBUSY);
-        let _ = chan.send(&h, &[], &[]);
+    let deadline = std::time::Instant::now() + REFUSE_DEADLINE;
+    match chan.recv_by(MAX_VERSION_JSON, Some(deadline)) {
+        Ok(Incoming::Message(m)) => {
+            let h = m.header.error_reply(Errno::EBUSY);
+            let _ = chan.stream().set_write_timeout(Some(REFUSE_DEADLINE));
+            let _ = chan.send(&h, &[], &[]);
+        }
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "refused client hung up on"),
     }
 }
 
@@ -341,8 +401,13 @@ impl Connection {
     }
 
     fn serve<B: Backend>(&mut self, backend: &mut B, dma: &Dma) -> Result<(), VfuError> {
+        let handshake = std::time::Instant::now() + HANDSHAKE_DEADLINE;
         loop {
-            match self.chan.recv(self.max_payload())? {
+            // Until VERSION is negotiated every message must arrive before the
+            // handshake deadline: a client that connects and stalls does not keep the
+            // device's owner out.
+            let deadline = self.client.is_none().then_some(handshake);
+            match self.chan.recv_by(self.max_payload(), deadline)? {
                 Incoming::Message(msg) => self.handle(msg, backend, dma)?,
                 Incoming::Oversized(h) => {
                     let span = message_span(&h);
