@@ -76,8 +76,7 @@ use super::pd_mkey::Mkey;
 use super::{Cmd, CmdFail, CmdResult, Env, Firmware, FunctionId, FwCell, HcaState, Peer};
 use crate::pci::FunctionKind;
 use crate::state::{
-    self, HcaImage, Image, ImageFunction, ImageHeader, ImageKind, ObjectsImage, PageImage,
-    StateError,
+    self, HcaImage, ImageFunction, ImageHeader, ImageKind, ObjectsImage, StateError,
 };
 
 /// Syndromes of the migration commands (the high half spells "MG").
@@ -635,32 +634,31 @@ pub(super) fn save_vhca_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> Cm
         // Returned above, before any image is built.
         SavePlan::EndTracking => return Ok(out),
     };
-    let mut pages = pages;
-    pages.truncate(fit);
-    // The pages move into the image; the session keeps only their digests.
-    let sent: Vec<(u32, u64)> = pages.iter().map(|p| (p.index, p.digest)).collect();
-    let image = Image {
-        header: ImageHeader {
-            function: image_function(f.id()),
-            kind,
-            session: session_id,
-            seq,
-            base_seq,
-            dev_mem_size: f.devmem().size(),
-        },
-        hca,
-        iseg,
-        objects,
-        pages: pages
-            .into_iter()
-            .map(|p| PageImage {
-                index: p.index,
-                data: p.data,
-            })
-            .collect(),
+    let sent = &pages[..fit];
+    let header = ImageHeader {
+        function: image_function(f.id()),
+        kind,
+        session: session_id,
+        seq,
+        base_seq,
+        dev_mem_size: f.devmem().size(),
     };
-    let bytes = image.to_bytes();
-    write_runs(env, &runs, &bytes)?;
+    let page_refs: Vec<(u32, &[u8])> = sent.iter().map(|p| (p.index, &*p.data)).collect();
+    let parts = state::ImageParts {
+        header: &header,
+        hca: &hca,
+        iseg: &iseg,
+        objects: &objects,
+        pages: &page_refs,
+    };
+    // Straight into the buffer, run by run through the MTT.
+    let mut sink = RunSink {
+        env,
+        runs: &runs,
+        run: 0,
+        off: 0,
+    };
+    let image_len = state::encode_into(&parts, |b| sink.put(b))?;
     // The image is in the buffer: now the session moves on, unless the function was
     // reset while the image was built (its session is gone, and so is what was sent).
     if f.epoch() != epoch {
@@ -675,7 +673,7 @@ pub(super) fn save_vhca_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> Cm
     if kind == ImageKind::Base {
         f.devmem().begin_session();
     }
-    f.devmem().commit(sent);
+    f.devmem().commit(sent.iter().map(|p| (p.index, p.digest)));
     if !open {
         f.devmem().end_session();
     }
@@ -694,7 +692,7 @@ pub(super) fn save_vhca_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> Cm
     set(
         &mut out,
         SAVE_VHCA_STATE_OUT_ACTUAL_IMAGE_SIZE,
-        bytes.len() as u64,
+        image_len as u64,
     );
     set(
         &mut out,
@@ -707,7 +705,7 @@ pub(super) fn save_vhca_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> Cm
         seq,
         incremental,
         track,
-        image = bytes.len(),
+        image = image_len,
         pages = fit,
         pages_left = remaining,
         next,
@@ -875,21 +873,36 @@ fn check_compatible(id: FunctionId, dev_mem_size: u64, h: &ImageHeader) -> Resul
     Ok(())
 }
 
-/// Writes `bytes` at the start of the IOVA runs.
-fn write_runs(env: &dyn Env, runs: &[(u64, u64)], bytes: &[u8]) -> Result<(), CmdFail> {
-    let mut done = 0usize;
-    for &(iova, len) in runs {
-        if done == bytes.len() {
-            break;
+/// Writes an image in order across the IOVA runs of its buffer.
+struct RunSink<'a> {
+    env: &'a dyn Env,
+    runs: &'a [(u64, u64)],
+    /// The run being filled, and the bytes of it already written.
+    run: usize,
+    off: u64,
+}
+
+impl RunSink<'_> {
+    fn put(&mut self, mut b: &[u8]) -> Result<(), CmdFail> {
+        while !b.is_empty() {
+            let Some(&(iova, len)) = self.runs.get(self.run) else {
+                return Err(bad(mig_syndrome::BUFFER_TOO_SMALL));
+            };
+            let n = ((len - self.off) as usize).min(b.len());
+            let at = iova + self.off;
+            self.env.dma_write(at, &b[..n]).map_err(|e| {
+                tracing::info!(iova = at, error = %e, "SAVE_VHCA_STATE: buffer write faulted");
+                bad(mig_syndrome::DMA_FAULT)
+            })?;
+            b = &b[n..];
+            self.off += n as u64;
+            if self.off == len {
+                self.run += 1;
+                self.off = 0;
+            }
         }
-        let n = (len as usize).min(bytes.len() - done);
-        env.dma_write(iova, &bytes[done..done + n]).map_err(|e| {
-            tracing::info!(iova, error = %e, "SAVE_VHCA_STATE: buffer write faulted");
-            bad(mig_syndrome::DMA_FAULT)
-        })?;
-        done += n;
+        Ok(())
     }
-    Ok(())
 }
 
 /// Reads `size` bytes from the IOVA runs.

@@ -9,17 +9,20 @@ use super::codec::{bad, zeroed, R, W};
 use super::{PageImage, StateError, PAGE_ENTRY_LEN};
 use crate::devmem::DEV_MEM_PAGE_SIZE;
 
-/// Appends the section for `pages` to `w`.
-pub(super) fn encode(w: &mut W, pages: &[PageImage]) {
+/// Appends the section's head for `count` pages to `w`.
+pub(super) fn encode_head(w: &mut W, count: usize) {
     let mut head = DevMemHead::new_zeroed();
     head.page_size.set(DEV_MEM_PAGE_SIZE as u32);
-    head.count.set(pages.len() as u32);
+    // At most MAX_DEV_MEM_SIZE / 4 KiB pages.
+    head.count.set(count as u32);
     w.put(&head);
-    for p in pages {
-        let mut e = PageEntryHead::new_zeroed();
-        e.index.set(p.index);
-        w.put(&e).bytes(&p.data);
-    }
+}
+
+/// Appends one page entry to `w`.
+pub(super) fn encode_page(w: &mut W, index: u32, data: &[u8]) {
+    let mut e = PageEntryHead::new_zeroed();
+    e.index.set(index);
+    w.put(&e).bytes(data);
 }
 
 /// Decodes the pages of a function with `dev_mem_size` bytes of device memory: each

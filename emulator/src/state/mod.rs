@@ -47,7 +47,7 @@ pub use mlx5_prm::state_image::{
     SECTION_ENTRY_LEN, SECTION_MANDATORY, VERSION,
 };
 use mlx5_prm::state_image::{SectionEntry, HCA_SECTION_HEAD_LEN, PAGE_ENTRY_HEAD_LEN};
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::Xxh3Default;
 
 use crate::devmem::{DEV_MEM_PAGE_SIZE, MAX_DEV_MEM_SIZE};
 use crate::firmware::checks::{CapsError, EqError, HcaError, PageError, PdMkeyError, UarError};
@@ -240,28 +240,82 @@ pub fn objects_len(o: &ObjectsImage) -> usize {
     objects::encode(o).len()
 }
 
-impl Image {
-    /// The image's bytes.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let hca = hca::encode(&self.hca);
-        let iseg = iseg::encode(&self.iseg);
-        let objects = objects::encode(&self.objects);
-        let total = image_len(objects.len(), self.pages.len());
-        let dev_len = DEV_MEM_SECTION_FIXED + self.pages.len() * PAGE_ENTRY_LEN;
-        let mut w = W(Vec::with_capacity(total));
-        w.put(&header::encode(&self.header, SECTIONS_WRITTEN.len(), total));
-        let mut at = (HEADER_LEN + SECTIONS_WRITTEN.len() * SECTION_ENTRY_LEN) as u64;
-        let lens = [hca.len(), iseg.len(), objects.len(), dev_len];
-        for (t, len) in SECTIONS_WRITTEN.into_iter().zip(lens) {
-            w.put(&SectionEntry::mandatory(t, at, len as u64));
-            at += len as u64;
+/// Bytes [`encode_into`] hands its sink at a time (the last run may be shorter).
+pub const ENCODE_RUN: usize = 256 << 10;
+
+/// The parts of an image, borrowed: what [`encode_into`] writes. `pages` are
+/// (index, 4 KiB of bytes) pairs.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageParts<'a> {
+    pub header: &'a ImageHeader,
+    pub hca: &'a HcaImage,
+    pub iseg: &'a IsegImage,
+    pub objects: &'a ObjectsImage,
+    pub pages: &'a [(u32, &'a [u8])],
+}
+
+/// Encodes an image straight into `sink`, in order, in runs of about [`ENCODE_RUN`]
+/// bytes, the checksum computed in the same pass (streaming xxh3 over each run as it
+/// goes out): no buffer of the whole image. Returns the image's length, which is
+/// [`image_len`] of the objects' length and the page count.
+pub fn encode_into<E>(
+    parts: &ImageParts<'_>,
+    mut sink: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<usize, E> {
+    let hca = hca::encode(parts.hca);
+    let iseg = iseg::encode(parts.iseg);
+    let objects = objects::encode(parts.objects);
+    let total = image_len(objects.len(), parts.pages.len());
+    let dev_len = DEV_MEM_SECTION_FIXED + parts.pages.len() * PAGE_ENTRY_LEN;
+    let mut w = W(Vec::with_capacity(
+        ENCODE_RUN + PAGE_ENTRY_LEN + objects.len(),
+    ));
+    w.put(&header::encode(parts.header, SECTIONS_WRITTEN.len(), total));
+    let mut at = (HEADER_LEN + SECTIONS_WRITTEN.len() * SECTION_ENTRY_LEN) as u64;
+    let lens = [hca.len(), iseg.len(), objects.len(), dev_len];
+    for (t, len) in SECTIONS_WRITTEN.into_iter().zip(lens) {
+        w.put(&SectionEntry::mandatory(t, at, len as u64));
+        at += len as u64;
+    }
+    w.bytes(&hca).bytes(&iseg).bytes(&objects);
+    dev_mem::encode_head(&mut w, parts.pages.len());
+    let mut sum = Xxh3Default::new();
+    let mut done = 0usize;
+    for &(index, data) in parts.pages {
+        dev_mem::encode_page(&mut w, index, data);
+        if w.0.len() >= ENCODE_RUN {
+            sum.update(&w.0);
+            sink(&w.0)?;
+            done += w.0.len();
+            w.0.clear();
         }
-        w.bytes(&hca).bytes(&iseg).bytes(&objects);
-        dev_mem::encode(&mut w, &self.pages);
-        let sum = xxh3_64(&w.0);
-        w.u64(sum);
-        debug_assert_eq!(w.0.len(), total);
-        w.0
+    }
+    sum.update(&w.0);
+    w.u64(sum.digest());
+    done += w.0.len();
+    sink(&w.0)?;
+    debug_assert_eq!(done, total);
+    Ok(done)
+}
+
+impl Image {
+    /// The image's bytes ([`encode_into`] a Vec).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let pages: Vec<(u32, &[u8])> = self.pages.iter().map(|p| (p.index, &*p.data)).collect();
+        let mut out = Vec::new();
+        let parts = ImageParts {
+            header: &self.header,
+            hca: &self.hca,
+            iseg: &self.iseg,
+            objects: &self.objects,
+            pages: &pages,
+        };
+        let done = encode_into::<std::convert::Infallible>(&parts, |b| {
+            out.extend_from_slice(b);
+            Ok(())
+        });
+        debug_assert_eq!(done.ok(), Some(out.len()));
+        out
     }
 }
 

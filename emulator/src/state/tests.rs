@@ -1,4 +1,5 @@
 use super::*;
+use xxhash_rust::xxh3::xxh3_64;
 use zerocopy::{FromZeros, IntoBytes};
 
 fn le64(b: &[u8], at: usize) -> u64 {
