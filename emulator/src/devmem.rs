@@ -224,15 +224,6 @@ impl DevMem {
         })
     }
 
-    /// Every page that is not all zeros, copied (what a base image carries). A zero
-    /// page is found in place and costs no copy.
-    pub fn copy_nonzero(&self) -> Result<Vec<PageCopy>, DevMemError> {
-        (0..self.pages())
-            .filter(|&i| self.with_page(i, |p| !is_zero(p)))
-            .map(|i| self.copy_page(i as u32))
-            .collect()
-    }
-
     /// Runs `f` on page `index` in place, nothing copied. The bytes may change under
     /// `f` (the client writes through its own mapping): callers only count or hash,
     /// and a count or digest taken while a page changes is as stale as one taken just
@@ -246,6 +237,24 @@ impl DevMem {
         let bytes =
             unsafe { std::slice::from_raw_parts(self.region.as_ptr().add(index * page), page) };
         f(bytes)
+    }
+
+    /// Runs `f` on the pages that are not all zeros (what a base image carries), in
+    /// place, as (index, bytes) pairs: nothing copied. As with `with_page`, the bytes
+    /// may change under `f`; whoever copies them must digest its copy.
+    pub fn with_nonzero<T>(&self, f: impl FnOnce(&[(u32, &[u8])]) -> T) -> T {
+        let page = DEV_MEM_PAGE_SIZE as usize;
+        let base = self.region.as_ptr();
+        let pages: Vec<(u32, &[u8])> = (0..self.pages())
+            .filter(|&i| self.with_page(i, |p| !is_zero(p)))
+            .map(|i| {
+                // SAFETY: as in `with_page`: page `i` lies inside our mapping, which
+                // outlives the slices (they live only for this call).
+                let p = unsafe { std::slice::from_raw_parts(base.add(i * page), page) };
+                (i as u32, p)
+            })
+            .collect();
+        f(&pages)
     }
 
     /// Pages that are not all zeros (what a base image carries), counted in place.

@@ -604,25 +604,15 @@ pub(super) fn save_vhca_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> Cm
         (fw.image_hca(), fw.image_objects())
     };
     let iseg = f.iseg();
-    let pages = match plan {
-        SavePlan::Base { .. } => f.devmem().copy_nonzero(),
-        _ => f.devmem().dirty_pages(),
-    }
-    .map_err(|_| CmdFail::new(CmdStatus::IntErr, mig_syndrome::DMA_FAULT))?;
     let objects_len = state::objects_len(&objects);
     let fixed = state::image_len(objects_len, 0);
     let size = size as usize; // 32-bit field
     if size < fixed {
         return Err(bad(mig_syndrome::BUFFER_TOO_SMALL));
     }
-    let fit = ((size - fixed) / state::PAGE_ENTRY_LEN).min(pages.len());
-    let remaining = pages.len() - fit;
     // Only a tracked session (later rounds) or a chunked fetch carries the rest.
     let keeps_track = matches!(plan, SavePlan::Base { track: true })
         || matches!(plan, SavePlan::Delta { track: true, .. });
-    if remaining > 0 && !keeps_track && !chunk_mode {
-        return Err(bad(mig_syndrome::BUFFER_TOO_SMALL));
-    }
     let (kind, session_id, seq, base_seq) = match plan {
         SavePlan::Base { .. } => (ImageKind::Base, new_session_id(f.id().vhca_id), 1, 0),
         SavePlan::Delta { session, .. } => (
@@ -634,7 +624,6 @@ pub(super) fn save_vhca_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> Cm
         // Returned above, before any image is built.
         SavePlan::EndTracking => return Ok(out),
     };
-    let sent = &pages[..fit];
     let header = ImageHeader {
         function: image_function(f.id()),
         kind,
@@ -643,22 +632,46 @@ pub(super) fn save_vhca_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> Cm
         base_seq,
         dev_mem_size: f.devmem().size(),
     };
-    let page_refs: Vec<(u32, &[u8])> = sent.iter().map(|p| (p.index, &*p.data)).collect();
-    let parts = state::ImageParts {
-        header: &header,
-        hca: &hca,
-        iseg: &iseg,
-        objects: &objects,
-        pages: &page_refs,
+    // Encodes `pages` (as many as fit) straight into the buffer, run by run through
+    // the MTT; returns (image length, pages sent, pages left).
+    let encode = |pages: &[(u32, &[u8])], digests: Option<&mut Vec<(u32, u64)>>| {
+        let fit = ((size - fixed) / state::PAGE_ENTRY_LEN).min(pages.len());
+        let remaining = pages.len() - fit;
+        if remaining > 0 && !keeps_track && !chunk_mode {
+            return Err(bad(mig_syndrome::BUFFER_TOO_SMALL));
+        }
+        let parts = state::ImageParts {
+            header: &header,
+            hca: &hca,
+            iseg: &iseg,
+            objects: &objects,
+            pages: &pages[..fit],
+        };
+        let mut sink = RunSink {
+            env,
+            runs: &runs,
+            run: 0,
+            off: 0,
+        };
+        let len = state::encode_into(&parts, digests, |b| sink.put(b))?;
+        Ok((len, fit, remaining))
     };
-    // Straight into the buffer, run by run through the MTT.
-    let mut sink = RunSink {
-        env,
-        runs: &runs,
-        run: 0,
-        off: 0,
+    let mut sent = Vec::new();
+    let (image_len, fit, remaining) = match plan {
+        // In place from device memory: each page copied once, into the buffer's run,
+        // and digested there.
+        SavePlan::Base { .. } => f.devmem().with_nonzero(|p| encode(p, Some(&mut sent)))?,
+        _ => {
+            let pages = f
+                .devmem()
+                .dirty_pages()
+                .map_err(|_| CmdFail::new(CmdStatus::IntErr, mig_syndrome::DMA_FAULT))?;
+            let refs: Vec<(u32, &[u8])> = pages.iter().map(|p| (p.index, &*p.data)).collect();
+            let r = encode(&refs, None)?;
+            sent = pages[..r.1].iter().map(|p| (p.index, p.digest)).collect();
+            r
+        }
     };
-    let image_len = state::encode_into(&parts, |b| sink.put(b))?;
     // The image is in the buffer: now the session moves on, unless the function was
     // reset while the image was built (its session is gone, and so is what was sent).
     if f.epoch() != epoch {
@@ -673,7 +686,7 @@ pub(super) fn save_vhca_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> Cm
     if kind == ImageKind::Base {
         f.devmem().begin_session();
     }
-    f.devmem().commit(sent.iter().map(|p| (p.index, p.digest)));
+    f.devmem().commit(sent);
     if !open {
         f.devmem().end_session();
     }

@@ -258,8 +258,12 @@ pub struct ImageParts<'a> {
 /// bytes, the checksum computed in the same pass (streaming xxh3 over each run as it
 /// goes out): no buffer of the whole image. Returns the image's length, which is
 /// [`image_len`] of the objects' length and the page count.
+///
+/// With `digests`, each page's xxh3-64 is taken of the bytes as they went out (the
+/// copy in the run, not the source, which may change meanwhile) and pushed there.
 pub fn encode_into<E>(
     parts: &ImageParts<'_>,
+    mut digests: Option<&mut Vec<(u32, u64)>>,
     mut sink: impl FnMut(&[u8]) -> Result<(), E>,
 ) -> Result<usize, E> {
     let hca = hca::encode(parts.hca);
@@ -283,6 +287,10 @@ pub fn encode_into<E>(
     let mut done = 0usize;
     for &(index, data) in parts.pages {
         dev_mem::encode_page(&mut w, index, data);
+        if let Some(d) = digests.as_deref_mut() {
+            let copy = &w.0[w.0.len() - data.len()..];
+            d.push((index, crate::devmem::page_digest(copy)));
+        }
         if w.0.len() >= ENCODE_RUN {
             sum.update(&w.0);
             sink(&w.0)?;
@@ -310,7 +318,7 @@ impl Image {
             objects: &self.objects,
             pages: &pages,
         };
-        let done = encode_into::<std::convert::Infallible>(&parts, |b| {
+        let done = encode_into::<std::convert::Infallible>(&parts, None, |b| {
             out.extend_from_slice(b);
             Ok(())
         });
