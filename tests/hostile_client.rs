@@ -147,3 +147,71 @@ fn a_trickling_refused_client_cannot_hold_the_acceptor() {
         t.join().unwrap();
     }
 }
+
+/// A client that fills the emulator's fd table (a distinct memfd per DMA window, the
+/// last fd taken by a refused connection) makes the other sockets' accept fail with
+/// EMFILE: the listeners keep serving,
+/// with back-off, and answer as soon as fds are free again; SIGTERM still stops it.
+#[test]
+fn fd_exhaustion_does_not_stop_the_other_listeners() {
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+
+    use mlx5_testbed::child::{emu_command, temp_dir, Emu};
+    init_tracing();
+    let dir = temp_dir("mlx5-emu-fds");
+    let dir_arg = dir.path().to_str().unwrap().to_string();
+    let mut cmd = emu_command();
+    cmd.args(["--vfs", "1", "--log", "error", "--dir", &dir_arg])
+        .current_dir(dir.path())
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: the closure only calls setrlimit, which is async-signal-safe, between
+    // fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 64,
+                rlim_max: 64,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    let mut emu = Emu::spawn_command(&mut cmd);
+    let (pf, vf) = (dir.path().join("pf.sock"), dir.path().join("vf0.sock"));
+    emu.wait_for_sockets(&[pf.clone(), vf.clone()]);
+    let mut c = vfu::Client::connect(&vf).unwrap();
+    // One window (one fd) at a time until the emulator's fd table is full.
+    let open_fds = |pid: libc::pid_t| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let pid = emu.guard().pid();
+    let mut files = Vec::new();
+    while open_fds(pid) < 63 {
+        assert!(files.len() < 64, "the emulator's fd table never filled");
+        let f = memfd("hostile-fd", 0x1000);
+        c.dma_map(files.len() as u64 * 0x1000, 0x1000, f.as_raw_fd(), 0, RW)
+            .unwrap();
+        files.push(f);
+    }
+    // The last free fd goes to a second VF client that stays silent while refused.
+    let _silent = std::os::unix::net::UnixStream::connect(&vf).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let pf_client = std::thread::spawn(move || {
+        let mut p = vfu::Client::connect(&pf).expect("the PF answers once fds are free");
+        p.device_info().expect("PF served");
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    c.dma_unmap_all().unwrap();
+    bounded(Duration::from_secs(30), move || pf_client.join().unwrap());
+    drop(c);
+    let status = emu.stop_with(libc::SIGTERM);
+    assert!(status.success(), "{status}");
+}

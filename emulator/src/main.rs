@@ -77,6 +77,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
+    // Every client's DMA files and eventfds are fds: use all the operator allows.
+    match vfu::limits::raise_fd_limit() {
+        Ok(n) => tracing::debug!(fd_limit = n, "fd soft limit raised to the hard limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the fd soft limit"),
+    }
     let set = block_signals();
     let adapter = match Adapter::start(&AdapterConfig {
         dir: args.dir.clone(),

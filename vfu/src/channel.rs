@@ -35,6 +35,9 @@ pub struct Message {
     pub header: Header,
     pub payload: Vec<u8>,
     pub fds: Vec<File>,
+    /// fds beyond the receive cap: closed as they arrived, counted so that the message
+    /// is refused.
+    pub fds_dropped: usize,
 }
 
 /// What came off the socket.
@@ -46,6 +49,14 @@ pub enum Incoming {
     Oversized(Header),
     /// A size field smaller than the header: the stream cannot be trusted any more.
     Undersized(Header),
+}
+
+/// The fds of a message being received: those kept (at most `max`) and how many
+/// more were closed on arrival.
+struct Fds {
+    kept: Vec<File>,
+    max: usize,
+    dropped: usize,
 }
 
 /// One end of a vfio-user connection.
@@ -67,7 +78,7 @@ impl Channel {
     fn read_exact_fds(
         &self,
         buf: &mut [u8],
-        fds: &mut Vec<File>,
+        fds: &mut Fds,
         deadline: Option<Instant>,
     ) -> Result<bool, VfuError> {
         let mut got = 0;
@@ -89,7 +100,15 @@ impl Channel {
             };
             for fd in &raw[..nfds] {
                 // SAFETY: recvmsg handed us ownership of these freshly received fds.
-                fds.push(unsafe { File::from_raw_fd(*fd) });
+                let f = unsafe { File::from_raw_fd(*fd) };
+                if fds.kept.len() < fds.max {
+                    fds.kept.push(f);
+                } else {
+                    // Over the cap: closed here, as it arrives, never held for the
+                    // rest of the message.
+                    drop(f);
+                    fds.dropped += 1;
+                }
             }
             if n == 0 {
                 if got == 0 {
@@ -105,19 +124,22 @@ impl Channel {
     /// Receives one message. A payload above `max_payload` is drained and reported as
     /// `Oversized`, so the stream stays in sync. `Err(Disconnected)` on a clean EOF.
     pub fn recv(&self, max_payload: usize) -> Result<Incoming, VfuError> {
-        self.recv_by(max_payload, None)
+        self.recv_by(max_payload, SCM_MAX_FD, None)
     }
 
     /// [`Channel::recv`] that gives up with `Timeout` once `deadline` passes, however
     /// the peer trickles its bytes: a total deadline over the whole message, its
     /// drain included, not a per-read timeout. The socket's read timeout is cleared
     /// afterwards.
+    /// At most `max_fds` of the fds that come with the message are kept; the others
+    /// are closed as they arrive and counted in [`Message::fds_dropped`].
     pub fn recv_by(
         &self,
         max_payload: usize,
+        max_fds: usize,
         deadline: Option<Instant>,
     ) -> Result<Incoming, VfuError> {
-        let r = self.recv_inner(max_payload, deadline);
+        let r = self.recv_inner(max_payload, max_fds, deadline);
         if deadline.is_some() {
             let _ = self.stream.set_read_timeout(None);
         }
@@ -139,10 +161,15 @@ impl Channel {
     fn recv_inner(
         &self,
         max_payload: usize,
+        max_fds: usize,
         deadline: Option<Instant>,
     ) -> Result<Incoming, VfuError> {
         let mut hb = [0u8; HEADER_SIZE];
-        let mut fds = Vec::new();
+        let mut fds = Fds {
+            kept: Vec::new(),
+            max: max_fds,
+            dropped: 0,
+        };
         if !self.read_exact_fds(&mut hb, &mut fds, deadline)? {
             return Err(VfuError::Disconnected);
         }
@@ -163,7 +190,8 @@ impl Channel {
         Ok(Incoming::Message(Message {
             header,
             payload,
-            fds,
+            fds: fds.kept,
+            fds_dropped: fds.dropped,
         }))
     }
 
@@ -214,5 +242,50 @@ impl Channel {
 
     pub fn raw_fd(&self) -> RawFd {
         self.stream.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eventfds(n: usize) -> Vec<File> {
+        (0..n)
+            .map(|_| {
+                // SAFETY: eventfd has no pointer arguments; the File owns the new fd.
+                let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+                assert!(fd >= 0);
+                // SAFETY: a fresh fd from eventfd(2), owned by this File alone.
+                unsafe { File::from_raw_fd(fd) }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fds_over_the_cap_are_closed_as_they_arrive() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (tx, rx) = (Channel::new(a), Channel::new(b));
+        let h = Header {
+            msg_id: 1,
+            command: 1,
+            msg_size: (HEADER_SIZE + 8) as u32,
+            flags: 0,
+            error: 0,
+        };
+        let first = eventfds(SCM_MAX_FD);
+        let second = eventfds(SCM_MAX_FD);
+        let raw = |v: &[File]| v.iter().map(|f| f.as_raw_fd()).collect::<Vec<_>>();
+        // The header with one full load of fds, the payload with another.
+        tx.stream()
+            .send_with_fds(&[&h.encode()[..]], &raw(&first))
+            .unwrap();
+        tx.stream()
+            .send_with_fds(&[&[0u8; 8][..]], &raw(&second))
+            .unwrap();
+        let Incoming::Message(m) = rx.recv_by(64, 16, None).unwrap() else {
+            panic!("a whole message")
+        };
+        assert_eq!(m.fds.len(), 16);
+        assert_eq!(m.fds_dropped, 2 * SCM_MAX_FD - 16);
     }
 }

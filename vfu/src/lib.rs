@@ -10,6 +10,7 @@ pub mod client;
 pub mod dma;
 pub mod error;
 pub mod irq;
+pub mod limits;
 pub mod proto;
 pub mod server;
 

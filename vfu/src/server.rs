@@ -231,11 +231,27 @@ impl Listener {
         tx: std::sync::mpsc::SyncSender<UnixStream>,
     ) -> Result<(), VfuError> {
         let refusing = &self.refusing;
+        let mut backoff = ACCEPT_BACKOFF_MIN;
+        let mut failures = 0u64;
         loop {
             let stream = match self.listener.accept() {
-                Ok((s, _)) => s,
+                Ok((s, _)) => {
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    s
+                }
                 Err(_) if self.stopping.load(Ordering::SeqCst) => return Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if !accept_error_is_fatal(&e) => {
+                    // EMFILE, ENFILE, ECONNABORTED, ENOBUFS, ENOMEM...: the listener
+                    // stays; the next accept is tried after a growing pause.
+                    failures += 1;
+                    if failures.is_power_of_two() {
+                        tracing::warn!(socket = %self.path.display(), error = %e, failures, "accept failed; retrying");
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                    continue;
+                }
                 Err(e) => return Err(e.into()),
             };
             match self.claim(stream, &tx, false) {
@@ -298,6 +314,19 @@ impl Listener {
     }
 }
 
+/// First and longest pause after a failed accept.
+const ACCEPT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// An accept error that means the listening socket itself is unusable (every other
+/// one, fd exhaustion first, is transient).
+fn accept_error_is_fatal(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBADF | libc::ENOTSOCK | libc::EOPNOTSUPP | libc::EINVAL | libc::EFAULT)
+    )
+}
+
 /// What became of an accepted client.
 enum Claim {
     Served,
@@ -313,7 +342,7 @@ const BUSY_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 fn refuse_busy(stream: UnixStream) {
     let chan = Channel::new(stream);
     let deadline = std::time::Instant::now() + REFUSE_DEADLINE;
-    match chan.recv_by(MAX_VERSION_JSON, Some(deadline)) {
+    match chan.recv_by(MAX_VERSION_JSON, 0, Some(deadline)) {
         Ok(Incoming::Message(m)) => {
             let h = m.header.error_reply(Errno::EBUSY);
             let _ = chan.stream().set_write_timeout(Some(REFUSE_DEADLINE));
@@ -407,7 +436,8 @@ impl Connection {
             // handshake deadline: a client that connects and stalls does not keep the
             // device's owner out.
             let deadline = self.client.is_none().then_some(handshake);
-            match self.chan.recv_by(self.max_payload(), deadline)? {
+            let max_fds = self.cfg.max_msg_fds as usize;
+            match self.chan.recv_by(self.max_payload(), max_fds, deadline)? {
                 Incoming::Message(msg) => self.handle(msg, backend, dma)?,
                 Incoming::Oversized(h) => {
                     let span = message_span(&h);
@@ -483,7 +513,13 @@ impl Connection {
         if h.msg_type() != FLAGS_TYPE_COMMAND {
             return Err(Errno::EINVAL);
         }
-        if msg.fds.len() > self.cfg.max_msg_fds as usize {
+        if msg.fds_dropped > 0 || msg.fds.len() > self.cfg.max_msg_fds as usize {
+            tracing::warn!(
+                kept = msg.fds.len(),
+                closed = msg.fds_dropped,
+                max = self.cfg.max_msg_fds,
+                "message with more fds than negotiated: refused, the excess closed on arrival"
+            );
             return Err(Errno::EINVAL);
         }
         let Some(cmd) = Command::from_u16(h.command) else {
