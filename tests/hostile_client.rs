@@ -138,8 +138,16 @@ fn a_trickling_refused_client_cannot_hold_the_acceptor() {
     owner.shutdown();
     drop(owner);
     let path = tb.vf_socket(0);
-    let mut again = bounded(Duration::from_secs(30), move || {
-        vfu::Client::connect(&path).expect("the owner reconnects")
+    // Its old connection's teardown may outlast the grace on a loaded machine (EBUSY):
+    // the owner retries, as a VMM would, and must get in while the tricklers trickle.
+    let mut again = bounded(Duration::from_secs(30), move || loop {
+        match vfu::Client::connect(&path) {
+            Ok(c) => break c,
+            Err(VfuError::Remote { errno, .. }) if errno == Errno::EBUSY => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => panic!("the owner cannot reconnect: {e}"),
+        }
     });
     again.device_info().expect("served");
     stop.store(true, Ordering::SeqCst);

@@ -5,8 +5,9 @@
 //! and copies outside it.
 
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::fs::File;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use vm_memory::mmap::MmapRegion;
@@ -73,11 +74,16 @@ impl Table {
     }
 }
 
+/// The backing files the windows hold, by (st_dev, st_ino, access mode).
+type BackingFiles = HashMap<(u64, u64, i32), Weak<File>>;
+
 /// Handle to a function's IOVA space.
 #[derive(Clone)]
 pub struct Dma {
     table: Arc<RwLock<Table>>,
     max_maps: usize,
+    /// The backing files the windows hold, by (st_dev, st_ino, access mode).
+    files: Arc<Mutex<BackingFiles>>,
 }
 
 impl Default for Dma {
@@ -91,6 +97,7 @@ impl Dma {
         Dma {
             table: Arc::default(),
             max_maps,
+            files: Arc::default(),
         }
     }
 
@@ -153,14 +160,42 @@ impl Dma {
         if flags & VFIO_DMA_MAP_FLAG_WRITE != 0 {
             prot |= libc::PROT_READ | libc::PROT_WRITE;
         }
+        let file = self.shared_file(file)?;
         let region = MmapRegion::build(
-            Some(FileOffset::new(file, offset)),
+            Some(FileOffset::from_arc(file, offset)),
             len,
             prot,
             libc::MAP_SHARED,
         )
         .map_err(|_| Errno::ENOMEM)?;
         self.insert(iova, size, flags, Some(region))
+    }
+
+    /// One open file per backing file (same device, inode and access mode) however many
+    /// windows map it: behind a vIOMMU every guest map arrives with its own fd, and
+    /// keeping each would let the windows exhaust our fds. A later fd for a file
+    /// already held is closed here.
+    fn shared_file(&self, file: File) -> Result<Arc<File>, Errno> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        let meta = file.metadata().map_err(|e| Errno::from_io(&e))?;
+        // SAFETY: fcntl(F_GETFL) on an fd we own; it takes no pointer.
+        let mode = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) } & libc::O_ACCMODE;
+        let key = (meta.dev(), meta.ino(), mode);
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        files.retain(|_, w| w.strong_count() > 0);
+        if let Some(held) = files.get(&key).and_then(Weak::upgrade) {
+            return Ok(held);
+        }
+        let file = Arc::new(file);
+        files.insert(key, Arc::downgrade(&file));
+        Ok(file)
+    }
+
+    /// How many backing files the windows hold open (one fd each).
+    pub fn backing_files(&self) -> usize {
+        let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        files.values().filter(|w| w.strong_count() > 0).count()
     }
 
     /// Records a read-only window the client mapped without an fd (QEMU does this for
@@ -670,5 +705,24 @@ mod tests {
         };
         assert_eq!(rc, 0);
         dma.map(0x20000, 0x4000, sealed, 0, rw()).unwrap();
+    }
+
+    #[test]
+    fn windows_of_one_file_hold_one_fd() {
+        let dma = Dma::default();
+        let f = memfd("t", 0x40000).unwrap();
+        for i in 0..32u64 {
+            // Each map brings its own fd, as QEMU's do behind a vIOMMU.
+            dma.map(i * 0x2000, 0x2000, f.try_clone().unwrap(), i * 0x2000, rw())
+                .unwrap();
+        }
+        let other = memfd("u", 0x1000).unwrap();
+        dma.map(0x100000, 0x1000, other, 0, rw()).unwrap();
+        assert_eq!(dma.len(), 33);
+        assert_eq!(dma.backing_files(), 2);
+        dma.unmap(0x100000, 0x1000).unwrap();
+        assert_eq!(dma.backing_files(), 1);
+        dma.unmap_all();
+        assert_eq!(dma.backing_files(), 0);
     }
 }
