@@ -1,7 +1,5 @@
 //! The DEV_MEM section: device-memory pages, each an index and 4 KiB.
 
-use std::collections::BTreeSet;
-
 use mlx5_prm::state_image::{DevMemHead, PageEntryHead};
 use zerocopy::FromZeros;
 
@@ -36,7 +34,8 @@ pub(super) fn decode(b: &[u8], dev_mem_size: u64) -> Result<Vec<PageImage>, Stat
     }
     let n = r.fits(head.count.get(), PAGE_ENTRY_LEN, "page list")?;
     let npages = dev_mem_size / DEV_MEM_PAGE_SIZE;
-    let mut seen = BTreeSet::new();
+    // One bit per page of the function (npages <= MAX_DEV_MEM_SIZE / 4 KiB).
+    let mut seen = vec![0u64; (npages as usize).div_ceil(64)];
     let mut pages = Vec::with_capacity(n);
     for _ in 0..n {
         let e: PageEntryHead = r.get("page entry")?;
@@ -45,9 +44,11 @@ pub(super) fn decode(b: &[u8], dev_mem_size: u64) -> Result<Vec<PageImage>, Stat
         if u64::from(index) >= npages {
             return Err(bad("page index", index.into(), "below the page count"));
         }
-        if !seen.insert(index) {
+        let (word, bit) = (index as usize / 64, 1u64 << (index % 64));
+        if seen[word] & bit != 0 {
             return Err(bad("page index", index.into(), "each page once"));
         }
+        seen[word] |= bit;
         let data = r.take(DEV_MEM_PAGE_SIZE, "page")?.into();
         pages.push(PageImage { index, data });
     }
