@@ -21,6 +21,7 @@
 //! Every blocking client call runs under a deadline so that a hang fails the test
 //! instead of stalling the run.
 
+use mlx5_emulator::pci;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -50,18 +51,18 @@ const NUM_IRQ_INDICES: u32 = 5;
 const MSIX_IRQ_INDEX: u32 = 2;
 const MSIX_VECTORS: u32 = 16;
 
-/// Config space offsets (PCI Local Bus spec).
-const PCI_VENDOR_ID: u64 = 0x00;
-const PCI_COMMAND: u64 = 0x04;
-const PCI_COMMAND_MEMORY: u16 = 1 << 1;
-const PCI_STATUS: u64 = 0x06;
-const PCI_STATUS_CAP_LIST: u16 = 1 << 4;
-const PCI_CLASS_PROG: u64 = 0x09;
-const PCI_CAPABILITY_LIST: u64 = 0x34;
-const PCI_INTERRUPT_LINE: u64 = 0x3c;
-const PCI_CAP_ID_MSIX: u8 = 0x11;
-const PCI_MSIX_FLAGS_ENABLE: u16 = 1 << 15;
-const PCI_MSIX_FLAGS_MASKALL: u16 = 1 << 14;
+/// Config space offsets (PCI Local Bus spec), as the emulator's config space names them.
+const PCI_VENDOR_ID: u64 = pci::VENDOR_ID_OFFSET as u64;
+const PCI_COMMAND: u64 = pci::COMMAND_OFFSET as u64;
+const PCI_COMMAND_MEMORY: u16 = pci::COMMAND_MEMORY_SPACE;
+const PCI_STATUS: u64 = pci::STATUS_OFFSET as u64;
+const PCI_STATUS_CAP_LIST: u16 = pci::STATUS_CAP_LIST;
+const PCI_CLASS_PROG: u64 = pci::CLASS_CODE_OFFSET as u64;
+const PCI_CAPABILITY_LIST: u64 = pci::CAPABILITY_LIST_OFFSET as u64;
+const PCI_INTERRUPT_LINE: u64 = pci::INTERRUPT_LINE_OFFSET as u64;
+const PCI_CAP_ID_MSIX: u8 = pci::caps::CAP_ID_MSIX;
+const PCI_MSIX_FLAGS_ENABLE: u16 = pci::caps::MSIX_FLAGS_ENABLE;
+const PCI_MSIX_FLAGS_MASKALL: u16 = pci::caps::MSIX_FLAGS_MASKALL;
 
 /// DMA window used by the tests.
 const IOVA: u64 = 0x1_0000_0000;

@@ -38,8 +38,8 @@ pub const UAR_START: u64 = UAR_FIRST_INDEX * UAR_PAGE_SIZE;
 pub const UAR_END: u64 = 0x100_0000;
 /// MSI-X table (PCI_MSIX_TABLE offset, BIR 0).
 pub const MSIX_TABLE_OFFSET: u64 = 0x100_0000;
-/// PCI_MSIX_ENTRY_SIZE.
-pub const MSIX_ENTRY_SIZE: u64 = 16;
+/// PCI_MSIX_ENTRY_SIZE (declared with the MSI-X capability).
+pub use crate::pci::caps::MSIX_ENTRY_SIZE;
 /// MSI-X pending bit array (PCI_MSIX_PBA offset, BIR 0).
 pub const MSIX_PBA_OFFSET: u64 = 0x100_1000;
 /// Space reserved for the PBA.
