@@ -193,21 +193,21 @@ fn fd_exhaustion_does_not_stop_the_other_listeners() {
     let (pf, vf) = (dir.path().join("pf.sock"), dir.path().join("vf0.sock"));
     emu.wait_for_sockets(&[pf.clone(), vf.clone()]);
     let mut c = vfu::Client::connect(&vf).unwrap();
-    // One window (one fd) at a time until the emulator's fd table is full.
-    let open_fds = |pid: libc::pid_t| {
-        std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .unwrap()
-            .count()
-    };
-    let pid = emu.guard().pid();
+    // One window (one fd) at a time until the emulator's fd table is full: the map that
+    // finds it full is refused with EMFILE (its fd could not be received), and the
+    // connection stays in sync.
     let mut files = Vec::new();
-    while open_fds(pid) < 63 {
+    let full = loop {
         assert!(files.len() < 64, "the emulator's fd table never filled");
         let f = memfd("hostile-fd", 0x1000);
-        c.dma_map(files.len() as u64 * 0x1000, 0x1000, f.as_raw_fd(), 0, RW)
-            .unwrap();
-        files.push(f);
-    }
+        match c.dma_map(files.len() as u64 * 0x1000, 0x1000, f.as_raw_fd(), 0, RW) {
+            Ok(()) => files.push(f),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(remote_errno(Err::<(), _>(full)), Errno::EMFILE);
+    c.device_info()
+        .expect("the connection stays in sync after EMFILE");
     let pf_client = std::thread::spawn(move || {
         let mut p = vfu::Client::connect(&pf).expect("the PF answers once fds are free");
         p.device_info().expect("PF served");

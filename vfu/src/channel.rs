@@ -38,6 +38,10 @@ pub struct Message {
     /// fds beyond the receive cap: closed as they arrived, counted so that the message
     /// is refused.
     pub fds_dropped: usize,
+    /// The kernel could not hand over every fd that came with the message (`MSG_CTRUNC`:
+    /// this process's fd table is full). Its bytes arrived, so the stream stays in sync;
+    /// the message is refused with `EMFILE`.
+    pub fds_lost: bool,
 }
 
 /// What came off the socket.
@@ -57,6 +61,77 @@ struct Fds {
     kept: Vec<File>,
     max: usize,
     dropped: usize,
+    lost: bool,
+}
+
+/// What one `recvmsg` gave: bytes read, fds received (in the array passed), and whether
+/// the kernel had to drop control data (`MSG_CTRUNC`).
+struct Received {
+    bytes: usize,
+    fds: usize,
+    truncated: bool,
+}
+
+/// Control-message room for [`SCM_MAX_FD`] fds.
+const CMSG_ROOM: usize = 8 * (SCM_MAX_FD + 8);
+
+/// `recvmsg` into `buf`, fds into `out` (close-on-exec). Unlike a receive that fails on
+/// truncated control data, the bytes read are always reported: a message whose fds
+/// could not all be installed is still consumed whole and can be refused in sync.
+fn recv_fds(
+    sock: RawFd,
+    buf: &mut [u8],
+    out: &mut [RawFd; SCM_MAX_FD],
+) -> std::io::Result<Received> {
+    // u64 elements keep the control buffer aligned for cmsghdr.
+    let mut control = [0u64; CMSG_ROOM / 8];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: msg points at one iovec into `buf` and at `control`, both alive and
+    // writable for the call and sized as declared.
+    let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut got = 0;
+    let mut extra = false;
+    // SAFETY: the kernel filled `control` up to msg_controllen; the CMSG_* helpers walk
+    // only within it, and each SCM_RIGHTS payload holds whole c_ints.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c).cast::<RawFd>();
+                let len = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for i in 0..len / std::mem::size_of::<RawFd>() {
+                    let fd = data.add(i).read_unaligned();
+                    if got < out.len() {
+                        out[got] = fd;
+                        got += 1;
+                    } else {
+                        // Cannot happen with CMSG_ROOM sized for SCM_MAX_FD; closed
+                        // rather than leaked if it does.
+                        libc::close(fd);
+                        extra = true;
+                    }
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok(Received {
+        bytes: n as usize,
+        fds: got,
+        truncated: extra || msg.msg_flags & libc::MSG_CTRUNC != 0,
+    })
 }
 
 /// One end of a vfio-user connection.
@@ -85,18 +160,24 @@ impl Channel {
         while got < buf.len() {
             self.arm(deadline)?;
             let mut raw = [-1 as RawFd; SCM_MAX_FD];
-            let mut iov = [libc::iovec {
-                iov_base: buf[got..].as_mut_ptr().cast(),
-                iov_len: buf.len() - got,
-            }];
-            // SAFETY: the iovec points into `buf[got..]`, which we borrow mutably and which
-            // outlives the call; the fd array has SCM_MAX_FD entries as passed.
-            let r = unsafe { self.stream.recv_with_fds(&mut iov, &mut raw) };
+            let r = recv_fds(self.stream.as_raw_fd(), &mut buf[got..], &mut raw);
             let (n, nfds) = match r {
-                Ok(v) => v,
-                Err(e) if e.errno() == libc::EINTR => continue,
-                Err(e) if deadline.is_some() && is_timeout(e.errno()) => return Err(timed_out()),
-                Err(e) => return Err(VfuError::Io(e.into())),
+                Ok(v) => {
+                    if v.truncated && !fds.lost {
+                        tracing::warn!(
+                            received = v.fds,
+                            "a message's fds could not all be received (this process's fd \
+                             table is full): the message will be refused with EMFILE"
+                        );
+                    }
+                    fds.lost |= v.truncated;
+                    (v.bytes, v.fds)
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if deadline.is_some() && e.raw_os_error().is_some_and(is_timeout) => {
+                    return Err(timed_out())
+                }
+                Err(e) => return Err(VfuError::Io(e)),
             };
             for fd in &raw[..nfds] {
                 // SAFETY: recvmsg handed us ownership of these freshly received fds.
@@ -169,6 +250,7 @@ impl Channel {
             kept: Vec::new(),
             max: max_fds,
             dropped: 0,
+            lost: false,
         };
         if !self.read_exact_fds(&mut hb, &mut fds, deadline)? {
             return Err(VfuError::Disconnected);
@@ -192,6 +274,7 @@ impl Channel {
             payload,
             fds: fds.kept,
             fds_dropped: fds.dropped,
+            fds_lost: fds.lost,
         }))
     }
 

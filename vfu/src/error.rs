@@ -20,6 +20,7 @@ impl Errno {
     pub const EEXIST: Errno = Errno(libc::EEXIST);
     pub const ENODEV: Errno = Errno(libc::ENODEV);
     pub const EINVAL: Errno = Errno(libc::EINVAL);
+    pub const EMFILE: Errno = Errno(libc::EMFILE);
     pub const ENOSPC: Errno = Errno(libc::ENOSPC);
     pub const ERANGE: Errno = Errno(libc::ERANGE);
     pub const ENOSYS: Errno = Errno(libc::ENOSYS);
@@ -78,6 +79,7 @@ pub fn errno_name(errno: i32) -> Option<&'static str> {
         libc::EEXIST => "EEXIST",
         libc::ENODEV => "ENODEV",
         libc::EINVAL => "EINVAL",
+        libc::EMFILE => "EMFILE",
         libc::ENOSPC => "ENOSPC",
         libc::ERANGE => "ERANGE",
         libc::ENOSYS => "ENOSYS",

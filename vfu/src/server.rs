@@ -513,6 +513,11 @@ impl Connection {
         if h.msg_type() != FLAGS_TYPE_COMMAND {
             return Err(Errno::EINVAL);
         }
+        if msg.fds_lost {
+            // Logged once by the channel as it happened; the fds that did arrive close
+            // with the message.
+            return Err(Errno::EMFILE);
+        }
         if msg.fds_dropped > 0 || msg.fds.len() > self.cfg.max_msg_fds as usize {
             tracing::warn!(
                 kept = msg.fds.len(),
