@@ -111,6 +111,14 @@ impl Bar2Map {
         self.len == 0
     }
 
+    pub fn read(&self, off: usize, len: usize) -> Vec<u8> {
+        assert!(off + len <= self.len, "read past BAR2");
+        let mut out = vec![0u8; len];
+        // SAFETY: in bounds of our own mapping; plain shared memory, only copied.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(off), out.as_mut_ptr(), len) };
+        out
+    }
+
     pub fn write(&self, off: usize, data: &[u8]) {
         assert!(off + data.len() <= self.len, "write past BAR2");
         // SAFETY: in bounds of our own mapping; the bytes are plain memory shared with

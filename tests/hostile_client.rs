@@ -5,8 +5,12 @@
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
+use mlx5_prm::cmd::migration::{ResumeOpMod, SuspendOpMod};
+use mlx5_prm::Opcode;
+use mlx5_testbed::bringup::{pf_up, suspend_resume};
+use mlx5_testbed::devmem::{Bar2Map, BAR2};
 use mlx5_testbed::mem::memfd;
-use mlx5_testbed::wait::bounded;
+use mlx5_testbed::wait::{bounded, wait_until};
 use mlx5_testbed::{init_tracing, Testbed};
 use vfu::uapi::*;
 use vfu::{Errno, VfuError};
@@ -218,4 +222,102 @@ fn fd_exhaustion_does_not_stop_the_other_listeners() {
     drop(c);
     let status = emu.stop_with(libc::SIGTERM);
     assert!(status.success(), "{status}");
+}
+
+fn bar2(c: &mut vfu::Client, offset: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    c.region_read(BAR2, offset, &mut b).unwrap();
+    b
+}
+
+/// BAR2 does not outlive its client: a client that left keeps its mapping (and could
+/// keep the fd), but what it maps is no longer device memory. The next client gets
+/// the contents, in a memfd of its own.
+#[test]
+fn a_departed_client_cannot_reach_the_next_clients_device_memory() {
+    init_tracing();
+    let tb = Testbed::start(1);
+    let vf = tb.vf(0);
+    let mut a = tb.vf_client(0);
+    let kept = Bar2Map::new(&mut a);
+    kept.write(0, b"left by A");
+    drop(a);
+    wait_until("the server saw A leave", Duration::from_secs(10), || {
+        vf.devmem().attachment() == 1
+    });
+
+    let mut b = tb.vf_client(0);
+    assert_eq!(
+        bar2(&mut b, 0, 9),
+        b"left by A",
+        "device memory outlives the client, not its mapping"
+    );
+    let map = Bar2Map::new(&mut b);
+    map.write(0x100, b"B's secret");
+    b.region_write(BAR2, 0x200, b"B by write").unwrap();
+    assert_eq!(kept.read(0x100, 10), [0u8; 10], "A cannot read B's stores");
+    assert_eq!(kept.read(0x200, 10), [0u8; 10], "nor B's region writes");
+    kept.write(0x300, b"A's store");
+    kept.write(0x100, b"overwrite!");
+    let mut dm = [0u8; 10];
+    vf.devmem().read(0x300, &mut dm).unwrap();
+    assert_eq!(dm, [0u8; 10], "A's stores do not reach device memory");
+    assert_eq!(map.read(0x100, 10), b"B's secret");
+    assert_eq!(bar2(&mut b, 0x100, 10), b"B's secret");
+
+    // A reset keeps the attachment: B still owns its mapping, and it reads zeros.
+    b.reset().unwrap();
+    assert_eq!(vf.devmem().attachment(), 1);
+    map.write(0x400, b"after FLR");
+    assert_eq!(bar2(&mut b, 0x400, 9), b"after FLR");
+    assert_eq!(bar2(&mut b, 0x100, 10), [0u8; 10]);
+    assert_eq!(kept.read(0x400, 9), [0u8; 9]);
+}
+
+/// Stores through a BAR2 mapping cannot change a responder-suspended function: the
+/// device keeps its own copy while frozen, and at resume the client's mapping gets
+/// that copy back (a store made while frozen is dropped).
+#[test]
+fn stores_through_a_mapping_do_not_change_a_frozen_function() {
+    init_tracing();
+    let tb = Testbed::start(1);
+    let vf = tb.vf(0);
+    let mut c = tb.vf_client(0);
+    let map = Bar2Map::new(&mut c);
+    map.write(0x1000, b"before the freeze");
+    let pf = pf_up(&tb.pf_socket());
+    let vhca = vf.id.vhca_id;
+    for op_mod in [SuspendOpMod::Initiator, SuspendOpMod::Responder] {
+        suspend_resume(&pf, Opcode::SuspendVhca, op_mod.into(), vhca).unwrap();
+    }
+    assert!(vf.devmem().is_frozen());
+    map.write(0x1000, b"while it is frozen");
+    map.write(0x8000, b"new page");
+    let mut dm = vec![0u8; 18];
+    vf.devmem().read(0x1000, &mut dm).unwrap();
+    assert_eq!(
+        &dm[..17],
+        b"before the freeze",
+        "the device's memory did not move"
+    );
+    vf.devmem().read(0x8000, &mut dm).unwrap();
+    assert_eq!(dm, [0u8; 18]);
+    // What a SAVE would carry is the frozen memory.
+    assert_eq!(vf.devmem().count_nonzero(), 1);
+
+    suspend_resume(&pf, Opcode::ResumeVhca, ResumeOpMod::Responder.into(), vhca).unwrap();
+    assert!(!vf.devmem().is_frozen());
+    assert_eq!(
+        map.read(0x1000, 18),
+        b"before the freeze\0",
+        "the page came back whole"
+    );
+    assert_eq!(
+        map.read(0x8000, 8),
+        [0u8; 8],
+        "the store made while frozen is gone"
+    );
+    map.write(0x8000, b"thawed");
+    vf.devmem().read(0x8000, &mut dm[..6]).unwrap();
+    assert_eq!(&dm[..6], b"thawed", "the mapping is device memory again");
 }

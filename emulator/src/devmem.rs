@@ -19,7 +19,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{FileOffset, VolatileMemory};
@@ -81,11 +81,122 @@ struct Track {
     baseline: Option<Vec<u64>>,
 }
 
-/// One function's device memory.
-pub struct DevMem {
+/// One memfd of device memory and the emulator's own mapping of it.
+struct Backing {
     file: File,
     region: MmapRegion<()>,
+}
+
+impl Backing {
+    fn new(name: &str, size: u64) -> Result<Arc<Self>, DevMemError> {
+        let file = vfu::dma::memfd(name, size).map_err(DevMemError::Memfd)?;
+        // The client gets this fd: a client that shrank it would make our own mapping
+        // fault (SIGBUS), so its size is sealed.
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl(F_ADD_SEALS) on an fd we own with an integer argument.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(DevMemError::Memfd(std::io::Error::last_os_error()));
+        }
+        let clone = file.try_clone().map_err(DevMemError::Memfd)?;
+        let len = usize::try_from(size).map_err(|_| DevMemError::Mmap("size".into()))?;
+        let region = MmapRegion::<()>::from_file(FileOffset::new(clone, 0), len)
+            .map_err(|e| DevMemError::Mmap(e.to_string()))?;
+        Ok(Arc::new(Backing { file, region }))
+    }
+
+    fn ptr(&self) -> *mut u8 {
+        self.region.as_ptr()
+    }
+
+    /// Gives the pages back to the kernel (they read as zeros again).
+    fn release(&self) {
+        let len = self.region.len() as libc::off_t;
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: fallocate on an fd we own; punching a hole keeps the size, so our
+        // mapping stays valid (the pages read as zeros).
+        if unsafe { libc::fallocate(self.file.as_raw_fd(), mode, 0, len) } != 0 {
+            // Only memory stays in use; the contents are overwritten at the next freeze.
+            tracing::debug!(error = %std::io::Error::last_os_error(), "device memory copy kept");
+        }
+    }
+
+    /// Copies all of `from` into `self` (same size).
+    fn copy_from(&self, from: &Backing) {
+        let len = self.region.len().min(from.region.len());
+        // SAFETY: both mappings are at least `len` bytes, live for this call and are
+        // distinct memfds, so the ranges do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(from.ptr(), self.ptr(), len) };
+    }
+
+    /// Copies the pages of `from` that differ from `self`'s into `self`; returns how
+    /// many did.
+    fn sync_from(&self, from: &Backing) -> usize {
+        let page = DEV_MEM_PAGE_SIZE as usize;
+        let len = self.region.len().min(from.region.len());
+        let mut changed = 0;
+        for off in (0..len).step_by(page) {
+            // SAFETY: `off + page <= len`, inside both mappings (their sizes are whole
+            // pages), which live for this call; distinct memfds, so no overlap.
+            unsafe {
+                let (src, dst) = (from.ptr().add(off), self.ptr().add(off));
+                let a = std::slice::from_raw_parts(src.cast_const(), page);
+                let b = std::slice::from_raw_parts(dst.cast_const(), page);
+                if a != b {
+                    std::ptr::copy_nonoverlapping(src, dst, page);
+                    changed += 1;
+                }
+            }
+        }
+        changed
+    }
+}
+
+/// Which memfds hold device memory.
+///
+/// `shared` is the one the current attachment was offered (its mmap). While the
+/// function runs, the device uses it too, so the client's stores are the device's
+/// memory. While the function is frozen (responder-suspended) the device uses its own
+/// copy, `frozen`, that no client holds: stores through a mapping cannot change a frozen
+/// function, and at thaw the device's copy goes back into `shared` (a store made while
+/// frozen is dropped, as a quiesced device drops it).
+struct Maps {
+    shared: Arc<Backing>,
+    /// The device's own copy, made at start-up so a freeze cannot fail; its pages are
+    /// given back to the kernel at thaw.
+    copy: Arc<Backing>,
+    frozen: bool,
+    /// Bumped each time `shared` is replaced (a client left).
+    attachment: u64,
+}
+
+impl Maps {
+    fn device(&self) -> &Arc<Backing> {
+        if self.frozen {
+            &self.copy
+        } else {
+            &self.shared
+        }
+    }
+}
+
+/// One function's device memory.
+///
+/// # Attachments
+///
+/// A client reaches device memory through the memfd of its region info, and keeps any
+/// mapping it made (or the fd itself) after it disconnects. So each attachment gets its
+/// own memfd: when a client goes away ([`DevMem::detach`]) the contents move, under the
+/// maps lock, into a fresh memfd that only the next client is offered; what the departed
+/// client still maps is no longer device memory. A reset keeps the attachment (the
+/// client that reset the function is still its owner, as a VFIO user keeps its BAR
+/// mappings across an FLR) and zeroes the contents.
+pub struct DevMem {
+    name: String,
     size: u64,
+    /// The memfds (see [`Maps`]). Writers hold it shared for the length of their store,
+    /// so a swap (freeze, thaw, detach) never loses a store; readers only clone the
+    /// device's backing. Taken before `track`; nothing else is taken under it.
+    maps: RwLock<Maps>,
     /// Written bits and the save baseline. A leaf lock: held for a bit update or a
     /// copy of the bitmap, never across a page copy; nothing is taken under it.
     track: Mutex<Track>,
@@ -115,28 +226,92 @@ impl DevMem {
     /// Zeroed device memory of `size` bytes (see [`check_size`]).
     pub fn new(name: &str, size: u64) -> Result<Self, DevMemError> {
         check_size(size)?;
-        let file = vfu::dma::memfd(name, size).map_err(DevMemError::Memfd)?;
-        // The client gets this fd: a client that shrank it would make our own mapping
-        // fault (SIGBUS), so its size is sealed.
-        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-        // SAFETY: fcntl(F_ADD_SEALS) on an fd we own with an integer argument.
-        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
-            return Err(DevMemError::Memfd(std::io::Error::last_os_error()));
-        }
-        let clone = file.try_clone().map_err(DevMemError::Memfd)?;
-        let len = usize::try_from(size).map_err(|_| DevMemError::Mmap("size".into()))?;
-        let region = MmapRegion::<()>::from_file(FileOffset::new(clone, 0), len)
-            .map_err(|e| DevMemError::Mmap(e.to_string()))?;
+        let shared = Backing::new(name, size)?;
+        let copy = Backing::new(&format!("{name}-frozen"), size)?;
         let pages = Self::pages_of(size);
         Ok(DevMem {
-            file,
-            region,
+            name: name.to_string(),
             size,
+            maps: RwLock::new(Maps {
+                shared,
+                copy,
+                frozen: false,
+                attachment: 0,
+            }),
             track: Mutex::new(Track {
                 written: vec![0; pages.div_ceil(64)],
                 baseline: None,
             }),
         })
+    }
+
+    fn maps(&self) -> std::sync::RwLockReadGuard<'_, Maps> {
+        self.maps.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn maps_mut(&self) -> std::sync::RwLockWriteGuard<'_, Maps> {
+        self.maps.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The backing the device reads now. A reader may go on with it after a swap: the
+    /// swap copied it, so what it reads is what device memory held at that moment.
+    fn device(&self) -> Arc<Backing> {
+        Arc::clone(self.maps().device())
+    }
+
+    /// The current attachment's memfd, for the region info's mmap offer. Stays open
+    /// as long as the attachment lasts (the `DevMem` keeps it).
+    pub fn fd(&self) -> RawFd {
+        self.maps().shared.file.as_raw_fd()
+    }
+
+    /// How many clients have left since power-on (each got its own memfd).
+    pub fn attachment(&self) -> u64 {
+        self.maps().attachment
+    }
+
+    /// Whether the device is using its own frozen copy.
+    pub fn is_frozen(&self) -> bool {
+        self.maps().frozen
+    }
+
+    /// The client left: the next one gets a fresh memfd, the contents moved into it
+    /// (or, while frozen, moved at thaw), so nothing the departed client kept maps
+    /// device memory any more.
+    pub fn detach(&self) -> Result<(), DevMemError> {
+        let fresh = Backing::new(&self.name, self.size)?;
+        let mut m = self.maps_mut();
+        if !m.frozen {
+            fresh.copy_from(&m.shared);
+        }
+        m.shared = fresh;
+        m.attachment += 1;
+        Ok(())
+    }
+
+    /// The function froze (SUSPEND_VHCA(responder) completed): the device goes on with
+    /// a private copy, so stores through a client's mapping no longer reach it.
+    pub fn freeze(&self) {
+        let mut m = self.maps_mut();
+        if m.frozen {
+            return;
+        }
+        m.copy.copy_from(&m.shared);
+        m.frozen = true;
+    }
+
+    /// The function thawed: the device's copy goes back into the client's memfd and
+    /// the device uses that again. Returns the pages whose bytes the client had
+    /// changed while frozen (now restored) or the device had (a LOAD).
+    pub fn thaw(&self) -> usize {
+        let mut m = self.maps_mut();
+        if !m.frozen {
+            return 0;
+        }
+        m.frozen = false;
+        let changed = m.shared.sync_from(&m.copy);
+        m.copy.release();
+        changed
     }
 
     fn pages_of(size: u64) -> usize {
@@ -151,11 +326,6 @@ impl DevMem {
     /// Number of pages.
     pub fn pages(&self) -> usize {
         Self::pages_of(self.size)
-    }
-
-    /// The memfd, for the region info's mmap offer.
-    pub fn fd(&self) -> RawFd {
-        self.file.as_raw_fd()
     }
 
     fn track(&self) -> std::sync::MutexGuard<'_, Track> {
@@ -176,7 +346,8 @@ impl DevMem {
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DevMemError> {
         let (off, len) = self.check(offset, buf.len())?;
-        let s = self
+        let b = self.device();
+        let s = b
             .region
             .get_slice(off, len)
             .map_err(|e| DevMemError::Mmap(e.to_string()))?;
@@ -187,7 +358,10 @@ impl DevMem {
     /// Writes `data` at `offset` and marks the pages it touches as written.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), DevMemError> {
         let (off, len) = self.check(offset, data.len())?;
-        let s = self
+        // Held across the store, so a swap of the backing cannot lose it.
+        let m = self.maps();
+        let s = m
+            .device()
             .region
             .get_slice(off, len)
             .map_err(|e| DevMemError::Mmap(e.to_string()))?;
@@ -215,7 +389,8 @@ impl DevMem {
                 size: self.size,
             });
         }
-        let data: Box<[u8]> = self.with_page(i, |p| Box::from(p));
+        let b = self.device();
+        let data: Box<[u8]> = Self::with_page(&b, i, |p| Box::from(p));
         let digest = page_digest(&data);
         Ok(PageCopy {
             index,
@@ -228,14 +403,16 @@ impl DevMem {
     /// `f` (the client writes through its own mapping): callers only count or hash,
     /// and a count or digest taken while a page changes is as stale as one taken just
     /// before, which the digest comparison of the next round finds anyway.
-    fn with_page<T>(&self, index: usize, f: impl FnOnce(&[u8]) -> T) -> T {
+    fn with_page<T>(b: &Backing, index: usize, f: impl FnOnce(&[u8]) -> T) -> T {
         let page = DEV_MEM_PAGE_SIZE as usize;
-        debug_assert!(index < self.pages());
-        // SAFETY: `index < self.pages()`, so the page lies inside our mapping of the
-        // (size-sealed) memfd, which lives as long as `self`; the slice is only read
-        // for the duration of `f` and never outlives the borrow.
-        let bytes =
-            unsafe { std::slice::from_raw_parts(self.region.as_ptr().add(index * page), page) };
+        assert!(
+            (index + 1) * page <= b.region.len(),
+            "page {index} outside device memory"
+        );
+        // SAFETY: checked just above, the page lies inside the mapping of the
+        // (size-sealed) memfd, which lives as long as `b`; the slice is only read for
+        // the duration of `f` and never outlives the borrow.
+        let bytes = unsafe { std::slice::from_raw_parts(b.ptr().add(index * page), page) };
         f(bytes)
     }
 
@@ -244,12 +421,13 @@ impl DevMem {
     /// may change under `f`; whoever copies them must digest its copy.
     pub fn with_nonzero<T>(&self, f: impl FnOnce(&[(u32, &[u8])]) -> T) -> T {
         let page = DEV_MEM_PAGE_SIZE as usize;
-        let base = self.region.as_ptr();
+        let b = self.device();
+        let base = b.ptr();
         let pages: Vec<(u32, &[u8])> = (0..self.pages())
-            .filter(|&i| self.with_page(i, |p| !is_zero(p)))
+            .filter(|&i| Self::with_page(&b, i, |p| !is_zero(p)))
             .map(|i| {
-                // SAFETY: as in `with_page`: page `i` lies inside our mapping, which
-                // outlives the slices (they live only for this call).
+                // SAFETY: as in `with_page`: page `i` lies inside the mapping `b`
+                // holds, which outlives the slices (they live only for this call).
                 let p = unsafe { std::slice::from_raw_parts(base.add(i * page), page) };
                 (i as u32, p)
             })
@@ -259,8 +437,9 @@ impl DevMem {
 
     /// Pages that are not all zeros (what a base image carries), counted in place.
     pub fn count_nonzero(&self) -> usize {
+        let b = self.device();
         (0..self.pages())
-            .filter(|&i| self.with_page(i, |p| !is_zero(p)))
+            .filter(|&i| Self::with_page(&b, i, |p| !is_zero(p)))
             .count()
     }
 
@@ -274,6 +453,7 @@ impl DevMem {
         let Some(baseline) = baseline else {
             return self.pages();
         };
+        let b = self.device();
         (0..self.pages())
             .filter(|&i| {
                 let bit = written
@@ -281,7 +461,7 @@ impl DevMem {
                     .is_some_and(|w| w & (1 << (i % 64)) != 0);
                 bit || baseline
                     .get(i)
-                    .is_none_or(|&d| self.with_page(i, |p| page_digest(p) != d))
+                    .is_none_or(|&d| Self::with_page(&b, i, |p| page_digest(p) != d))
             })
             .count()
     }
@@ -356,22 +536,18 @@ impl DevMem {
     pub fn apply(&self, zero_rest: bool, pages: &[(u32, &[u8])]) {
         let page = DEV_MEM_PAGE_SIZE as usize;
         let mut carried = vec![0u64; self.pages().div_ceil(64)];
+        let m = self.maps();
+        let b = m.device();
         let mut t = self.track();
         for &(index, data) in pages {
             let i = index as usize;
             if i >= self.pages() || data.len() != page {
                 continue;
             }
-            // SAFETY: `i < self.pages()`, so the page lies inside our mapping of the
-            // size-sealed memfd, which lives as long as `self`; `data` is one page of
-            // other memory (the image), so the ranges do not overlap.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    data.as_ptr(),
-                    self.region.as_ptr().add(i * page),
-                    page,
-                )
-            };
+            // SAFETY: `i < self.pages()`, so the page lies inside the mapping of the
+            // size-sealed memfd, which `b` keeps alive; `data` is one page of other
+            // memory (the image), so the ranges do not overlap.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), b.ptr().add(i * page), page) };
             carried[i / 64] |= 1 << (i % 64);
             t.written[i / 64] |= 1 << (i % 64);
         }
@@ -380,9 +556,9 @@ impl DevMem {
                 if carried[i / 64] & (1 << (i % 64)) != 0 {
                     continue;
                 }
-                if !self.with_page(i, is_zero) {
-                    // SAFETY: as above, page `i` lies inside our mapping.
-                    unsafe { std::ptr::write_bytes(self.region.as_ptr().add(i * page), 0, page) };
+                if !Self::with_page(b, i, is_zero) {
+                    // SAFETY: as above, page `i` lies inside the mapping `b` keeps.
+                    unsafe { std::ptr::write_bytes(b.ptr().add(i * page), 0, page) };
                 }
                 t.written[i / 64] |= 1 << (i % 64);
             }
@@ -398,9 +574,18 @@ impl DevMem {
         Ok(())
     }
 
-    /// Back to power-on: zeros, no session.
+    /// Back to power-on: zeros, not frozen, no session. The attachment stays.
     pub fn reset(&self) {
-        let _ = self.zero();
+        {
+            let mut m = self.maps_mut();
+            if m.frozen {
+                m.frozen = false;
+                m.copy.release();
+            }
+            let b = &m.shared;
+            // SAFETY: the whole mapping of the shared memfd, alive while `m` is held.
+            unsafe { std::ptr::write_bytes(b.ptr(), 0, b.region.len()) };
+        }
         let mut t = self.track();
         t.baseline = None;
         t.written.iter_mut().for_each(|w| *w = 0);
@@ -454,9 +639,8 @@ mod tests {
         assert!(m.dirty_pages().unwrap().is_empty());
         // A write the device does not see (a second mapping of the memfd, as the client's
         // mmap) is found by its digest.
-        let other =
-            MmapRegion::<()>::from_file(FileOffset::new(m.file.try_clone().unwrap(), 0), 64 << 10)
-                .unwrap();
+        let file = m.maps().shared.file.try_clone().unwrap();
+        let other = MmapRegion::<()>::from_file(FileOffset::new(file, 0), 64 << 10).unwrap();
         other.get_slice(9 * 4096, 1).unwrap().copy_from(&[0xaau8]);
         let d = m.dirty_pages().unwrap();
         assert_eq!(d.iter().map(|p| p.index).collect::<Vec<_>>(), vec![9]);

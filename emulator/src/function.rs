@@ -338,13 +338,29 @@ impl Function {
         if m.state() != MigState::ResponderSuspended {
             return Err(SuspendError::Reset);
         }
+        // Stores through a client's mapping of BAR2 must not change a frozen function
+        // either: the device goes on with its own copy. Done under `mig`, so a reset
+        // (which takes `mig` too) comes wholly before or after.
+        self.devmem.freeze();
         Ok(())
     }
 
     /// RESUME_VHCA(responder): ResponderSuspended to InitiatorSuspended. Command
     /// doorbells refused while frozen are rung now (see [`Function::command_doorbell`]).
     pub fn thaw(&self) -> Result<(), SuspendError> {
-        let parked = self.migration().thaw()?;
+        let parked = {
+            let mut m = self.migration();
+            let parked = m.thaw()?;
+            let restored = self.devmem.thaw();
+            if restored != 0 {
+                tracing::debug!(
+                    vhca_id = self.id.vhca_id,
+                    pages = restored,
+                    "device memory back in the client's mapping; pages that differed restored"
+                );
+            }
+            parked
+        };
         if parked != 0 {
             tracing::info!(
                 vhca_id = self.id.vhca_id,
@@ -512,13 +528,31 @@ impl Function {
         }
     }
 
+    /// The client went away: its interrupt fds are dropped, and device memory moves to
+    /// a fresh memfd, so whatever the departed client still maps or holds of BAR2 is no
+    /// longer this function's memory (see [`DevMem`]).
+    pub fn detach_client(&self) {
+        self.lock().irqs.clear();
+        if let Err(e) = self.devmem.detach() {
+            tracing::error!(
+                vhca_id = self.id.vhca_id,
+                error = %e,
+                "cannot move device memory to a fresh memfd; the departed client can still reach it"
+            );
+        }
+    }
+
     /// FLR or DEVICE_RESET: the function returns to its power-on state. The VMM's
     /// eventfds and DMA maps stay: they belong to the VMM, not to the function.
     pub fn reset(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.firmware.reset();
-        self.migration().reset();
-        self.devmem.reset();
+        {
+            // One step under `mig`: a freeze or thaw is wholly before or after.
+            let mut m = self.migration();
+            m.reset();
+            self.devmem.reset();
+        }
         let mut s = self.lock();
         s.config.reset();
         s.bar0.reset();

@@ -195,6 +195,6 @@ impl Backend for FunctionBackend {
     }
 
     fn disconnected(&mut self) {
-        self.func.lock().irqs.clear();
+        self.func.detach_client();
     }
 }
