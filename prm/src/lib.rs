@@ -72,6 +72,7 @@ pub mod ifc;
 pub mod iseg;
 pub mod migration_stream;
 pub mod state_image;
+pub mod wqe;
 
 pub use cmd::{CmdInHeader, CmdOutHeader, CmdStatus, Opcode};
 pub use cmdq::{CmdLayout, CmdProtBlock, DeliveryStatus};

@@ -22,6 +22,14 @@ pub const MAX_NUM_EQS: u64 = 8;
 pub const LOG_MAX_EQ: u64 = 3;
 /// `log_max_qp`.
 pub const LOG_MAX_QP: u64 = 10;
+/// `log_max_qp_sz`: send and receive queues of up to 2^15 entries.
+pub const LOG_MAX_QP_SZ: u64 = 15;
+/// `log_max_cq`: 2^10 CQs.
+pub const LOG_MAX_CQ: u64 = 10;
+/// `log_max_cq_sz`: CQs of up to 2^16 CQEs.
+pub const LOG_MAX_CQ_SZ: u64 = 16;
+/// `log_max_msg`: messages of up to 1 GiB.
+pub const LOG_MAX_MSG: u64 = 30;
 /// `log_max_pd`: 2^10 PDs.
 pub const LOG_MAX_PD: u64 = 10;
 /// `log_max_mkey`: 2^12 mkeys.
@@ -50,6 +58,12 @@ fn general_limits() -> Box<[u8]> {
         // GENERAL_2 exists (it carries the migration extensions).
         (c::HCA_CAP_2, 1),
         (c::LOG_MAX_QP, LOG_MAX_QP),
+        // RC QPs and CQs (the DMA engine). No ROCE / IB capability page is advertised:
+        // the port stays ETH, and mlx5_core's probe path does not change.
+        (c::LOG_MAX_QP_SZ, LOG_MAX_QP_SZ),
+        (c::LOG_MAX_CQ, LOG_MAX_CQ),
+        (c::LOG_MAX_CQ_SZ, LOG_MAX_CQ_SZ),
+        (c::LOG_MAX_MSG, LOG_MAX_MSG),
         (c::LOG_MAX_EQ_SZ, LOG_MAX_EQ_SZ),
         (c::LOG_MAX_MKEY, LOG_MAX_MKEY),
         (c::LOG_MAX_EQ, LOG_MAX_EQ),

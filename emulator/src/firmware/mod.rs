@@ -29,6 +29,7 @@
 //! the reverse.
 
 mod caps;
+mod cq_qp;
 pub mod env;
 mod eq;
 mod hca;
@@ -45,6 +46,7 @@ use mlx5_prm::cmdq::DeliveryStatus;
 use mlx5_prm::ifc::{self, hdr, Field};
 use mlx5_prm::{CmdStatus, Opcode};
 
+pub use cq_qp::{Cq, Qp, QpPeer, QueueError, Ring};
 pub use env::{Env, FunctionId, Peer, MSIX_VECTORS};
 pub use eq::{EqState, EqeSlot};
 pub use migration::{
@@ -57,6 +59,9 @@ pub use pd_mkey::{Mkey, MkeyError};
 /// created. Each error's `fail()` is the status and syndrome of the live command.
 pub mod checks {
     pub use super::caps::{check_general_caps, CapsError, MAX_NUM_EQS};
+    pub use super::cq_qp::{
+        check_cq, check_dbr, check_qp, check_ring, QueueError, FIRST_QPN, MAX_CQS, MAX_QPS,
+    };
     pub use super::eq::{
         check_cmd_eq, check_eq_page, check_eq_uar, check_eqc, eq_page_count, EqError, FIRST_EQN,
     };
@@ -112,6 +117,8 @@ pub struct ObjectCounts {
     pub uars: usize,
     pub pds: usize,
     pub mkeys: usize,
+    pub cqs: usize,
+    pub qps: usize,
     /// 4 KiB pages given with MANAGE_PAGES and not taken back.
     pub pages: usize,
 }
@@ -469,6 +476,8 @@ pub struct Firmware {
     uars: BTreeSet<u32>,
     pds: BTreeSet<u32>,
     mkeys: BTreeMap<u32, Mkey>,
+    cqs: BTreeMap<u32, Cq>,
+    qps: BTreeMap<u32, Qp>,
     log: VecDeque<CmdRecord>,
 }
 
@@ -486,6 +495,8 @@ impl Firmware {
             uars: BTreeSet::new(),
             pds: BTreeSet::new(),
             mkeys: BTreeMap::new(),
+            cqs: BTreeMap::new(),
+            qps: BTreeMap::new(),
             log: VecDeque::new(),
         }
     }
@@ -512,6 +523,8 @@ impl Firmware {
             uars: self.uars.len(),
             pds: self.pds.len(),
             mkeys: self.mkeys.len(),
+            cqs: self.cqs.len(),
+            qps: self.qps.len(),
             pages: self.pages.len(),
         }
     }
@@ -569,6 +582,17 @@ impl Firmware {
             Opcode::DeallocPd => self.dealloc_pd(cmd),
             Opcode::CreateMkey => self.create_mkey(cmd),
             Opcode::DestroyMkey => self.destroy_mkey(cmd),
+            Opcode::CreateCq => self.create_cq(env, cmd),
+            Opcode::DestroyCq => self.destroy_cq(cmd),
+            Opcode::QueryCq => self.query_cq(cmd),
+            Opcode::CreateQp => self.create_qp(env, cmd),
+            Opcode::DestroyQp => self.destroy_qp(cmd),
+            Opcode::QueryQp => self.query_qp(cmd),
+            Opcode::Rst2InitQp
+            | Opcode::Init2RtrQp
+            | Opcode::Rtr2RtsQp
+            | Opcode::Qp2ErrQp
+            | Opcode::Qp2RstQp => self.modify_qp(env, op, cmd),
             _ => Err(CmdFail::new(CmdStatus::BadOpErr, syndrome::UNKNOWN_OPCODE)),
         }
     }
@@ -593,12 +617,25 @@ fn allowed(op: Opcode, s: HcaState) -> bool {
         | Opcode::SetDriverVersion => s != Disabled,
         // Objects are created on an initialized HCA; they may be destroyed after a
         // teardown (they outlive it, see the module docs).
-        Opcode::AllocUar | Opcode::CreateEq | Opcode::AllocPd | Opcode::CreateMkey => {
-            s == Initialized
-        }
-        Opcode::DeallocUar | Opcode::DestroyEq | Opcode::DeallocPd | Opcode::DestroyMkey => {
-            s != Disabled
-        }
+        Opcode::AllocUar
+        | Opcode::CreateEq
+        | Opcode::AllocPd
+        | Opcode::CreateMkey
+        | Opcode::CreateCq
+        | Opcode::CreateQp
+        | Opcode::Rst2InitQp
+        | Opcode::Init2RtrQp
+        | Opcode::Rtr2RtsQp => s == Initialized,
+        Opcode::DeallocUar
+        | Opcode::DestroyEq
+        | Opcode::DeallocPd
+        | Opcode::DestroyMkey
+        | Opcode::DestroyCq
+        | Opcode::DestroyQp
+        | Opcode::QueryCq
+        | Opcode::QueryQp
+        | Opcode::Qp2ErrQp
+        | Opcode::Qp2RstQp => s != Disabled,
         _ => true,
     }
 }
@@ -936,7 +973,7 @@ mod tests {
         fails(&r, CmdStatus::BadOpErr, syndrome::UNKNOWN_OPCODE);
         assert_eq!(r.out.len(), 16);
         // Known to the PRM crate but not implemented here.
-        let r = b.simple(Opcode::CreateQp);
+        let r = b.simple(Opcode::AccessReg);
         fails(&r, CmdStatus::BadOpErr, syndrome::UNKNOWN_OPCODE);
     }
 

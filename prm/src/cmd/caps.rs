@@ -137,6 +137,14 @@ pub mod cmd_hca_cap {
     pub const VHCA_ID: Field = Field::new(0x030, 16);
     /// DEV_EVENT caps present.
     pub const EVENT_CAP: Field = Field::new(0x090, 1);
+    /// `log_max_qp_sz`: largest send/receive queue, log2 entries.
+    pub const LOG_MAX_QP_SZ: Field = Field::new(0x088, 8);
+    /// `log_max_cq_sz`: largest CQ, log2 CQEs.
+    pub const LOG_MAX_CQ_SZ: Field = Field::new(0x0c8, 8);
+    /// `log_max_cq`: log2 of the CQs a function may hold.
+    pub const LOG_MAX_CQ: Field = Field::new(0x0db, 5);
+    /// `log_max_msg`: largest message, log2 bytes.
+    pub const LOG_MAX_MSG: Field = Field::new(0x1c3, 5);
     /// log2 of the QP count.
     pub const LOG_MAX_QP: Field = Field::new(0x09b, 5);
     /// log2 of the largest EQ.

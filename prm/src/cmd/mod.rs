@@ -3,6 +3,7 @@
 //! One layout file per command family goes beside these (`hca.rs`, `migration.rs`, ...).
 
 pub mod caps;
+pub mod cq;
 pub mod eq;
 pub mod hca;
 pub mod header;
@@ -10,6 +11,7 @@ pub mod migration;
 pub mod opcode;
 pub mod pages;
 pub mod pd_mkey;
+pub mod qp;
 pub mod uar;
 
 pub use header::{cmd_status_to_errno, CmdInHeader, CmdOutHeader, CmdStatus, DRIVER_SYNDROME};

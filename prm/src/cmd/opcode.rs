@@ -50,6 +50,8 @@ wire_enum! {
         CreateCq = 0x400 => "CREATE_CQ",
         /// Destroy a completion queue.
         DestroyCq = 0x401 => "DESTROY_CQ",
+        /// Read a completion queue's context.
+        QueryCq = 0x402 => "QUERY_CQ",
         /// Create a queue pair.
         CreateQp = 0x500 => "CREATE_QP",
         /// Destroy a queue pair.
@@ -60,6 +62,12 @@ wire_enum! {
         Init2RtrQp = 0x503 => "INIT2RTR_QP",
         /// QP RTR -> RTS.
         Rtr2RtsQp = 0x504 => "RTR2RTS_QP",
+        /// QP any state -> ERR.
+        Qp2ErrQp = 0x507 => "2ERR_QP",
+        /// QP any state -> RESET.
+        Qp2RstQp = 0x50a => "2RST_QP",
+        /// Read a queue pair's context.
+        QueryQp = 0x50b => "QUERY_QP",
         /// Modify the NIC vport context.
         ModifyNicVportContext = 0x755 => "MODIFY_NIC_VPORT_CONTEXT",
         /// Allocate a protection domain.
