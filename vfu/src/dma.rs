@@ -272,11 +272,11 @@ impl Dma {
     /// range that cuts a window in part (that window, and every other, stays); a range
     /// covering no window is empty, which is not an error.
     pub fn covered(&self, iova: u64, size: u64) -> Result<Vec<DmaWindow>, Errno> {
-        let end = Self::check_unmap_range(iova, size)?;
+        let last = Self::check_unmap_range(iova, size)?;
         let t = self.read_table();
-        Self::check_not_cut(&t, iova, end)?;
+        Self::check_not_cut(&t, iova, last)?;
         Ok(t.maps
-            .range(iova..end)
+            .range(iova..=last)
             .map(|(_, m)| DmaWindow {
                 iova: m.iova,
                 size: m.size,
@@ -285,20 +285,25 @@ impl Dma {
             .collect())
     }
 
+    /// The last IOVA of the range (inclusive). As Linux type1 decides, a range may end
+    /// at the very top of the 64-bit space (QEMU's IOMMU address spaces reach 2^64 and
+    /// are unmapped up to there); only one past it overflows.
     fn check_unmap_range(iova: u64, size: u64) -> Result<u64, Errno> {
         if size == 0 || !iova.is_multiple_of(DMA_PAGE_SIZE) || !size.is_multiple_of(DMA_PAGE_SIZE) {
             return Err(Errno::EINVAL);
         }
-        iova.checked_add(size).ok_or(Errno::EINVAL)
+        iova.checked_add(size - 1).ok_or(Errno::EINVAL)
     }
 
     /// `EINVAL` if a window starts before `iova` and reaches into the range, or starts
-    /// inside it and reaches past `end`.
-    fn check_not_cut(t: &Table, iova: u64, end: u64) -> Result<(), Errno> {
+    /// inside it and reaches past `last` (inclusive).
+    fn check_not_cut(t: &Table, iova: u64, last: u64) -> Result<(), Errno> {
         if t.find(iova).is_some_and(|m| m.iova != iova) {
             return Err(Errno::EINVAL);
         }
-        if t.find(end - 1).is_some_and(|m| m.iova + m.size != end) {
+        // A window never reaches past 2^64 - 1 (DMA_MAP refuses that), so its last byte
+        // is representable.
+        if t.find(last).is_some_and(|m| m.iova + (m.size - 1) != last) {
             return Err(Errno::EINVAL);
         }
         Ok(())
@@ -309,11 +314,11 @@ impl Dma {
     /// part changes nothing and is `EINVAL`. Returns once no device access holds the
     /// removed mappings any more.
     pub fn unmap(&self, iova: u64, size: u64) -> Result<Vec<DmaWindow>, Errno> {
-        let end = Self::check_unmap_range(iova, size)?;
+        let last = Self::check_unmap_range(iova, size)?;
         let removed: Vec<Arc<Mapping>> = {
             let mut t = self.write_table();
-            Self::check_not_cut(&t, iova, end)?;
-            let keys: Vec<u64> = t.maps.range(iova..end).map(|(&k, _)| k).collect();
+            Self::check_not_cut(&t, iova, last)?;
+            let keys: Vec<u64> = t.maps.range(iova..=last).map(|(&k, _)| k).collect();
             keys.into_iter().filter_map(|k| t.maps.remove(&k)).collect()
         };
         let windows = removed
@@ -666,6 +671,37 @@ mod tests {
         ));
         assert_eq!(dma.windows().len(), 1);
         dma.read(0x30000, &mut b).unwrap();
+    }
+
+    #[test]
+    fn unmap_reaches_the_top_of_the_address_space() {
+        // QEMU behind intel-iommu unmaps up to 2^64 when the guest resets its IOMMU:
+        // iova + size is 2^64 exactly, which Linux type1 accepts.
+        let dma = Dma::default();
+        let f = memfd("t", 0x10000).unwrap();
+        let high = 0xffff_ffff_fff0_0000;
+        dma.map(high, 0x2000, f.try_clone().unwrap(), 0, rw())
+            .unwrap();
+        dma.map(0x10000, 0x2000, f, 0, rw()).unwrap();
+        let top = 0u64.wrapping_sub(0xfef0_0000);
+        assert_eq!(
+            dma.covered(0xfef0_0000, top).unwrap().len(),
+            1,
+            "the window below 2^64"
+        );
+        let gone = dma.unmap(0xfef0_0000, top).unwrap();
+        assert_eq!(gone.iter().map(|w| w.iova).collect::<Vec<_>>(), vec![high]);
+        assert_eq!(dma.windows().len(), 1);
+        // One page past 2^64 overflows.
+        assert_eq!(dma.unmap(high, 0x10_1000), Err(Errno::EINVAL));
+        // A range ending at 2^64 that cuts a window at its start is still refused.
+        dma.map(high, 0x2000, memfd("u", 0x2000).unwrap(), 0, rw())
+            .unwrap();
+        assert_eq!(
+            dma.unmap(high + 0x1000, 0x10_0000 - 0x1000),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(dma.windows().len(), 2);
     }
 
     #[test]
