@@ -9,9 +9,12 @@
 //! boots it. Both need root. When the host cannot prepare the guest, this test fails
 //! and says why: it never passes without having booted the guest.
 //!
+//! Guest kernels are named as in `fixtures/qemu/kernels.sh`, the one place their
+//! versions are pinned ([`KERNELS`]: Debian trixie's 6.12 and trixie-backports' 7.3).
+//!
 //! `qemu_guest_sees_the_vf` checks the PCI function the guest finds;
-//! `guest_mlx5_core_probes_the_vf` loads the guest's own mlx5_core, unbinds and binds
-//! it twice, and checks the guest's kernel log and the emulator's command log.
+//! `guest_mlx5_core_probes_the_vf_on_*` load each kernel's own mlx5_core, unbind and
+//! bind it twice, and check the guest's kernel log and the emulator's command log.
 //!
 //! `MLX5_EMU_BIN=/path/to/mlx5-emu` tests that binary instead of the workspace's.
 //!
@@ -97,32 +100,118 @@ fn qemu_dir() -> PathBuf {
     mlx5_testbed::workspace_root().join("fixtures/qemu")
 }
 
-/// Runs prepare.sh (cached; a no-op when the guest is ready). Fails loudly with the
-/// script's reason when the host cannot prepare the guest.
-fn prepare(logs: &mut Logs) {
-    let (_, out) = logs.file("prepare.log", "prepare.sh output");
+/// The guest kernels, by their names in `fixtures/qemu/kernels.sh` (which pins their
+/// versions); the first is the default one.
+const KERNELS: &[&str] = &["6.12", "7.3"];
+
+/// A guest to prepare and boot: its kernel, what prepare.sh builds for it beyond the
+/// kernel and initramfs, and the machine run-guest.sh gives it.
+#[derive(Clone, Copy, Debug)]
+struct Guest {
+    /// A name from [`KERNELS`] (prepare.sh's and run-guest.sh's `MLX5_EMU_KERNEL`).
+    kernel: &'static str,
+    /// prepare.sh's `MLX5_EMU_WITH` extras: "source" (toolchain and unpacked
+    /// linux-source in the root), "selftests" (the VFIO selftests in the initramfs).
+    with: &'static [&'static str],
+    /// intel-iommu (caching mode) in front of the device, `intel_iommu=on` in the guest
+    /// (run-guest.sh's `MLX5_EMU_VIOMMU`).
+    viommu: bool,
+    /// Guest RAM, in QEMU's size syntax.
+    mem: &'static str,
+}
+
+impl Guest {
+    /// The plain guest on `kernel`: 512 MiB, no IOMMU, no extras.
+    const fn on(kernel: &'static str) -> Guest {
+        Guest {
+            kernel,
+            with: &[],
+            viommu: false,
+            mem: "512M",
+        }
+    }
+
+    /// The plain guest on the default kernel.
+    fn default_kernel() -> Guest {
+        Guest::on(KERNELS[0])
+    }
+
+    /// The environment prepare.sh and run-guest.sh read.
+    fn configure<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
+        cmd.env("MLX5_EMU_KERNEL", self.kernel)
+            .env("MLX5_EMU_WITH", self.with.join(","))
+            .env("MLX5_EMU_VIOMMU", if self.viommu { "1" } else { "0" })
+            .env("MLX5_EMU_GUEST_MEM", self.mem)
+    }
+}
+
+/// What prepare.sh reported on its `MLX5EMU-PREPARED` line.
+#[derive(Debug)]
+#[allow(dead_code)] // each test reads what it needs
+struct Prepared {
+    /// The kernel's release (its `uname -r`), as pinned.
+    release: String,
+    /// The unpacked linux-source tree, as a path inside the root (with "source").
+    source: Option<String>,
+    /// The directory of the built VFIO selftests on the host (with "selftests").
+    selftests: Option<PathBuf>,
+}
+
+/// Runs prepare.sh for the default kernel (cached; a no-op when the guest is ready).
+fn prepare(logs: &mut Logs) -> Prepared {
+    prepare_guest(logs, &Guest::default_kernel())
+}
+
+/// Runs prepare.sh for `guest` (cached; a no-op when it is ready). Fails loudly with
+/// the script's reason when the host cannot prepare it.
+fn prepare_guest(logs: &mut Logs, guest: &Guest) -> Prepared {
+    let name = format!("prepare-{}.log", guest.kernel);
+    let (path, out) = logs.file(&name, "prepare.sh output");
     let err = out.try_clone().expect("dup log fd");
     let start = Instant::now();
     let mut guard = Guard::spawn(
         "fixtures/qemu/prepare.sh",
-        Command::new("bash")
-            .arg(qemu_dir().join("prepare.sh"))
+        guest
+            .configure(Command::new("bash").arg(qemu_dir().join("prepare.sh")))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err),
         true,
     );
     let status = guard.wait_or_kill(PREPARE_TIMEOUT);
-    let log = fs::read_to_string(logs.path().join("prepare.log")).unwrap_or_default();
+    let log = fs::read_to_string(&path).unwrap_or_default();
     let reason: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
     match status {
         None => panic!("QEMU guest harness: prepare.sh did not finish within {PREPARE_TIMEOUT:?}"),
         Some(s) if !s.success() => panic!(
-            "QEMU guest harness: this host cannot prepare the guest (prepare.sh: {s}). \
+            "QEMU guest harness: this host cannot prepare the guest {guest:?} (prepare.sh: {s}). \
              It needs root, apt-get (for debootstrap) and Debian's mirror.\n{}",
             reason.join("\n")
         ),
-        Some(_) => eprintln!("prepare.sh: {:.1?}", start.elapsed()),
+        Some(_) => eprintln!("prepare.sh ({}): {:.1?}", guest.kernel, start.elapsed()),
+    }
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("MLX5EMU-PREPARED "))
+        .unwrap_or_else(|| panic!("prepare.sh printed no MLX5EMU-PREPARED line:\n{log}"));
+    let fields = log_fields(line);
+    let field = |k: &str| -> String {
+        fields
+            .get(k)
+            .unwrap_or_else(|| panic!("no {k}= in {line:?}"))
+            .to_string()
+    };
+    let optional = |k: &str| Some(field(k)).filter(|v| v != "none");
+    assert_eq!(
+        field("name"),
+        guest.kernel,
+        "prepare.sh prepared another kernel"
+    );
+    Prepared {
+        release: field("release"),
+        source: optional("source"),
+        selftests: optional("selftests").map(PathBuf::from),
     }
 }
 
@@ -206,11 +295,29 @@ struct Booted {
     emu_log: PathBuf,
 }
 
-/// Starts the emulator (with `emu_args` after `--dir DIR`), boots the guest with
-/// `kernel_args` and vf0.sock attached, waits for it to power off (QEMU is killed after
-/// `guest_timeout_secs`), and checks that it reached MLX5EMU-DONE with every step ok.
+/// [`boot_guest`] on the default kernel's plain guest.
 fn boot(
     logs: &mut Logs,
+    emu_args: &[&str],
+    kernel_args: &[&str],
+    guest_timeout_secs: u64,
+) -> Booted {
+    boot_guest(
+        logs,
+        &Guest::default_kernel(),
+        emu_args,
+        kernel_args,
+        guest_timeout_secs,
+    )
+}
+
+/// Starts the emulator (with `emu_args` after `--dir DIR`), boots `guest` (prepared
+/// first) with `kernel_args` and vf0.sock attached, waits for it to power off (QEMU is
+/// killed after `guest_timeout_secs`), and checks that it reached MLX5EMU-DONE with
+/// every step ok.
+fn boot_guest(
+    logs: &mut Logs,
+    guest: &Guest,
     emu_args: &[&str],
     kernel_args: &[&str],
     guest_timeout_secs: u64,
@@ -244,10 +351,10 @@ fn boot(
     let (serial_path, serial) = logs.file("serial.log", "guest serial console");
     let (_, qemu_err) = logs.file("qemu.stderr", "QEMU stderr");
     let boot = Instant::now();
-    let mut guest = Guard::spawn(
+    let mut vm = Guard::spawn(
         "fixtures/qemu/run-guest.sh",
-        Command::new("bash")
-            .arg(qemu_dir().join("run-guest.sh"))
+        guest
+            .configure(Command::new("bash").arg(qemu_dir().join("run-guest.sh")))
             .arg(&socket)
             .args(kernel_args)
             .env("MLX5_EMU_GUEST_TIMEOUT", guest_timeout_secs.to_string())
@@ -256,7 +363,7 @@ fn boot(
             .stderr(qemu_err),
         true,
     );
-    let status = guest.wait_or_kill(guest_wait);
+    let status = vm.wait_or_kill(guest_wait);
     let boot_time = boot.elapsed();
     let serial =
         String::from_utf8_lossy(&fs::read(&serial_path).expect("read serial log")).into_owned();
@@ -283,7 +390,7 @@ fn boot(
         assert_eq!(step.get("status"), "ok", "guest step failed: {step:?}");
     }
 
-    drop(guest);
+    drop(vm);
     Booted {
         emulator,
         socket,
@@ -520,22 +627,62 @@ fn find_subsequence(cmds: &[FwCmd], want: &[(&str, Option<u16>)]) -> Result<usiz
     Ok(at)
 }
 
-/// Stock mlx5_core in the guest probes the VF, and unbinds and rebinds it twice,
-/// with no error, no failed command and no timeout, as both the guest and the
-/// emulator's command log tell.
+/// The kernels named here are the ones fixtures/qemu/kernels.sh pins.
 #[test]
-fn guest_mlx5_core_probes_the_vf() {
+fn kernels_match_the_pins() {
+    let pins = fs::read_to_string(qemu_dir().join("kernels.sh")).expect("read kernels.sh");
+    let line = pins
+        .lines()
+        .find_map(|l| l.strip_prefix("KERNELS="))
+        .expect("KERNELS= in kernels.sh");
+    let names: Vec<&str> = line.trim_matches('"').split_whitespace().collect();
+    assert_eq!(names, KERNELS, "KERNELS in fixtures/qemu/kernels.sh");
+    let default = pins
+        .lines()
+        .find_map(|l| l.strip_prefix("KERNEL_DEFAULT="))
+        .expect("KERNEL_DEFAULT= in kernels.sh");
+    assert_eq!(
+        default, KERNELS[0],
+        "KERNEL_DEFAULT in fixtures/qemu/kernels.sh"
+    );
+}
+
+#[test]
+fn guest_mlx5_core_probes_the_vf_on_6_12() {
+    mlx5_core_probes_the_vf(Guest::on("6.12"));
+}
+
+#[test]
+fn guest_mlx5_core_probes_the_vf_on_7_3() {
+    mlx5_core_probes_the_vf(Guest::on("7.3"));
+}
+
+/// Stock mlx5_core of `guest`'s kernel probes the VF, and unbinds and rebinds it
+/// twice, with no error, no failed command and no timeout, as both the guest and the
+/// emulator's command log tell.
+fn mlx5_core_probes_the_vf(guest: Guest) {
     let started = Instant::now();
     let mut logs = Logs::new();
-    prepare(&mut logs);
+    let prepared = prepare_guest(&mut logs, &guest);
     let idle = format!("mlx5emu.idle={IDLE_SECS}");
-    let booted = boot(
+    let booted = boot_guest(
         &mut logs,
+        &guest,
         &["--log", "mlx5_emulator=debug"],
         &["mlx5emu.step=load-mlx5,rebind,idle", &idle],
         PROBE_GUEST_TIMEOUT_SECS,
     );
     let markers = &booted.markers;
+    let begin = markers
+        .iter()
+        .find(|m| m.kind == "BEGIN")
+        .expect("MLX5EMU-BEGIN");
+    assert_eq!(
+        begin.get("kernel"),
+        prepared.release,
+        "the guest runs another kernel than the one pinned for {}",
+        guest.kernel
+    );
 
     // The guest: the driver bound to our function, and the two rebind rounds.
     let drivers: Vec<&Marker> = markers.iter().filter(|m| m.kind == "DRIVER").collect();
@@ -675,7 +822,8 @@ fn guest_mlx5_core_probes_the_vf() {
         }
     }
     eprintln!(
-        "mlx5_core probed {slot} {PROBES} times, {} commands all OK, in {:.1?}",
+        "Linux {}: mlx5_core probed {slot} {PROBES} times, {} commands all OK, in {:.1?}",
+        prepared.release,
         cmds.len(),
         started.elapsed()
     );
