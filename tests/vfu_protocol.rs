@@ -488,8 +488,10 @@ fn hostile_dma_and_irq_requests() {
         remote_errno(c.dma_map(0x40000, 0x1000, mem.as_raw_fd(), 0, 0)),
         Errno::EINVAL
     );
-    // Without an fd: guest RAM (writable) is refused with a clear error; a read-only
-    // window (QEMU's ROM ranges) is recorded but the device cannot reach it.
+    // Without an fd the client keeps the memory: a read-only window (QEMU's ROM ranges)
+    // and a writable one (guest RAM that is not shared memory) are both served with
+    // DMA_READ / DMA_WRITE requests to the client (tests/p2p.rs covers them in full);
+    // a client without a DMA handler refuses them, and the device access fails.
     let ro = DmaMap {
         argsz: 32,
         flags: VFIO_DMA_MAP_FLAG_READ,
@@ -502,11 +504,30 @@ fn hostile_dma_and_irq_requests() {
         .unwrap()
         .unwrap()
         .is_ok());
-    let mut x = [0u8; 4];
+    let dma = vf.dma().clone();
+    let reader = std::thread::spawn(move || {
+        let mut x = [0u8; 4];
+        dma.read(0xc0000, &mut x)
+    });
     assert_eq!(
-        vf.dma().read(0xc0000, &mut x),
-        Err(vfu::DmaError::NoBacking { iova: 0xc0000 })
+        c.serve_requests(1, Instant::now() + Duration::from_secs(5))
+            .unwrap(),
+        1
     );
+    assert!(matches!(
+        reader.join().unwrap(),
+        Err(vfu::DmaError::Client {
+            iova: 0xc0000,
+            op: "DMA_READ",
+            ..
+        })
+    ));
+    let mut x = [0u8; 4];
+    assert!(matches!(
+        vf.dma().write(0xc0000, &x),
+        Err(vfu::DmaError::Permission { .. })
+    ));
+    assert!(vf.dma().read(0xe0000, &mut x).is_err(), "past the window");
     c.dma_unmap(0xc0000, 0x20000).unwrap();
     let dm = DmaMap {
         argsz: 32,
@@ -515,10 +536,12 @@ fn hostile_dma_and_irq_requests() {
         address: 0x80000,
         size: 0x1000,
     };
-    assert_eq!(
-        raw_errno(&mut c, Command::DmaMap as u16, &dm.encode(), &[]),
-        Errno::ENOTSUP
-    );
+    assert!(c
+        .send_raw(Command::DmaMap as u16, 0, &dm.encode(), &[])
+        .unwrap()
+        .unwrap()
+        .is_ok());
+    c.dma_unmap(0x80000, 0x1000).unwrap();
     // Unmap as Linux type1 does: a range covering no window succeeds, a range cutting
     // a window in part is refused and leaves it whole; a bad ALL.
     c.dma_unmap(0x90000, 0x1000).unwrap();

@@ -141,6 +141,19 @@ impl Adapter {
         self.functions.get(n as usize + 1)
     }
 
+    /// Every violation the adapter's functions recorded (writes refused while a
+    /// function was responder-suspended, P2P writes included), in the order they were
+    /// refused.
+    pub fn violations(&self) -> Vec<crate::Violation> {
+        let mut v: Vec<_> = self
+            .functions()
+            .iter()
+            .flat_map(|f| f.violations())
+            .collect();
+        v.sort_by_key(|v| v.seq);
+        v
+    }
+
     pub fn functions(&self) -> &[Arc<Function>] {
         &self.functions
     }

@@ -328,6 +328,18 @@ impl DevMem {
         Self::pages_of(self.size)
     }
 
+    /// Whether `file` is the current attachment's memfd (the same inode: a client's
+    /// DMA_MAP brings its own fd for it, so fds are not compared). A departed client's
+    /// memfd is not device memory any more.
+    pub fn is_backed_by(&self, file: &File) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let ours = self.maps().shared.file.metadata();
+        match (ours, file.metadata()) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+
     fn track(&self) -> std::sync::MutexGuard<'_, Track> {
         self.track.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -36,6 +36,20 @@ impl Fabric {
             .find(|f| f.id().vhca_id == vhca_id)
     }
 
+    /// The first live function for which `pred` holds.
+    pub fn find(&self, pred: impl Fn(&dyn Peer) -> bool) -> Option<Arc<dyn Peer>> {
+        let v = self.functions.read().unwrap_or_else(|p| p.into_inner());
+        v.iter()
+            .filter_map(Weak::upgrade)
+            .find(|f| pred(f.as_ref()))
+    }
+
+    /// Every live function.
+    pub fn all(&self) -> Vec<Arc<dyn Peer>> {
+        let v = self.functions.read().unwrap_or_else(|p| p.into_inner());
+        v.iter().filter_map(Weak::upgrade).collect()
+    }
+
     /// Number of live functions.
     pub fn len(&self) -> usize {
         let v = self.functions.read().unwrap_or_else(|p| p.into_inner());

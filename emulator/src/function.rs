@@ -18,8 +18,8 @@ use crate::cmdq::{self, Work, WorkSender};
 use crate::devmem::{DevMem, DevMemError, DEFAULT_DEV_MEM_SIZE};
 use crate::fabric::Fabric;
 use crate::firmware::{
-    Cmd, CmdRecord, Env, Firmware, FwCell, HcaState, MigCtl, MigState, ObjectCounts, Peer,
-    Violation, ViolationKind,
+    Cmd, CmdRecord, Env, Firmware, FwCell, HcaState, MigCtl, MigState, ObjectCounts, P2pRefusal,
+    P2pSource, Peer, Violation, ViolationKind,
 };
 pub use crate::firmware::{FunctionId, SuspendError, DRAIN_TIMEOUT, MSIX_VECTORS};
 use crate::pci::{ConfigParams, ConfigSpace, PciError, INTERRUPT_PIN_NONE};
@@ -104,6 +104,8 @@ pub struct Function {
     mig_idle: Condvar,
     /// Commands to hold before they execute ([`Function::delay_commands`]; a leaf lock).
     delays: Mutex<Vec<DelayRule>>,
+    /// The process of the attached client (`SO_PEERCRED`), 0 when none is attached.
+    client_pid: std::sync::atomic::AtomicI32,
 }
 
 /// One [`Function::delay_commands`] request.
@@ -162,6 +164,7 @@ impl Function {
             mig: Mutex::new(MigCtl::default()),
             mig_idle: Condvar::new(),
             delays: Mutex::new(Vec::new()),
+            client_pid: std::sync::atomic::AtomicI32::new(0),
         });
         let name = format!("fw-{}", id.socket_name().trim_end_matches(".sock"));
         let host: std::sync::Weak<dyn cmdq::Host> = Arc::downgrade(&f) as _;
@@ -258,9 +261,15 @@ impl Function {
     /// Asks to change the function's state (a write at BAR `address`). Refused while the
     /// function is responder-suspended: the attempt is then recorded as a [`Violation`]
     /// and `None` is returned, and the caller must change nothing.
-    pub fn admit(&self, kind: ViolationKind, address: u64) -> Option<Admission<'_>> {
-        let writer = self.writer();
-        let admitted = self.migration().admit(kind, &writer, address);
+    pub fn admit(&self, kind: ViolationKind, address: u64, len: usize) -> Option<Admission<'_>> {
+        let attempt =
+            Violation::by_client(kind, self.writer(), self.id.vhca_id, address, len as u64);
+        self.admit_attempt(attempt)
+    }
+
+    /// [`Function::admit`] for any attempt (a P2P write names its writer function).
+    pub fn admit_attempt(&self, attempt: Violation) -> Option<Admission<'_>> {
+        let admitted = self.migration().admit(attempt);
         // Built only when admitted: dropping one ends an admission.
         admitted.then(|| Admission { f: self })
     }
@@ -415,6 +424,39 @@ impl Function {
         Some(delay)
     }
 
+    /// The process of the attached client, if one is attached and the kernel said.
+    pub fn client_pid(&self) -> Option<i32> {
+        let pid = self.client_pid.load(Ordering::Acquire);
+        (pid > 0).then_some(pid)
+    }
+
+    /// A client attached (`pid` from `SO_PEERCRED`) or detached (`None`).
+    pub fn set_client_pid(&self, pid: Option<i32>) {
+        self.client_pid.store(pid.unwrap_or(0), Ordering::Release);
+    }
+
+    /// The function whose device memory `file` is (a client mapping that memfd), if any
+    /// of the adapter's.
+    pub fn devmem_owner(&self, file: &std::fs::File) -> Option<Arc<dyn Peer>> {
+        self.fabric.find(|p| p.devmem().is_backed_by(file))
+    }
+
+    /// The function whose BAR2, as the client programmed it, holds `iova..iova+size`
+    /// entirely, if its client is the process that is our client (one VMM: one guest
+    /// address space). `None` when the processes cannot be told apart.
+    pub fn bar2_owner(&self, iova: u64, size: u64) -> Option<(Arc<dyn Peer>, u64)> {
+        let pid = self.client_pid()?;
+        let end = iova.checked_add(size)?;
+        let owner = self.fabric.find(|p| {
+            p.client_pid() == Some(pid)
+                && p.bar2_address().is_some_and(|base| {
+                    iova >= base && end <= base.saturating_add(p.devmem().size())
+                })
+        })?;
+        let base = owner.bar2_address()?;
+        Some((owner, iova - base))
+    }
+
     /// The reset epoch (see [`crate::cmdq`]).
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
@@ -449,10 +491,14 @@ impl Function {
     /// completion, not a lost one. A slot software took back meanwhile is skipped then
     /// (its ownership bit is 0).
     pub fn command_doorbell(&self, mask: u32) {
-        let writer = self.writer();
-        let admitted = self
-            .migration()
-            .admit_doorbell(mask, &writer, CMD_DBELL_OFFSET);
+        let attempt = Violation::by_client(
+            ViolationKind::CommandDoorbell,
+            self.writer(),
+            self.id.vhca_id,
+            CMD_DBELL_OFFSET,
+            4,
+        );
+        let admitted = self.migration().admit_doorbell(mask, attempt);
         if admitted {
             self.send_work(mask);
         }
@@ -490,7 +536,7 @@ impl Function {
     /// A 4-byte write to UAR page `page`: EQ arm / consumer-index doorbells.
     pub fn uar_write(&self, page: u32, offset: u32, value: u32) {
         let address = u64::from(page) * crate::bar0::UAR_PAGE_SIZE + u64::from(offset);
-        let Some(_admitted) = self.admit(ViolationKind::UarDoorbell, address) else {
+        let Some(_admitted) = self.admit(ViolationKind::UarDoorbell, address, 4) else {
             return;
         };
         let fire = {
@@ -648,6 +694,31 @@ impl Peer for Function {
 
     fn epoch(&self) -> u64 {
         Function::epoch(self)
+    }
+
+    fn p2p_write(&self, from: P2pSource, offset: u64, data: &[u8]) -> Result<(), P2pRefusal> {
+        let attempt = Violation::p2p(
+            from.vhca_id,
+            from.qpn,
+            self.id.vhca_id,
+            offset,
+            data.len() as u64,
+        );
+        let Some(_admitted) = self.admit_attempt(attempt) else {
+            let seq = self.migration().last_violation_seq().unwrap_or(0);
+            return Err(P2pRefusal::Frozen { seq });
+        };
+        self.devmem
+            .write(offset, data)
+            .map_err(|_| P2pRefusal::OutOfRange)
+    }
+
+    fn client_pid(&self) -> Option<i32> {
+        Function::client_pid(self)
+    }
+
+    fn bar2_address(&self) -> Option<u64> {
+        self.lock().config.bar2_address()
     }
 }
 
@@ -807,7 +878,7 @@ mod freeze_tests {
         let f = Arc::clone(&vf);
         let (tx, rx) = std::sync::mpsc::channel();
         let writer = std::thread::spawn(move || {
-            let admitted = f.admit(ViolationKind::DevMemWrite, 0).unwrap();
+            let admitted = f.admit(ViolationKind::DevMemWrite, 0, 1).unwrap();
             tx.send(()).unwrap();
             std::thread::sleep(Duration::from_millis(150));
             f.devmem().write(0, &[7]).unwrap();
@@ -823,7 +894,7 @@ mod freeze_tests {
             b[0], 7,
             "the admitted write landed before the freeze completed"
         );
-        assert!(vf.admit(ViolationKind::DevMemWrite, 0).is_none());
+        assert!(vf.admit(ViolationKind::DevMemWrite, 0, 1).is_none());
         assert_eq!(vf.violations().len(), 1);
         writer.join().unwrap();
     }
@@ -832,7 +903,7 @@ mod freeze_tests {
     fn responder_suspend_that_cannot_drain_fails_and_stays_initiator_suspended() {
         let vf = Function::new(FunctionId::vf(0)).unwrap();
         vf.suspend_initiator().unwrap();
-        let admitted = vf.admit(ViolationKind::UarDoorbell, 0x3000).unwrap();
+        let admitted = vf.admit(ViolationKind::UarDoorbell, 0x3000, 4).unwrap();
         assert_eq!(vf.work_in_flight(), 1);
         assert_eq!(
             vf.freeze(Duration::from_millis(30)),

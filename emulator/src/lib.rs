@@ -5,7 +5,7 @@
 //! [`pci`] (config space), [`bar0`] (the init segment and MSI-X), [`cmdq`] (the
 //! command queue engine), [`firmware`] (command execution, which sees the rest of the
 //! adapter only through [`firmware::env`]) and [`fabric`] (how functions find each
-//! other).
+//! other) with [`p2p`] (DMA from one function into another's device memory).
 
 pub mod adapter;
 pub mod bar0;
@@ -14,6 +14,7 @@ pub mod devmem;
 pub mod fabric;
 pub mod firmware;
 pub mod function;
+pub mod p2p;
 pub mod pci;
 pub mod server;
 pub mod state;

@@ -8,12 +8,16 @@ use vfu::uapi::{
     VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_READ,
     VFIO_REGION_INFO_FLAG_WRITE,
 };
-use vfu::{Backend, Errno, IrqDesc, RegionDesc, RegionMmap, SetIrqs};
+use vfu::{
+    Backend, ClientInfo, DmaRoute, DmaWindow, Errno, IrqDesc, MapSource, RegionDesc, RegionMmap,
+    SetIrqs,
+};
 
 use crate::bar0::iseg::{CMDQ_ADDR_H_OFFSET, CMD_DBELL_OFFSET};
 use crate::bar0::{Bar0Effect, BAR0_SIZE};
 use crate::firmware::ViolationKind;
 use crate::function::Function;
+use crate::p2p::P2pWindow;
 use crate::pci::CONFIG_SPACE_SIZE;
 
 /// The backend serving one function's socket.
@@ -130,7 +134,10 @@ impl Backend for FunctionBackend {
                 // A write into a responder-suspended function's memory is refused and
                 // recorded, never silently dropped. Admitted writes hold off
                 // SUSPEND_VHCA(responder) until they have landed.
-                let Some(_admitted) = self.func.admit(ViolationKind::DevMemWrite, offset) else {
+                let Some(_admitted) =
+                    self.func
+                        .admit(ViolationKind::DevMemWrite, offset, data.len())
+                else {
                     return Err(Errno::EPERM);
                 };
                 self.func
@@ -145,7 +152,9 @@ impl Backend for FunctionBackend {
                 // this admission ended (ringing may wait for queue room).
                 let effects = {
                     let _admitted = if touches_iseg_state(offset, data.len()) {
-                        let a = self.func.admit(ViolationKind::RegisterWrite, offset);
+                        let a = self
+                            .func
+                            .admit(ViolationKind::RegisterWrite, offset, data.len());
                         Some(a.ok_or(Errno::EPERM)?)
                     } else {
                         None
@@ -194,7 +203,43 @@ impl Backend for FunctionBackend {
         Ok(())
     }
 
+    fn connected(&mut self, client: ClientInfo) {
+        self.func.set_client_pid(client.pid);
+    }
+
+    /// A window that is a function's device memory — its memfd, or, without an fd, an
+    /// address range inside a BAR2 that the same VMM programmed — is routed through
+    /// that function (see [`crate::p2p`]); anything else is left to the server.
+    fn dma_route(&mut self, w: DmaWindow, source: MapSource<'_>) -> Option<Arc<dyn DmaRoute>> {
+        let (target, bar_offset) = match source {
+            MapSource::File { file, offset } => {
+                let target = self.func.devmem_owner(file)?;
+                let end = offset.checked_add(w.size)?;
+                if end > target.devmem().size() {
+                    // Left to the map, which refuses a window past the file's end.
+                    return None;
+                }
+                (target, offset)
+            }
+            MapSource::NoFd => self.func.bar2_owner(w.iova, w.size)?,
+        };
+        tracing::info!(
+            vhca_id = self.func.id.vhca_id,
+            target_vhca_id = target.id().vhca_id,
+            iova = format_args!("{:#x}", w.iova),
+            size = format_args!("{:#x}", w.size),
+            bar_offset = format_args!("{bar_offset:#x}"),
+            "P2P window onto a function's device memory"
+        );
+        Some(Arc::new(P2pWindow::new(
+            self.func.id.vhca_id,
+            &target,
+            bar_offset,
+        )))
+    }
+
     fn disconnected(&mut self) {
         self.func.detach_client();
+        self.func.set_client_pid(None);
     }
 }

@@ -16,7 +16,7 @@ const MIGRATION_MAX_BITMAP: u64 = 256 << 20;
 
 /// Spec defaults for absent keys.
 const DEFAULT_MAX_MSG_FDS: u32 = 1;
-const DEFAULT_MAX_DATA_XFER: u32 = 1 << 20;
+pub const DEFAULT_MAX_DATA_XFER: u32 = 1 << 20;
 
 /// What one side announced.
 #[derive(Debug, Clone, PartialEq, Eq)]

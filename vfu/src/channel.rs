@@ -135,13 +135,29 @@ fn recv_fds(
 }
 
 /// One end of a vfio-user connection.
+///
+/// Sends are whole messages under a lock that every clone of the channel shares, so
+/// two threads sending on one connection (the server's replies and its DMA requests)
+/// never interleave their bytes.
 pub struct Channel {
     stream: UnixStream,
+    send_lock: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl Channel {
     pub fn new(stream: UnixStream) -> Self {
-        Channel { stream }
+        Channel {
+            stream,
+            send_lock: Default::default(),
+        }
+    }
+
+    /// Another handle on the same connection, sharing the send lock.
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(Channel {
+            stream: self.stream.try_clone()?,
+            send_lock: std::sync::Arc::clone(&self.send_lock),
+        })
     }
 
     pub fn stream(&self) -> &UnixStream {
@@ -306,6 +322,7 @@ impl Channel {
         let mut whole = Vec::with_capacity(HEADER_SIZE + payload.len());
         whole.extend_from_slice(&hb);
         whole.extend_from_slice(payload);
+        let _one_at_a_time = self.send_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut sent = 0;
         if !fds.is_empty() {
             loop {

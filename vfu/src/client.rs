@@ -37,12 +37,25 @@ pub struct RegionInfo {
 /// The result of a raw request: the reply, or the server's errno.
 pub type RawReply = Result<Message, Errno>;
 
+/// A device access the server asks the client to do (DMA_READ / DMA_WRITE).
+#[derive(Debug, PartialEq, Eq)]
+pub enum DmaRequest<'a> {
+    Read { address: u64, count: u32 },
+    Write { address: u64, data: &'a [u8] },
+}
+
+/// Serves the server's DMA requests from the client's memory: the read data, or
+/// nothing for a write; an errno refuses the request.
+pub type DmaHandler = Box<dyn FnMut(DmaRequest<'_>) -> Result<Vec<u8>, Errno> + Send>;
+
 /// A vfio-user client connection.
 pub struct Client {
     chan: Channel,
     next_id: u16,
     server: Capabilities,
     version: (u16, u16),
+    /// Serves DMA_READ / DMA_WRITE from the server; without one they get ENOTSUP.
+    dma: Option<DmaHandler>,
 }
 
 impl Client {
@@ -66,7 +79,94 @@ impl Client {
             next_id: 0,
             server: Capabilities::default(),
             version: (0, 0),
+            dma: None,
         })
+    }
+
+    /// Serves the server's DMA_READ / DMA_WRITE requests (for windows mapped without an
+    /// fd) with `handler`, whenever this client reads the socket: while it waits for a
+    /// reply, or in [`Client::serve_requests`].
+    pub fn set_dma_handler(&mut self, handler: DmaHandler) {
+        self.dma = Some(handler);
+    }
+
+    /// Answers one request from the server (QEMU's layout, `proto::dma_rw`).
+    fn answer(&mut self, msg: &Message) -> Result<(), VfuError> {
+        let h = msg.header;
+        let result = match (Command::from_u16(h.command), self.dma.as_mut()) {
+            (Some(Command::DmaRead), Some(f)) => match dma_rw::decode_read(&msg.payload) {
+                Some((address, count)) if count <= self.server.max_data_xfer_size.max(1 << 20) => {
+                    f(DmaRequest::Read { address, count }).and_then(|data| {
+                        if data.len() != count as usize {
+                            return Err(Errno::EIO);
+                        }
+                        let mut p = dma_rw::encode_write(address, &data);
+                        p.truncate(dma_rw::DATA_OFFSET + data.len() + dma_rw::TRAILER);
+                        Ok(p)
+                    })
+                }
+                Some(_) => Err(Errno::E2BIG),
+                None => Err(Errno::EINVAL),
+            },
+            (Some(Command::DmaWrite), Some(f)) => match dma_rw::decode(&msg.payload) {
+                Some((address, _, data)) => {
+                    f(DmaRequest::Write { address, data }).map(|_| Vec::new())
+                }
+                None => Err(Errno::EINVAL),
+            },
+            _ => Err(Errno::ENOTSUP),
+        };
+        if h.no_reply() {
+            return Ok(());
+        }
+        match result {
+            Ok(payload) => self.chan.send(&h.reply(payload.len()), &payload, &[]),
+            Err(e) => self.chan.send(&h.error_reply(e), &[], &[]),
+        }
+    }
+
+    /// Reads the socket until `deadline` or until `count` requests from the server have
+    /// been answered; returns how many were. A reply to nothing is an error.
+    pub fn serve_requests(
+        &mut self,
+        count: usize,
+        deadline: std::time::Instant,
+    ) -> Result<usize, VfuError> {
+        let mut served = 0;
+        while served < count {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                break;
+            }
+            self.chan.stream().set_read_timeout(Some(deadline - now))?;
+            let r = self.chan.recv(self.max_reply());
+            self.chan.stream().set_read_timeout(Some(DEFAULT_TIMEOUT))?;
+            let msg = match r {
+                Ok(Incoming::Message(m)) => m,
+                Ok(Incoming::Oversized(h) | Incoming::Undersized(h)) => {
+                    return Err(Self::malformed(
+                        "request size",
+                        self.max_reply(),
+                        h.msg_size,
+                    ))
+                }
+                Err(VfuError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break
+                }
+                Err(e) => return Err(e),
+            };
+            if msg.header.msg_type() != FLAGS_TYPE_COMMAND {
+                return Err(Self::malformed("message", "a request", "a reply"));
+            }
+            self.answer(&msg)?;
+            served += 1;
+        }
+        Ok(served)
     }
 
     /// Sends VERSION with `caps` and records the server's answer.
@@ -174,11 +274,9 @@ impl Client {
             };
             let h = msg.header;
             if h.msg_type() == FLAGS_TYPE_COMMAND {
-                // The server asked us something (DMA_READ/WRITE): we serve no DMA.
-                if !h.no_reply() {
-                    let rh = h.error_reply(Errno::ENOTSUP);
-                    self.chan.send(&rh, &[], &[])?;
-                }
+                // The server asked us something (DMA_READ/WRITE): served by the DMA
+                // handler, if there is one, else refused.
+                self.answer(&msg)?;
                 continue;
             }
             if h.msg_id != id || h.command != command {

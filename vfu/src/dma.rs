@@ -36,14 +36,68 @@ pub enum DmaError {
     NoBacking { iova: u64 },
     #[error("IOVA {iova:#x}+{len:#x} overflows the address space")]
     Overflow { iova: u64, len: u64 },
+    /// The window is routed (a peer function's memory) and its target refused the
+    /// access: a write to a function that can no longer change state.
+    #[error("IOVA {iova:#x}+{len:#x}: the window's target refused the write ({why})")]
+    Refused {
+        iova: u64,
+        len: u64,
+        why: &'static str,
+    },
+    /// The window is served by the client (DMA_READ/DMA_WRITE messages) and the client
+    /// answered with an error, did not answer in time, or is gone.
+    #[error("IOVA {iova:#x}+{len:#x}: the client's {op} failed ({why})")]
+    Client {
+        iova: u64,
+        len: u64,
+        op: &'static str,
+        why: String,
+    },
+}
+
+/// Who issued a device access, as the device names its initiators (for mlx5: the QP
+/// number of the work request; `None` for the device's own firmware, such as the
+/// command queue or an EQ).
+pub type Initiator = Option<u32>;
+
+/// A window whose accesses are not served from a mapping in this process but by
+/// someone else: another function's device memory (peer-to-peer) or the client itself
+/// (DMA_READ/DMA_WRITE messages for a window mapped without an fd).
+///
+/// Called outside every lock of the IOVA space, with the mapping held (an unmap waits
+/// for the call to return). `iova` is where the piece starts, `offset` its offset inside
+/// the window; the piece never crosses the window's end.
+pub trait DmaRoute: Send + Sync {
+    fn read(&self, iova: u64, offset: u64, buf: &mut [u8]) -> Result<(), DmaError>;
+    fn write(
+        &self,
+        iova: u64,
+        offset: u64,
+        data: &[u8],
+        initiator: Initiator,
+    ) -> Result<(), DmaError>;
+    /// For logs: what serves the window.
+    fn describe(&self) -> String;
+}
+
+/// Told of every device write that landed, window by window (dirty-page logging).
+pub type WriteObserver = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+enum Backing {
+    /// The client's memory, mapped here.
+    Mem(MmapRegion<()>),
+    /// Served by a route (see [`DmaRoute`]).
+    Routed(Arc<dyn DmaRoute>),
+    /// A read-only window mapped without an fd and without a route (see
+    /// `map_unbacked`): the device cannot reach it.
+    None,
 }
 
 struct Mapping {
     iova: u64,
     size: u64,
     flags: u32,
-    /// `None` for a read-only window mapped without an fd (see `map_unbacked`).
-    region: Option<MmapRegion<()>>,
+    backing: Backing,
 }
 
 /// Description of one DMA window, for backends and logs.
@@ -84,6 +138,8 @@ pub struct Dma {
     max_maps: usize,
     /// The backing files the windows hold, by (st_dev, st_ino, access mode).
     files: Arc<Mutex<BackingFiles>>,
+    /// Told of every write that landed (a leaf: taken only to clone the observer).
+    observer: Arc<RwLock<Option<WriteObserver>>>,
 }
 
 impl Default for Dma {
@@ -98,7 +154,24 @@ impl Dma {
             table: Arc::default(),
             max_maps,
             files: Arc::default(),
+            observer: Arc::default(),
         }
+    }
+
+    /// Installs (or with `None` removes) the observer told of every device write that
+    /// landed: `(iova, len)` per window written.
+    pub fn set_write_observer(&self, observer: Option<WriteObserver>) {
+        *self
+            .observer
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = observer;
+    }
+
+    fn observer(&self) -> Option<WriteObserver> {
+        self.observer
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     // The table is only ever changed by one insert or one remove, so a thread that
@@ -168,7 +241,34 @@ impl Dma {
             libc::MAP_SHARED,
         )
         .map_err(|_| Errno::ENOMEM)?;
-        self.insert(iova, size, flags, Some(region))
+        self.insert(iova, size, flags, Backing::Mem(region))
+    }
+
+    /// Adds a window whose accesses `route` serves (a peer function's memory, or the
+    /// client through DMA_READ/DMA_WRITE). The same checks as [`Dma::map`] apply to
+    /// the window itself.
+    pub fn map_routed(
+        &self,
+        iova: u64,
+        size: u64,
+        flags: u32,
+        route: Arc<dyn DmaRoute>,
+    ) -> Result<(), Errno> {
+        Self::check_window(iova, size, 0, flags)?;
+        self.check_free(iova, size)?;
+        self.insert(iova, size, flags, Backing::Routed(route))
+    }
+
+    /// What serves the window at `iova`, for logs and tests: `None` if unmapped,
+    /// `"memory"`, `"unbacked"` or the route's description.
+    pub fn describe(&self, iova: u64) -> Option<String> {
+        let t = self.read_table();
+        let m = t.find(iova)?;
+        Some(match &m.backing {
+            Backing::Mem(_) => "memory".into(),
+            Backing::Routed(r) => r.describe(),
+            Backing::None => "unbacked".into(),
+        })
     }
 
     /// One open file per backing file (same device, inode and access mode) however many
@@ -208,7 +308,7 @@ impl Dma {
             return Err(Errno::ENOTSUP);
         }
         self.check_free(iova, size)?;
-        self.insert(iova, size, flags, None)
+        self.insert(iova, size, flags, Backing::None)
     }
 
     fn check_window(iova: u64, size: u64, offset: u64, flags: u32) -> Result<(), Errno> {
@@ -240,13 +340,7 @@ impl Dma {
         Ok(())
     }
 
-    fn insert(
-        &self,
-        iova: u64,
-        size: u64,
-        flags: u32,
-        region: Option<MmapRegion<()>>,
-    ) -> Result<(), Errno> {
+    fn insert(&self, iova: u64, size: u64, flags: u32, backing: Backing) -> Result<(), Errno> {
         let mut t = self.write_table();
         // Re-check under the write lock: the table may have changed meanwhile.
         if t.overlaps(iova, iova + size) {
@@ -261,7 +355,7 @@ impl Dma {
                 iova,
                 size,
                 flags,
-                region,
+                backing,
             }),
         );
         Ok(())
@@ -382,71 +476,103 @@ impl Dma {
         self.len() == 0
     }
 
-    /// Walks `iova..iova+len` window by window, calling `f(mapping, offset in mapping,
-    /// offset in buffer, length)`. Fails before touching anything if any byte is unmapped
-    /// or lacks the permission.
-    fn walk(
-        &self,
-        iova: u64,
-        len: usize,
-        need: u32,
-        mut f: impl FnMut(&Mapping, usize, usize, usize),
-    ) -> Result<(), DmaError> {
+    /// Splits `iova..iova+len` window by window into (mapping, offset in mapping,
+    /// offset in buffer, length). Fails before touching anything if any byte is
+    /// unmapped, unbacked or lacks the permission.
+    fn pieces(&self, iova: u64, len: usize, need: u32) -> Result<Vec<Piece>, DmaError> {
         let len64 = len as u64;
         iova.checked_add(len64)
             .ok_or(DmaError::Overflow { iova, len: len64 })?;
         let mut pieces = Vec::new();
-        {
-            let t = self.read_table();
-            let mut done = 0u64;
-            while done < len64 {
-                let at = iova + done;
-                let m = t.find(at).ok_or(DmaError::NotMapped {
-                    iova: at,
-                    len: len64 - done,
-                })?;
-                if m.region.is_none() {
-                    return Err(DmaError::NoBacking { iova: at });
-                }
-                if m.flags & need == 0 {
-                    let access = if need == VFIO_DMA_MAP_FLAG_WRITE {
-                        "write"
-                    } else {
-                        "read"
-                    };
-                    return Err(DmaError::Permission { iova: at, access });
-                }
-                let off = at - m.iova;
-                let n = (m.size - off).min(len64 - done);
-                pieces.push((Arc::clone(m), off as usize, done as usize, n as usize));
-                done += n;
+        let t = self.read_table();
+        let mut done = 0u64;
+        while done < len64 {
+            let at = iova + done;
+            let m = t.find(at).ok_or(DmaError::NotMapped {
+                iova: at,
+                len: len64 - done,
+            })?;
+            if matches!(m.backing, Backing::None) {
+                return Err(DmaError::NoBacking { iova: at });
             }
+            if m.flags & need == 0 {
+                let access = if need == VFIO_DMA_MAP_FLAG_WRITE {
+                    "write"
+                } else {
+                    "read"
+                };
+                return Err(DmaError::Permission { iova: at, access });
+            }
+            let off = at - m.iova;
+            let n = (m.size - off).min(len64 - done);
+            pieces.push(Piece {
+                m: Arc::clone(m),
+                off,
+                buf: done as usize,
+                len: n as usize,
+            });
+            done += n;
         }
-        for (m, off, buf_off, n) in pieces {
-            f(&m, off, buf_off, n);
-        }
-        Ok(())
+        Ok(pieces)
     }
 
     /// Device read of guest memory (the device reads what the driver wrote).
     pub fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
-        self.walk(iova, buf.len(), VFIO_DMA_MAP_FLAG_READ, |m, off, b, n| {
-            if let Some(r) = &m.region {
-                let s = r.get_slice(off, n).expect("bounds checked by walk");
-                s.copy_to(&mut buf[b..b + n]);
+        for p in self.pieces(iova, buf.len(), VFIO_DMA_MAP_FLAG_READ)? {
+            let dst = &mut buf[p.buf..p.buf + p.len];
+            match &p.m.backing {
+                Backing::Mem(r) => {
+                    let s = r
+                        .get_slice(p.off as usize, p.len)
+                        .expect("bounds checked by pieces");
+                    s.copy_to(dst);
+                }
+                Backing::Routed(route) => route.read(p.m.iova + p.off, p.off, dst)?,
+                Backing::None => unreachable!("refused by pieces"),
             }
-        })
+        }
+        Ok(())
     }
 
-    /// Device write into guest memory.
+    /// Device write into guest memory, by the device's firmware.
     pub fn write(&self, iova: u64, buf: &[u8]) -> Result<(), DmaError> {
-        self.walk(iova, buf.len(), VFIO_DMA_MAP_FLAG_WRITE, |m, off, b, n| {
-            if let Some(r) = &m.region {
-                let s = r.get_slice(off, n).expect("bounds checked by walk");
-                s.copy_from(&buf[b..b + n]);
-            }
-        })
+        self.write_by(iova, buf, None)
     }
+
+    /// Device write into guest memory on behalf of `initiator`. The windows are written
+    /// in address order; a routed window that refuses its piece ends the write there
+    /// (the pieces before it have landed) with the route's error.
+    pub fn write_by(&self, iova: u64, buf: &[u8], initiator: Initiator) -> Result<(), DmaError> {
+        let observer = self.observer();
+        for p in self.pieces(iova, buf.len(), VFIO_DMA_MAP_FLAG_WRITE)? {
+            let src = &buf[p.buf..p.buf + p.len];
+            let at = p.m.iova + p.off;
+            match &p.m.backing {
+                Backing::Mem(r) => {
+                    let s = r
+                        .get_slice(p.off as usize, p.len)
+                        .expect("bounds checked by pieces");
+                    s.copy_from(src);
+                }
+                Backing::Routed(route) => route.write(at, p.off, src, initiator)?,
+                Backing::None => unreachable!("refused by pieces"),
+            }
+            if let Some(o) = &observer {
+                o(at, p.len as u64);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One window's share of an access.
+struct Piece {
+    m: Arc<Mapping>,
+    /// Offset inside the window.
+    off: u64,
+    /// Offset inside the buffer.
+    buf: usize,
+    len: usize,
 }
 
 /// What DMA_MAP does with a file that cannot be sealed against shrinking (a plain

@@ -7,6 +7,7 @@
 pub mod caps;
 pub mod channel;
 pub mod client;
+pub mod client_dma;
 pub mod dma;
 pub mod error;
 pub mod irq;
@@ -14,11 +15,14 @@ pub mod limits;
 pub mod proto;
 pub mod server;
 
-pub use client::{Client, RegionInfo};
-pub use dma::{Dma, DmaError, DmaWindow, UnsealedFiles};
+pub use client::{Client, DmaHandler, DmaRequest, RegionInfo};
+pub use dma::{Dma, DmaError, DmaRoute, DmaWindow, Initiator, UnsealedFiles, WriteObserver};
 pub use error::{errno_name, Errno, VfuError};
 pub use irq::{IrqAction, IrqData, IrqIndexShape, IrqTable, SetIrqs};
-pub use server::{Backend, Connection, IrqDesc, Listener, RegionDesc, RegionMmap, ServerConfig};
+pub use server::{
+    Backend, ClientInfo, Connection, IrqDesc, Listener, MapSource, RegionDesc, RegionMmap,
+    ServerConfig,
+};
 
 /// VFIO uAPI constants and structures, from `vfio-bindings`.
 pub use vfio_bindings::bindings::vfio as uapi;

@@ -398,3 +398,85 @@ mod tests {
         assert!(Command::from_u16(0).is_none());
     }
 }
+
+/// DMA_READ / DMA_WRITE (server to client), in the layout QEMU's client uses
+/// (`VFIOUserDMARW` in QEMU's `hw/vfio-user/protocol.h`: address u64, count u32, then
+/// the data, the struct padded to 32 bytes). The spec puts a u64 count and the data at
+/// payload offset 16; QEMU reads the count from the low half of that (the same bytes
+/// on little-endian machines) but its data sits at payload offset 12, and its size
+/// checks want the message to be at least `32 + count` bytes. So every DMA_WRITE we
+/// send has its data at offset 12 and 4 bytes of padding after it, and a DMA_READ
+/// reply is read from offset 12. A DMA_READ request (no data) is the same 16 bytes in
+/// both layouts.
+pub mod dma_rw {
+    /// Offset of the data in the payload (after the 16-byte header).
+    pub const DATA_OFFSET: usize = 12;
+    /// Bytes after the data that make the message `32 + count` long.
+    pub const TRAILER: usize = 4;
+    /// Payload of a DMA_READ request.
+    pub const READ_REQUEST_SIZE: usize = 16;
+
+    /// The payload of a DMA_WRITE request carrying `data` to `address`.
+    pub fn encode_write(address: u64, data: &[u8]) -> Vec<u8> {
+        let mut p = Vec::with_capacity(DATA_OFFSET + data.len() + TRAILER);
+        p.extend_from_slice(&address.to_le_bytes());
+        p.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        p.extend_from_slice(data);
+        p.extend_from_slice(&[0; TRAILER]);
+        p
+    }
+
+    /// The payload of a DMA_READ request for `count` bytes at `address`.
+    pub fn encode_read(address: u64, count: u32) -> Vec<u8> {
+        let mut p = Vec::with_capacity(READ_REQUEST_SIZE);
+        p.extend_from_slice(&address.to_le_bytes());
+        p.extend_from_slice(&u64::from(count).to_le_bytes());
+        p
+    }
+
+    /// `(address, count, data)` of a DMA_WRITE request or a DMA_READ reply; `None` if
+    /// the payload is shorter than its count says.
+    pub fn decode(p: &[u8]) -> Option<(u64, u32, &[u8])> {
+        let address = u64::from_le_bytes(p.get(0..8)?.try_into().ok()?);
+        let count = u32::from_le_bytes(p.get(8..12)?.try_into().ok()?);
+        let data = p.get(DATA_OFFSET..DATA_OFFSET.checked_add(count as usize)?)?;
+        Some((address, count, data))
+    }
+
+    /// `(address, count)` of a DMA_READ request.
+    pub fn decode_read(p: &[u8]) -> Option<(u64, u32)> {
+        let address = u64::from_le_bytes(p.get(0..8)?.try_into().ok()?);
+        let count = u32::from_le_bytes(p.get(8..12)?.try_into().ok()?);
+        Some((address, count))
+    }
+}
+
+#[cfg(test)]
+mod dma_rw_tests {
+    use super::dma_rw::*;
+    use super::HEADER_SIZE;
+
+    #[test]
+    fn dma_write_is_laid_out_as_qemu_reads_it() {
+        // QEMU's VFIOUserDMARW: header, offset u64 at 16, count u32 at 24, data at 28,
+        // sizeof 32; it wants size >= 32 + count.
+        let p = encode_write(0x1122_3344_5566_7788, &[0xaa, 0xbb, 0xcc]);
+        let msg_size = HEADER_SIZE + p.len();
+        assert_eq!(msg_size, 32 + 3);
+        assert_eq!(&p[0..8], &0x1122_3344_5566_7788u64.to_le_bytes());
+        assert_eq!(&p[8..12], &3u32.to_le_bytes());
+        assert_eq!(HEADER_SIZE + DATA_OFFSET, 28);
+        assert_eq!(&p[12..15], &[0xaa, 0xbb, 0xcc]);
+        assert_eq!(
+            decode(&p),
+            Some((0x1122_3344_5566_7788, 3, &[0xaa, 0xbb, 0xcc][..]))
+        );
+        // A read request is 32 bytes, its count readable as u32 or u64.
+        let r = encode_read(0x1000, 4096);
+        assert_eq!(HEADER_SIZE + r.len(), 32);
+        assert_eq!(decode_read(&r), Some((0x1000, 4096)));
+        // Short payloads are refused, never read past.
+        assert_eq!(decode(&p[..13]), None);
+        assert_eq!(decode_read(&r[..11]), None);
+    }
+}

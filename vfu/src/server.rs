@@ -24,7 +24,8 @@ use vfio_bindings::bindings::vfio::{
 
 use crate::caps::{Capabilities, MAX_VERSION_JSON, SERVER_MAX_DATA_XFER, SERVER_MAX_MSG_FDS};
 use crate::channel::{Channel, Incoming, Message};
-use crate::dma::{Dma, DmaWindow, UnsealedFiles};
+use crate::client_dma::{ClientDma, ClientWindow};
+use crate::dma::{Dma, DmaRoute, DmaWindow, UnsealedFiles};
 use crate::error::{Errno, VfuError};
 use crate::irq::{IrqAction, IrqData, SetIrqs};
 use crate::proto::*;
@@ -67,6 +68,22 @@ pub struct RegionDesc {
 pub struct IrqDesc {
     pub flags: u32,
     pub count: u32,
+}
+
+/// What a DMA_MAP brings with it.
+#[derive(Debug, Clone, Copy)]
+pub enum MapSource<'a> {
+    /// A file, mapped from `offset`.
+    File { file: &'a File, offset: u64 },
+    /// No fd: the client keeps the memory (QEMU's ROM ranges, guest RAM that is not
+    /// shared memory, another device's mmapped BAR).
+    NoFd,
+}
+
+/// Who connected, as the kernel tells it (`SO_PEERCRED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientInfo {
+    pub pid: Option<i32>,
 }
 
 /// The device behind a socket. Requests arrive validated: region accesses lie inside
@@ -122,6 +139,19 @@ pub trait Backend {
     fn mig_data_write(&mut self, _data: &[u8]) -> Result<(), Errno> {
         Err(Errno::ENOTSUP)
     }
+    /// A DMA_MAP is about to add `window`. A backend that serves such a window
+    /// itself (it recognises the memory as its own, such as another function's device
+    /// memory) returns the route; `None` leaves it to the server, which maps a file
+    /// and serves a window without an fd through DMA_READ/DMA_WRITE to the client.
+    fn dma_route(
+        &mut self,
+        _window: DmaWindow,
+        _source: MapSource<'_>,
+    ) -> Option<std::sync::Arc<dyn DmaRoute>> {
+        None
+    }
+    /// A client connected (before its first message is read).
+    fn connected(&mut self, _client: ClientInfo) {}
     /// A window was added to the DMA space.
     fn dma_mapped(&mut self, _window: DmaWindow) {}
     /// A window is about to leave the DMA space; the device must stop using it.
@@ -398,6 +428,30 @@ pub struct Connection {
     chan: Channel,
     cfg: ServerConfig,
     client: Option<Capabilities>,
+    /// Requests to the client for windows mapped without an fd (made at the first).
+    client_dma: Option<std::sync::Arc<ClientDma>>,
+}
+
+/// The process at the other end of `stream`.
+fn peer_pid(stream: &UnixStream) -> Option<i32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt(SO_PEERCRED) writes at most `len` bytes into `cred`, which
+    // lives for the call; the fd is the stream's own.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && cred.pid > 0).then_some(cred.pid)
 }
 
 impl Connection {
@@ -406,7 +460,25 @@ impl Connection {
             chan: Channel::new(stream),
             cfg,
             client: None,
+            client_dma: None,
         }
+    }
+
+    /// The connection's server-to-client requests, made on first use.
+    fn client_dma(&mut self) -> Result<std::sync::Arc<ClientDma>, Errno> {
+        if let Some(c) = &self.client_dma {
+            return Ok(std::sync::Arc::clone(c));
+        }
+        let chan = self.chan.try_clone().map_err(|e| Errno::from_io(&e))?;
+        // Requests no larger than the client accepts nor than we read back.
+        let max = self
+            .client
+            .as_ref()
+            .map_or(crate::caps::DEFAULT_MAX_DATA_XFER, |c| c.max_data_xfer_size)
+            .min(self.cfg.max_data_xfer_size);
+        let c = ClientDma::new(chan, max, std::thread::current().id());
+        self.client_dma = Some(std::sync::Arc::clone(&c));
+        Ok(c)
     }
 
     fn max_payload(&self) -> usize {
@@ -416,7 +488,13 @@ impl Connection {
     /// Serves until the client disconnects; then drops every DMA map and tells the
     /// backend (which drops IRQ fds and keeps device state).
     pub fn run<B: Backend>(mut self, backend: &mut B, dma: &Dma) -> Result<(), VfuError> {
+        backend.connected(ClientInfo {
+            pid: peer_pid(self.chan.stream()),
+        });
         let r = self.serve(backend, dma);
+        if let Some(c) = &self.client_dma {
+            c.close();
+        }
         for w in dma.windows() {
             backend.dma_unmapping(w);
         }
@@ -438,6 +516,11 @@ impl Connection {
             let deadline = self.client.is_none().then_some(handshake);
             let max_fds = self.cfg.max_msg_fds as usize;
             match self.chan.recv_by(self.max_payload(), max_fds, deadline)? {
+                Incoming::Message(msg) if self.is_dma_reply(&msg) => {
+                    if let Some(c) = &self.client_dma {
+                        c.deliver(msg);
+                    }
+                }
                 Incoming::Message(msg) => self.handle(msg, backend, dma)?,
                 Incoming::Oversized(h) => {
                     let span = message_span(&h);
@@ -460,6 +543,15 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// A reply to one of our DMA_READ/DMA_WRITE requests (the only requests a server
+    /// sends).
+    fn is_dma_reply(&self, msg: &Message) -> bool {
+        let h = &msg.header;
+        h.msg_type() == crate::proto::FLAGS_TYPE_REPLY
+            && (h.command == Command::DmaRead as u16 || h.command == Command::DmaWrite as u16)
+            && self.client_dma.is_some()
     }
 
     /// Sends the error reply for `h` (none for a posted request) and records the errno
@@ -747,7 +839,13 @@ impl Connection {
         Ok(())
     }
 
-    fn dma_map<B: Backend>(&self, p: &[u8], fds: Vec<File>, backend: &mut B, dma: &Dma) -> Reply {
+    fn dma_map<B: Backend>(
+        &mut self,
+        p: &[u8],
+        fds: Vec<File>,
+        backend: &mut B,
+        dma: &Dma,
+    ) -> Reply {
         let req = DmaMap::decode(p)?;
         if p.len() != DmaMap::SIZE || (req.argsz as usize) < DmaMap::SIZE {
             return Err(Errno::EINVAL);
@@ -755,36 +853,45 @@ impl Connection {
         if fds.len() > 1 {
             return Err(Errno::EINVAL);
         }
-        let Some(file) = fds.into_iter().next() else {
-            // We serve DMA only from shared memory and never issue DMA_READ/WRITE. A
-            // read-only window without an fd (QEMU's ROM and BIOS ranges) is recorded so
-            // that its unmap matches, but the device cannot reach it; guest RAM without an
-            // fd is refused.
-            match dma.map_unbacked(req.address, req.size, req.flags) {
-                Ok(()) => {
-                    tracing::info!(
-                        iova = req.address,
-                        size = req.size,
-                        "read-only DMA window without an fd: recorded, not reachable by the device"
-                    );
-                    let w = DmaWindow {
-                        iova: req.address,
-                        size: req.size,
-                        flags: req.flags,
-                    };
-                    backend.dma_mapped(w);
-                    return ok(Vec::new());
-                }
-                Err(Errno::ENOTSUP) => {
-                    tracing::warn!(
-                        iova = req.address,
-                        size = req.size,
-                        "writable DMA_MAP without an fd refused: back guest RAM with a shared memfd (memory-backend-memfd,share=on)"
-                    );
-                    return Err(Errno::ENOTSUP);
-                }
-                Err(e) => return Err(e),
-            }
+        let w = DmaWindow {
+            iova: req.address,
+            size: req.size,
+            flags: req.flags,
+        };
+        let file = fds.into_iter().next();
+        let source = match &file {
+            Some(f) => MapSource::File {
+                file: f,
+                offset: req.offset,
+            },
+            None => MapSource::NoFd,
+        };
+        if let Some(route) = backend.dma_route(w, source) {
+            let what = route.describe();
+            dma.map_routed(w.iova, w.size, w.flags, route)?;
+            tracing::info!(
+                iova = w.iova,
+                size = w.size,
+                flags = w.flags,
+                served_by = %what,
+                "DMA window routed"
+            );
+            backend.dma_mapped(w);
+            return ok(Vec::new());
+        }
+        let Some(file) = file else {
+            // No fd: the client keeps the memory, and the device reaches it with
+            // DMA_READ/DMA_WRITE requests (slow, but what the protocol offers).
+            let route = ClientWindow(self.client_dma()?);
+            dma.map_routed(w.iova, w.size, w.flags, std::sync::Arc::new(route))?;
+            tracing::info!(
+                iova = w.iova,
+                size = w.size,
+                flags = w.flags,
+                "DMA window without an fd: served through DMA_READ/DMA_WRITE to the client"
+            );
+            backend.dma_mapped(w);
+            return ok(Vec::new());
         };
         dma.map_with(
             req.address,
@@ -794,17 +901,32 @@ impl Connection {
             req.flags,
             self.cfg.unsealed_dma,
         )?;
-        let w = DmaWindow {
-            iova: req.address,
-            size: req.size,
-            flags: req.flags,
-        };
         tracing::debug!(iova = w.iova, size = w.size, flags = w.flags, "dma mapped");
         backend.dma_mapped(w);
         ok(Vec::new())
     }
 
     fn dma_unmap<B: Backend>(&self, p: &[u8], backend: &mut B, dma: &Dma) -> Reply {
+        // An unmap waits for the accesses holding its windows; one waiting for a reply
+        // from the client would never get it while this thread waits, so the requests
+        // waiting now fail when a window the client serves goes.
+        if let Some(c) = &self.client_dma {
+            let (address, size) = DmaUnmap::decode(p).map(|r| (r.address, r.size))?;
+            let client_served = |w: &DmaWindow| {
+                dma.describe(w.iova).as_deref() == Some(crate::client_dma::CLIENT_WINDOW)
+            };
+            let all = dma.windows();
+            let hit = if size == 0 {
+                all.iter().any(client_served)
+            } else {
+                all.iter()
+                    .filter(|w| w.iova < address.saturating_add(size) && w.iova + w.size > address)
+                    .any(client_served)
+            };
+            if hit {
+                c.fail_pending("the window is being unmapped");
+            }
+        }
         let req = DmaUnmap::decode(p)?;
         if p.len() != DmaUnmap::SIZE || (req.argsz as usize) < DmaUnmap::SIZE {
             return Err(Errno::EINVAL);

@@ -63,6 +63,25 @@ impl FunctionId {
     }
 }
 
+/// Who issues a P2P access: a function, and its QP when a work request of its DMA
+/// engine does it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct P2pSource {
+    pub vhca_id: u16,
+    pub qpn: Option<u32>,
+}
+
+/// Why a function refused a P2P access into its device memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum P2pRefusal {
+    /// It is responder-suspended: the write was refused and recorded as violation `seq`.
+    #[error("the target is responder-suspended (P2P race violation #{seq})")]
+    Frozen { seq: u64 },
+    /// The access does not lie inside its device memory.
+    #[error("outside the target's device memory")]
+    OutOfRange,
+}
+
 /// The function a command executes on.
 pub trait Env: Sync {
     /// Who this function is.
@@ -128,4 +147,26 @@ pub trait Peer: Send + Sync {
 
     /// Its reset epoch (see [`Env::epoch`]).
     fn epoch(&self) -> u64;
+
+    /// A P2P write by `from` into its device memory at BAR2 offset `offset`, admitted
+    /// like every change from outside: while it is responder-suspended the write is
+    /// refused and recorded as a violation (writer, QP, address, length, sequence);
+    /// otherwise it holds off SUSPEND_VHCA(responder) until it has landed. Takes only
+    /// leaf locks.
+    fn p2p_write(&self, from: P2pSource, offset: u64, data: &[u8]) -> Result<(), P2pRefusal>;
+
+    /// A P2P read of its device memory (a read changes nothing, so a frozen function
+    /// answers it).
+    fn p2p_read(&self, offset: u64, buf: &mut [u8]) -> Result<(), P2pRefusal> {
+        self.devmem()
+            .read(offset, buf)
+            .map_err(|_| P2pRefusal::OutOfRange)
+    }
+
+    /// The process of the client attached to its socket, if one is.
+    fn client_pid(&self) -> Option<i32>;
+
+    /// Where its BAR2 (device memory) sits in the client's address space, as the
+    /// client programmed it, while memory decoding is on.
+    fn bar2_address(&self) -> Option<u64>;
 }

@@ -149,17 +149,94 @@ pub enum ViolationKind {
     UarDoorbell,
     /// A write to a BAR0 register that holds state (`cmdq_addr_h`, `cmdq_addr_l_sz`).
     RegisterWrite,
+    /// Another function's DMA (peer-to-peer) into device memory (BAR2).
+    P2pWrite,
 }
+
+/// Numbers every violation of the process, in the order they were refused (shared by
+/// every function, so the logs of several functions merge into one order).
+static VIOLATION_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// One refused change (a "P2P race violation").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
     pub kind: ViolationKind,
-    /// Who wrote: the socket of the client whose write was refused.
+    /// Who wrote: the socket of the client whose write was refused, or the function
+    /// (and QP) whose DMA it was.
     pub writer: String,
-    /// BAR offset of the write.
+    /// The function whose DMA it was (a P2P write), by `vhca_id`.
+    pub writer_vhca_id: Option<u16>,
+    /// The writer's QP, when a work request of its DMA engine did the write.
+    pub qpn: Option<u32>,
+    /// The function that refused it.
+    pub target_vhca_id: u16,
+    /// BAR offset of the write (BAR2 for device memory, BAR0 for registers).
     pub address: u64,
+    /// Bytes of the write.
+    pub len: u64,
+    /// Order among every violation of the adapter (process-wide, from 1).
+    pub seq: u64,
     pub at: SystemTime,
+}
+
+impl Violation {
+    /// A write by a client at BAR `address` of `target_vhca_id` (seq and time are
+    /// filled in when it is refused).
+    pub fn by_client(
+        kind: ViolationKind,
+        writer: String,
+        target_vhca_id: u16,
+        address: u64,
+        len: u64,
+    ) -> Self {
+        Violation {
+            kind,
+            writer,
+            writer_vhca_id: None,
+            qpn: None,
+            target_vhca_id,
+            address,
+            len,
+            seq: 0,
+            at: SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    /// A P2P write by function `writer_vhca_id` (its QP `qpn`, if an engine wrote) into
+    /// device memory of `target_vhca_id` at `address`.
+    pub fn p2p(
+        writer_vhca_id: u16,
+        qpn: Option<u32>,
+        target_vhca_id: u16,
+        address: u64,
+        len: u64,
+    ) -> Self {
+        let writer = match qpn {
+            Some(q) => format!("vhca {writer_vhca_id} QP {q:#x}"),
+            None => format!("vhca {writer_vhca_id}"),
+        };
+        Violation {
+            writer_vhca_id: Some(writer_vhca_id),
+            qpn,
+            ..Violation::by_client(
+                ViolationKind::P2pWrite,
+                writer,
+                target_vhca_id,
+                address,
+                len,
+            )
+        }
+    }
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "#{} {:?}: {} wrote {:#x} bytes at {:#x} of vhca {} while it was responder-suspended (refused)",
+            self.seq, self.kind, self.writer, self.len, self.address, self.target_vhca_id
+        )
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -263,9 +340,9 @@ impl MigCtl {
     }
 
     /// Admits a change unless the function is responder-suspended, in which case the
-    /// attempt is recorded and false returned.
-    pub fn admit(&mut self, kind: ViolationKind, writer: &str, address: u64) -> bool {
-        if self.refuse_if_frozen(kind, writer, address) {
+    /// attempt is recorded (numbered and timed) and false returned.
+    pub fn admit(&mut self, attempt: Violation) -> bool {
+        if self.refuse_if_frozen(attempt) {
             return false;
         }
         self.inflight += 1;
@@ -273,12 +350,17 @@ impl MigCtl {
     }
 
     /// [`MigCtl::admit`] for a command doorbell: a refused one is also parked.
-    pub fn admit_doorbell(&mut self, mask: u32, writer: &str, address: u64) -> bool {
-        if self.admit(ViolationKind::CommandDoorbell, writer, address) {
+    pub fn admit_doorbell(&mut self, mask: u32, attempt: Violation) -> bool {
+        if self.admit(attempt) {
             return true;
         }
         self.parked |= mask;
         false
+    }
+
+    /// The sequence number of the last violation recorded here.
+    pub fn last_violation_seq(&self) -> Option<u64> {
+        self.violations.back().map(|v| v.seq)
     }
 
     /// Takes the parked doorbell bits; when there are some, they count as one admitted
@@ -300,25 +382,27 @@ impl MigCtl {
 
     /// If the function is responder-suspended, records the write and returns true
     /// (the caller then refuses it).
-    fn refuse_if_frozen(&mut self, kind: ViolationKind, writer: &str, address: u64) -> bool {
+    fn refuse_if_frozen(&mut self, mut v: Violation) -> bool {
         if self.state != MigState::ResponderSuspended {
             return false;
         }
+        v.seq = VIOLATION_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        v.at = SystemTime::now();
         tracing::warn!(
-            ?kind,
-            writer,
-            address = format_args!("{address:#x}"),
+            seq = v.seq,
+            kind = ?v.kind,
+            writer = %v.writer,
+            writer_vhca_id = v.writer_vhca_id,
+            qpn = v.qpn,
+            target_vhca_id = v.target_vhca_id,
+            address = format_args!("{:#x}", v.address),
+            len = v.len,
             "P2P race violation: write to a responder-suspended function refused"
         );
         if self.violations.len() >= VIOLATION_LOG_CAPACITY {
             self.violations.pop_front();
         }
-        self.violations.push_back(Violation {
-            kind,
-            writer: writer.to_string(),
-            address,
-            at: SystemTime::now(),
-        });
+        self.violations.push_back(v);
         self.violations_total += 1;
         true
     }

@@ -47,7 +47,7 @@ use mlx5_prm::ifc::{self, hdr, Field};
 use mlx5_prm::{CmdStatus, Opcode};
 
 pub use cq_qp::{Cq, Qp, QpPeer, QueueError, Ring};
-pub use env::{Env, FunctionId, Peer, MSIX_VECTORS};
+pub use env::{Env, FunctionId, P2pRefusal, P2pSource, Peer, MSIX_VECTORS};
 pub use eq::{EqState, EqeSlot};
 pub use migration::{
     mig_syndrome, MigCtl, MigState, SuspendError, Violation, ViolationKind, DRAIN_TIMEOUT,
@@ -825,6 +825,38 @@ pub(crate) mod test_support {
 
         fn devmem(&self) -> &DevMem {
             &self.devmem
+        }
+
+        fn p2p_write(
+            &self,
+            from: super::P2pSource,
+            offset: u64,
+            data: &[u8],
+        ) -> Result<(), super::P2pRefusal> {
+            let attempt = Violation::p2p(
+                from.vhca_id,
+                from.qpn,
+                self.id.vhca_id,
+                offset,
+                data.len() as u64,
+            );
+            let mut m = self.migration();
+            if !m.admit(attempt) {
+                return Err(super::P2pRefusal::Frozen {
+                    seq: m.last_violation_seq().unwrap_or(0),
+                });
+            }
+            let r = self.devmem.write(offset, data);
+            m.release();
+            r.map_err(|_| super::P2pRefusal::OutOfRange)
+        }
+
+        fn client_pid(&self) -> Option<i32> {
+            None
+        }
+
+        fn bar2_address(&self) -> Option<u64> {
+            None
         }
 
         fn iseg(&self) -> IsegImage {

@@ -531,6 +531,18 @@ impl ConfigSpace {
         self.command() & COMMAND_MEMORY_SPACE != 0
     }
 
+    /// The address the client programmed into BAR2 (device memory), while memory
+    /// decoding is on; `None` without BAR2 or with decoding off.
+    pub fn bar2_address(&self) -> Option<u64> {
+        self.params.bar2_size?;
+        if !self.memory_enabled() {
+            return None;
+        }
+        let low = get_le(&self.regs, BAR2_OFFSET, 4) & BAR_MEM_ADDRESS_MASK;
+        let high = get_le(&self.regs, BAR2_OFFSET + 4, 4);
+        Some(u64::from(high) << 32 | u64::from(low))
+    }
+
     /// Bus Master enable: the function may issue DMA and MSI-X writes.
     pub fn bus_master(&self) -> bool {
         self.command() & COMMAND_BUS_MASTER != 0

@@ -535,7 +535,16 @@ fn responder_suspend_whose_work_does_not_drain_fails_with_int_err_and_stays_init
 fn resume_responder_rings_the_doorbells_refused_while_frozen() {
     let r = Rig::new();
     r.freeze();
-    assert!(!r.vf.migration().admit_doorbell(0b110, "test", 0x18));
+    assert!(!r.vf.migration().admit_doorbell(
+        0b110,
+        super::Violation::by_client(
+            super::ViolationKind::CommandDoorbell,
+            "test".into(),
+            1,
+            0x18,
+            4
+        )
+    ));
     assert!(r.vf.rung.lock().unwrap().is_empty());
     ok(&r.resume(ResumeOpMod::Responder));
     assert_eq!(*r.vf.rung.lock().unwrap(), vec![0b110]);
