@@ -9,6 +9,10 @@
 //! until the dirty bytes fall below `--threshold`, then STOP_COPY, the rest of the
 //! stream into B's RESUMING, and B to RUNNING. It prints a summary line (bytes, rounds,
 //! downtime: from the source leaving PRE_COPY to the destination reaching RUNNING).
+//! `--vf 0,1` migrates several VFs as one group (`migration::group`): pre-copy on each,
+//! then all to PRE_COPY_P2P before any stops (STOP_COPY), and on the destination all
+//! loaded (STOP), then all to RUNNING_P2P, then all to RUNNING, so that no VF is stopped
+//! while a peer may still DMA into it. One summary line per VF, then the group's.
 //!
 //! `mlx5vf state --pf A/pf.sock --vf 0 [--set STATE]`: the VFIO migration state lives
 //! in the driver process that holds the data stream, so a separate process cannot see
@@ -32,7 +36,7 @@ use mlx5vf::cmdif::{errno_name, ArenaConfig, CmdIf, CmdIfConfig};
 use mlx5vf::hca::{Hca, HcaError, HcaOptions, MigrationCaps};
 use mlx5vf::migration::fsm::MigState;
 use mlx5vf::migration::fw::Fw;
-use mlx5vf::migration::{DataStream, MigError, MigrationDevice};
+use mlx5vf::migration::{DataStream, GroupError, MigError, MigrationDevice, MigrationGroup};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -73,9 +77,10 @@ enum Cmd {
         /// Destination adapter directory.
         #[arg(long)]
         to: PathBuf,
-        /// The VF to migrate (the same number on both sides).
-        #[arg(long, default_value_t = 0)]
-        vf: u16,
+        /// The VF to migrate (the same number on both sides); several, comma-separated
+        /// (`0,1`), move together as a group through RUNNING_P2P.
+        #[arg(long, value_delimiter = ',', default_value = "0", num_args = 1..)]
+        vf: Vec<u16>,
         /// Stop pre-copy once the dirty bytes are at most this many.
         #[arg(long, default_value_t = 64 * 1024)]
         threshold: u64,
@@ -122,8 +127,22 @@ enum CliError {
         #[source]
         source: Box<MigError>,
     },
+    #[error("{what}: {source}")]
+    Group {
+        what: String,
+        #[source]
+        source: Box<GroupError>,
+    },
     #[error("{0}")]
     Usage(String),
+}
+
+fn group(what: impl Into<String>) -> impl FnOnce(GroupError) -> CliError {
+    let what = what.into();
+    move |source| CliError::Group {
+        what,
+        source: Box::new(source),
+    }
 }
 
 fn mig(what: impl Into<String>) -> impl FnOnce(MigError) -> CliError {
@@ -141,6 +160,7 @@ impl CliError {
             CliError::Cmd(e) => e.errno(),
             CliError::Hca(e) => e.errno(),
             CliError::Mig { source, .. } => source.errno(),
+            CliError::Group { source, .. } => source.errno(),
             CliError::Usage(_) => -libc::EINVAL,
         }
     }
@@ -242,7 +262,7 @@ fn pf_down(pf: Arc<Hca>) {
 struct MigrateArgs {
     from: PathBuf,
     to: PathBuf,
-    vf: u16,
+    vf: Vec<u16>,
     threshold: u64,
     max_rounds: u32,
     arena_mib: u64,
@@ -302,8 +322,21 @@ fn migrate(a: &MigrateArgs) -> Result<(), CliError> {
 }
 
 fn migrate_between(a: &MigrateArgs, src_pf: &Arc<Hca>, dst_pf: &Arc<Hca>) -> Result<(), CliError> {
-    let src = MigrationDevice::new(src_pf.clone(), a.vf).map_err(mig("source VF"))?;
-    let dst = MigrationDevice::new(dst_pf.clone(), a.vf).map_err(mig("destination VF"))?;
+    let mut vfs = a.vf.clone();
+    vfs.sort_unstable();
+    vfs.dedup();
+    if vfs.len() != a.vf.len() || vfs.is_empty() {
+        return Err(CliError::Usage(format!(
+            "--vf {:?}: expected distinct VF numbers",
+            a.vf
+        )));
+    }
+    if a.vf.len() > 1 {
+        return migrate_group(a, src_pf, dst_pf);
+    }
+    let vf = a.vf[0];
+    let src = MigrationDevice::new(src_pf.clone(), vf).map_err(mig("source VF"))?;
+    let dst = MigrationDevice::new(dst_pf.clone(), vf).map_err(mig("destination VF"))?;
     let r = run_migration(a, &src, &dst);
     if r.is_err() {
         // Abort: the source runs on, the destination is reset.
@@ -377,10 +410,115 @@ fn run_migration(
     bar.finish_and_clear();
     println!(
         "migrated vf {} (vhca_id {} -> {}): {} bytes, {} pre-copy rounds, downtime {:.3} ms, total {:.3} ms",
-        a.vf,
+        src.info().vf,
         src.info().vhca_id,
         dst.info().vhca_id,
         bytes,
+        rounds,
+        downtime.as_secs_f64() * 1e3,
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+/// `--vf 0,1`: the VFs move as one [`MigrationGroup`] on each side.
+fn migrate_group(a: &MigrateArgs, src_pf: &Arc<Hca>, dst_pf: &Arc<Hca>) -> Result<(), CliError> {
+    let mut src = Vec::new();
+    let mut dst = Vec::new();
+    for &vf in &a.vf {
+        src.push(MigrationDevice::new(src_pf.clone(), vf).map_err(mig(format!("source VF {vf}")))?);
+        dst.push(
+            MigrationDevice::new(dst_pf.clone(), vf)
+                .map_err(mig(format!("destination VF {vf}")))?,
+        );
+    }
+    let (src, dst) = (MigrationGroup::new(src), MigrationGroup::new(dst));
+    let r = run_group_migration(a, &src, &dst);
+    if r.is_err() {
+        // Abort: the sources run on (resumed in the group's order), the destinations
+        // are reset.
+        if src.states().iter().any(|&s| s != MigState::Running) {
+            let back = [MigState::Stop, MigState::RunningP2p, MigState::Running];
+            let from_running = src.states().iter().all(|&s| {
+                matches!(
+                    s,
+                    MigState::Running | MigState::PreCopy | MigState::PreCopyP2p
+                )
+            });
+            let walk = if from_running {
+                &[MigState::Running][..]
+            } else {
+                &back[..]
+            };
+            if let Err(e) = src.walk(walk) {
+                tracing::warn!(error = %e, "sources back to RUNNING");
+                for m in src.members() {
+                    if m.state() != MigState::Running {
+                        m.reset();
+                    }
+                }
+            }
+        }
+        for m in dst.members() {
+            m.reset();
+        }
+    }
+    r
+}
+
+fn run_group_migration(
+    a: &MigrateArgs,
+    src: &MigrationGroup,
+    dst: &MigrationGroup,
+) -> Result<(), CliError> {
+    let start = Instant::now();
+    let bar = indicatif::ProgressBar::hidden();
+    let mut outs = dst.resuming().map_err(group("destinations to RESUMING"))?;
+    let mut ins: Vec<DataStream> = src
+        .walk(&[MigState::PreCopy])
+        .map_err(group("sources to PRE_COPY"))?
+        .into_iter()
+        .flatten()
+        .collect();
+    if ins.len() != outs.len() || ins.len() != src.members().len() {
+        return Err(CliError::Usage("a member opened no stream".into()));
+    }
+    let mut bytes = vec![0u64; ins.len()];
+    let mut rounds = 0u32;
+    loop {
+        rounds += 1;
+        let mut converged = true;
+        for (i, (input, out)) in ins.iter_mut().zip(outs.iter_mut()).enumerate() {
+            bytes[i] += pump(input, out, &bar)?;
+            let info = input.precopy_info().map_err(mig("PRECOPY_INFO"))?;
+            converged &= info.initial_bytes == 0 && info.dirty_bytes <= a.threshold;
+        }
+        if converged || rounds >= a.max_rounds {
+            break;
+        }
+    }
+    let stop = Instant::now();
+    src.stop_copy().map_err(group("sources to STOP_COPY"))?;
+    for (i, (input, out)) in ins.iter_mut().zip(outs.iter_mut()).enumerate() {
+        bytes[i] += pump(input, out, &bar)?;
+    }
+    dst.start().map_err(group("destinations to RUNNING"))?;
+    let downtime = stop.elapsed();
+    src.walk(&[MigState::Stop])
+        .map_err(group("sources to STOP"))?;
+    for (i, (s, d)) in src.members().iter().zip(dst.members()).enumerate() {
+        println!(
+            "migrated vf {} (vhca_id {} -> {}): {} bytes",
+            s.info().vf,
+            s.info().vhca_id,
+            d.info().vhca_id,
+            bytes[i]
+        );
+    }
+    println!(
+        "migrated group of {} VFs: {} bytes, {} pre-copy rounds, downtime {:.3} ms, total {:.3} ms",
+        ins.len(),
+        bytes.iter().sum::<u64>(),
         rounds,
         downtime.as_secs_f64() * 1e3,
         start.elapsed().as_secs_f64() * 1e3

@@ -1,6 +1,7 @@
 //! VFIO migration v2, as mlx5vf implements it: the state machine ([`fsm`]), the arcs
 //! as firmware commands ([`arcs`]), the migration stream ([`stream`]), the saving side
-//! with pre-copy and chunk mode ([`precopy`]) and the resuming side ([`resume`]).
+//! with pre-copy and chunk mode ([`precopy`]), the resuming side ([`resume`]), and
+//! several VFs moved together through RUNNING_P2P ([`group`]).
 //!
 //! [`MigrationDevice`] is mlx5vf's per-VF device (`struct mlx5vf_pci_core_device`):
 //! it drives one VF through the PF's command interface, naming it by `vhca_id`.
@@ -36,6 +37,7 @@
 pub mod arcs;
 pub mod fsm;
 pub mod fw;
+pub mod group;
 pub mod precopy;
 pub mod resume;
 pub mod stream;
@@ -50,6 +52,7 @@ use crate::hca::{Hca, HcaError, MigrationCaps};
 use arcs::Opened;
 use fsm::{FsmError, MigFlags, MigState};
 use fw::Fw;
+pub use group::{GroupError, MigrationGroup};
 use precopy::SaveFile;
 pub use precopy::{PrecopyInfo, SaveState, SaveStats};
 use resume::ResumeFile;
