@@ -302,3 +302,69 @@ fn fd_less_windows_the_client_keeps_are_served_with_dma_read_and_dma_write() {
     assert!(matches!(r, Err(DmaError::Client { .. })), "{r:?}");
     assert!(took < Duration::from_secs(5), "failed at the disconnect");
 }
+
+#[test]
+fn replies_to_concurrent_client_dma_may_come_in_any_order_and_strays_are_dropped() {
+    use std::os::unix::net::UnixStream;
+    use vfu::channel::{Channel, Incoming};
+    use vfu::proto::{dma_rw, Header};
+    init_tracing();
+    let tb = Testbed::start(1);
+    let vf = tb.vf(0);
+    let stream = UnixStream::connect(tb.vf_socket(0)).unwrap();
+    let raw = Channel::new(stream.try_clone().unwrap());
+    let mut c = vfu::Client::unnegotiated(stream).unwrap();
+    c.negotiate(&vfu::caps::Capabilities::client_proposal())
+        .unwrap();
+    const BASE: u64 = 0xa000_0000;
+    let req = DmaMap {
+        argsz: 32,
+        flags: RW,
+        offset: 0,
+        address: BASE,
+        size: 0x10000,
+    };
+    c.send_raw(Command::DmaMap as u16, 0, &req.encode(), &[])
+        .unwrap()
+        .unwrap()
+        .expect("fd-less map");
+    // Four device threads read four different places at once.
+    let readers: Vec<_> = (0..4u64)
+        .map(|i| {
+            let dma = vf.dma().clone();
+            std::thread::spawn(move || {
+                let mut b = [0u8; 16];
+                dma.read(BASE + i * 0x1000, &mut b).map(|_| b)
+            })
+        })
+        .collect();
+    let mut reqs = Vec::new();
+    while reqs.len() < 4 {
+        match raw.recv(1 << 20).unwrap() {
+            Incoming::Message(m) => reqs.push(m),
+            other => panic!("{other:?}"),
+        }
+    }
+    // A reply to nothing first: dropped, nobody fails.
+    let stray = Header {
+        msg_id: 0x1234,
+        command: Command::DmaRead as u16,
+        msg_size: 16,
+        flags: vfu::proto::FLAGS_TYPE_REPLY,
+        error: 0,
+    };
+    raw.send(&stray, &[], &[]).unwrap();
+    // Then the replies, last request first: each reader gets its own bytes.
+    for m in reqs.iter().rev() {
+        let (address, count) = dma_rw::decode_read(&m.payload).unwrap();
+        let fill = ((address - BASE) / 0x1000) as u8 + 0x10;
+        let payload = dma_rw::encode_write(address, &vec![fill; count as usize]);
+        raw.send(&m.header.reply(payload.len()), &payload, &[])
+            .unwrap();
+    }
+    for (i, r) in readers.into_iter().enumerate() {
+        let got = r.join().unwrap().expect("read through the client");
+        assert_eq!(got, [0x10 + i as u8; 16], "reader {i}");
+    }
+    c.device_info().expect("the connection is in sync");
+}
