@@ -1,77 +1,109 @@
-//! Every way a test makes the device misbehave, in one place. Tests never write into
-//! the emulator's internals themselves; they call these, so the seeded fault plan can
-//! later replace each body with an injection point without touching a test.
+//! Every way a test makes the device misbehave, in one place, each through the
+//! adapter's seeded fault plan ([`mlx5_emulator::fault`]) where one fits: tests never
+//! write into the emulator's internals themselves. A test that wants a plan of its own
+//! starts its adapter with [`crate::testbed::TestbedBuilder::faults`] or adds rules
+//! with [`plan`] while it runs.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
+use mlx5_emulator::fault::{Injector, Rule};
 use mlx5_emulator::firmware::Firmware;
 use mlx5_emulator::Function;
-use mlx5_prm::iseg::CMDQ_ADDR_L_SZ_OFFSET;
 use mlx5_prm::Opcode;
 
-/// Where nothing is DMA-mapped: a command queue moved there is never served.
-pub const UNMAPPED_QUEUE: u32 = 0x7000_0000;
-
-/// A firmware health syndrome in `f`'s BAR0 health buffer (what mlx5_core's health
-/// poll reads).
-pub fn set_health_syndrome(f: &Function, synd: u8, ext_synd: u16) {
-    f.lock().bar0.set_health_syndrome(synd, ext_synd);
+/// The fault plan `f`'s adapter consults (add, clear, read the log).
+pub fn plan(f: &Function) -> &Arc<Injector> {
+    f.faults()
 }
 
-/// Clears the health buffer again.
-pub fn clear_health(f: &Function) {
-    f.lock().bar0.clear_health();
+/// A rule name no other helper call uses.
+fn unique(what: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("faults::{what}#{}", N.fetch_add(1, Ordering::Relaxed))
 }
 
-/// `f`'s BAR0 reads all-ones (the device fell off the bus) while `on`.
-pub fn set_all_ones(f: &Function, on: bool) {
-    f.lock().bar0.set_all_ones(on);
+fn add(f: &Function, r: Rule) -> String {
+    let name = r.name.clone();
+    f.faults().add(&[r]).expect("a valid fault rule");
+    name
 }
 
-/// `f`'s command queue moved, from the device side, to an IOVA nothing is mapped at:
-/// a doorbell cannot be served and its entry stays hardware-owned (a command that
-/// never completes). The driver's own state is untouched. Commands posted meanwhile
-/// stay lost (their doorbells were consumed); after [`UnreachableQueue::restore`] later
-/// ones are served again. Dropping it restores too.
-pub struct UnreachableQueue {
-    f: Arc<Function>,
-    real: Option<u32>,
-}
-
-/// See [`UnreachableQueue`].
-pub fn unreachable_cmdq(f: &Arc<Function>) -> UnreachableQueue {
-    let mut s = f.lock();
-    let real = s.bar0.cmdq_address() as u32;
-    s.bar0
-        .write(CMDQ_ADDR_L_SZ_OFFSET, &UNMAPPED_QUEUE.to_be_bytes())
-        .expect("cmdq address write");
-    UnreachableQueue {
-        f: f.clone(),
-        real: Some(real),
+/// A firmware fatal of `f` lasting until [`Fault::clear`]: health syndrome
+/// `synd`/`ext_synd` in its BAR0 health buffer (what mlx5_core's health poll reads),
+/// the health counter frozen.
+pub fn set_health_syndrome(f: &Function, synd: u8, ext_synd: u16) -> Fault {
+    let name = add(
+        f,
+        Rule::new(&unique("health"), "fatal")
+            .vhca_id(f.id.vhca_id)
+            .health(synd, ext_synd),
+    );
+    Fault {
+        inj: f.faults().clone(),
+        name: Some(name),
     }
 }
 
-impl UnreachableQueue {
-    /// Puts the queue back where the driver has it.
-    pub fn restore(mut self) {
-        self.put_back();
+/// `f`'s BAR0 reads all-ones (the device fell off the bus) until [`Fault::clear`].
+pub fn set_all_ones(f: &Function) -> Fault {
+    let name = add(
+        f,
+        Rule::new(&unique("all_ones"), "fatal")
+            .vhca_id(f.id.vhca_id)
+            .all_ones(true),
+    );
+    Fault {
+        inj: f.faults().clone(),
+        name: Some(name),
+    }
+}
+
+/// A rule of the plan, removed (and a fatal it set lifted) by [`Fault::clear`] or
+/// when dropped.
+pub struct Fault {
+    inj: Arc<Injector>,
+    name: Option<String>,
+}
+
+impl Fault {
+    /// Removes the rule: the firmware recovers, later commands are served again.
+    pub fn clear(mut self) {
+        self.take();
     }
 
-    fn put_back(&mut self) {
-        if let Some(real) = self.real.take() {
-            self.f
-                .lock()
-                .bar0
-                .write(CMDQ_ADDR_L_SZ_OFFSET, &real.to_be_bytes())
-                .expect("cmdq address write");
+    /// [`Fault::clear`], for a queue made unreachable: it is served again.
+    pub fn restore(self) {
+        self.clear();
+    }
+
+    /// The rule's name in the plan and the log.
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or("")
+    }
+
+    fn take(&mut self) {
+        if let Some(n) = self.name.take() {
+            self.inj.clear(Some(&n));
         }
     }
 }
 
-impl Drop for UnreachableQueue {
+impl Drop for Fault {
     fn drop(&mut self) {
-        self.put_back();
+        self.take();
+    }
+}
+
+/// Every command `f`'s queue fetches from now on never completes (its entry stays
+/// hardware-owned), until [`Fault::clear`]: commands posted meanwhile stay lost, later
+/// ones are served again. The driver's own state is untouched.
+pub fn unreachable_cmdq(f: &Arc<Function>) -> Fault {
+    let name = add(f, Rule::new(&unique("hang"), "hang").function(f.id.vhca_id));
+    Fault {
+        inj: f.faults().clone(),
+        name: Some(name),
     }
 }
 
@@ -85,11 +117,22 @@ pub fn delay_commands(
     delay: Duration,
     count: u32,
 ) {
-    f.delay_commands(opcode, target_vhca_id, delay, count);
+    let mut r = Rule::new(&unique("delay"), "delay")
+        .opcode(opcode)
+        .function(f.id.vhca_id)
+        .times(u64::from(count.max(1)))
+        .delay(delay);
+    if let Some(t) = target_vhca_id {
+        r = r.vhca_id(t);
+    }
+    if count > 0 {
+        add(f, r);
+    }
 }
 
 /// Holds `f`'s firmware while the guard lives: commands of `f` taken by its worker
-/// wait to execute (work in flight that has not completed).
+/// wait to execute (work in flight that has not completed). Not a plan rule: the test
+/// decides when the hold ends.
 pub fn hold_firmware(f: &Function) -> MutexGuard<'_, Firmware> {
     f.firmware()
 }

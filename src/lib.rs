@@ -29,4 +29,4 @@ pub mod wait;
 
 pub use bins::{emu_binary, mlx5vf_binary, run_cli, target_profile_dir, workspace_root};
 pub use mlx5_emulator::{Adapter, AdapterConfig, Function, FunctionId};
-pub use testbed::{init_tracing, seed, Sockets, Testbed};
+pub use testbed::{init_tracing, seed, Sockets, Testbed, TestbedBuilder};

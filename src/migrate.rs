@@ -194,7 +194,11 @@ pub struct Rig {
 
 impl Rig {
     pub fn start() -> Rig {
-        let tb = Testbed::start(1);
+        Rig::on(Testbed::start(1))
+    }
+
+    /// The rig on an adapter already started (with a fault plan, say); VF 0 migrates.
+    pub fn on(tb: Testbed) -> Rig {
         let pf = shared_pf_up(&tb.pf_socket());
         let dev = MigrationDevice::new(pf.clone(), 0).expect("migration device");
         Rig { tb, pf, dev }

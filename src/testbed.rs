@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use mlx5_emulator::fault::{Injector, Plan};
 use mlx5_emulator::{Adapter, AdapterConfig, Function};
 
 /// Where an adapter serves: `pf.sock` and `vf<N>.sock` in one directory. Both the
@@ -35,7 +36,67 @@ pub struct Testbed {
     dir: tempfile::TempDir,
 }
 
+/// How to start a [`Testbed`]: `Testbed::builder().vfs(2).faults(plan).start()`.
+#[derive(Debug, Clone)]
+pub struct TestbedBuilder {
+    cfg: AdapterConfig,
+}
+
+impl TestbedBuilder {
+    /// Number of VFs (1 by default).
+    pub fn vfs(mut self, n: u16) -> Self {
+        self.cfg.vfs = n;
+        self
+    }
+
+    /// Device memory per function in bytes.
+    pub fn dev_mem(mut self, bytes: u64) -> Self {
+        self.cfg.dev_mem = bytes;
+        self
+    }
+
+    /// The fault plan the adapter starts with; [`Testbed::faults`] adds and clears
+    /// rules while it runs.
+    pub fn faults(mut self, plan: Plan) -> Self {
+        self.cfg.faults = Some(plan);
+        self
+    }
+
+    /// Also write the fault log to `path`.
+    pub fn fault_log(mut self, path: &Path) -> Self {
+        self.cfg.fault_log = Some(path.to_path_buf());
+        self
+    }
+
+    /// Serve the fault control socket at `control.sock` in the testbed's directory.
+    pub fn control(mut self) -> Self {
+        self.cfg.control = Some(PathBuf::from("control.sock"));
+        self
+    }
+
+    pub fn start(self) -> Testbed {
+        Testbed::start_with(self.cfg)
+    }
+}
+
 impl Testbed {
+    /// A builder of a testbed with one VF and no fault rule.
+    pub fn builder() -> TestbedBuilder {
+        TestbedBuilder {
+            cfg: AdapterConfig::default(),
+        }
+    }
+
+    /// The adapter's fault plan (add and clear rules, read the log).
+    pub fn faults(&self) -> &Arc<Injector> {
+        self.adapter.faults()
+    }
+
+    /// The fault control socket, when the builder asked for one.
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir().join("control.sock")
+    }
+
     /// Starts an adapter with `vfs` VFs and the default device memory.
     pub fn start(vfs: u16) -> Testbed {
         Testbed::start_with(AdapterConfig {
@@ -50,8 +111,11 @@ impl Testbed {
             .prefix("mlx5-emu-test")
             .tempdir()
             .expect("temp dir");
+        // A relative control socket lives in the testbed's directory.
+        let control = cfg.control.as_ref().map(|c| dir.path().join(c));
         let adapter = Adapter::start(&AdapterConfig {
             dir: dir.path().to_path_buf(),
+            control,
             ..cfg
         })
         .expect("start adapter");

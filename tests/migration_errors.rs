@@ -208,7 +208,7 @@ fn a_firmware_health_syndrome_puts_the_device_in_error_and_reset_recovers_once_c
         .unwrap()
         .expect("saving stream");
     drain(&mut s, &mut Vec::new());
-    faults::set_health_syndrome(&r.pf_fn(), HEALTH_SYND_FW_INTERNAL_ERR, 0xbeef);
+    let fatal = faults::set_health_syndrome(&r.pf_fn(), HEALTH_SYND_FW_INTERNAL_ERR, 0xbeef);
 
     let e = r.dev.set_state(MigState::StopCopy).unwrap_err();
     eprintln!("PRE_COPY -> STOP_COPY with a syndrome: {e} [{}]", e.errno());
@@ -233,7 +233,7 @@ fn a_firmware_health_syndrome_puts_the_device_in_error_and_reset_recovers_once_c
     assert_eq!(errno_of(r.dev.set_state(MigState::Stop)), -libc::ENXIO);
     assert_eq!(r.dev.state(), MigState::Error, "the fault is still there");
 
-    faults::clear_health(&r.pf_fn());
+    fatal.clear();
     r.dev.reset();
     assert_eq!(r.dev.state(), MigState::Running);
     let b = Rig::start();
@@ -249,7 +249,7 @@ fn a_firmware_health_syndrome_puts_the_device_in_error_and_reset_recovers_once_c
 fn a_pf_reading_all_ones_puts_the_device_in_error_without_waiting_for_a_timeout() {
     init_tracing();
     let r = Rig::start();
-    faults::set_all_ones(&r.pf_fn(), true);
+    let dead = faults::set_all_ones(&r.pf_fn());
     let t = Instant::now();
     let e = r.dev.set_state(MigState::Stop).unwrap_err();
     eprintln!("RUNNING -> STOP, all-ones: {e} after {:?}", t.elapsed());
@@ -262,7 +262,7 @@ fn a_pf_reading_all_ones_puts_the_device_in_error_without_waiting_for_a_timeout(
     assert_eq!(r.dev.state(), MigState::Error);
     assert_eq!(r.fw_state(), FwState::Running);
 
-    faults::set_all_ones(&r.pf_fn(), false);
+    dead.clear();
     r.dev.reset();
     assert_eq!(r.dev.state(), MigState::Running);
     r.assert_stops_and_runs("after recovery");
@@ -285,14 +285,14 @@ fn a_command_failure_while_the_firmware_reports_a_syndrome_is_fatal_and_keeps_it
         .set_state(MigState::Resuming)
         .unwrap()
         .expect("resuming stream");
-    faults::set_health_syndrome(&r.pf_fn(), HEALTH_SYND_FW_INTERNAL_ERR, 1);
+    let fatal = faults::set_health_syndrome(&r.pf_fn(), HEALTH_SYND_FW_INTERNAL_ERR, 1);
     let e = w.write_data(&stream).unwrap_err();
     eprintln!("LOAD refused with a syndrome set: {e} [{}]", e.errno());
     assert_eq!(e.errno(), -libc::EINVAL, "{e}");
     assert!(!e.is_fatal(), "the refusal itself is not fatal");
     assert_eq!(r.dev.state(), MigState::Error);
     assert_eq!(errno_of(w.write_data(&[0u8; 4])), -libc::ENODEV);
-    faults::clear_health(&r.pf_fn());
+    fatal.clear();
     r.dev.reset();
     assert_eq!(r.dev.state(), MigState::Running);
     assert_eq!(r.fw_state(), FwState::Running);

@@ -7,6 +7,8 @@ use std::thread::JoinHandle;
 use vfu::{Listener, ServerConfig, UnsealedFiles, VfuError};
 
 use crate::fabric::Fabric;
+use crate::fault::control::ControlServer;
+use crate::fault::{FaultLog, Injector, Plan, PlanError};
 use crate::function::{Function, FunctionError, FunctionId};
 use crate::server::FunctionBackend;
 
@@ -26,6 +28,13 @@ pub struct AdapterConfig {
     /// Accept DMA_MAP of files that cannot be sealed against shrinking (QEMU's
     /// `memory-backend-file`); refused by default, see [`vfu::UnsealedFiles`].
     pub allow_unsealed_dma: bool,
+    /// The fault plan the adapter starts with (rules may be added and cleared later
+    /// through [`Adapter::faults`]).
+    pub faults: Option<Plan>,
+    /// Where the fault log is also written (JSON lines; created or truncated).
+    pub fault_log: Option<PathBuf>,
+    /// Serve the fault control socket here ([`crate::fault::control`]).
+    pub control: Option<PathBuf>,
 }
 
 impl Default for AdapterConfig {
@@ -35,6 +44,9 @@ impl Default for AdapterConfig {
             vfs: 1,
             dev_mem: crate::devmem::DEFAULT_DEV_MEM_SIZE,
             allow_unsealed_dma: false,
+            faults: None,
+            fault_log: None,
+            control: None,
         }
     }
 }
@@ -51,6 +63,18 @@ pub enum AdapterError {
     Function(#[from] FunctionError),
     #[error("cannot start a server thread: {0}")]
     Thread(std::io::Error),
+    #[error("{0}")]
+    Faults(#[from] PlanError),
+    #[error("cannot create the fault log {path}: {source}")]
+    FaultLog {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot serve the fault control socket {path}: {source}")]
+    Control {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// A running adapter. Dropping it stops the servers and removes the sockets.
@@ -59,6 +83,8 @@ pub struct Adapter {
     listeners: Vec<Arc<Listener>>,
     threads: Vec<JoinHandle<()>>,
     dir: PathBuf,
+    faults: Arc<Injector>,
+    control: Option<ControlServer>,
 }
 
 impl Adapter {
@@ -80,7 +106,17 @@ impl Adapter {
         let ids: Vec<FunctionId> = std::iter::once(FunctionId::pf())
             .chain((0..cfg.vfs).map(FunctionId::vf))
             .collect();
-        let fabric = Arc::new(Fabric::new());
+        let plan = cfg.faults.clone().unwrap_or_default();
+        plan.check()?;
+        let log = match &cfg.fault_log {
+            None => FaultLog::memory(),
+            Some(p) => FaultLog::to_file(p).map_err(|source| AdapterError::FaultLog {
+                path: p.display().to_string(),
+                source,
+            })?,
+        };
+        let faults = Arc::new(Injector::new(plan.seed, log));
+        let fabric = Arc::new(Fabric::with_faults(Arc::clone(&faults)));
         let mut functions = Vec::new();
         let mut listeners = Vec::new();
         for id in ids {
@@ -104,6 +140,18 @@ impl Adapter {
             },
             ..ServerConfig::default()
         };
+        // Installed once every function exists, so an immediate fatal finds its target.
+        faults.set_plan(&plan)?;
+        let control =
+            match &cfg.control {
+                None => None,
+                Some(p) => Some(ControlServer::start(p, Arc::clone(&faults)).map_err(
+                    |source| AdapterError::Control {
+                        path: p.display().to_string(),
+                        source,
+                    },
+                )?),
+            };
         let mut threads = Vec::new();
         for (f, l) in functions.iter().zip(&listeners) {
             let (f, l) = (Arc::clone(f), Arc::clone(l));
@@ -125,6 +173,8 @@ impl Adapter {
             listeners,
             threads,
             dir: cfg.dir.clone(),
+            faults,
+            control,
         })
     }
 
@@ -154,6 +204,16 @@ impl Adapter {
         v
     }
 
+    /// The fault plan: add and clear rules, read the log, while the adapter runs.
+    pub fn faults(&self) -> &Arc<Injector> {
+        &self.faults
+    }
+
+    /// Where the fault control socket is served, if it is.
+    pub fn control_socket(&self) -> Option<&Path> {
+        self.control.as_ref().map(ControlServer::path)
+    }
+
     pub fn functions(&self) -> &[Arc<Function>] {
         &self.functions
     }
@@ -172,6 +232,7 @@ impl Adapter {
     }
 
     fn shutdown(&mut self) {
+        self.control = None;
         for l in &self.listeners {
             l.shutdown();
         }

@@ -6,19 +6,35 @@
 
 use std::sync::{Arc, RwLock, Weak};
 
+use crate::fault::Injector;
 use crate::firmware::Peer;
 
-/// Every function of one adapter, by `vhca_id`.
+/// Every function of one adapter, by `vhca_id`, and the adapter's fault plan.
 #[derive(Default)]
 pub struct Fabric {
     /// A leaf lock: held to look a function up by its id or to add one; no other lock
     /// is taken under it (a PF's firmware lock may be held while it is taken).
     functions: RwLock<Vec<Weak<dyn Peer>>>,
+    /// The fault plan every function of the adapter consults.
+    faults: Arc<Injector>,
 }
 
 impl Fabric {
     pub fn new() -> Self {
         Fabric::default()
+    }
+
+    /// A fabric whose functions consult `faults`.
+    pub fn with_faults(faults: Arc<Injector>) -> Self {
+        Fabric {
+            functions: RwLock::default(),
+            faults,
+        }
+    }
+
+    /// The adapter's fault plan.
+    pub fn faults(&self) -> &Arc<Injector> {
+        &self.faults
     }
 
     /// Adds a function (the adapter does this once per function at start).

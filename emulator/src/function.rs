@@ -17,6 +17,7 @@ use crate::bar0::{Bar0, BAR0_SIZE, MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET};
 use crate::cmdq::{self, Work, WorkSender};
 use crate::devmem::{DevMem, DevMemError, DEFAULT_DEV_MEM_SIZE};
 use crate::fabric::Fabric;
+use crate::fault::{CmdFaults, CmdSite, DmaDir, Fatal, FaultTarget, Injector, StateFilter};
 use crate::firmware::{
     Cmd, CmdRecord, Env, Firmware, FwCell, HcaState, MigCtl, MigState, ObjectCounts, P2pRefusal,
     P2pSource, Peer, Violation, ViolationKind,
@@ -102,19 +103,13 @@ pub struct Function {
     mig: Mutex<MigCtl>,
     /// Signalled when the admitted work of `mig` drops to zero.
     mig_idle: Condvar,
-    /// Commands to hold before they execute ([`Function::delay_commands`]; a leaf lock).
-    delays: Mutex<Vec<DelayRule>>,
     /// The process of the attached client (`SO_PEERCRED`), 0 when none is attached.
     client_pid: std::sync::atomic::AtomicI32,
-}
-
-/// One [`Function::delay_commands`] request.
-#[derive(Debug, Clone, Copy)]
-struct DelayRule {
-    opcode: mlx5_prm::Opcode,
-    target: Option<u16>,
-    delay: Duration,
-    left: u32,
+    /// Commands fetched, DMAs made and initiator suspends asked of this function: the
+    /// sequence numbers the fault plan and its log count in.
+    cmd_seq: AtomicU64,
+    dma_seq: AtomicU64,
+    drain_seq: AtomicU64,
 }
 
 impl Function {
@@ -163,14 +158,18 @@ impl Function {
             devmem,
             mig: Mutex::new(MigCtl::default()),
             mig_idle: Condvar::new(),
-            delays: Mutex::new(Vec::new()),
             client_pid: std::sync::atomic::AtomicI32::new(0),
+            cmd_seq: AtomicU64::new(0),
+            dma_seq: AtomicU64::new(0),
+            drain_seq: AtomicU64::new(0),
         });
         let name = format!("fw-{}", id.socket_name().trim_end_matches(".sock"));
         let host: std::sync::Weak<dyn cmdq::Host> = Arc::downgrade(&f) as _;
         cmdq::spawn_worker(host, rx, name).map_err(FunctionError::Worker)?;
         let peer: Arc<dyn Peer> = Arc::clone(&f) as _;
         f.fabric.register(&peer);
+        let target: Arc<dyn FaultTarget> = Arc::clone(&f) as _;
+        f.fabric.faults().register(&target);
         Ok(f)
     }
 
@@ -299,6 +298,13 @@ impl Function {
     /// saw the doorbell. Instead, [`Function::freeze`] drains it. When the DMA engine
     /// (`dma/`) lands, this is where it is told to stop fetching work and drain.
     pub fn suspend_initiator(&self) -> Result<(), SuspendError> {
+        let seq = self.drain_seq.fetch_add(1, Ordering::AcqRel) + 1;
+        if let Some(d) = self.faults().on_drain(self.id.vhca_id, seq) {
+            // A slower drain of in-flight initiator work: the function keeps running
+            // (and initiating) that much longer.
+            tracing::info!(vhca_id = self.id.vhca_id, delay = ?d, "initiator suspend drain slowed by the fault plan");
+            std::thread::sleep(d);
+        }
         self.transition(MigState::Running, MigState::InitiatorSuspended)
     }
 
@@ -381,47 +387,50 @@ impl Function {
         Ok(())
     }
 
-    /// Test hook: the next `count` commands this function's firmware executes with
-    /// `opcode` — and, if `target_vhca_id` is given, naming that function as the one
-    /// they act on (`other_function` / `function_id` / `vhca_id`, else this function
-    /// itself) — sleep `delay` before they execute, holding no lock. Commands on other
-    /// slots keep running meanwhile. Rules add up; each matching command uses the oldest
-    /// rule that matches. The seeded fault-injection plan (`fault/`) will replace this.
-    pub fn delay_commands(
-        &self,
-        opcode: mlx5_prm::Opcode,
-        target_vhca_id: Option<u16>,
-        delay: Duration,
-        count: u32,
-    ) {
-        if count == 0 {
-            return;
-        }
-        self.delays
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(DelayRule {
-                opcode,
-                target: target_vhca_id,
-                delay,
-                left: count,
-            });
+    /// The adapter's fault plan.
+    pub fn faults(&self) -> &Arc<Injector> {
+        self.fabric.faults()
     }
 
-    /// How long to hold `cmd` before executing it (see [`Function::delay_commands`]);
-    /// consumes one use of the matching rule.
-    pub(crate) fn command_delay(&self, cmd: &Cmd<'_>) -> Option<Duration> {
-        let mut rules = self.delays.lock().unwrap_or_else(|p| p.into_inner());
-        let target = cmd.target_vhca_id(self.id.vhca_id);
-        let i = rules.iter().position(|r| {
-            u16::from(r.opcode) == cmd.opcode && r.target.is_none_or(|t| t == target)
-        })?;
-        let delay = rules[i].delay;
-        rules[i].left -= 1;
-        if rules[i].left == 0 {
-            rules.remove(i);
+    /// What the fault plan does to `cmd`, the function's next command: (its sequence
+    /// number, the faults).
+    pub(crate) fn command_faults(&self, cmd: &Cmd<'_>) -> (u64, CmdFaults) {
+        let seq = self.cmd_seq.fetch_add(1, Ordering::AcqRel) + 1;
+        let vhca_id = cmd.target_vhca_id(self.id.vhca_id);
+        let state = if vhca_id == self.id.vhca_id {
+            self.migration_state()
+        } else {
+            self.fabric
+                .by_vhca_id(vhca_id)
+                .map_or(MigState::Running, |p| p.migration().state())
+        };
+        let faults = self.faults().on_command(&CmdSite {
+            function: self.id.vhca_id,
+            vhca_id,
+            opcode: cmd.opcode,
+            op_mod: cmd.op_mod,
+            seq,
+            state: state_filter(state),
+        });
+        (seq, faults)
+    }
+
+    /// Firmware fatal (`Some`) or recovered (`None`), as the fault plan sets it.
+    pub fn set_fatal(&self, fatal: Option<Fatal>) {
+        let mut s = self.lock();
+        match fatal {
+            Some(f) => {
+                s.bar0.set_health_syndrome(f.syndrome, f.ext_syndrome);
+                s.bar0.freeze_health_counter(true);
+                s.bar0.set_all_ones(f.all_ones);
+            }
+            None => {
+                s.bar0.clear_health();
+                s.bar0.freeze_health_counter(false);
+                s.bar0.set_all_ones(false);
+            }
         }
-        Some(delay)
+        tracing::warn!(vhca_id = self.id.vhca_id, ?fatal, "firmware health");
     }
 
     /// The process of the attached client, if one is attached and the kernel said.
@@ -615,11 +624,21 @@ impl Env for Function {
     }
 
     fn dma_read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        let seq = self.dma_seq.fetch_add(1, Ordering::AcqRel) + 1;
+        if self.faults().on_dma(self.id.vhca_id, DmaDir::Read, seq) {
+            return Err(injected_dma_fault(iova, buf.len()));
+        }
         self.dma.read(iova, buf)
     }
 
     fn dma_write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
-        self.dma.write(iova, data)
+        let seq = self.dma_seq.fetch_add(1, Ordering::AcqRel) + 1;
+        if self.faults().on_dma(self.id.vhca_id, DmaDir::Write, seq) {
+            return Err(injected_dma_fault(iova, data.len()));
+        }
+        self.dma.write(iova, data)?;
+        self.faults().dma_written(iova, data.len());
+        Ok(())
     }
 
     fn raise_msix(&self, vector: u16) -> bool {
@@ -735,8 +754,16 @@ impl cmdq::Host for Function {
         &self.firmware
     }
 
-    fn command_delay(&self, cmd: &Cmd<'_>) -> Option<Duration> {
-        Function::command_delay(self, cmd)
+    fn command_faults(&self, cmd: &Cmd<'_>) -> (u64, CmdFaults) {
+        Function::command_faults(self, cmd)
+    }
+
+    fn fatal(&self, fatal: Fatal) {
+        self.set_fatal(Some(fatal));
+    }
+
+    fn flr(&self) {
+        self.reset();
     }
 
     fn record(&self, r: CmdRecord) {
@@ -785,6 +812,33 @@ impl FunctionState {
     }
 }
 
+impl FaultTarget for Function {
+    fn vhca_id(&self) -> u16 {
+        self.id.vhca_id
+    }
+
+    fn set_fatal(&self, fatal: Option<Fatal>) {
+        Function::set_fatal(self, fatal);
+    }
+}
+
+/// The fault plan's name for a migration state.
+fn state_filter(s: MigState) -> StateFilter {
+    match s {
+        MigState::Running => StateFilter::Running,
+        MigState::InitiatorSuspended => StateFilter::InitiatorSuspended,
+        MigState::ResponderSuspended => StateFilter::ResponderSuspended,
+    }
+}
+
+/// The error of a DMA the fault plan made fail: the IOMMU refused it.
+fn injected_dma_fault(iova: u64, len: usize) -> DmaError {
+    DmaError::NotMapped {
+        iova,
+        len: len as u64,
+    }
+}
+
 /// Writes an interrupt decided under a lock; true if there was one to write.
 fn fire(fd: Option<Arc<EventFd>>) -> bool {
     match fd {
@@ -799,6 +853,7 @@ fn fire(fd: Option<Arc<EventFd>>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fault::{Instead, Rule};
     use crate::firmware::Cmd;
     use mlx5_prm::cmd::migration::IN_VHCA_ID;
     use mlx5_prm::ifc::{hdr, set};
@@ -812,24 +867,33 @@ mod tests {
     }
 
     #[test]
-    fn delay_hook_holds_the_next_matching_commands_only() {
+    fn command_rules_match_the_target_function_and_its_migration_state() {
         let pf = Function::new(FunctionId::pf()).unwrap();
         let d = Duration::from_millis(7);
-        pf.delay_commands(Opcode::SuspendVhca, Some(2), d, 2);
-        pf.delay_commands(Opcode::QueryIssi, None, d, 1);
+        pf.faults()
+            .add(&[
+                Rule::new("hold", "delay")
+                    .opcode(Opcode::SuspendVhca)
+                    .vhca_id(2)
+                    .times(2)
+                    .delay(d),
+                Rule::new("stopped", "hang").state("responder_suspended"),
+            ])
+            .unwrap();
         let to1 = input(Opcode::SuspendVhca, 1);
         let to2 = input(Opcode::SuspendVhca, 2);
+        let f = |m: &[u8]| pf.command_faults(&Cmd::new(m, 16));
+        assert_eq!(f(&to1).1.delay, None, "other target");
+        assert_eq!(f(&to2).1.delay, Some(d));
+        assert_eq!(f(&to2).1.delay, Some(d));
+        let (seq, last) = f(&to2);
+        assert_eq!((seq, last.delay), (4, None), "times used up");
+        pf.suspend_initiator().unwrap();
+        pf.freeze(DRAIN_TIMEOUT).unwrap();
+        // The PF itself is now responder-suspended: its own commands match.
         let issi = input(Opcode::QueryIssi, 0);
-        assert_eq!(pf.command_delay(&Cmd::new(&to1, 16)), None, "other target");
-        assert_eq!(pf.command_delay(&Cmd::new(&to2, 16)), Some(d));
-        assert_eq!(pf.command_delay(&Cmd::new(&issi, 16)), Some(d));
-        assert_eq!(
-            pf.command_delay(&Cmd::new(&issi, 16)),
-            None,
-            "count used up"
-        );
-        assert_eq!(pf.command_delay(&Cmd::new(&to2, 16)), Some(d));
-        assert_eq!(pf.command_delay(&Cmd::new(&to2, 16)), None);
+        assert_eq!(f(&issi).1.instead, Some(Instead::Hang));
+        assert_eq!(pf.faults().log().total(), 3);
     }
 }
 

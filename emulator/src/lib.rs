@@ -12,6 +12,7 @@ pub mod bar0;
 pub mod cmdq;
 pub mod devmem;
 pub mod fabric;
+pub mod fault;
 pub mod firmware;
 pub mod function;
 pub mod p2p;

@@ -9,8 +9,10 @@ use mlx5_emulator::{Adapter, AdapterConfig};
 
 /// A software mlx5 (ConnectX) adapter: one PF and N VFs, each a vfio-user socket.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Directory for the sockets (pf.sock, vf0.sock, ...).
     #[arg(long, default_value = "mlx5-emu")]
     dir: PathBuf,
@@ -29,6 +31,103 @@ struct Args {
     /// Log level or filter (error, warn, info, debug, trace, or an env-filter string).
     #[arg(long, default_value = "info")]
     log: String,
+    /// A fault plan (TOML: a seed and `[[rule]]` tables) the adapter starts with; see
+    /// the README's "Fault injection" and fixtures/faults/.
+    #[arg(long, value_name = "PLAN.toml")]
+    faults: Option<PathBuf>,
+    /// Write one JSON line per injected fault here (created or truncated).
+    #[arg(long, value_name = "LOG.jsonl")]
+    fault_log: Option<PathBuf>,
+    /// Serve the fault control socket here: `mlx5-emu fault --control PATH ...` adds,
+    /// lists and clears rules and reads the log while the adapter runs.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Control the fault plan of a running mlx5-emu (started with --control PATH).
+    Fault {
+        /// The control socket of the running mlx5-emu.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        #[command(subcommand)]
+        op: FaultOp,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum FaultOp {
+    /// Adds the `[[rule]]` tables of a TOML file (`-` reads stdin); the seed stays.
+    Add { plan: PathBuf },
+    /// Lists the rules with how often each matched and fired.
+    List,
+    /// Removes the rule named NAME, or every rule; a fatal a removed rule set is lifted.
+    Clear { name: Option<String> },
+    /// Prints the fault log (JSON lines).
+    Log,
+}
+
+/// `mlx5-emu fault ...`: one request to the control socket, its answer on stdout.
+fn fault_command(control: &std::path::Path, op: FaultOp) -> ExitCode {
+    use mlx5_emulator::fault::control::{request, Request};
+    use std::io::Read;
+    let req = match op {
+        FaultOp::Add { plan } => {
+            let text = if plan.as_os_str() == "-" {
+                let mut t = String::new();
+                std::io::stdin().read_to_string(&mut t).map(|_| t)
+            } else {
+                std::fs::read_to_string(&plan)
+            };
+            match text {
+                Ok(plan) => Request::Add { plan },
+                Err(e) => {
+                    eprintln!("mlx5-emu fault add: cannot read {}: {e}", plan.display());
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        FaultOp::List => Request::List,
+        FaultOp::Clear { name } => Request::Clear { name },
+        FaultOp::Log => Request::Log,
+    };
+    match request(control, &req) {
+        Err(e) => {
+            eprintln!("mlx5-emu fault: {e}");
+            ExitCode::FAILURE
+        }
+        Ok(r) => {
+            let mut out = std::io::stdout().lock();
+            if let Some(n) = r.added {
+                let _ = writeln!(out, "added {n} rule(s)");
+            }
+            if let Some(n) = r.removed {
+                let _ = writeln!(out, "removed {n} rule(s)");
+            }
+            if let Some(rules) = r.rules {
+                let _ = writeln!(out, "seed {}", r.seed.unwrap_or(0));
+                for s in rules {
+                    let _ = writeln!(
+                        out,
+                        "{:?}: effect {}, matched {}, fired {}",
+                        s.rule.name, s.rule.effect, s.matches, s.fired
+                    );
+                    let plan = mlx5_emulator::fault::Plan {
+                        seed: 0,
+                        rules: vec![s.rule],
+                    };
+                    for l in plan.to_toml().lines().filter(|l| !l.starts_with("seed")) {
+                        let _ = writeln!(out, "    {l}");
+                    }
+                }
+            }
+            if let Some(log) = r.log {
+                let _ = write!(out, "{log}");
+            }
+            ExitCode::SUCCESS
+        }
+    }
 }
 
 /// `--dev-mem`: bytes, or a number with a K/M/G suffix (binary units).
@@ -67,6 +166,9 @@ fn block_signals() -> libc::sigset_t {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::Fault { control, op }) = args.command {
+        return fault_command(&control, op);
+    }
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| {
         eprintln!("mlx5-emu: bad --log {:?}, using info", args.log);
         tracing_subscriber::EnvFilter::new("info")
@@ -82,12 +184,27 @@ fn main() -> ExitCode {
         Ok(n) => tracing::debug!(fd_limit = n, "fd soft limit raised to the hard limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the fd soft limit"),
     }
+    let faults = match args
+        .faults
+        .as_deref()
+        .map(mlx5_emulator::fault::Plan::from_file)
+    {
+        None => None,
+        Some(Ok(p)) => Some(p),
+        Some(Err(e)) => {
+            eprintln!("mlx5-emu: --faults: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let set = block_signals();
     let adapter = match Adapter::start(&AdapterConfig {
         dir: args.dir.clone(),
         vfs: args.vfs,
         dev_mem: args.dev_mem,
         allow_unsealed_dma: args.allow_unsealed_dma,
+        faults,
+        fault_log: args.fault_log.clone(),
+        control: args.control.clone(),
     }) {
         Ok(a) => a,
         Err(e) => {
@@ -112,6 +229,9 @@ fn main() -> ExitCode {
             f.id.vhca_id,
             adapter.dir().join(f.id.socket_name()).display()
         );
+    }
+    if let Some(c) = adapter.control_socket() {
+        let _ = writeln!(out, "fault control at {}", c.display());
     }
     let _ = writeln!(out, "serving; SIGTERM or Ctrl-C stops");
     let _ = out.flush();

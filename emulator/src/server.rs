@@ -68,6 +68,10 @@ fn touches_iseg_state(offset: u64, len: usize) -> bool {
 }
 
 impl Backend for FunctionBackend {
+    fn after_message(&mut self, seq: u64) -> bool {
+        !self.func.faults().on_message(self.func.id.vhca_id, seq)
+    }
+
     fn num_regions(&self) -> u32 {
         VFIO_PCI_NUM_REGIONS
     }

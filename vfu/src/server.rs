@@ -158,6 +158,13 @@ pub trait Backend {
     fn dma_unmapping(&mut self, _window: DmaWindow) {}
     /// The client went away: drop its IRQ fds, keep device state.
     fn disconnected(&mut self) {}
+
+    /// Called after the connection's `seq`-th message (1 for the first) was answered;
+    /// returning false closes the connection there, as a client that vanished would
+    /// (a fault-injection point; the default keeps it).
+    fn after_message(&mut self, _seq: u64) -> bool {
+        true
+    }
 }
 
 /// Limits of a server.
@@ -509,7 +516,13 @@ impl Connection {
 
     fn serve<B: Backend>(&mut self, backend: &mut B, dma: &Dma) -> Result<(), VfuError> {
         let handshake = std::time::Instant::now() + HANDSHAKE_DEADLINE;
+        let mut seq = 0u64;
         loop {
+            if seq > 0 && !backend.after_message(seq) {
+                tracing::warn!(messages = seq, "connection closed by the backend");
+                return Err(VfuError::Disconnected);
+            }
+            seq += 1;
             // Until VERSION is negotiated every message must arrive before the
             // handshake deadline: a client that connects and stalls does not keep the
             // device's owner out.

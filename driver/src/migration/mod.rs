@@ -24,7 +24,8 @@
 //! # ERROR
 //! mlx5vf never reports ERROR. This driver does when the device can no longer be
 //! trusted: a command that never completed or whose transport failed (it may or may
-//! not have run), a LOAD that failed after part of the stream was applied, or a PF
+//! not have run), a LOAD that failed after part of the stream was applied or that
+//! the firmware failed internally (INT_ERR: part of the image may be in), or a PF
 //! whose health says the firmware failed ([`crate::cmdif::HealthFault`]: all-ones
 //! reads, interface disabled or reset, a health syndrome). Health is read before each
 //! arc and after any failure that came from the device (mlx5_core's poll timer plays
@@ -33,6 +34,25 @@
 //! dropped without firmware cleanup (more commands could only time out; their pages
 //! are leaked, not reused). Any other failed arc leaves the device in the last state
 //! reached and returns the errno.
+
+//!
+//! # Deliberate differences from mlx5vf
+//! Each place this driver reports ERROR where mlx5vf reports only an errno (and stays
+//! in, or walks back to, a state it cannot vouch for). The fault-injection suites
+//! (`tests/fault_*.rs`) have one named test per row.
+//!
+//! | condition | mlx5vf | this driver |
+//! |---|---|---|
+//! | a command times out (`CmdError::Timeout`) | errno (-ETIMEDOUT), state unchanged | ERROR, files dropped without firmware cleanup |
+//! | the PF's vfio-user transport fails mid-command (`CmdError::Vfu`, `Aborted`) | (no equivalent: PCIe does not fail that way) | ERROR |
+//! | the PF's health shows a firmware fatal (syndrome, frozen counter seen by the health read, all-ones BAR0, interface disabled) | mlx5_core enters INTERNAL_ERROR, every later command -ENXIO; the VFIO state stays as it was | ERROR with -ENXIO, before any arc runs |
+//! | a LOAD fails after an earlier LOAD of the stream applied | errno, RESUMING | ERROR |
+//! | a LOAD fails with INT_ERR (the firmware failed inside it) | errno, RESUMING | ERROR |
+//! | the resuming stream ends inside a record at RESUMING → STOP, some of it loaded | errno | ERROR |
+//!
+//! Everything else (a refusal such as BAD_PARAM or BAD_RES_STATE, ENOMEM, a stream
+//! the parser refuses before any LOAD) leaves the device in the last state reached
+//! with the errno, as mlx5vf does; reset is the only way out of ERROR.
 
 pub mod arcs;
 pub mod fsm;

@@ -22,6 +22,12 @@ struct Sink<'a, 'b> {
     loads: &'a mut u64,
 }
 
+/// A command that failed with INT_ERR: the firmware started it and failed inside,
+/// unlike a refusal (BAD_PARAM, BAD_RES_STATE, ...) that changes nothing.
+fn failed_inside_firmware(e: &MigError) -> bool {
+    matches!(e, MigError::Cmd { source, .. } if source.status() == Some(mlx5_prm::CmdStatus::IntErr))
+}
+
 fn sink_err(e: MigError, fatal: bool) -> SinkError {
     SinkError {
         errno: e.errno(),
@@ -74,8 +80,13 @@ impl RecordSink for Sink<'_, '_> {
                 *self.loads += 1;
                 Ok(())
             }
-            // A LOAD refused after another one applied leaves the function part-way.
-            Err(e) => Err(sink_err(e, *self.loads > 0)),
+            // A LOAD refused after another one applied leaves the function part-way;
+            // so does one the firmware failed internally (INT_ERR): it may have
+            // applied part of the image before it failed.
+            Err(e) => {
+                let partway = *self.loads > 0 || failed_inside_firmware(&e);
+                Err(sink_err(e, partway))
+            }
         }
     }
 }

@@ -32,6 +32,33 @@ use vfu::dma::DmaError;
 use vfu::Dma;
 use zerocopy::FromBytes;
 
+use crate::firmware::Env;
+
+/// Where the queue's DMA goes: the function's [`Env`] (so that every access passes
+/// the function's fault-injection point), or a bare IOVA space (unit tests).
+pub trait DmaPort {
+    fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError>;
+    fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError>;
+}
+
+impl DmaPort for Dma {
+    fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        Dma::read(self, iova, buf)
+    }
+    fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
+        Dma::write(self, iova, data)
+    }
+}
+
+impl DmaPort for dyn Env + '_ {
+    fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        self.dma_read(iova, buf)
+    }
+    fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
+        self.dma_write(iova, data)
+    }
+}
+
 /// Largest input message accepted (1 MiB: 2048 mailboxes).
 pub const MAX_CMD_IN_LEN: usize = 1 << 20;
 /// Largest output message accepted.
@@ -77,7 +104,7 @@ pub enum Fetched {
 }
 
 /// Reads the 64-byte entry at `addr`.
-pub fn fetch_entry(dma: &Dma, addr: u64) -> Result<Fetched, DmaError> {
+pub fn fetch_entry(dma: &(impl DmaPort + ?Sized), addr: u64) -> Result<Fetched, DmaError> {
     let mut raw = [0u8; CMD_ENTRY_SIZE];
     dma.read(addr, &mut raw)?;
     // The array is exactly the entry size, so this cannot fail.
@@ -103,7 +130,7 @@ pub struct Prepared {
 /// Checks the entry, gathers the input and walks the output chain. The output chain is
 /// checked before execution so a broken one never loses the result of a command that
 /// changed state.
-pub fn prepare(dma: &Dma, e: &CmdLayout) -> Result<Prepared, DeliveryStatus> {
+pub fn prepare(dma: &(impl DmaPort + ?Sized), e: &CmdLayout) -> Result<Prepared, DeliveryStatus> {
     if e.type_ != MLX5_PCI_CMD_XPORT {
         return Err(DeliveryStatus::CmdDescrErr);
     }
@@ -138,7 +165,7 @@ pub fn prepare(dma: &Dma, e: &CmdLayout) -> Result<Prepared, DeliveryStatus> {
 /// no block visited twice). Calls `data` with each input block's data (only for
 /// [`Dir::In`]; output blocks are read only up to their control fields).
 fn walk_chain(
-    dma: &Dma,
+    dma: &(impl DmaPort + ?Sized),
     first: u64,
     len: usize,
     token: u8,
@@ -190,7 +217,12 @@ fn walk_chain(
 
 /// Writes `out` (already cut to `outlen`) to the entry's inline `out` and the output
 /// blocks' data. Does not touch `status_own`.
-pub fn scatter(dma: &Dma, entry_addr: u64, out: &[u8], blocks: &[u64]) -> Result<(), DmaError> {
+pub fn scatter(
+    dma: &(impl DmaPort + ?Sized),
+    entry_addr: u64,
+    out: &[u8],
+    blocks: &[u64],
+) -> Result<(), DmaError> {
     let inline = out.len().min(INLINE_SIZE);
     let out_addr = entry_addr
         .checked_add(CMD_OUT_OFFSET as u64)
@@ -206,7 +238,11 @@ pub fn scatter(dma: &Dma, entry_addr: u64, out: &[u8], blocks: &[u64]) -> Result
 }
 
 /// Writes `status_own` = `(status << 1) | 0`: the slot goes back to software.
-pub fn complete(dma: &Dma, entry_addr: u64, status: DeliveryStatus) -> Result<(), DmaError> {
+pub fn complete(
+    dma: &(impl DmaPort + ?Sized),
+    entry_addr: u64,
+    status: DeliveryStatus,
+) -> Result<(), DmaError> {
     let addr = entry_addr
         .checked_add(CMD_STATUS_OWN_OFFSET as u64)
         .ok_or(DmaError::Overflow {

@@ -42,14 +42,17 @@
 pub mod mailbox;
 
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
+use mlx5_prm::cmd::migration::SAVE_VHCA_STATE_OUT_ACTUAL_IMAGE_SIZE;
 use mlx5_prm::cmdq::{DeliveryStatus, CMD_ENTRY_SIZE};
+use mlx5_prm::ifc;
 use mlx5_prm::CmdStatus;
+use mlx5_prm::Opcode;
 use tracing::field;
 use vfu::Dma;
 
+use crate::fault::{self, After, CmdContext, CmdFaults, Fatal, Instead};
 use crate::firmware::{opcode_name, Cmd, CmdRecord, Env, FwCell};
 use mailbox::{Fetched, Prepared};
 use mlx5_prm::iseg::{CMDQ_LOG_SIZE_DEFAULT, CMDQ_LOG_STRIDE_DEFAULT};
@@ -96,8 +99,13 @@ pub trait Host: Send + Sync + 'static {
     fn env(&self) -> &dyn Env;
     /// The function's firmware.
     fn firmware(&self) -> &FwCell;
-    /// How long to hold `cmd` before it executes (a test hook; `None`: not at all).
-    fn command_delay(&self, cmd: &Cmd<'_>) -> Option<Duration>;
+    /// What the fault plan does to `cmd` (the command site of [`crate::fault`]);
+    /// counts the function's commands.
+    fn command_faults(&self, cmd: &Cmd<'_>) -> (u64, CmdFaults);
+    /// Firmware fatal injected by a command that then never completes.
+    fn fatal(&self, fatal: Fatal);
+    /// An FLR of the function arriving while a command executes.
+    fn flr(&self);
     /// Appends to the command log.
     fn record(&self, r: CmdRecord);
     /// Ends one admitted work item (a doorbell).
@@ -217,7 +225,8 @@ fn spawn_slot(host: Weak<dyn Host>, name: String) -> Option<Sender<SlotJob>> {
 pub fn run_slot(h: &dyn Host, work: &Work, slot: u8) {
     let env = h.env();
     let vhca_id = env.id().vhca_id;
-    let dma = h.dma();
+    // Every access of the queue goes through the function's DMA (and its fault site).
+    let dma = env;
     let Some(entry_addr) = work.cmdq.checked_add(u64::from(slot) * CMDQ_STRIDE) else {
         tracing::warn!(
             vhca_id,
@@ -266,7 +275,34 @@ pub fn run_slot(h: &dyn Host, work: &Work, slot: u8) {
             d
         }
         Ok(p) => {
-            let d = execute(h, entry_addr, work, &p, &mut record);
+            let cmd = Cmd::new(&p.input, p.outlen);
+            let (seq, faults) = h.command_faults(&cmd);
+            if let Some(delay) = faults.delay {
+                tracing::debug!(?delay, "command held by the fault plan");
+                std::thread::sleep(delay);
+            }
+            let d = match faults.instead {
+                None => execute(h, entry_addr, work, &p, &mut record, seq, &faults.after),
+                Some(Instead::Hang) => {
+                    tracing::info!("command left uncompleted by the fault plan");
+                    return;
+                }
+                Some(Instead::Fatal(f)) => {
+                    tracing::info!("firmware fatal injected: command left uncompleted");
+                    h.fatal(f);
+                    return;
+                }
+                Some(Instead::Delivery(d)) => {
+                    tracing::info!(delivery = d.name(), "delivery error injected");
+                    Some(d)
+                }
+                Some(Instead::Status { status, syndrome }) => {
+                    record.status = status;
+                    record.syndrome = syndrome;
+                    let out = crate::firmware::failed_output(status, syndrome, p.outlen);
+                    scatter_out(h, entry_addr, &out, &p)
+                }
+            };
             span.record("status", record.status.name());
             span.record("syndrome", format_args!("{:#x}", record.syndrome));
             match d {
@@ -289,28 +325,91 @@ pub fn run_slot(h: &dyn Host, work: &Work, slot: u8) {
     }
 }
 
-/// Executes a prepared command and scatters its output. Returns the delivery status to
-/// write, or `None` if a reset happened meanwhile (nothing may be written).
+/// Executes a prepared command, applies the plan's after-effects (`after`: a SAVE
+/// image corrupted or truncated, a LOAD failing part-way, an FLR arriving meanwhile)
+/// and scatters its output. Returns the delivery status to write, or `None` if a reset
+/// happened meanwhile (nothing may be written).
 fn execute(
     h: &dyn Host,
     entry_addr: u64,
     work: &Work,
     p: &Prepared,
     record: &mut CmdRecord,
+    seq: u64,
+    after: &[After],
 ) -> Option<DeliveryStatus> {
     let cmd = Cmd::new(&p.input, p.outlen);
-    if let Some(delay) = h.command_delay(&cmd) {
-        tracing::debug!(?delay, "command held by the delay hook");
-        std::thread::sleep(delay);
-    }
-    let reply = h.firmware().execute(h.env(), &cmd);
+    let env = h.env();
+    let corrupt: Vec<u64> = after
+        .iter()
+        .filter_map(|a| match a {
+            After::Corrupt(bits) => Some(bits.iter().copied()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let ctx = CmdContext {
+        opcode: cmd.opcode,
+        op_mod: cmd.op_mod,
+        vhca_id: cmd.target_vhca_id(env.id().vhca_id),
+        seq,
+        load_fail: after.contains(&After::LoadFail),
+        record_writes: !corrupt.is_empty(),
+        writes: Vec::new(),
+    };
+    let (mut reply, ctx) = fault::with_context(ctx, || h.firmware().execute(env, &cmd));
     record.status = reply.status;
     record.syndrome = reply.syndrome;
-    if h.env().epoch() != work.epoch {
+    let saved = reply.status == CmdStatus::Ok && cmd.opcode == u16::from(Opcode::SaveVhcaState);
+    if saved {
+        let image = ifc::get(&reply.out, SAVE_VHCA_STATE_OUT_ACTUAL_IMAGE_SIZE);
+        for a in after {
+            if let After::Truncate(keep) = a {
+                let keep = keep.unwrap_or(image / 2).min(image);
+                tracing::info!(image, keep, "SAVE image truncated by the fault plan");
+                ifc::set(&mut reply.out, SAVE_VHCA_STATE_OUT_ACTUAL_IMAGE_SIZE, keep);
+            }
+        }
+        if !corrupt.is_empty() {
+            corrupt_image(env, &ctx.writes, image, &corrupt);
+        }
+    }
+    if after.contains(&After::Flr) {
+        tracing::info!("FLR injected while the command executed");
+        h.flr();
+    }
+    if env.epoch() != work.epoch {
         return None;
     }
-    let n = reply.out.len().min(p.outlen);
-    match mailbox::scatter(h.dma(), entry_addr, &reply.out[..n], &p.out_blocks) {
+    scatter_out(h, entry_addr, &reply.out, p)
+}
+
+/// Flips `bits` of the first `image` bytes the command wrote (`writes`, in order).
+fn corrupt_image(env: &dyn Env, writes: &[(u64, usize)], image: u64, bits: &[u64]) {
+    for &bit in bits {
+        let Some((iova, mask)) = fault::flip_target(writes, image, bit) else {
+            continue;
+        };
+        let mut b = [0u8];
+        let flipped = env.dma_read(iova, &mut b).and_then(|()| {
+            b[0] ^= mask;
+            env.dma_write(iova, &b)
+        });
+        match flipped {
+            Ok(()) => tracing::info!(
+                offset = bit % (image * 8) / 8,
+                mask,
+                "SAVE image bit flipped by the fault plan"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot corrupt the SAVE image"),
+        }
+    }
+}
+
+/// Scatters `out` (cut to `outlen`) into the output mailboxes.
+fn scatter_out(h: &dyn Host, entry_addr: u64, out: &[u8], p: &Prepared) -> Option<DeliveryStatus> {
+    let n = out.len().min(p.outlen);
+    match mailbox::scatter(h.env(), entry_addr, &out[..n], &p.out_blocks) {
         Ok(()) => Some(DeliveryStatus::Ok),
         Err(e) => {
             // The chain was mapped a moment ago; the driver unmapped it under us.

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mlx5_prm::cmd::eq::{EQE_CMD_VECTOR, EQE_SIZE, EQE_TYPE, EVENT_TYPE_CMD};
 use mlx5_prm::cmdq::{CmdLayout, CMD_OWNER_HW, CMD_STATUS_OWN_OFFSET, MLX5_PCI_CMD_XPORT};
@@ -96,16 +96,27 @@ impl Host for FakeHost {
         &self.fw
     }
 
-    fn command_delay(&self, cmd: &Cmd<'_>) -> Option<Duration> {
+    fn command_faults(&self, cmd: &Cmd<'_>) -> (u64, CmdFaults) {
         let mut d = self.delay.lock().unwrap();
-        match *d {
+        let delay = match *d {
             Some((op, delay)) if op == cmd.opcode => {
                 *d = None;
                 Some(delay)
             }
             _ => None,
-        }
+        };
+        (
+            0,
+            CmdFaults {
+                delay,
+                ..CmdFaults::default()
+            },
+        )
     }
+
+    fn fatal(&self, _fatal: Fatal) {}
+
+    fn flr(&self) {}
 
     fn record(&self, r: CmdRecord) {
         self.log.lock().unwrap().push(r);

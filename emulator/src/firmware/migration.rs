@@ -104,6 +104,9 @@ pub mod mig_syndrome {
     pub const DRAIN_TIMEOUT: u32 = 0x4d47_000a;
     /// Another SUSPEND/RESUME/SAVE/LOAD for the same function is executing (RES_BUSY).
     pub const BUSY: u32 = 0x4d47_000b;
+    /// LOAD_VHCA_STATE failed after applying part of the image (INT_ERR): the
+    /// function holds neither its old state nor the image's (an injected fault).
+    pub const LOAD_PARTIAL: u32 = 0x4d47_000c;
 }
 
 /// How long SUSPEND_VHCA(responder) waits for the function's admitted work (queued and
@@ -875,6 +878,20 @@ pub(super) fn load_vhca_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> Cm
     f.load_iseg(&image.iseg);
     // Indices were checked against this size by validate + check_compatible.
     let pages: Vec<(u32, &[u8])> = image.pages.iter().map(|p| (p.index, &*p.data)).collect();
+    if crate::fault::load_must_fail() {
+        // The fault plan's LOAD that dies part-way: the firmware state is in, half of
+        // the device memory (a base image's clearing included) and no session record.
+        let half = &pages[..pages.len() / 2];
+        f.devmem().apply(h.kind == ImageKind::Base, half);
+        f.migration().loaded = None;
+        tracing::warn!(
+            vhca_id = id.vhca_id,
+            applied = half.len(),
+            pages = pages.len(),
+            "LOAD_VHCA_STATE failed part-way (fault plan)"
+        );
+        return Err(CmdFail::new(CmdStatus::IntErr, mig_syndrome::LOAD_PARTIAL));
+    }
     f.devmem().apply(h.kind == ImageKind::Base, &pages);
     f.migration().loaded = Some((h.session, h.seq));
     tracing::info!(

@@ -423,6 +423,15 @@ impl FwCell {
     }
 }
 
+/// The output header of a command that failed with `status` and `syndrome` without
+/// executing (an injected failure).
+pub fn failed_output(status: CmdStatus, syndrome: u32, _outlen: usize) -> Vec<u8> {
+    let mut out = vec![0; hdr::HDR_LEN];
+    ifc::set(&mut out, hdr::STATUS, u64::from(u8::from(status)));
+    ifc::set(&mut out, hdr::SYNDROME, u64::from(syndrome));
+    out
+}
+
 /// The output message of a command that ended with `result`, its header filled in.
 fn reply(id: FunctionId, cmd: &Cmd<'_>, result: CmdResult) -> Reply {
     let (mut out, status, synd) = match result {
