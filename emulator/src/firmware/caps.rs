@@ -84,8 +84,11 @@ fn general_limits() -> Box<[u8]> {
     p
 }
 
-/// The GENERAL_2 page (CUR = MAX).
-pub fn general2() -> Box<[u8]> {
+/// The GENERAL_2 page of function `id` (CUR = MAX). Every function carries the
+/// migration extensions (the PF's are what mlx5_vfio_pci checks before it offers
+/// migration); a VF is also `migratable`, which mlx5_vfio_pci reads from the VF's page
+/// through the PF (mlx5-pf.md §4.2). The PF itself is not migratable.
+pub fn general2(id: FunctionId) -> Box<[u8]> {
     use cmd_hca_cap_2 as c;
     let mut p = vec![0u8; HCA_CAP_SIZE].into_boxed_slice();
     for f in [
@@ -95,6 +98,11 @@ pub fn general2() -> Box<[u8]> {
     ] {
         set(&mut p, f, 1);
     }
+    set(
+        &mut p,
+        c::MIGRATABLE,
+        u64::from(id.kind == FunctionKind::Vf),
+    );
     p
 }
 
@@ -158,7 +166,7 @@ impl Firmware {
         match (t, mode) {
             (CapType::General, CapMode::Cur) => self.general_cur.clone(),
             (CapType::General, CapMode::Max) => general_max(self.id),
-            (CapType::General2, _) => general2(),
+            (CapType::General2, _) => general2(self.id),
             _ => vec![0u8; HCA_CAP_SIZE].into_boxed_slice(),
         }
     }
@@ -353,5 +361,80 @@ mod tests {
         assert_eq!(get(&r.out[HCA_CAP_MSG_OFFSET..], cmd_hca_cap::VHCA_ID), 0);
         let r = run(Opcode::QueryHcaCap, true, 2);
         fails(&r, CmdStatus::BadParamErr, syndrome::BAD_FUNCTION);
+    }
+
+    /// What mlx5_vfio_pci's `mlx5vf_cmd_set_migratable` reads through the PF
+    /// (mlx5-pf.md §4.2): the PF's own GENERAL `migration` and GENERAL_2
+    /// multi_load + tracking_state (CUR), then the VF's GENERAL_2 MAX `migratable`
+    /// and GENERAL CUR `vhca_id` with other_function.
+    #[test]
+    fn pf_answers_what_mlx5_vfio_pci_checks_before_offering_migration() {
+        use mlx5_prm::ifc::hdr;
+        let mut env = FakeEnv::new(FunctionId::pf());
+        env.peers.push(FakePeer::new(FunctionId::vf(0), 4096));
+        env.peers.push(FakePeer::new(FunctionId::vf(1), 4096));
+        let pf = super::super::FwCell::new(FunctionId::pf());
+        let query = |op_mod: u16, fid: Option<u16>| {
+            let mut m = vec![0u8; 16];
+            set(
+                &mut m,
+                hdr::OPCODE,
+                u64::from(u16::from(Opcode::QueryHcaCap)),
+            );
+            set(&mut m, hdr::OP_MOD, u64::from(op_mod));
+            if let Some(fid) = fid {
+                set(&mut m, HCA_CAP_IN_OTHER_FUNCTION, 1);
+                set(&mut m, HCA_CAP_IN_FUNCTION_ID, u64::from(fid));
+            }
+            let r = pf.execute(&env, &Cmd::new(&m, QUERY_HCA_CAP_OUT_LEN));
+            ok(&r);
+            r.out[HCA_CAP_MSG_OFFSET..].to_vec()
+        };
+        let mut enable = vec![0u8; 16];
+        set(
+            &mut enable,
+            hdr::OPCODE,
+            u64::from(u16::from(Opcode::EnableHca)),
+        );
+        ok(&pf.execute(&env, &Cmd::new(&enable, 16)));
+        let gen = |m| query_op_mod(CapType::General, m);
+        let gen2 = |m| query_op_mod(CapType::General2, m);
+        assert_eq!(
+            get(&query(gen(CapMode::Cur), None), cmd_hca_cap::MIGRATION),
+            1
+        );
+        for mode in [CapMode::Cur, CapMode::Max] {
+            assert_eq!(get(&query(gen(mode), None), cmd_hca_cap::HCA_CAP_2), 1);
+        }
+        let own2 = query(gen2(CapMode::Cur), None);
+        assert_eq!(get(&own2, cmd_hca_cap_2::MIGRATION_MULTI_LOAD), 1);
+        assert_eq!(get(&own2, cmd_hca_cap_2::MIGRATION_TRACKING_STATE), 1);
+        assert_eq!(get(&own2, cmd_hca_cap_2::MIGRATABLE), 0, "the PF is not");
+        let mut ids = Vec::new();
+        for fid in [1u16, 2] {
+            let vf2 = query(gen2(CapMode::Max), Some(fid));
+            assert_eq!(get(&vf2, cmd_hca_cap_2::MIGRATABLE), 1, "function {fid}");
+            ids.push(get(
+                &query(gen(CapMode::Cur), Some(fid)),
+                cmd_hca_cap::VHCA_ID,
+            ));
+        }
+        assert_eq!(ids, [1, 2], "unique vhca_ids, distinct from the PF's 0");
+        // The PF keeps to the minimal path: no eswitch or vport manager, no Ethernet
+        // offloads, no flow tables, no dynamic VF MSI-X, no register caps.
+        let own = query(gen(CapMode::Max), None);
+        for f in [
+            cmd_hca_cap::VPORT_GROUP_MANAGER,
+            cmd_hca_cap::ESWITCH_MANAGER,
+            cmd_hca_cap::NIC_FLOW_TABLE,
+            cmd_hca_cap::ETH_NET_OFFLOADS,
+            cmd_hca_cap::MCAM_REG,
+            cmd_hca_cap::PCAM_REG,
+            cmd_hca_cap::QCAM_REG,
+            cmd_hca_cap::VHCA_STATE,
+            cmd_hca_cap::ADV_VIRTUALIZATION,
+        ] {
+            assert_eq!(get(&own, f), 0, "{f:?}");
+        }
     }
 }

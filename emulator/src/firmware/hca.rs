@@ -232,11 +232,32 @@ mod tests {
         });
         fails(&r, CmdStatus::BadParamErr, syndrome::BAD_FUNCTION);
         let mut p = Bench::pf();
-        let r = p.run(Opcode::EnableHca, 0, 16, 16, |m| {
-            set(m, ENABLE_HCA_IN_FUNCTION_ID, 1)
-        });
-        fails(&r, CmdStatus::BadParamErr, syndrome::BAD_FUNCTION);
+        let by_vf =
+            |p: &mut Bench, op| p.run(op, 0, 16, 16, |m| set(m, ENABLE_HCA_IN_FUNCTION_ID, 1));
+        // A PF that is not enabled itself sends nothing for its VFs.
+        fails(
+            &by_vf(&mut p, Opcode::EnableHca),
+            CmdStatus::BadSysStateErr,
+            syndrome::WRONG_STATE,
+        );
         assert_eq!(p.fw.state(), HcaState::Disabled);
+        // An initialized PF (as when `sriov_numvfs` is written) names only existing VFs.
+        p.bring_up();
+        fails(
+            &by_vf(&mut p, Opcode::EnableHca),
+            CmdStatus::BadParamErr,
+            syndrome::BAD_FUNCTION,
+        );
+        fails(
+            &by_vf(&mut p, Opcode::DisableHca),
+            CmdStatus::BadParamErr,
+            syndrome::BAD_FUNCTION,
+        );
+        assert_eq!(
+            p.fw.state(),
+            HcaState::Initialized,
+            "its own state unchanged"
+        );
     }
 
     #[test]

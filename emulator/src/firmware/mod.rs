@@ -28,6 +28,7 @@
 //! lock order acyclic: the PF's firmware lock may be held while a VF's is taken, never
 //! the reverse.
 
+mod access_reg;
 mod caps;
 mod cq_qp;
 pub mod env;
@@ -58,6 +59,7 @@ pub use pd_mkey::{Mkey, MkeyError};
 /// object of an image, so a restored function holds only what the commands would have
 /// created. Each error's `fail()` is the status and syndrome of the live command.
 pub mod checks {
+    pub use super::access_reg::{check_host_endianness, RegError};
     pub use super::caps::{check_general_caps, CapsError, MAX_NUM_EQS};
     pub use super::cq_qp::{
         check_cq, check_dbr, check_qp, check_ring, QueueError, FIRST_QPN, MAX_CQS, MAX_QPS,
@@ -104,6 +106,8 @@ pub mod syndrome {
     pub const PAGES_MISSING: u32 = 0x4657_000b;
     /// An object is still in use.
     pub const BUSY: u32 = 0x4657_000c;
+    /// ACCESS_REG named a register this device does not implement.
+    pub const UNSUPPORTED_REGISTER: u32 = 0x4657_000d;
 }
 
 /// The HCA life-cycle state of a function (Disabled, Enabled, Initialized). A state
@@ -487,6 +491,8 @@ pub struct Firmware {
     mkeys: BTreeMap<u32, Mkey>,
     cqs: BTreeMap<u32, Cq>,
     qps: BTreeMap<u32, Qp>,
+    /// HOST_ENDIANNESS `he` as the PF's driver wrote it (ACCESS_REG).
+    host_endianness: u8,
     log: VecDeque<CmdRecord>,
 }
 
@@ -506,6 +512,7 @@ impl Firmware {
             mkeys: BTreeMap::new(),
             cqs: BTreeMap::new(),
             qps: BTreeMap::new(),
+            host_endianness: 0,
             log: VecDeque::new(),
         }
     }
@@ -563,7 +570,16 @@ impl Firmware {
 
     /// A short command (every one but the migration commands), under the lock.
     fn execute_short(&mut self, env: &dyn Env, op: Opcode, cmd: &Cmd<'_>) -> CmdResult {
-        if !allowed(op, self.state) {
+        // ENABLE/DISABLE_HCA naming another function (what `sriov_numvfs` sends) act on
+        // that VF, not on this function: they run on any live PF, whatever its own
+        // state. A VF naming another function is refused by the handler (BAD_FUNCTION).
+        let names_other = matches!(op, Opcode::EnableHca | Opcode::DisableHca)
+            && cmd.get(mlx5_prm::cmd::hca::ENABLE_HCA_IN_FUNCTION_ID) != 0;
+        if names_other {
+            if self.id.kind == crate::pci::FunctionKind::Pf && self.state == HcaState::Disabled {
+                return Err(CmdFail::wrong_state());
+            }
+        } else if !allowed(op, self.state) {
             return Err(CmdFail::wrong_state());
         }
         self.dispatch(env, op, cmd)
@@ -602,6 +618,7 @@ impl Firmware {
             | Opcode::Rtr2RtsQp
             | Opcode::Qp2ErrQp
             | Opcode::Qp2RstQp => self.modify_qp(env, op, cmd),
+            Opcode::AccessReg => self.access_reg(cmd),
             _ => Err(CmdFail::new(CmdStatus::BadOpErr, syndrome::UNKNOWN_OPCODE)),
         }
     }
@@ -623,7 +640,8 @@ fn allowed(op: Opcode, s: HcaState) -> bool {
         | Opcode::QueryPages
         | Opcode::ManagePages
         | Opcode::QueryAdapter
-        | Opcode::SetDriverVersion => s != Disabled,
+        | Opcode::SetDriverVersion
+        | Opcode::AccessReg => s != Disabled,
         // Objects are created on an initialized HCA; they may be destroyed after a
         // teardown (they outlive it, see the module docs).
         Opcode::AllocUar
@@ -1014,7 +1032,7 @@ mod tests {
         fails(&r, CmdStatus::BadOpErr, syndrome::UNKNOWN_OPCODE);
         assert_eq!(r.out.len(), 16);
         // Known to the PRM crate but not implemented here.
-        let r = b.simple(Opcode::AccessReg);
+        let r = b.simple(Opcode::CreateGeneralObject);
         fails(&r, CmdStatus::BadOpErr, syndrome::UNKNOWN_OPCODE);
     }
 

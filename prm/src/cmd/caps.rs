@@ -290,6 +290,11 @@ pub mod cmd_hca_cap {
 pub mod cmd_hca_cap_2 {
     use crate::ifc::Field;
 
+    /// This function can be migrated (`migratable` @0x80, byte 0x10 bit 7): what
+    /// mlx5_vfio_pci reads from a VF's GENERAL_2 MAX through the PF before it offers
+    /// migration (mlx5-pf.md §4.2 step 6).
+    pub const MIGRATABLE: Field = Field::new(0x80, 1);
+
     /// LOAD_VHCA_STATE may be called more than once (PRE_COPY).
     pub const MIGRATION_MULTI_LOAD: Field = Field::new(0xc8, 1);
     /// SAVE_VHCA_STATE can track state changes (PRE_COPY).

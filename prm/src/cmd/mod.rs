@@ -2,6 +2,7 @@
 //!
 //! One layout file per command family goes beside these (`hca.rs`, `migration.rs`, ...).
 
+pub mod access_reg;
 pub mod caps;
 pub mod cq;
 pub mod eq;
