@@ -306,19 +306,22 @@ fn boot(
         logs,
         &Guest::default_kernel(),
         emu_args,
+        &["vf0.sock"],
         kernel_args,
         guest_timeout_secs,
     )
 }
 
 /// Starts the emulator (with `emu_args` after `--dir DIR`), boots `guest` (prepared
-/// first) with `kernel_args` and vf0.sock attached, waits for it to power off (QEMU is
-/// killed after `guest_timeout_secs`), and checks that it reached MLX5EMU-DONE with
-/// every step ok.
+/// first) with `kernel_args` and the emulator's `sockets` attached (several: functions
+/// 0, 1, ... of guest slot 00:04, as run-guest.sh places them; `Booted::socket` is the
+/// first), waits for it to power off (QEMU is killed after `guest_timeout_secs`), and
+/// checks that it reached MLX5EMU-DONE with every step ok.
 fn boot_guest(
     logs: &mut Logs,
     guest: &Guest,
     emu_args: &[&str],
+    sockets: &[&str],
     kernel_args: &[&str],
     guest_timeout_secs: u64,
 ) -> Booted {
@@ -344,8 +347,16 @@ fn boot_guest(
             .stderr(emu_err),
         false,
     );
-    let socket = dir.join("vf0.sock");
-    emulator.wait_for_file(&socket, SOCKET_TIMEOUT);
+    let paths: Vec<PathBuf> = sockets.iter().map(|s| dir.join(s)).collect();
+    for p in &paths {
+        emulator.wait_for_file(p, SOCKET_TIMEOUT);
+    }
+    let socket = paths[0].clone();
+    let attach = paths
+        .iter()
+        .map(|p| p.to_str().expect("socket path is UTF-8"))
+        .collect::<Vec<_>>()
+        .join(",");
 
     // The guest, with vf0.sock attached; serial console to serial.log.
     let (serial_path, serial) = logs.file("serial.log", "guest serial console");
@@ -355,7 +366,7 @@ fn boot_guest(
         "fixtures/qemu/run-guest.sh",
         guest
             .configure(Command::new("bash").arg(qemu_dir().join("run-guest.sh")))
-            .arg(&socket)
+            .arg(&attach)
             .args(kernel_args)
             .env("MLX5_EMU_GUEST_TIMEOUT", guest_timeout_secs.to_string())
             .stdin(Stdio::null())
@@ -543,6 +554,38 @@ fn parse_dmesg(serial: &str) -> Vec<Kmsg> {
         .collect()
 }
 
+/// Kernel splats of any origin, and mlx5 messages that are errors, timeouts, failures
+/// or warnings other than `expected`.
+fn mlx5_trouble(kmsgs: &[Kmsg], expected: &[&str]) -> Vec<String> {
+    let mut bad = Vec::new();
+    for m in kmsgs {
+        let lower = m.text.to_ascii_lowercase();
+        if ["call trace", "warning: cpu", "bug:", "oops", "rcu: info"]
+            .iter()
+            .any(|w| lower.contains(w))
+        {
+            bad.push(format!("kernel splat: <{}>{}", m.level, m.text));
+        }
+        if !lower.contains("mlx5") {
+            continue;
+        }
+        // A warning provoked on purpose may use any word ("Failed to get ...").
+        if m.level == 4 && expected.iter().any(|w| m.text.contains(w)) {
+            continue;
+        }
+        if m.level <= 3
+            || ["timeout", "timed out", "failed", "error", "health"]
+                .iter()
+                .any(|w| lower.contains(w))
+        {
+            bad.push(format!("<{}>{}", m.level, m.text));
+        } else if m.level == 4 {
+            bad.push(format!("unexpected warning <{}>{}", m.level, m.text));
+        }
+    }
+    bad
+}
+
 /// One firmware command from the emulator's tracing log (`firmware command` lines,
 /// debug level for successes, info for failures).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -627,6 +670,84 @@ fn find_subsequence(cmds: &[FwCmd], want: &[(&str, Option<u16>)]) -> Result<usiz
     Ok(at)
 }
 
+/// The firmware commands of the emulator's log at `path`, after checking that none
+/// was refused at delivery or failed, that there is at least one, and that the
+/// emulator logged no warning or error.
+fn emulator_commands_all_ok(path: &Path) -> Vec<FwCmd> {
+    let log = fs::read_to_string(path).expect("read the emulator log");
+    let (cmds, refused) = parse_command_log(&log);
+    assert!(
+        refused.is_empty(),
+        "commands refused:\n{}",
+        refused.join("\n")
+    );
+    assert!(!cmds.is_empty(), "no firmware command in the emulator log");
+    let failed: Vec<String> = cmds
+        .iter()
+        .filter(|c| c.status != "OK" || c.syndrome != "0x0")
+        .map(|c| format!("vhca_id {}: {c}", c.vhca_id))
+        .collect();
+    assert!(failed.is_empty(), "failed commands: {failed:?}");
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    assert!(
+        warnings.is_empty(),
+        "emulator warnings:\n{}",
+        warnings.join("\n")
+    );
+    cmds
+}
+
+/// Splits `cmds` (one function's) into one session per probe, from its ENABLE_HCA to
+/// the next, and checks each: [`PROBE_SEQUENCE`], whatever `extra` asks of it, and,
+/// but for the last session (ended by the guest's power-off, whose teardown is not
+/// waited for), the unbind's [`TEARDOWN_SEQUENCE`] ending in DISABLE_HCA.
+fn check_probe_sessions(cmds: &[FwCmd], who: &str, extra: &dyn Fn(&[FwCmd]) -> Result<(), String>) {
+    let starts: Vec<usize> = cmds
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.opcode == "ENABLE_HCA")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(
+        starts.len(),
+        PROBES,
+        "{who}: ENABLE_HCA count (one per probe)"
+    );
+    assert_eq!(starts[0], 0, "{who}: the first command is not ENABLE_HCA");
+    for (n, &begin) in starts.iter().enumerate() {
+        let end = starts.get(n + 1).copied().unwrap_or(cmds.len());
+        let session = &cmds[begin..end];
+        let listing = || {
+            session
+                .iter()
+                .map(FwCmd::to_string)
+                .collect::<Vec<_>>()
+                .join("\n  ")
+        };
+        let fail = |what: &str, e: String| -> ! {
+            panic!("{who} {what} {}: {e}; commands:\n  {}", n + 1, listing())
+        };
+        let probed = find_subsequence(session, PROBE_SEQUENCE).unwrap_or_else(|e| fail("probe", e));
+        extra(session).unwrap_or_else(|e| fail("probe", e));
+        if n + 1 < PROBES {
+            find_subsequence(&session[probed..], TEARDOWN_SEQUENCE)
+                .unwrap_or_else(|e| fail("unbind", e));
+            if session.last().map(|c| c.opcode.as_str()) != Some("DISABLE_HCA") {
+                fail("unbind", "does not end in DISABLE_HCA".into());
+            }
+        }
+        if n == 0 {
+            eprintln!(
+                "{who}: commands of the first probe and unbind:\n  {}",
+                listing()
+            );
+        }
+    }
+}
+
 /// The kernels named here are the ones fixtures/qemu/kernels.sh pins.
 #[test]
 fn kernels_match_the_pins() {
@@ -669,6 +790,7 @@ fn mlx5_core_probes_the_vf(guest: Guest) {
         &mut logs,
         &guest,
         &["--log", "mlx5_emulator=debug"],
+        &["vf0.sock"],
         &["mlx5emu.step=load-mlx5,rebind,idle", &idle],
         PROBE_GUEST_TIMEOUT_SECS,
     );
@@ -721,28 +843,7 @@ fn mlx5_core_probes_the_vf(guest: Guest) {
     // The guest's kernel log: no mlx5 error, timeout or failure; only the warnings the
     // minimal capabilities provoke on purpose; no kernel splat of any origin.
     let kmsgs = parse_dmesg(&booted.serial);
-    let mut bad = Vec::new();
-    for m in &kmsgs {
-        let lower = m.text.to_ascii_lowercase();
-        if ["call trace", "warning: cpu", "bug:", "oops", "rcu: info"]
-            .iter()
-            .any(|w| lower.contains(w))
-        {
-            bad.push(format!("kernel splat: <{}>{}", m.level, m.text));
-        }
-        if !lower.contains("mlx5") {
-            continue;
-        }
-        if m.level <= 3
-            || ["timeout", "timed out", "failed", "error", "health"]
-                .iter()
-                .any(|w| lower.contains(w))
-        {
-            bad.push(format!("<{}>{}", m.level, m.text));
-        } else if m.level == 4 && !EXPECTED_WARNINGS.iter().any(|w| m.text.contains(w)) {
-            bad.push(format!("unexpected warning <{}>{}", m.level, m.text));
-        }
-    }
+    let bad = mlx5_trouble(&kmsgs, EXPECTED_WARNINGS);
     assert!(
         bad.is_empty(),
         "mlx5 trouble in the guest:\n{}",
@@ -756,73 +857,144 @@ fn mlx5_core_probes_the_vf(guest: Guest) {
 
     // The emulator's command log: every command succeeded, each probe ran
     // ENABLE_HCA .. CREATE_EQ, each unbind tore the function down.
-    let log = fs::read_to_string(&booted.emu_log).expect("read the emulator log");
-    let (cmds, refused) = parse_command_log(&log);
-    assert!(
-        refused.is_empty(),
-        "commands refused:\n{}",
-        refused.join("\n")
-    );
-    assert!(!cmds.is_empty(), "no firmware command in the emulator log");
-    let failed: Vec<String> = cmds
-        .iter()
-        .filter(|c| c.status != "OK" || c.syndrome != "0x0")
-        .map(FwCmd::to_string)
-        .collect();
-    assert!(failed.is_empty(), "failed commands: {failed:?}");
+    let cmds = emulator_commands_all_ok(&booted.emu_log);
     assert!(
         cmds.iter().all(|c| c.vhca_id == 1),
         "commands for a function other than VF 0 (vhca_id 1)"
     );
-    let warnings: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
-        .collect();
-    assert!(
-        warnings.is_empty(),
-        "emulator warnings:\n{}",
-        warnings.join("\n")
-    );
-    // One session per probe, from its ENABLE_HCA to the next one.
-    let starts: Vec<usize> = cmds
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| c.opcode == "ENABLE_HCA")
-        .map(|(i, _)| i)
-        .collect();
-    assert_eq!(starts.len(), PROBES, "ENABLE_HCA count (one per probe)");
-    assert_eq!(starts[0], 0, "the first command is not ENABLE_HCA");
-    for (n, &begin) in starts.iter().enumerate() {
-        let end = starts.get(n + 1).copied().unwrap_or(cmds.len());
-        let session = &cmds[begin..end];
-        let listing = || {
-            session
-                .iter()
-                .map(FwCmd::to_string)
-                .collect::<Vec<_>>()
-                .join("\n  ")
-        };
-        let probed = find_subsequence(session, PROBE_SEQUENCE)
-            .unwrap_or_else(|e| panic!("probe {}: {e}; commands:\n  {}", n + 1, listing()));
-        // The first two sessions end in an unbind; the last in the guest's power-off,
-        // whose teardown is not waited for.
-        if n + 1 < PROBES {
-            find_subsequence(&session[probed..], TEARDOWN_SEQUENCE)
-                .unwrap_or_else(|e| panic!("unbind {}: {e}; commands:\n  {}", n + 1, listing()));
-            assert_eq!(
-                session.last().map(|c| c.opcode.as_str()),
-                Some("DISABLE_HCA"),
-                "unbind {} does not end in DISABLE_HCA:\n  {}",
-                n + 1,
-                listing()
-            );
-        }
-        if n == 0 {
-            eprintln!("commands of the first probe and unbind:\n  {}", listing());
-        }
-    }
+    check_probe_sessions(&cmds, "VF", &|_| Ok(()));
     eprintln!(
         "Linux {}: mlx5_core probed {slot} {PROBES} times, {} commands all OK, in {:.1?}",
+        prepared.release,
+        cmds.len(),
+        started.elapsed()
+    );
+    drop(booted);
+}
+
+/// mlx5_core warnings the PF provokes on purpose: no netdev (as on the VF), and no
+/// vendor-specific capability (the config-space gateway of crdump, which a software
+/// adapter does not offer; mlx5-pf.md §2 row 1).
+const PF_EXPECTED_WARNINGS: &[&str] = &[
+    "Missing eth_net_offloads capability",
+    "Failed to get valid vendor specific ID",
+];
+
+/// What the PF's probe adds to the VF's (mlx5-pf.md §2): `set_hca_ctrl`'s ACCESS_REG
+/// HOST_ENDIANNESS (a write, op_mod 0) after the boot pages, before the capabilities.
+const PF_SET_HCA_CTRL: &[(&str, Option<u16>)] = &[
+    ("QUERY_PAGES", Some(1)),
+    ("ACCESS_REG", Some(0)),
+    ("QUERY_HCA_CAP", Some(1)),
+];
+
+/// How long the PF test's guest idles (health polls on both functions).
+const PF_IDLE_SECS: u64 = 6;
+
+#[test]
+fn guest_mlx5_core_probes_the_pf_on_6_12() {
+    mlx5_core_probes_the_pf(Guest::on("6.12"));
+}
+
+#[test]
+fn guest_mlx5_core_probes_the_pf_on_7_3() {
+    mlx5_core_probes_the_pf(Guest::on("7.3"));
+}
+
+/// Stock mlx5_core of `guest`'s kernel binds the PF (15b3:101d at 00:04.0) beside its
+/// VF (00:04.1), unbinds and binds both twice, with no mlx5 error in the guest and
+/// every command of both functions OK in the emulator's log; each PF probe writes
+/// HOST_ENDIANNESS where `set_hca_ctrl` does.
+fn mlx5_core_probes_the_pf(guest: Guest) {
+    let started = Instant::now();
+    let mut logs = Logs::new();
+    let prepared = prepare_guest(&mut logs, &guest);
+    let idle = format!("mlx5emu.idle={PF_IDLE_SECS}");
+    let booted = boot_guest(
+        &mut logs,
+        &guest,
+        &["--log", "mlx5_emulator=debug"],
+        &["pf.sock", "vf0.sock"],
+        &["mlx5emu.step=load-mlx5,rebind,idle", &idle],
+        PROBE_GUEST_TIMEOUT_SECS,
+    );
+    let markers = &booted.markers;
+    let begin = markers
+        .iter()
+        .find(|m| m.kind == "BEGIN")
+        .expect("MLX5EMU-BEGIN");
+    assert_eq!(
+        begin.get("kernel"),
+        prepared.release,
+        "the guest runs another kernel than the one pinned for {}",
+        guest.kernel
+    );
+
+    // The guest: PF and VF at 00:04.0 and 00:04.1, both bound to mlx5_core.
+    let ids: Vec<(&str, &str)> = markers
+        .iter()
+        .filter(|m| m.kind == "PCI" && m.get("vendor") == VENDOR)
+        .map(|m| (m.get("slot"), m.get("device")))
+        .collect();
+    assert_eq!(
+        ids,
+        [("0000:00:04.0", "0x101d"), ("0000:00:04.1", DEVICE)],
+        "the guest's 15b3 functions"
+    );
+    let drivers: Vec<(&str, &str)> = markers
+        .iter()
+        .filter(|m| m.kind == "DRIVER")
+        .map(|m| (m.get("slot"), m.get("driver")))
+        .collect();
+    assert_eq!(
+        drivers,
+        [("0000:00:04.0", "mlx5_core"), ("0000:00:04.1", "mlx5_core")],
+        "drivers after insmod"
+    );
+    let rebinds = markers.iter().filter(|m| m.kind == "REBIND");
+    let mut n = 0;
+    for m in rebinds {
+        assert_eq!(m.get("rc"), "0", "{m:?}");
+        let want = if m.get("op") == "bind" {
+            "mlx5_core"
+        } else {
+            "none"
+        };
+        assert_eq!(m.get("driver"), want, "{m:?}");
+        n += 1;
+    }
+    assert_eq!(n, 8, "two unbind/bind rounds on each function");
+
+    // The guest's kernel log.
+    let kmsgs = parse_dmesg(&booted.serial);
+    let bad = mlx5_trouble(&kmsgs, PF_EXPECTED_WARNINGS);
+    assert!(
+        bad.is_empty(),
+        "mlx5 trouble in the guest:\n{}",
+        bad.join("\n")
+    );
+    let pf_probes = kmsgs
+        .iter()
+        .filter(|m| m.text.contains("0000:00:04.0: firmware version"))
+        .count();
+    assert_eq!(pf_probes, PROBES, "PF probes in the guest's dmesg");
+
+    // The emulator's command log: everything OK, for both functions.
+    let cmds = emulator_commands_all_ok(&booted.emu_log);
+    let pf: Vec<FwCmd> = cmds.iter().filter(|c| c.vhca_id == 0).cloned().collect();
+    assert!(
+        cmds.iter().any(|c| c.vhca_id == 1),
+        "no command of the VF (vhca_id 1)"
+    );
+    check_probe_sessions(&pf, "PF", &|session| {
+        find_subsequence(session, PF_SET_HCA_CTRL)?;
+        match session.iter().filter(|c| c.opcode == "ACCESS_REG").count() {
+            1 => Ok(()),
+            n => Err(format!("{n} ACCESS_REG, expected one")),
+        }
+    });
+    eprintln!(
+        "Linux {}: mlx5_core probed the PF {PROBES} times beside its VF, {} commands all OK, in {:.1?}",
         prepared.release,
         cmds.len(),
         started.elapsed()

@@ -125,10 +125,15 @@ impl Adapter {
                 socket: path.display().to_string(),
                 source,
             })?;
-            functions.push(Function::with_dev_mem(
+            let total_vfs = match id.kind {
+                crate::pci::FunctionKind::Pf => cfg.vfs,
+                crate::pci::FunctionKind::Vf => 0,
+            };
+            functions.push(Function::with_vfs(
                 id,
                 Arc::clone(&fabric),
                 cfg.dev_mem,
+                total_vfs,
             )?);
             listeners.push(Arc::new(l));
         }

@@ -130,6 +130,17 @@ impl Function {
         fabric: Arc<Fabric>,
         dev_mem: u64,
     ) -> Result<Arc<Self>, FunctionError> {
+        Self::with_vfs(id, fabric, dev_mem, 0)
+    }
+
+    /// [`Function::with_dev_mem`] for a PF with `total_vfs` VFs: its config space
+    /// carries the SR-IOV capability (TotalVFs, the VFs' BAR sizes). 0 for a VF.
+    pub fn with_vfs(
+        id: FunctionId,
+        fabric: Arc<Fabric>,
+        dev_mem: u64,
+        total_vfs: u16,
+    ) -> Result<Arc<Self>, FunctionError> {
         let devmem = DevMem::new(&format!("mlx5-emu-bar2-{}", id.vhca_id), dev_mem)?;
         let config = ConfigSpace::new(
             id.kind,
@@ -139,6 +150,7 @@ impl Function {
                 bar2_size: Some(dev_mem),
                 msix_table_offset: MSIX_TABLE_OFFSET as u32,
                 msix_pba_offset: MSIX_PBA_OFFSET as u32,
+                total_vfs,
             },
         )?;
         let irqs = IrqTable::new(&Self::irq_shapes(&config));

@@ -179,6 +179,15 @@ impl Backend for FunctionBackend {
                 if fx.msix_enable.is_some() || fx.msix_function_mask.is_some() {
                     self.func.flush_pending();
                 }
+                if let Some(c) = fx.sriov {
+                    tracing::info!(
+                        vhca_id = self.func.id.vhca_id,
+                        vf_enable = c.vf_enable,
+                        vf_memory = c.vf_memory,
+                        num_vfs = c.num_vfs,
+                        "SR-IOV control written"
+                    );
+                }
                 if fx.flr {
                     tracing::info!(vhca_id = self.func.id.vhca_id, "function level reset");
                     self.func.reset();

@@ -1,5 +1,6 @@
 //! Capability structures: PCI Express (v2, endpoint) at 0x60, MSI-X at 0x9c, and the ARI
-//! extended capability at 0x100. Register offsets are relative to each capability.
+//! extended capability at 0x100 (SR-IOV, on a PF, is in [`super::sriov`]). Register
+//! offsets are relative to each capability.
 
 use super::{ConfigParams, PciError, Reg, HEADER_SPACE_SIZE};
 
@@ -276,13 +277,16 @@ pub const ARI_CAP_OFFSET: usize = 0x04;
 /// ARI Control register (PCI_ARI_CTRL); MFVC and ACS groups unsupported, read-only zero.
 pub const ARI_CTRL_OFFSET: usize = 0x06;
 
-/// The ARI extended capability; its next offset is 0, ending the extended chain.
-pub(super) fn ari_regs() -> [Reg; 3] {
+/// The ARI extended capability; `next` is the next extended capability's offset (0
+/// ends the extended chain).
+pub(super) fn ari_regs(next: u16) -> [Reg; 3] {
     [
         Reg::ro(
             ARI_EXT_CAP_OFFSET,
             4,
-            u32::from(EXT_CAP_ID_ARI) | ARI_VERSION << EXT_CAP_VERSION_SHIFT,
+            u32::from(EXT_CAP_ID_ARI)
+                | ARI_VERSION << EXT_CAP_VERSION_SHIFT
+                | u32::from(next) << EXT_CAP_NEXT_SHIFT,
         ),
         Reg::ro(ARI_EXT_CAP_OFFSET + ARI_CAP_OFFSET, 2, 0),
         Reg::ro(ARI_EXT_CAP_OFFSET + ARI_CTRL_OFFSET, 2, 0),

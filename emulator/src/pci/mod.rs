@@ -10,11 +10,13 @@
 //! as part of its FLR. Config space is little-endian. Nothing here does I/O.
 //!
 //! Layout: type 0 header (0x00..0x40), PCI Express capability at 0x60, MSI-X capability at
-//! 0x9c (end of the chain), ARI extended capability at 0x100 (end of the extended chain).
+//! 0x9c (end of the chain), ARI extended capability at 0x100, and on a PF built with VFs
+//! the SR-IOV extended capability at 0x180 (end of the extended chain; see [`sriov`]).
 //! Names follow Linux `include/uapi/linux/pci_regs.h`; sections cite PCI Local Bus 3.0
 //! and PCI Express Base 4.0.
 
 pub mod caps;
+pub mod sriov;
 
 use std::fmt;
 use std::ops::Range;
@@ -24,6 +26,10 @@ use thiserror::Error;
 use caps::{
     MSIX_CAP_OFFSET, MSIX_FLAGS_ENABLE, MSIX_FLAGS_MASKALL, MSIX_FLAGS_OFFSET, PCIE_CAP_OFFSET,
     PCIE_DEVCTL_BCR_FLR, PCIE_DEVCTL_OFFSET, PCIE_DEVSTA_OFFSET, PCIE_DEVSTA_RW1C,
+};
+use sriov::{
+    SriovControl, SRIOV_CTRL_MSE, SRIOV_CTRL_OFFSET, SRIOV_CTRL_VFE, SRIOV_EXT_CAP_OFFSET,
+    SRIOV_MAX_VFS, SRIOV_NUM_VF_OFFSET, SRIOV_SYS_PGSIZE_OFFSET,
 };
 
 /// Size of PCI Express configuration space (PCI_CFG_SPACE_EXP_SIZE).
@@ -159,6 +165,12 @@ pub enum PciError {
     /// The MSI-X table and PBA overlap.
     #[error("MSI-X table at {table:#x} and PBA at {pba:#x} overlap in BAR0")]
     MsixOverlap { table: u32, pba: u32 },
+    /// Only a PF has an SR-IOV capability.
+    #[error("a VF cannot have VFs (total_vfs {got}); only the PF carries SR-IOV")]
+    SriovOnVf { got: u16 },
+    /// More VFs than one bus of routing IDs holds.
+    #[error("total_vfs {got}: expected at most {max}")]
+    TooManyVfs { got: u16, max: u16 },
 }
 
 /// Which kind of function this config space belongs to.
@@ -183,6 +195,9 @@ pub struct ConfigParams {
     pub msix_table_offset: u32,
     /// Offset of the MSI-X pending bit array in BAR0, 8-byte aligned.
     pub msix_pba_offset: u32,
+    /// PF only: its VFs (TotalVFs of the SR-IOV capability, each VF with this
+    /// function's BAR sizes); 0 means no SR-IOV capability.
+    pub total_vfs: u16,
 }
 
 /// What a config write did that the device must act on.
@@ -196,6 +211,8 @@ pub struct ConfigWriteEffects {
     pub msix_function_mask: Option<bool>,
     /// The command register changed to this value.
     pub command: Option<u16>,
+    /// SR-IOV Control or NumVFs changed (PF only) to this.
+    pub sriov: Option<SriovControl>,
 }
 
 impl ConfigWriteEffects {
@@ -351,6 +368,17 @@ impl ConfigSpace {
             check_bar_size(2, size)?;
         }
         caps::check_msix(&params)?;
+        if params.total_vfs > 0 && kind == FunctionKind::Vf {
+            return Err(PciError::SriovOnVf {
+                got: params.total_vfs,
+            });
+        }
+        if params.total_vfs > SRIOV_MAX_VFS {
+            return Err(PciError::TooManyVfs {
+                got: params.total_vfs,
+                max: SRIOV_MAX_VFS,
+            });
+        }
 
         let (device_id, subsystem_id, pin) = match kind {
             FunctionKind::Pf => (DEVICE_ID_PF, SUBSYSTEM_ID_PF, INTERRUPT_PIN_INTA),
@@ -381,7 +409,16 @@ impl ConfigSpace {
         }
         layout.define(&caps::pcie_regs(MSIX_CAP_OFFSET as u8));
         layout.define(&caps::msix_regs(&params, caps::CAP_NEXT_END));
-        layout.define(&caps::ari_regs());
+        if params.total_vfs > 0 {
+            layout.define(&caps::ari_regs(SRIOV_EXT_CAP_OFFSET as u16));
+            layout.define(&sriov::sriov_regs(
+                params.total_vfs,
+                params.bar0_size,
+                params.bar2_size,
+            ));
+        } else {
+            layout.define(&caps::ari_regs(0));
+        }
 
         Ok(Self {
             kind,
@@ -435,10 +472,13 @@ impl ConfigSpace {
         }
         let old_command = self.command();
         let old_msix = self.msix_flags();
+        let old_sriov = self.sriov_control();
+        let old_pgsize = self.sriov_reg32(SRIOV_SYS_PGSIZE_OFFSET);
         for (i, &val) in range.clone().zip(data) {
             let kept = self.regs[i] & !self.wmask[i];
             self.regs[i] = (kept | (val & self.wmask[i])) & !(val & self.w1c[i]);
         }
+        self.sriov_fixups(old_sriov, old_pgsize);
 
         let mut effects = ConfigWriteEffects::default();
         // Initiate FLR is a trigger: never stored (not in the writable mask), so it reads 0.
@@ -460,7 +500,59 @@ impl ConfigSpace {
                 *slot = Some(msix & bit != 0);
             }
         }
+        let sriov = self.sriov_control();
+        if sriov != old_sriov {
+            effects.sriov = sriov;
+        }
         Ok(effects)
+    }
+
+    /// The SR-IOV capability's dword at `rel`, 0 without one.
+    fn sriov_reg32(&self, rel: usize) -> u32 {
+        if self.params.total_vfs == 0 {
+            return 0;
+        }
+        get_le(&self.regs, SRIOV_EXT_CAP_OFFSET + rel, 4)
+    }
+
+    /// SR-IOV Control and NumVFs, on a PF with VFs.
+    pub fn sriov_control(&self) -> Option<SriovControl> {
+        if self.params.total_vfs == 0 {
+            return None;
+        }
+        let ctrl = self.reg16(SRIOV_EXT_CAP_OFFSET + SRIOV_CTRL_OFFSET);
+        Some(SriovControl {
+            vf_enable: ctrl & SRIOV_CTRL_VFE != 0,
+            vf_memory: ctrl & SRIOV_CTRL_MSE != 0,
+            num_vfs: self.reg16(SRIOV_EXT_CAP_OFFSET + SRIOV_NUM_VF_OFFSET),
+        })
+    }
+
+    /// What the byte masks cannot express: NumVFs is read-only while VF Enable was
+    /// set (PCIe Base 4.0 §9.3.3.7), and System Page Size holds one supported size (a
+    /// value with no or several size bits is dropped; the old size stays).
+    fn sriov_fixups(&mut self, old: Option<SriovControl>, old_pgsize: u32) {
+        let Some(old) = old else {
+            return;
+        };
+        let num_at = SRIOV_EXT_CAP_OFFSET + SRIOV_NUM_VF_OFFSET;
+        if old.vf_enable && self.reg16(num_at) != old.num_vfs {
+            tracing::info!(
+                num_vfs = self.reg16(num_at),
+                kept = old.num_vfs,
+                "SR-IOV NumVFs written while VF Enable is set: ignored"
+            );
+            put_le(&mut self.regs, num_at, 2, old.num_vfs.into());
+        }
+        let pg_at = SRIOV_EXT_CAP_OFFSET + SRIOV_SYS_PGSIZE_OFFSET;
+        let pgsize = get_le(&self.regs, pg_at, 4);
+        if !pgsize.is_power_of_two() {
+            tracing::info!(
+                value = format_args!("{pgsize:#x}"),
+                "SR-IOV System Page Size must name one supported size: ignored"
+            );
+            put_le(&mut self.regs, pg_at, 4, old_pgsize);
+        }
     }
 
     /// The bits a write in `range` (carrying `data`) put on the register at `reg`, with

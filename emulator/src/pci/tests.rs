@@ -10,6 +10,7 @@ fn params(msix_vectors: u16) -> ConfigParams {
         bar2_size: None,
         msix_table_offset: 0x4000,
         msix_pba_offset: 0x5000,
+        total_vfs: 0,
     }
 }
 
@@ -345,4 +346,157 @@ fn bad_params_are_rejected() {
     let mut p = params(16);
     p.msix_pba_offset = 0x4100;
     assert!(ConfigSpace::new(FunctionKind::Vf, p).is_ok());
+}
+
+fn pf_with_vfs(total_vfs: u16) -> ConfigSpace {
+    ConfigSpace::new(
+        FunctionKind::Pf,
+        ConfigParams {
+            total_vfs,
+            bar2_size: Some(1 << 16),
+            ..params(16)
+        },
+    )
+    .unwrap()
+}
+
+/// The extended capability chain from 0x100, as (id, offset, version).
+fn ext_caps(cs: &ConfigSpace) -> Vec<(u16, usize, u32)> {
+    let mut out = Vec::new();
+    let mut at = HEADER_SPACE_SIZE;
+    for _ in 0..64 {
+        let h = r32(cs, at);
+        out.push(((h & 0xffff) as u16, at, h >> EXT_CAP_VERSION_SHIFT & 0xf));
+        at = (h >> EXT_CAP_NEXT_SHIFT) as usize;
+        if at == 0 {
+            return out;
+        }
+    }
+    panic!("extended chain does not terminate: {out:?}");
+}
+
+#[test]
+fn pf_with_vfs_carries_an_sriov_capability_as_linux_sriov_init_reads_it() {
+    use super::sriov::*;
+    let cs = pf_with_vfs(4);
+    assert_eq!(
+        ext_caps(&cs),
+        [
+            (EXT_CAP_ID_ARI, ARI_EXT_CAP_OFFSET, 1),
+            (EXT_CAP_ID_SRIOV, SRIOV_EXT_CAP_OFFSET, 1)
+        ]
+    );
+    let at = |rel| SRIOV_EXT_CAP_OFFSET + rel;
+    assert_eq!(r32(&cs, at(SRIOV_CAP_OFFSET)), 0, "no VF Migration");
+    assert_eq!(r16(&cs, at(SRIOV_CTRL_OFFSET)), 0);
+    assert_eq!(r16(&cs, at(SRIOV_INITIAL_VF_OFFSET)), 4);
+    assert_eq!(r16(&cs, at(SRIOV_TOTAL_VF_OFFSET)), 4);
+    assert_eq!(r16(&cs, at(SRIOV_NUM_VF_OFFSET)), 0);
+    assert_eq!(r16(&cs, at(SRIOV_VF_OFFSET_OFFSET)), 1);
+    assert_eq!(r16(&cs, at(SRIOV_VF_STRIDE_OFFSET)), 1);
+    assert_eq!(r16(&cs, at(SRIOV_VF_DID_OFFSET)), DEVICE_ID_VF);
+    assert_eq!(r32(&cs, at(SRIOV_SUP_PGSIZE_OFFSET)), 0x7ff);
+    assert_eq!(r32(&cs, at(SRIOV_SYS_PGSIZE_OFFSET)), 1, "4 KiB");
+    // VF BAR0 and BAR2: 64-bit prefetchable, sized like the VFs' own BARs.
+    let mut cs = cs;
+    for (bar, size) in [(0usize, BAR0_SIZE), (2, 1 << 16)] {
+        let lo = at(SRIOV_BAR_OFFSET + 4 * bar);
+        assert_eq!(r32(&cs, lo), BAR_MEM_TYPE_64 | BAR_MEM_PREFETCH);
+        w32(&mut cs, lo, !0);
+        w32(&mut cs, lo + 4, !0);
+        let mask =
+            u64::from(r32(&cs, lo) & BAR_MEM_ADDRESS_MASK) | u64::from(r32(&cs, lo + 4)) << 32;
+        assert_eq!(!mask + 1, size, "VF BAR{bar} size");
+    }
+    assert_eq!(r32(&cs, at(SRIOV_BAR_OFFSET + 16)), 0, "no VF BAR4");
+    // The VF and a PF built without VFs carry none.
+    for cs in [space(FunctionKind::Vf), space(FunctionKind::Pf)] {
+        assert_eq!(ext_caps(&cs), [(EXT_CAP_ID_ARI, ARI_EXT_CAP_OFFSET, 1)]);
+        assert_eq!(cs.sriov_control(), None);
+    }
+}
+
+#[test]
+fn sriov_enable_follows_the_spec_and_reports_its_effect() {
+    use super::sriov::*;
+    let mut cs = pf_with_vfs(4);
+    let at = |rel| SRIOV_EXT_CAP_OFFSET + rel;
+    // What Linux's sriov_enable does: NumVFs, then VF Enable | VF MSE.
+    let fx = w16(&mut cs, at(SRIOV_NUM_VF_OFFSET), 2);
+    assert_eq!(
+        fx.sriov,
+        Some(SriovControl {
+            vf_enable: false,
+            vf_memory: false,
+            num_vfs: 2
+        })
+    );
+    let fx = w16(
+        &mut cs,
+        at(SRIOV_CTRL_OFFSET),
+        SRIOV_CTRL_VFE | SRIOV_CTRL_MSE | SRIOV_CTRL_VFM,
+    );
+    assert_eq!(
+        fx.sriov,
+        Some(SriovControl {
+            vf_enable: true,
+            vf_memory: true,
+            num_vfs: 2
+        })
+    );
+    assert_eq!(
+        r16(&cs, at(SRIOV_CTRL_OFFSET)),
+        SRIOV_CTRL_VFE | SRIOV_CTRL_MSE,
+        "VF Migration Enable is read-only zero"
+    );
+    // NumVFs is frozen while VF Enable is set.
+    assert!(w16(&mut cs, at(SRIOV_NUM_VF_OFFSET), 3).sriov.is_none());
+    assert_eq!(r16(&cs, at(SRIOV_NUM_VF_OFFSET)), 2);
+    // Read-only fields stay.
+    w16(&mut cs, at(SRIOV_TOTAL_VF_OFFSET), 9);
+    w16(&mut cs, at(SRIOV_VF_DID_OFFSET), 0);
+    assert_eq!(r16(&cs, at(SRIOV_TOTAL_VF_OFFSET)), 4);
+    assert_eq!(r16(&cs, at(SRIOV_VF_DID_OFFSET)), DEVICE_ID_VF);
+    // System Page Size takes one supported size; others are dropped.
+    w32(&mut cs, at(SRIOV_SYS_PGSIZE_OFFSET), 0x10);
+    assert_eq!(r32(&cs, at(SRIOV_SYS_PGSIZE_OFFSET)), 0x10);
+    for bad in [0, 0x3, 0x800] {
+        w32(&mut cs, at(SRIOV_SYS_PGSIZE_OFFSET), bad);
+        assert_eq!(r32(&cs, at(SRIOV_SYS_PGSIZE_OFFSET)), 0x10, "{bad:#x}");
+    }
+    // Disable, then NumVFs is writable again; FLR returns everything to power-on.
+    w16(&mut cs, at(SRIOV_CTRL_OFFSET), 0);
+    w16(&mut cs, at(SRIOV_NUM_VF_OFFSET), 4);
+    assert_eq!(r16(&cs, at(SRIOV_NUM_VF_OFFSET)), 4);
+    w16(&mut cs, at(SRIOV_CTRL_OFFSET), SRIOV_CTRL_VFE);
+    cs.reset();
+    assert_eq!(
+        cs.sriov_control(),
+        Some(SriovControl {
+            vf_enable: false,
+            vf_memory: false,
+            num_vfs: 0
+        })
+    );
+    assert_eq!(r32(&cs, at(SRIOV_SYS_PGSIZE_OFFSET)), 1);
+}
+
+#[test]
+fn sriov_parameters_are_validated() {
+    let vf = ConfigSpace::new(
+        FunctionKind::Vf,
+        ConfigParams {
+            total_vfs: 1,
+            ..params(16)
+        },
+    );
+    assert_eq!(vf.unwrap_err(), PciError::SriovOnVf { got: 1 });
+    let pf = ConfigSpace::new(
+        FunctionKind::Pf,
+        ConfigParams {
+            total_vfs: 256,
+            ..params(16)
+        },
+    );
+    assert_eq!(pf.unwrap_err(), PciError::TooManyVfs { got: 256, max: 255 });
 }
