@@ -401,3 +401,42 @@ fn command_completion_switches_to_eqe_and_msix_once_the_cmd_eq_exists() {
     assert_eq!(vf.hca_state(), HcaState::Disabled);
     assert!(vf.object_counts().is_empty());
 }
+
+/// An output chain is checked whole before the command runs: a block whose control
+/// tail is readable but whose data the device cannot write (here a read-only window)
+/// refuses the command at delivery, so MANAGE_PAGES does not take pages it then could
+/// not report.
+#[test]
+fn an_output_block_the_device_cannot_write_refuses_the_command_before_it_runs() {
+    init_tracing();
+    let tb = Testbed::start(1);
+    let vf = tb.vf(0);
+    let mut q = queue(&tb);
+    ok(&q.exec(0, &input(Opcode::EnableHca, 0, 16), 16));
+    const RO_IOVA: u64 = 0x2_0000_0000;
+    let ro = mlx5_testbed::mem::memfd("hostile-ro-out", 0x1000);
+    let block = mlx5_testbed::rawq::encode_block(&[], 0, TOKEN, 0);
+    std::os::unix::fs::FileExt::write_all_at(&ro, &block, 0).unwrap();
+    use std::os::fd::AsRawFd;
+    q.client
+        .dma_map(RO_IOVA, 0x1000, ro.as_raw_fd(), 0, VFIO_DMA_MAP_FLAG_READ)
+        .unwrap();
+
+    let mut m = input(Opcode::ManagePages, 1, manage_pages_in_len(1).unwrap());
+    set(&mut m, MANAGE_PAGES_IN_INPUT_NUM_ENTRIES, 1);
+    set(&mut m, MANAGE_PAGES_IN_PAS.nth(0).unwrap(), IOVA + PAGES);
+    let in_ptr = q.chain(0, &m[16..], m.len());
+    let e = Entry {
+        in_ptr,
+        outlen: 16 + 512,
+        out_ptr: RO_IOVA,
+        ..Entry::new(&m, 16 + 512)
+    };
+    q.entry(2, &e);
+    q.ring(1 << 2);
+    assert_eq!(q.wait(2), DeliveryStatus::OutPtrAlignErr);
+    assert_eq!(vf.object_counts().pages, 0, "the command did not run");
+    // The same command with a writable output runs.
+    ok(&q.exec(3, &m, 16 + 512));
+    assert_eq!(vf.object_counts().pages, 1);
+}

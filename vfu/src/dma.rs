@@ -516,6 +516,13 @@ impl Dma {
         Ok(pieces)
     }
 
+    /// Whether the device may write all of `iova..iova+len` now (mapped, backed,
+    /// writable), touching nothing: what a device checks before it starts work whose
+    /// result it must be able to report.
+    pub fn check_writable(&self, iova: u64, len: usize) -> Result<(), DmaError> {
+        self.pieces(iova, len, VFIO_DMA_MAP_FLAG_WRITE).map(drop)
+    }
+
     /// Device read of guest memory (the device reads what the driver wrote).
     pub fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
         for p in self.pieces(iova, buf.len(), VFIO_DMA_MAP_FLAG_READ)? {

@@ -39,11 +39,19 @@ use crate::firmware::Env;
 pub trait DmaPort {
     fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError>;
     fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError>;
+    /// Whether all of `iova..iova+len` can be written now, touching nothing. A port
+    /// that cannot tell without writing says yes; the write itself still checks.
+    fn check_writable(&self, _iova: u64, _len: usize) -> Result<(), DmaError> {
+        Ok(())
+    }
 }
 
 impl DmaPort for Dma {
     fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
         Dma::read(self, iova, buf)
+    }
+    fn check_writable(&self, iova: u64, len: usize) -> Result<(), DmaError> {
+        Dma::check_writable(self, iova, len)
     }
     fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
         Dma::write(self, iova, data)
@@ -128,8 +136,9 @@ pub struct Prepared {
 }
 
 /// Checks the entry, gathers the input and walks the output chain. The output chain is
-/// checked before execution so a broken one never loses the result of a command that
-/// changed state.
+/// checked whole before execution (every block mapped and writable, not only its
+/// control tail) so a broken one never loses the result of a command that changed
+/// state.
 pub fn prepare(dma: &(impl DmaPort + ?Sized), e: &CmdLayout) -> Result<Prepared, DeliveryStatus> {
     if e.type_ != MLX5_PCI_CMD_XPORT {
         return Err(DeliveryStatus::CmdDescrErr);
@@ -197,6 +206,13 @@ fn walk_chain(
             ),
         };
         dma.read(base, buf).map_err(|_| dir.ptr_err())?;
+        // The whole output block must take the output: a command that changed state
+        // and then could not report it (MANAGE_PAGES' pages, a created object) would
+        // leave the driver and the device disagreeing.
+        if dir == Dir::Out {
+            dma.check_writable(next, MAILBOX_BLOCK_SIZE)
+                .map_err(|_| dir.ptr_err())?;
+        }
         let Ok(block) = CmdProtBlock::read_from_bytes(&raw) else {
             return Err(DeliveryStatus::FwErr);
         };

@@ -247,6 +247,12 @@ pub fn run_slot(h: &dyn Host, work: &Work, slot: u8) {
             return;
         }
     };
+    // The entry takes the inline output and the status: a command whose entry cannot
+    // be written back would run and never report, so it does not run.
+    if let Err(e) = dma.check_writable(entry_addr, CMD_ENTRY_SIZE) {
+        tracing::warn!(vhca_id, slot, error = %e, "command entry not writable; slot dropped");
+        return;
+    }
     let header = Cmd::new(&entry.in_, 0);
     let span = tracing::info_span!(
         "firmware_command",
