@@ -13,6 +13,7 @@ pub mod error;
 pub mod irq;
 pub mod limits;
 pub mod proto;
+pub mod ratelimit;
 pub mod server;
 
 pub use client::{Client, DmaHandler, DmaRequest, RegionInfo};

@@ -6,6 +6,7 @@
 //! method has a default that answers "not supported", so a backend implements only
 //! what its device has.
 
+use crate::ratelimit::RateLimit;
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -538,7 +539,11 @@ impl Connection {
                 Incoming::Oversized(h) => {
                     let span = message_span(&h);
                     let _g = span.enter();
-                    tracing::warn!("message above the size cap, payload discarded");
+                    static OVERSIZED: RateLimit = RateLimit::per_second();
+                    crate::warn_limited!(
+                        OVERSIZED,
+                        "message above the size cap, payload discarded"
+                    );
                     self.reply_err(&span, &h, Errno::E2BIG)?;
                 }
                 Incoming::Undersized(h) => {
@@ -604,7 +609,8 @@ impl Connection {
             }
             Err(errno) => {
                 if h.no_reply() {
-                    tracing::warn!(%errno, "posted request failed (no reply sent)");
+                    static POSTED: RateLimit = RateLimit::per_second();
+                    crate::warn_limited!(POSTED, %errno, "posted request failed (no reply sent)");
                 } else {
                     tracing::debug!(%errno, "error reply");
                 }
@@ -624,7 +630,9 @@ impl Connection {
             return Err(Errno::EMFILE);
         }
         if msg.fds_dropped > 0 || msg.fds.len() > self.cfg.max_msg_fds as usize {
-            tracing::warn!(
+            static TOO_MANY_FDS: RateLimit = RateLimit::per_second();
+            crate::warn_limited!(
+                TOO_MANY_FDS,
                 kept = msg.fds.len(),
                 closed = msg.fds_dropped,
                 max = self.cfg.max_msg_fds,

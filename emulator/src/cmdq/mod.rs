@@ -50,7 +50,8 @@ use mlx5_prm::ifc;
 use mlx5_prm::CmdStatus;
 use mlx5_prm::Opcode;
 use tracing::field;
-use vfu::Dma;
+use vfu::ratelimit::RateLimit;
+use vfu::{warn_limited, Dma};
 
 use crate::fault::{self, After, CmdContext, CmdFaults, Fatal, Instead};
 use crate::firmware::{opcode_name, Cmd, CmdRecord, Env, FwCell};
@@ -243,14 +244,16 @@ pub fn run_slot(h: &dyn Host, work: &Work, slot: u8) {
             return;
         }
         Err(e) => {
-            tracing::warn!(vhca_id, slot, error = %e, "command queue not readable; slot dropped");
+            static NOT_READABLE: RateLimit = RateLimit::per_second();
+            warn_limited!(NOT_READABLE, vhca_id, slot, error = %e, "command queue not readable; slot dropped");
             return;
         }
     };
     // The entry takes the inline output and the status: a command whose entry cannot
     // be written back would run and never report, so it does not run.
     if let Err(e) = dma.check_writable(entry_addr, CMD_ENTRY_SIZE) {
-        tracing::warn!(vhca_id, slot, error = %e, "command entry not writable; slot dropped");
+        static NOT_WRITABLE: RateLimit = RateLimit::per_second();
+        warn_limited!(NOT_WRITABLE, vhca_id, slot, error = %e, "command entry not writable; slot dropped");
         return;
     }
     let header = Cmd::new(&entry.in_, 0);
@@ -323,7 +326,8 @@ pub fn run_slot(h: &dyn Host, work: &Work, slot: u8) {
         return;
     }
     if let Err(e) = mailbox::complete(dma, entry_addr, delivery) {
-        tracing::warn!(error = %e, "cannot write status_own");
+        static NO_STATUS: RateLimit = RateLimit::per_second();
+        warn_limited!(NO_STATUS, error = %e, "cannot write status_own");
         return;
     }
     if work.events {
@@ -419,7 +423,8 @@ fn scatter_out(h: &dyn Host, entry_addr: u64, out: &[u8], p: &Prepared) -> Optio
         Ok(()) => Some(DeliveryStatus::Ok),
         Err(e) => {
             // The chain was mapped a moment ago; the driver unmapped it under us.
-            tracing::warn!(error = %e, "output scatter failed");
+            static NO_SCATTER: RateLimit = RateLimit::per_second();
+            warn_limited!(NO_SCATTER, error = %e, "output scatter failed");
             Some(DeliveryStatus::FwErr)
         }
     }

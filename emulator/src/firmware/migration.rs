@@ -268,6 +268,8 @@ pub struct MigCtl {
     chunk_mode: bool,
     violations: VecDeque<Violation>,
     violations_total: u64,
+    /// Limits the warning of a refused write to one a second.
+    violation_warnings: vfu::ratelimit::RateLimit,
     /// A SUSPEND, RESUME, SAVE or LOAD naming this function is executing.
     busy: bool,
 }
@@ -283,6 +285,7 @@ impl Default for MigCtl {
             chunk_mode: false,
             violations: VecDeque::new(),
             violations_total: 0,
+            violation_warnings: vfu::ratelimit::RateLimit::per_second(),
             busy: false,
         }
     }
@@ -391,7 +394,11 @@ impl MigCtl {
         }
         v.seq = VIOLATION_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         v.at = SystemTime::now();
-        tracing::warn!(
+        // One line a second at most: a frozen function written to in a loop (a 1 MiB
+        // store is 262,144 refused doorbells) logs a count, and keeps every violation
+        // in its bounded log.
+        vfu::warn_limited!(
+            self.violation_warnings,
             seq = v.seq,
             kind = ?v.kind,
             writer = %v.writer,
@@ -400,6 +407,7 @@ impl MigCtl {
             target_vhca_id = v.target_vhca_id,
             address = format_args!("{:#x}", v.address),
             len = v.len,
+            total = self.violations_total + 1,
             "P2P race violation: write to a responder-suspended function refused"
         );
         if self.violations.len() >= VIOLATION_LOG_CAPACITY {
