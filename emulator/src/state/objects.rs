@@ -75,6 +75,10 @@ pub(super) fn encode(o: &ObjectsImage) -> Vec<u8> {
     w.0
 }
 
+/// Entries reserved ahead at most; a longer list grows as its entries decode (each
+/// one consuming its bytes).
+const RESERVE_CAP: usize = 64;
+
 /// The smallest EQ entry: its head and two empty lists.
 const EQ_ENTRY_MIN: usize = EQ_ENTRY_HEAD_LEN + 2 * LIST_COUNT_LEN;
 /// The smallest mkey entry: its head and an empty MTT.
@@ -89,6 +93,13 @@ pub(super) fn decode(b: &[u8]) -> Result<ObjectsImage, StateError> {
     zeroed(&c.rsvd, "OBJECTS reserved")?;
     let cmd_eq = has_cmd_eq.then_some(c.eqn);
     let neq = r.count(EQ_ENTRY_MIN, "EQ list")?;
+    // A count is refused above the firmware's table before anything is reserved, and
+    // the reservation itself never exceeds the table: a decoded entry takes more room
+    // than its smallest encoding, so a count that merely fits the bytes could reserve
+    // several times the section's size.
+    if neq as u64 > MAX_NUM_EQS {
+        return Err(bad("EQ count", neq as u64, "at most MAX_NUM_EQS (8)"));
+    }
     let mut eqs = Vec::with_capacity(neq);
     for _ in 0..neq {
         let h: EqEntryHead = r.get("EQ")?;
@@ -120,7 +131,10 @@ pub(super) fn decode(b: &[u8]) -> Result<ObjectsImage, StateError> {
         });
     }
     let nmkeys = r.count(MKEY_ENTRY_MIN, "mkey list")?;
-    let mut mkeys = Vec::with_capacity(nmkeys);
+    if nmkeys as u64 > u64::from(MAX_MKEYS) {
+        return Err(bad("mkey count", nmkeys as u64, "at most MAX_MKEYS"));
+    }
+    let mut mkeys = Vec::with_capacity(nmkeys.min(RESERVE_CAP));
     for _ in 0..nmkeys {
         let h: MkeyEntryHead = r.get("mkey")?;
         zeroed(&h.rsvd, "mkey reserved")?;
@@ -261,4 +275,31 @@ fn check_mkey(m: &MkeyImage, pds: &BTreeSet<u32>) -> Result<(), StateError> {
         check_mtt_entry(i, a, lps).map_err(live)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An objects section: empty UAR and PD lists, no cmd_eq, then `neq` EQ entries of
+    /// the smallest encoding (zeros), an empty mkey list, an empty page list.
+    fn with_eqs(neq: u32) -> Vec<u8> {
+        let mut w = W(Vec::new());
+        w.u32(0).u32(0);
+        w.put(&CmdEqField::new_zeroed());
+        w.u32(neq);
+        w.0.resize(w.0.len() + neq as usize * EQ_ENTRY_MIN, 0);
+        w.u32(0).u32(0);
+        w.0
+    }
+
+    #[test]
+    fn a_count_above_the_firmware_table_is_refused_before_anything_is_reserved() {
+        let e = decode(&with_eqs(100_000)).unwrap_err();
+        assert!(e.to_string().contains("EQ count"), "{e}");
+        // Within the table the count is read on (and these zero entries are refused
+        // for what they hold, not for their number).
+        let e = decode(&with_eqs(2)).unwrap_err();
+        assert!(!e.to_string().contains("EQ count"), "{e}");
+    }
 }
