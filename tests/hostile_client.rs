@@ -7,11 +7,13 @@ use std::time::Duration;
 
 use mlx5_prm::cmd::migration::{ResumeOpMod, SuspendOpMod};
 use mlx5_prm::Opcode;
-use mlx5_testbed::bringup::{pf_up, suspend_resume};
+use mlx5_testbed::bringup::{pf_up, shared_pf_up, suspend_resume};
 use mlx5_testbed::devmem::{Bar2Map, BAR2};
 use mlx5_testbed::mem::memfd;
+use mlx5_testbed::migrate::{capture, write_in_chunks};
 use mlx5_testbed::wait::{bounded, wait_until};
 use mlx5_testbed::{init_tracing, Testbed};
+use mlx5vf::migration::MigrationDevice;
 use vfu::uapi::*;
 use vfu::{Errno, VfuError};
 
@@ -320,4 +322,50 @@ fn stores_through_a_mapping_do_not_change_a_frozen_function() {
     map.write(0x8000, b"thawed");
     vf.devmem().read(0x8000, &mut dm[..6]).unwrap();
     assert_eq!(&dm[..6], b"thawed", "the mapping is device memory again");
+}
+
+/// A LOAD and an FLR of its target do not interleave: an FLR that arrives while the
+/// LOAD applies waits for it and then wipes all of it, never leaving part of the image
+/// (device memory, say) on a function otherwise back at power-on.
+#[test]
+fn an_flr_during_a_load_comes_wholly_after_it() {
+    init_tracing();
+    let (a, b) = (Testbed::start(1), Testbed::start(1));
+    let src = MigrationDevice::new(shared_pf_up(&a.pf_socket()), 0).unwrap();
+    let dst = MigrationDevice::new(shared_pf_up(&b.pf_socket()), 0).unwrap();
+    mlx5_testbed::devmem::fill(&a.vf(0), 5);
+    let stream = capture(&src);
+    let vf = b.vf(0);
+    let power_on = (vf.hca_state(), vf.object_counts());
+    let mut w = dst
+        .set_state(mlx5vf::migration::fsm::MigState::Resuming)
+        .unwrap()
+        .expect("resuming stream");
+    // The VF's register lock, held: the LOAD stops at its first use of it, which is
+    // after its last check, in the middle of its apply.
+    let held = vf.lock();
+    let loader = std::thread::spawn(move || write_in_chunks(&mut w, &stream, 1 << 20));
+    wait_until("the LOAD started", Duration::from_secs(30), || {
+        vf.migration().busy()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let resetter = {
+        let vf = vf.clone();
+        std::thread::spawn(move || vf.reset())
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    drop(held);
+    bounded(Duration::from_secs(60), move || {
+        let _ = loader.join().expect("loader");
+        resetter.join().expect("resetter");
+    });
+    assert_eq!(
+        (vf.hca_state(), vf.object_counts()),
+        power_on,
+        "firmware at power-on"
+    );
+    assert!(
+        mlx5_testbed::devmem::dev_mem(&vf).iter().all(|&b| b == 0),
+        "no page of the image survived the FLR"
+    );
 }

@@ -2,7 +2,7 @@
 //! interrupt state, behind one short-held lock.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use vfu::uapi::{
@@ -110,6 +110,9 @@ pub struct Function {
     cmd_seq: AtomicU64,
     dma_seq: AtomicU64,
     drain_seq: AtomicU64,
+    /// Taken for writing by [`Function::reset`], for reading by a LOAD from its last
+    /// check to the end of its apply ([`Peer::hold_reset`]): outermost of all.
+    reset_gate: RwLock<()>,
 }
 
 impl Function {
@@ -174,6 +177,7 @@ impl Function {
             cmd_seq: AtomicU64::new(0),
             dma_seq: AtomicU64::new(0),
             drain_seq: AtomicU64::new(0),
+            reset_gate: RwLock::new(()),
         });
         let name = format!("fw-{}", id.socket_name().trim_end_matches(".sock"));
         let host: std::sync::Weak<dyn cmdq::Host> = Arc::downgrade(&f) as _;
@@ -612,6 +616,7 @@ impl Function {
     /// FLR or DEVICE_RESET: the function returns to its power-on state. The VMM's
     /// eventfds and DMA maps stay: they belong to the VMM, not to the function.
     pub fn reset(&self) {
+        let _gate = self.reset_gate.write().unwrap_or_else(|p| p.into_inner());
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.firmware.reset();
         {
@@ -641,6 +646,10 @@ impl Env for Function {
             return Err(injected_dma_fault(iova, buf.len()));
         }
         self.dma.read(iova, buf)
+    }
+
+    fn dma_writable(&self, iova: u64, len: usize) -> Result<(), DmaError> {
+        self.dma.check_writable(iova, len)
     }
 
     fn dma_write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
@@ -750,6 +759,10 @@ impl Peer for Function {
 
     fn bar2_address(&self) -> Option<u64> {
         self.lock().config.bar2_address()
+    }
+
+    fn hold_reset(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.reset_gate.read().unwrap_or_else(|p| p.into_inner())
     }
 }
 

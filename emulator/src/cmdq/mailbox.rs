@@ -65,6 +65,9 @@ impl DmaPort for dyn Env + '_ {
     fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
         self.dma_write(iova, data)
     }
+    fn check_writable(&self, iova: u64, len: usize) -> Result<(), DmaError> {
+        self.dma_writable(iova, len)
+    }
 }
 
 /// Largest input message accepted (1 MiB: 2048 mailboxes).

@@ -55,7 +55,7 @@ use vfu::{warn_limited, Dma};
 
 use crate::fault::{self, After, CmdContext, CmdFaults, Fatal, Instead};
 use crate::firmware::{opcode_name, Cmd, CmdRecord, Env, FwCell};
-use mailbox::{Fetched, Prepared};
+use mailbox::{DmaPort, Fetched, Prepared};
 use mlx5_prm::iseg::{CMDQ_LOG_SIZE_DEFAULT, CMDQ_LOG_STRIDE_DEFAULT};
 
 /// Slots of the queue (`1 << log_cmdq_size`).

@@ -93,6 +93,13 @@ pub trait Env: Sync {
     /// Writes guest memory through this function's IOVA space.
     fn dma_write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError>;
 
+    /// Whether all of `iova..iova+len` could be written now, touching nothing (what
+    /// the queue checks of an entry and its output chain before a command runs). An
+    /// environment without an IOVA space of its own says yes.
+    fn dma_writable(&self, _iova: u64, _len: usize) -> Result<(), DmaError> {
+        Ok(())
+    }
+
     /// Raises MSI-X `vector` of this function (or leaves it pending in the PBA); true
     /// if it was delivered. Called with no firmware lock held.
     fn raise_msix(&self, vector: u16) -> bool;
@@ -169,4 +176,9 @@ pub trait Peer: Send + Sync {
     /// Where its BAR2 (device memory) sits in the client's address space, as the
     /// client programmed it, while memory decoding is on.
     fn bar2_address(&self) -> Option<u64>;
+
+    /// Holds off a reset (FLR, DEVICE_RESET) of this function while the guard lives, so
+    /// that a LOAD's last check and its apply come wholly before or after one. Taken
+    /// holding no lock; outermost of the function's locks.
+    fn hold_reset(&self) -> std::sync::RwLockReadGuard<'_, ()>;
 }

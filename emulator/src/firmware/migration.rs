@@ -857,6 +857,9 @@ pub(super) fn load_vhca_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> Cm
             image_fail(&e)
         })?;
     let h = image.header;
+    // From the last check to the end of the apply no reset of the target can come in
+    // between: an FLR waits, then wipes the whole image, never half of it.
+    let _no_reset = f.hold_reset();
     {
         let m = f.migration();
         if m.state != MigState::ResponderSuspended || f.epoch() != epoch {

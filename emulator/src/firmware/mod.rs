@@ -768,6 +768,7 @@ pub(crate) mod test_support {
         pub fw: FwCell,
         pub mig: Mutex<MigCtl>,
         pub devmem: DevMem,
+        pub reset_gate: std::sync::RwLock<()>,
         pub iseg: Mutex<IsegImage>,
         pub epoch: AtomicU64,
         /// Admitted work that will not drain.
@@ -786,6 +787,7 @@ pub(crate) mod test_support {
                 fw: FwCell::new(id),
                 mig: Mutex::new(MigCtl::default()),
                 devmem: DevMem::new("fake-peer", dev_mem).unwrap(),
+                reset_gate: std::sync::RwLock::new(()),
                 iseg: Mutex::new(IsegImage::default()),
                 epoch: AtomicU64::new(0),
                 stuck: AtomicUsize::new(0),
@@ -806,6 +808,10 @@ pub(crate) mod test_support {
     impl Peer for FakePeer {
         fn id(&self) -> FunctionId {
             self.id
+        }
+
+        fn hold_reset(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+            self.reset_gate.read().unwrap_or_else(|p| p.into_inner())
         }
 
         fn firmware(&self) -> MutexGuard<'_, Firmware> {
