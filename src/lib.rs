@@ -14,12 +14,14 @@
 //! | [`child`] | child processes (`mlx5-emu`, scripts) killed and reaped on every way out |
 //! | [`wait`] | bounded waits: a hang fails the test instead of stalling the run |
 //! | [`bins`] | the workspace's binaries, built on demand, and the `mlx5vf` CLI |
+//! | [`fuzzing`] | the fuzz targets' bodies, shared by `fuzz/` and the corpus replay test |
 
 pub mod bins;
 pub mod bringup;
 pub mod child;
 pub mod devmem;
 pub mod faults;
+pub mod fuzzing;
 pub mod irq;
 pub mod mem;
 pub mod migrate;

@@ -1,0 +1,503 @@
+//! The bodies of the fuzz targets, one per parser. `fuzz/` (a cargo-fuzz workspace of
+//! its own) calls them with libFuzzer's inputs; `tests/fuzz_corpus.rs` calls them with
+//! every committed corpus input, so CI replays the corpus on the stable toolchain.
+//!
+//! Each body panics only when an invariant of the code under test breaks (a panic is
+//! what libFuzzer reports as a crash); hostile input itself must be refused cleanly.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+
+use mlx5_emulator::cmdq::mailbox::{self, Fetched};
+use mlx5_emulator::cmdq::Host;
+use mlx5_emulator::firmware::Cmd;
+use mlx5_emulator::server::FunctionBackend;
+use mlx5_emulator::Function;
+use mlx5_prm::cmdq::block_count;
+use mlx5vf::migration::stream::{RecordSink, ResumeParser, SinkError};
+use vfu::uapi::{VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE};
+use vfu::{Connection, Dma, ServerConfig};
+
+use crate::Testbed;
+
+/// IOVA of the guest memory every live-function target maps.
+pub const GUEST_IOVA: u64 = 0x10_0000;
+/// Its size.
+pub const GUEST_SIZE: u64 = 0x10_0000;
+const RW: u32 = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
+
+struct Live {
+    tb: Testbed,
+    /// The PF's guest memory (as the driver's arena would be).
+    mem: File,
+}
+
+thread_local! {
+    static LIVE: RefCell<Option<&'static Live>> = const { RefCell::new(None) };
+}
+
+/// One adapter (a PF and a VF) per thread, started on first use and kept: the targets
+/// reset the function they use before each input, so an input's outcome does not
+/// depend on the inputs before it.
+fn live() -> &'static Live {
+    LIVE.with(|l| {
+        *l.borrow_mut().get_or_insert_with(|| {
+            let tb = Testbed::start(1);
+            let mem = crate::mem::memfd("fuzz-guest", GUEST_SIZE);
+            Box::leak(Box::new(Live { tb, mem }))
+        })
+    })
+}
+
+fn fresh(f: &Function, mem: &File) {
+    f.reset();
+    f.dma().unmap_all();
+    f.dma()
+        .map(GUEST_IOVA, GUEST_SIZE, mem.try_clone().expect("dup"), 0, RW)
+        .expect("map the guest memory");
+}
+
+// ---------------------------------------------------------------- vfio-user
+
+/// vfio-user message decode and dispatch against a live function (the VF of a running
+/// adapter): the input is the byte stream a client sends, after the fds its first
+/// byte picks (bit 0 a sealable memfd, bit 1 an eventfd, bit 2 the read end of a pipe,
+/// bit 3 a socket), sent with the first message as SCM_RIGHTS.
+pub fn vfu_message(data: &[u8]) {
+    let Some((&pick, stream)) = data.split_first() else {
+        return;
+    };
+    let live = live();
+    let vf = live.tb.vf(0);
+    fresh(&vf, &live.mem);
+    let (ours, theirs) = UnixStream::pair().expect("socketpair");
+    let keep = hostile_fds(pick);
+    let fds: Vec<RawFd> = keep.iter().map(|f| f.as_raw_fd()).collect();
+    // Replies are drained by a thread so the server never blocks on a full socket.
+    let reader = ours.try_clone().expect("dup");
+    let drain = std::thread::spawn(move || {
+        let mut r = reader;
+        let mut sink = [0u8; 64 << 10];
+        while matches!(r.read(&mut sink), Ok(n) if n > 0) {}
+    });
+    let writer = ours.try_clone().expect("dup");
+    let feed = {
+        let stream = stream.to_vec();
+        std::thread::spawn(move || {
+            let (first, rest) = stream.split_at(stream.len().min(16));
+            if send_with_fds(&writer, first, &fds) {
+                let mut w = &writer;
+                let _ = w.write_all(rest);
+            }
+            let _ = writer.shutdown(std::net::Shutdown::Write);
+        })
+    };
+    let mut backend = FunctionBackend::new(Arc::clone(&vf));
+    let _ = Connection::new(theirs, ServerConfig::default()).run(&mut backend, vf.dma());
+    let _ = ours.shutdown(std::net::Shutdown::Both);
+    feed.join().expect("feeder");
+    drain.join().expect("drain");
+    drop(keep);
+}
+
+fn hostile_fds(pick: u8) -> Vec<File> {
+    let mut v = Vec::new();
+    if pick & 1 != 0 {
+        v.push(crate::mem::memfd("fuzz-dma", 0x4000));
+    }
+    if pick & 2 != 0 {
+        // SAFETY: eventfd takes no pointer; a non-negative result is a new fd.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd >= 0 {
+            // SAFETY: the fd is new and owned by nothing else.
+            v.push(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+        }
+    }
+    if pick & 4 != 0 {
+        let mut p = [0; 2];
+        // SAFETY: pipe2 fills the two-element array it is given.
+        if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } == 0 {
+            // SAFETY: both fds are new and owned by nothing else.
+            unsafe {
+                v.push(<File as std::os::fd::FromRawFd>::from_raw_fd(p[0]));
+                libc::close(p[1]);
+            }
+        }
+    }
+    if pick & 8 != 0 {
+        let (a, _b) = UnixStream::pair().expect("socketpair");
+        v.push(File::from(std::os::fd::OwnedFd::from(a)));
+    }
+    v
+}
+
+/// sendmsg of `data` with `fds`; false if the peer is gone.
+fn send_with_fds(s: &UnixStream, data: &[u8], fds: &[RawFd]) -> bool {
+    if data.is_empty() {
+        return true;
+    }
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let space = if fds.is_empty() {
+        0
+    } else {
+        // SAFETY: CMSG_SPACE only computes a size.
+        unsafe { libc::CMSG_SPACE(std::mem::size_of_val(fds) as u32) as usize }
+    };
+    let mut cbuf = vec![0u64; space.div_ceil(8)];
+    // SAFETY: an all-zero msghdr is valid; the fields that matter are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: msg_control points at `space` bytes, enough for one header with the
+        // fds (CMSG_SPACE above); CMSG_FIRSTHDR/CMSG_DATA stay inside it.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(fds) as u32) as _;
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr(),
+                libc::CMSG_DATA(c).cast::<RawFd>(),
+                fds.len(),
+            );
+        }
+    }
+    // SAFETY: msg points at live buffers (iov, cbuf) for the duration of the call.
+    unsafe { libc::sendmsg(s.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) >= 0 }
+}
+
+// ---------------------------------------------------------------- command queue
+
+/// Command entry and mailbox parsing: the input is guest memory (an entry at IOVA 0,
+/// mailboxes wherever its pointers lead, inside one 64 KiB window). Whatever `prepare`
+/// accepts must be consistent, and scattering an output into it must succeed.
+pub fn cmdq_entry(data: &[u8]) {
+    const SIZE: u64 = 64 << 10;
+    let mem = crate::mem::memfd("fuzz-cmdq", SIZE);
+    let n = data.len().min(SIZE as usize);
+    (&mem).write_all(&data[..n]).expect("fill");
+    let dma = Dma::new(4);
+    dma.map(0, SIZE, mem, 0, RW).expect("map");
+    let entry = match mailbox::fetch_entry(&dma, 0) {
+        Ok(Fetched::Entry(e)) => e,
+        Ok(Fetched::NotOwned) => return,
+        Err(e) => panic!("a mapped entry could not be read: {e}"),
+    };
+    let Ok(p) = mailbox::prepare(&dma, &entry) else {
+        return;
+    };
+    assert_eq!(p.input.len() as u64, u64::from(entry.inlen.get()));
+    assert_eq!(p.out_blocks.len(), block_count(p.outlen));
+    let out = vec![0xa5u8; p.outlen];
+    mailbox::scatter(&dma, 0, &out, &p.out_blocks)
+        .expect("an output chain accepted before execution takes the output");
+    mailbox::complete(&dma, 0, mlx5_prm::cmdq::DeliveryStatus::Ok).expect("entry writable");
+}
+
+// ---------------------------------------------------------------- firmware
+
+/// Firmware dispatch with arbitrary input boxes, against the live PF (its VF is the
+/// `other_function` target of the migration commands): the input is up to 16 commands,
+/// each `[len: u16 LE][outlen: u16 LE][len bytes of input box]`, executed in order on a
+/// freshly reset PF. Every reply fits the output length it was given.
+pub fn fw_dispatch(data: &[u8]) {
+    let live = live();
+    let pf = live.tb.pf();
+    fresh(&pf, &live.mem);
+    live.tb.vf(0).reset();
+    let mut rest = data;
+    for _ in 0..16 {
+        if rest.len() < 4 {
+            break;
+        }
+        let len = usize::from(u16::from_le_bytes([rest[0], rest[1]]));
+        let outlen = usize::from(u16::from_le_bytes([rest[2], rest[3]]));
+        rest = &rest[4..];
+        let input = &rest[..len.min(rest.len())];
+        rest = &rest[input.len()..];
+        let mut boxed = input.to_vec();
+        boxed.resize(boxed.len().max(16), 0);
+        let cmd = Cmd::new(&boxed, outlen);
+        let reply = Host::firmware(&*pf).execute(Host::env(&*pf), &cmd);
+        assert!(
+            reply.out.len() <= outlen.max(16),
+            "reply of {} bytes for an outlen of {outlen}",
+            reply.out.len()
+        );
+    }
+}
+
+// ---------------------------------------------------------------- state image
+
+/// The state image validator: whatever it accepts re-encodes to an image it accepts
+/// again, decoding to the same thing.
+pub fn state_image(data: &[u8]) {
+    let Ok(image) = mlx5_emulator::state::validate(data) else {
+        return;
+    };
+    let again = image.to_bytes();
+    let back = mlx5_emulator::state::validate(&again)
+        .unwrap_or_else(|e| panic!("an accepted image re-encoded is refused: {e}"));
+    assert_eq!(back, image, "an accepted image does not round-trip");
+}
+
+// ---------------------------------------------------------------- resume stream
+
+/// A sink that checks what the parser hands it: image bytes only inside the record
+/// announced, a LOAD only of a record complete.
+#[derive(Default)]
+struct CheckSink {
+    record: Option<(u64, u64)>,
+}
+
+impl RecordSink for CheckSink {
+    fn prepare(&mut self, size: u64, _prep_size: u64) -> Result<(), SinkError> {
+        self.record = Some((size, 0));
+        Ok(())
+    }
+
+    fn image_bytes(&mut self, offset: u64, data: &[u8]) -> Result<(), SinkError> {
+        let (size, got) = self.record.as_mut().expect("image bytes before prepare");
+        assert_eq!(offset, *got, "image bytes out of order");
+        *got += data.len() as u64;
+        assert!(*got <= *size, "image bytes past the record");
+        Ok(())
+    }
+
+    fn load(&mut self, size: u64) -> Result<(), SinkError> {
+        let (want, got) = self.record.take().expect("LOAD before prepare");
+        assert_eq!((size, got), (want, want), "LOAD of an incomplete record");
+        Ok(())
+    }
+}
+
+/// The driver's resume stream parser: the stream (after a first byte that picks the
+/// size of the writes it arrives in) fed to `ResumeParser` as mlx5vf's `write()`s.
+pub fn resume_stream(data: &[u8]) {
+    let Some((&chunk, stream)) = data.split_first() else {
+        return;
+    };
+    let chunk = usize::from(chunk).max(1);
+    let mut p = ResumeParser::new();
+    let mut sink = CheckSink::default();
+    for piece in stream.chunks(chunk) {
+        match p.write(piece, &mut sink) {
+            Ok(n) => assert_eq!(n, piece.len(), "a write accepted in part"),
+            Err(_) => {
+                assert!(
+                    p.write(b"x", &mut sink).is_err(),
+                    "a failed stream accepts more"
+                );
+                return;
+            }
+        }
+    }
+    let _ = p.check_complete();
+}
+
+// ---------------------------------------------------------------- seeds
+
+/// The seeds of a target, as (name, input): small, well-formed inputs that reach deep
+/// into the parser, so the fuzzer starts from there. `tests/fuzz_corpus.rs` checks that
+/// `fuzz/corpus/<target>/seed-<name>` holds each (and writes them with
+/// `MLX5_WRITE_SEEDS=1`).
+pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
+    match target {
+        "vfu_message" => vfu_seeds(),
+        "cmdq_entry" => cmdq_seeds(),
+        "fw_dispatch" => fw_seeds(),
+        "state_image" => state_seeds(),
+        "resume_stream" => resume_seeds(),
+        other => panic!("no fuzz target {other}"),
+    }
+}
+
+/// The fuzz targets, by name.
+pub const TARGETS: [&str; 5] = [
+    "vfu_message",
+    "cmdq_entry",
+    "fw_dispatch",
+    "state_image",
+    "resume_stream",
+];
+
+fn vfu_msg(id: u16, cmd: vfu::proto::Command, payload: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(16 + payload.len());
+    m.extend_from_slice(&id.to_le_bytes());
+    m.extend_from_slice(&(cmd as u16).to_le_bytes());
+    m.extend_from_slice(&((16 + payload.len()) as u32).to_le_bytes());
+    m.extend_from_slice(&vfu::proto::FLAGS_TYPE_COMMAND.to_le_bytes());
+    m.extend_from_slice(&0u32.to_le_bytes());
+    m.extend_from_slice(payload);
+    m
+}
+
+fn words(w: &[u32]) -> Vec<u8> {
+    w.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn vfu_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use vfu::proto::Command as C;
+    let mut version = Vec::new();
+    version.extend_from_slice(&vfu::proto::VERSION_MAJOR.to_le_bytes());
+    version.extend_from_slice(&vfu::proto::VERSION_MINOR.to_le_bytes());
+    version.extend_from_slice(&vfu::caps::Capabilities::default().to_json());
+    let hello = vfu_msg(0, C::Version, &version);
+    // REGION_READ/WRITE: offset, region, count, then the data of a write.
+    let region_rw = |index: u32, offset: u64, count: u32, data: &[u8]| {
+        let mut p = offset.to_le_bytes().to_vec();
+        p.extend_from_slice(&index.to_le_bytes());
+        p.extend_from_slice(&count.to_le_bytes());
+        p.extend_from_slice(data);
+        p
+    };
+    let mut talk = vec![0u8];
+    talk.extend(&hello);
+    talk.extend(vfu_msg(1, C::DeviceGetInfo, &words(&[16, 0, 0, 0])));
+    talk.extend(vfu_msg(
+        2,
+        C::DeviceGetRegionInfo,
+        &words(&[32, 0, 2, 0, 0, 0, 0, 0]),
+    ));
+    talk.extend(vfu_msg(3, C::DeviceGetIrqInfo, &words(&[16, 0, 2, 0])));
+    talk.extend(vfu_msg(4, C::RegionRead, &region_rw(7, 0, 4, &[])));
+    // cmd_dbell of BAR0 and a BAR2 store.
+    talk.extend(vfu_msg(
+        6,
+        C::RegionWrite,
+        &region_rw(0, 0x18, 4, &[1, 0, 0, 0]),
+    ));
+    talk.extend(vfu_msg(7, C::RegionWrite, &region_rw(2, 0x40, 4, b"seed")));
+    talk.extend(vfu_msg(8, C::DeviceReset, &[]));
+
+    // A DMA map carrying the memfd of the first byte's pick, an unmap, SET_IRQS of an
+    // eventfd.
+    let mut dma = vec![1u8 | 2];
+    dma.extend(&hello);
+    let mut map = words(&[32, 3]);
+    map.extend_from_slice(&0u64.to_le_bytes());
+    map.extend_from_slice(&0x10_0000u64.to_le_bytes());
+    map.extend_from_slice(&0x4000u64.to_le_bytes());
+    dma.extend(vfu_msg(1, C::DmaMap, &map));
+    let mut unmap = words(&[32, 0]);
+    unmap.extend_from_slice(&0x10_0000u64.to_le_bytes());
+    unmap.extend_from_slice(&0x4000u64.to_le_bytes());
+    dma.extend(vfu_msg(2, C::DmaUnmap, &unmap));
+    // SET_IRQS: argsz, flags (DATA_EVENTFD | ACTION_TRIGGER), index MSI-X, start, count.
+    dma.extend(vfu_msg(3, C::DeviceSetIrqs, &words(&[20, 0x24, 2, 0, 1])));
+    vec![("talk", talk), ("dma-irq", dma)]
+}
+
+fn cmdq_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use crate::rawq::{encode_block, input, Entry, TOKEN};
+    use mlx5_prm::Opcode;
+    // One entry at 0, an input chain of two blocks at 0x1000 and 0x2000, an output
+    // chain of one block at 0x3000.
+    let msg = input(Opcode::QueryHcaCap, 1, 16 + 512 + 100);
+    let mut e = Entry::new(&msg, 16 + 300);
+    e.in_ptr = 0x1000;
+    e.out_ptr = 0x3000;
+    let mut mem = vec![0u8; 0x3000 + mlx5_prm::cmdq::MAILBOX_BLOCK_SIZE];
+    mem[..64].copy_from_slice(&e.encode());
+    let b0 = encode_block(&msg[16..16 + 512], 0, TOKEN, 0x2000);
+    mem[0x1000..0x1000 + b0.len()].copy_from_slice(&b0);
+    let b1 = encode_block(&msg[16 + 512..], 1, TOKEN, 0);
+    mem[0x2000..0x2000 + b1.len()].copy_from_slice(&b1);
+    let o = encode_block(&[], 0, TOKEN, 0);
+    mem[0x3000..0x3000 + o.len()].copy_from_slice(&o);
+    let inline = Entry::new(&msg[..16], 16).encode().to_vec();
+    vec![("chains", mem), ("inline", inline)]
+}
+
+fn fw_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use mlx5_prm::Opcode;
+    let mut seq = Vec::new();
+    let mut push = |m: Vec<u8>, outlen: u16| {
+        seq.extend_from_slice(&(m.len() as u16).to_le_bytes());
+        seq.extend_from_slice(&outlen.to_le_bytes());
+        seq.extend_from_slice(&m);
+    };
+    push(crate::rawq::input(Opcode::QueryIssi, 0, 16), 0x70);
+    push(crate::rawq::input(Opcode::EnableHca, 0, 16), 16);
+    push(crate::rawq::input(Opcode::QueryPages, 1, 16), 16);
+    push(crate::rawq::input(Opcode::QueryHcaCap, 1, 16), 0x1010);
+    push(crate::rawq::input(Opcode::AllocPd, 0, 16), 16);
+    push(crate::rawq::input(Opcode::InitHca, 0, 16), 16);
+    let vf = 1;
+    for op in [Opcode::SuspendVhca, Opcode::QueryVhcaMigrationState] {
+        push(crate::bringup::vhca_input(op, 0, 16, vf), 16);
+    }
+    vec![("bringup-and-migration", seq)]
+}
+
+fn state_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use mlx5_emulator::state::*;
+    let mut caps = vec![0u8; mlx5_prm::cmd::caps::HCA_CAP_SIZE];
+    caps[0x10] = 0x42;
+    let image = Image {
+        header: ImageHeader {
+            function: ImageFunction::Vf,
+            kind: ImageKind::Base,
+            session: 0x1122_3344_5566_7788,
+            seq: 1,
+            base_seq: 0,
+            dev_mem_size: 32 << 10,
+        },
+        hca: HcaImage {
+            life_cycle: LifeCycle::Initialized,
+            issi: 1,
+            caps: caps.into(),
+        },
+        iseg: IsegImage {
+            cmdq_address: 0x1_0000_1000,
+            nic_interface: 0,
+        },
+        objects: ObjectsImage {
+            uars: vec![3],
+            pds: vec![1],
+            cmd_eq: None,
+            eqs: vec![],
+            mkeys: vec![MkeyImage {
+                index: 1,
+                variant: 0x5a,
+                pd: 1,
+                start: 0,
+                len: 8192,
+                log_page_size: 12,
+                mtt: vec![0x20_0000, 0x30_0000],
+            }],
+            fw_pages: vec![0x1000, 0x2000],
+        },
+        pages: vec![PageImage {
+            index: 2,
+            data: vec![7; 4096].into(),
+        }],
+    };
+    let mut delta = image.clone();
+    delta.header.kind = ImageKind::Delta;
+    delta.header.seq = 2;
+    delta.header.base_seq = 1;
+    delta.pages.clear();
+    vec![("base", image.to_bytes()), ("delta", delta.to_bytes())]
+}
+
+fn resume_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use mlx5_prm::migration_stream::RecordHeader;
+    let mut s = vec![7u8];
+    s.extend(mlx5vf::migration::stream::stop_copy_size_record(300));
+    s.extend(RecordHeader::fw_data(40).to_bytes());
+    s.extend([0x5a; 40]);
+    s.extend(RecordHeader::fw_data(20).to_bytes());
+    s.extend([0xa5; 20]);
+    vec![("two-records", s)]
+}

@@ -1,0 +1,86 @@
+//! Replays every committed fuzz corpus input (`fuzz/corpus/<target>/`) through the
+//! target's body, so CI checks on the stable toolchain that no input once found (nor
+//! any seed) crashes, hangs or breaks an invariant. The fuzzing itself runs outside CI
+//! (docs/SECURITY.md).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mlx5_testbed::fuzzing;
+use mlx5_testbed::wait::bounded;
+use mlx5_testbed::workspace_root;
+
+fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
+    let dir = workspace_root().join("fuzz/corpus").join(target);
+    let mut v: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("corpus entry").path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            let data = std::fs::read(&p).expect("corpus input");
+            (p, data)
+        })
+        .collect();
+    v.sort();
+    assert!(!v.is_empty(), "{} holds no input", dir.display());
+    v
+}
+
+/// The committed corpus holds every seed as `seed-<name>`, byte for byte
+/// (`MLX5_WRITE_SEEDS=1` writes them after a change to `fuzzing::seeds`).
+fn check_seeds(target: &str) {
+    let dir = workspace_root().join("fuzz/corpus").join(target);
+    for (name, data) in fuzzing::seeds(target) {
+        let path = dir.join(format!("seed-{name}"));
+        if std::env::var_os("MLX5_WRITE_SEEDS").is_some() {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, &data).unwrap();
+        }
+        let committed = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (MLX5_WRITE_SEEDS=1 writes it)", path.display()));
+        assert!(
+            committed == data,
+            "{} differs from fuzzing::seeds (MLX5_WRITE_SEEDS=1 rewrites it)",
+            path.display()
+        );
+    }
+}
+
+fn replay(target: &'static str, body: fn(&[u8])) {
+    mlx5_testbed::init_tracing();
+    check_seeds(target);
+    let n = bounded(Duration::from_secs(120), move || {
+        let all = inputs(target);
+        for (path, data) in &all {
+            tracing::debug!(input = %path.display(), "replaying");
+            body(data);
+        }
+        all.len()
+    });
+    eprintln!("{target}: {n} corpus inputs replayed");
+}
+
+#[test]
+fn vfu_message_corpus() {
+    replay("vfu_message", fuzzing::vfu_message);
+}
+
+#[test]
+fn cmdq_entry_corpus() {
+    replay("cmdq_entry", fuzzing::cmdq_entry);
+}
+
+#[test]
+fn fw_dispatch_corpus() {
+    replay("fw_dispatch", fuzzing::fw_dispatch);
+}
+
+#[test]
+fn state_image_corpus() {
+    replay("state_image", fuzzing::state_image);
+}
+
+#[test]
+fn resume_stream_corpus() {
+    replay("resume_stream", fuzzing::resume_stream);
+}
