@@ -14,7 +14,9 @@
 //!
 //! `qemu_guest_sees_the_vf` checks the PCI function the guest finds;
 //! `guest_mlx5_core_probes_the_vf_on_*` load each kernel's own mlx5_core, unbind and
-//! bind it twice, and check the guest's kernel log and the emulator's command log.
+//! bind it twice, and check the guest's kernel log and the emulator's command log;
+//! `guest_vfio_selftests_pass_behind_a_viommu` runs Linux 7.3's VFIO selftests against
+//! the VF behind QEMU's intel-iommu (fixtures/qemu/README.md says how).
 //!
 //! `MLX5_EMU_BIN=/path/to/mlx5-emu` tests that binary instead of the workspace's.
 //!
@@ -997,6 +999,392 @@ fn mlx5_core_probes_the_pf(guest: Guest) {
         "Linux {}: mlx5_core probed the PF {PROBES} times beside its VF, {} commands all OK, in {:.1?}",
         prepared.release,
         cmds.len(),
+        started.elapsed()
+    );
+    drop(booted);
+}
+
+/// The VFIO selftests run, how prepare.sh builds them (fixtures/qemu/init.sh,
+/// step_vfio_selftests, says how each picks its IOMMU mode): three choose the mode by
+/// their fixture variants (the type1 variants are selected with the harness's `-v`);
+/// `vfio_pci_device_test` has no option and opens libvfio's default mode (iommufd), so
+/// prepare.sh builds it once more per type1 mode.
+const SELFTESTS: &[&str] = &[
+    "vfio_dma_mapping_test",
+    "vfio_dma_mapping_mmio_test",
+    "vfio_pci_device_test",
+    "vfio_pci_device_test-vfio_type1_iommu",
+    "vfio_pci_device_test-vfio_type1v2_iommu",
+    "vfio_pci_device_init_perf_test",
+];
+/// The type1 IOMMU modes of libvfio; every selftest must pass in each.
+const TYPE1_MODES: &[&str] = &["vfio_type1_iommu", "vfio_type1v2_iommu"];
+/// Skips the device causes on purpose, by case name: a ConnectX VF has MSI-X only.
+const EXPECTED_SKIPS: &[(&str, &str)] = &[("vfio_pci_irq_test.msi.", "MSI: not supported")];
+/// The vIOMMU guest: TCG runs all the selftests in about 45 s here.
+const SELFTEST_GUEST_TIMEOUT_SECS: u64 = 600;
+
+/// One kselftest case result (TAP `ok N name`, `ok N name # SKIP reason`, `not ok`).
+#[derive(Debug)]
+struct KstCase {
+    /// The binary that ran it (a SELFTESTS name).
+    test: String,
+    /// `fixture.variant.test` (or `fixture.test`).
+    name: String,
+    outcome: KstOutcome,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum KstOutcome {
+    Passed,
+    Failed,
+    Skipped(String),
+}
+
+/// The cases of the selftest output on the serial console (`MLX5EMU-KST test=T LINE`),
+/// and each binary's `# Totals:` line.
+fn parse_kselftest(serial: &str) -> (Vec<KstCase>, BTreeMap<String, String>) {
+    let mut cases = Vec::new();
+    let mut totals = BTreeMap::new();
+    for line in serial.lines() {
+        let Some(at) = line.find("MLX5EMU-KST test=") else {
+            continue;
+        };
+        let rest = &line[at + "MLX5EMU-KST test=".len()..];
+        let (test, tap) = rest.split_once(' ').unwrap_or((rest, ""));
+        let tap = tap.trim_end();
+        if let Some(t) = tap.strip_prefix("# Totals: ") {
+            totals.insert(test.to_string(), t.to_string());
+            continue;
+        }
+        let (failed, result) = if let Some(r) = tap.strip_prefix("not ok ") {
+            (true, r)
+        } else if let Some(r) = tap.strip_prefix("ok ") {
+            (false, r)
+        } else {
+            continue;
+        };
+        // "N name" or "N name # SKIP reason"
+        let Some((_, named)) = result.split_once(' ') else {
+            continue;
+        };
+        let (name, directive) = match named.split_once(" # ") {
+            Some((n, d)) => (n, Some(d)),
+            None => (named, None),
+        };
+        let outcome = match (failed, directive.and_then(|d| d.strip_prefix("SKIP"))) {
+            (true, _) => KstOutcome::Failed,
+            (false, Some(reason)) => KstOutcome::Skipped(reason.trim().to_string()),
+            (false, None) => KstOutcome::Passed,
+        };
+        cases.push(KstCase {
+            test: test.to_string(),
+            name: name.to_string(),
+            outcome,
+        });
+    }
+    (cases, totals)
+}
+
+/// The IOMMU mode of a case: the selftest binary's own (`vfio_pci_device_test-MODE`), or
+/// the one its variant starts with (libvfio names each variant after its mode).
+fn kst_mode(test: &str, case: &str) -> Option<&'static str> {
+    const MODES: &[&str] = &[
+        "vfio_type1v2_iommu",
+        "vfio_type1_iommu",
+        "iommufd_compat_type1v2",
+        "iommufd_compat_type1",
+        "iommufd",
+    ];
+    if let Some(m) = test.strip_prefix("vfio_pci_device_test-") {
+        return MODES.iter().copied().find(|&x| x == m);
+    }
+    let variant = case.split('.').nth(1)?;
+    MODES
+        .iter()
+        .copied()
+        .find(|m| variant == *m || variant.starts_with(&format!("{m}_")))
+}
+
+/// Linux 7.3's own VFIO selftests, built from its linux-source, run in the guest
+/// against the VF bound to vfio-pci behind QEMU's intel-iommu, in every type1 mode the
+/// kernel offers, with 2 MiB and 1 GiB hugepages so that the hugetlb variants run. No
+/// case fails; the only skip is MSI (the VF has MSI-X only); the iommufd variants are
+/// unavailable on Debian's kernel (no IOMMUFD). The emulator serves every DMA_MAP and
+/// DMA_UNMAP the guest's IOMMU mappings cause.
+#[test]
+fn guest_vfio_selftests_pass_behind_a_viommu() {
+    let started = Instant::now();
+    let guest = Guest {
+        kernel: "7.3",
+        with: &["selftests"],
+        viommu: true,
+        mem: "4G",
+    };
+    let mut logs = Logs::new();
+    let prepared = prepare_guest(&mut logs, &guest);
+    assert!(
+        prepared.selftests.is_some(),
+        "prepare.sh built no selftests: {prepared:?}"
+    );
+    let list = format!("mlx5emu.selftests={}", SELFTESTS.join(","));
+    let booted = boot_guest(
+        &mut logs,
+        &guest,
+        &["--log", "vfu=debug,mlx5_emulator=info"],
+        &["vf0.sock"],
+        &[
+            "mlx5emu.step=vfio-bind,vfio-selftests",
+            &list,
+            "hugepagesz=1G",
+            "hugepages=1",
+            "hugepagesz=2M",
+            "hugepages=4",
+        ],
+        SELFTEST_GUEST_TIMEOUT_SECS,
+    );
+    let markers = &booted.markers;
+
+    let vfio: Vec<&Marker> = markers.iter().filter(|m| m.kind == "VFIO").collect();
+    assert_eq!(
+        vfio.len(),
+        1,
+        "one 15b3 function bound to vfio-pci: {vfio:?}"
+    );
+    assert_eq!(vfio[0].get("driver"), "vfio-pci", "{:?}", vfio[0]);
+    assert_ne!(
+        vfio[0].get("iommu_group"),
+        "none",
+        "the VF has no IOMMU group: is the vIOMMU on?"
+    );
+    let env = markers
+        .iter()
+        .find(|m| m.kind == "KST-ENV")
+        .expect("MLX5EMU-KST-ENV");
+    for pool in ["hugepages_1g", "hugepages_2m"] {
+        let n: u64 = env.get(pool).parse().expect("hugepage count");
+        assert!(n >= 1, "the guest has no {pool} pages: {env:?}");
+    }
+    let iommufd = env.get("iommufd") == "1";
+
+    // Every binary ran to its end with status 0.
+    let runs: BTreeMap<&str, &str> = markers
+        .iter()
+        .filter(|m| m.kind == "KST-EXIT")
+        .map(|m| (m.get("test"), m.get("rc")))
+        .collect();
+    let unavailable: Vec<&Marker> = markers
+        .iter()
+        .filter(|m| m.kind == "KST-UNAVAILABLE")
+        .collect();
+    for &t in SELFTESTS {
+        let ran = runs.get(t);
+        let out_of_reach = unavailable.iter().any(|m| m.get("test") == t);
+        assert!(
+            ran.is_some() || out_of_reach,
+            "{t} neither ran nor was reported unavailable"
+        );
+        if let Some(rc) = ran {
+            assert_eq!(*rc, "0", "{t} exited with {rc}");
+        }
+    }
+
+    let (cases, totals) = parse_kselftest(&booted.serial);
+    assert!(!cases.is_empty(), "no kselftest result on the console");
+    let failed: Vec<String> = cases
+        .iter()
+        .filter(|c| c.outcome == KstOutcome::Failed)
+        .map(|c| format!("{}: {}", c.test, c.name))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "VFIO selftests failed:\n{}",
+        failed.join("\n")
+    );
+    // "pass:12 fail:0 xfail:0 xpass:0 skip:0 error:0"
+    for (t, line) in &totals {
+        let fields: BTreeMap<&str, &str> = line
+            .split_whitespace()
+            .filter_map(|w| w.split_once(':'))
+            .collect();
+        for k in ["fail", "error"] {
+            assert_eq!(fields.get(k), Some(&"0"), "{t}: {line}");
+        }
+        let of = |o: fn(&KstOutcome) -> bool| {
+            cases
+                .iter()
+                .filter(|c| c.test == *t && o(&c.outcome))
+                .count()
+                .to_string()
+        };
+        assert_eq!(
+            fields.get("pass").copied(),
+            Some(of(|o| *o == KstOutcome::Passed).as_str()),
+            "{t}: the passes listed do not add up to its totals ({line})"
+        );
+    }
+    assert_eq!(
+        totals.len(),
+        runs.len(),
+        "a selftest run printed no totals: {runs:?}"
+    );
+
+    // Each run binary passes in every type1 mode; no case runs outside a known mode.
+    for &t in SELFTESTS.iter().filter(|t| runs.contains_key(*t)) {
+        let mine: Vec<&KstCase> = cases.iter().filter(|c| c.test == t).collect();
+        for c in &mine {
+            let mode = kst_mode(t, &c.name)
+                .unwrap_or_else(|| panic!("{t}: case {} has no IOMMU mode", c.name));
+            assert!(
+                TYPE1_MODES.contains(&mode) || iommufd,
+                "{t}: {} ran in {mode} on a kernel without iommufd",
+                c.name
+            );
+        }
+        for &mode in TYPE1_MODES {
+            if t.starts_with("vfio_pci_device_test-") && !t.ends_with(mode) {
+                continue;
+            }
+            assert!(
+                mine.iter()
+                    .any(|c| c.outcome == KstOutcome::Passed && kst_mode(t, &c.name) == Some(mode)),
+                "{t}: nothing passed in {mode}"
+            );
+        }
+    }
+    // The hugetlb variants ran (a skip there means the guest lacked the pages).
+    for size in ["hugetlb_2mb", "hugetlb_1gb"] {
+        for &mode in TYPE1_MODES {
+            let name = format!("vfio_dma_mapping_test.{mode}_anonymous_{size}.dma_map_unmap");
+            assert!(
+                cases
+                    .iter()
+                    .any(|c| c.name == name && c.outcome == KstOutcome::Passed),
+                "{name} did not pass"
+            );
+        }
+    }
+    // Skips: only those the device causes on purpose.
+    let skips: Vec<(&KstCase, &str)> = cases
+        .iter()
+        .filter_map(|c| match &c.outcome {
+            KstOutcome::Skipped(r) => Some((c, r.as_str())),
+            _ => None,
+        })
+        .collect();
+    for (c, reason) in &skips {
+        assert!(
+            EXPECTED_SKIPS
+                .iter()
+                .any(|(case, why)| c.name.starts_with(case) && reason.starts_with(why)),
+            "unexpected skip of {}: {} ({reason})",
+            c.test,
+            c.name
+        );
+    }
+    // Unavailable: iommufd cases only, on a kernel without it.
+    for m in &unavailable {
+        assert!(
+            m.get("mode").starts_with("iommufd") && !iommufd,
+            "a case reported unavailable that should run: {m:?}"
+        );
+    }
+
+    // The emulator served the DMA_MAPs and DMA_UNMAPs of the guest's IOMMU: none
+    // failed, except fd-less writable windows (QEMU mapping the VF's own BAR for
+    // peer-to-peer, which the device cannot reach).
+    let log = fs::read_to_string(&booted.emu_log).expect("read the emulator log");
+    let count = |cmd: &str, what: &str| {
+        log.lines()
+            .filter(|l| l.contains(&format!("cmd=\"{cmd}\"")) && l.contains(what))
+            .count()
+    };
+    let (maps, unmaps) = (
+        count("DMA_MAP", "reply=0}"),
+        count("DMA_UNMAP", "reply=24}"),
+    );
+    let failed_unmaps: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("cmd=\"DMA_UNMAP\"") && l.contains("error reply"))
+        .collect();
+    assert!(
+        failed_unmaps.is_empty(),
+        "DMA_UNMAPs failed:\n{}",
+        failed_unmaps.join("\n")
+    );
+    let p2p = log
+        .lines()
+        .filter(|l| l.contains("writable DMA_MAP without an fd refused"))
+        .count();
+    let failed_maps = count("DMA_MAP", "error reply");
+    assert_eq!(
+        failed_maps, p2p,
+        "DMA_MAPs failed other than fd-less BAR windows"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("dma mapped") && l.contains("size=1073741824")),
+        "the 1 GiB hugepage never reached the emulator as one DMA_MAP"
+    );
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            (l.contains(" WARN ") || l.contains(" ERROR "))
+                && !l.contains("writable DMA_MAP without an fd refused")
+        })
+        .collect();
+    assert!(
+        warnings.is_empty(),
+        "emulator warnings:\n{}",
+        warnings.join("\n")
+    );
+
+    // The report: per binary, passed / failed / skipped / unavailable, then each skip.
+    eprintln!(
+        "VFIO selftests of Linux {} behind intel-iommu:",
+        prepared.release
+    );
+    eprintln!(
+        "  {:<42} {:>6} {:>6} {:>7} {:>11}",
+        "test", "passed", "failed", "skipped", "unavailable"
+    );
+    let mut sums = [0usize; 4];
+    for &t in SELFTESTS {
+        let of = |o: fn(&KstOutcome) -> bool| {
+            cases
+                .iter()
+                .filter(|c| c.test == t && o(&c.outcome))
+                .count()
+        };
+        let row = [
+            of(|o| *o == KstOutcome::Passed),
+            of(|o| *o == KstOutcome::Failed),
+            of(|o| matches!(o, KstOutcome::Skipped(_))),
+            unavailable.iter().filter(|m| m.get("test") == t).count(),
+        ];
+        for (s, r) in sums.iter_mut().zip(row) {
+            *s += r;
+        }
+        eprintln!(
+            "  {t:<42} {:>6} {:>6} {:>7} {:>11}",
+            row[0], row[1], row[2], row[3]
+        );
+    }
+    eprintln!(
+        "  {:<42} {:>6} {:>6} {:>7} {:>11}",
+        "total", sums[0], sums[1], sums[2], sums[3]
+    );
+    for (c, reason) in &skips {
+        eprintln!("  skipped: {} {}: {reason}", c.test, c.name);
+    }
+    if !unavailable.is_empty() {
+        eprintln!(
+            "  unavailable: {} iommufd cases (the kernel has no IOMMUFD: no /dev/iommu)",
+            unavailable.len()
+        );
+    }
+    eprintln!(
+        "  emulator: {maps} DMA_MAP and {unmaps} DMA_UNMAP served, {p2p} fd-less BAR windows refused; {:.1?}",
         started.elapsed()
     );
     drop(booted);
