@@ -7,6 +7,7 @@
 //! | [`bringup`] | mlx5vf's command interface and bring-up of a PF or a guest-side VF |
 //! | [`rawq`] | a command queue driven by hand (entries, mailboxes, doorbells) for hostile tests |
 //! | [`mem`] | guest memory: a memfd DMA-mapped into a function |
+//! | [`dma`] | guest-side functions with a data mkey, QP pairs connected for RDMA |
 //! | [`devmem`] | device memory (BAR2): seeded patterns, reads, the VMM's mmap |
 //! | [`migrate`] | moving a VF with mlx5vf: stream pumps, whole migrations, stream records |
 //! | [`irq`] | MSI-X as a guest enables it, eventfds on vectors |
@@ -20,6 +21,7 @@ pub mod bins;
 pub mod bringup;
 pub mod child;
 pub mod devmem;
+pub mod dma;
 pub mod faults;
 pub mod fuzzing;
 pub mod irq;

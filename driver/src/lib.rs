@@ -9,5 +9,6 @@
 //! module writes its locks and their order down where they are declared.
 
 pub mod cmdif;
+pub mod dma;
 pub mod hca;
 pub mod migration;

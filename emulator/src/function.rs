@@ -16,11 +16,12 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::bar0::{Bar0, BAR0_SIZE, MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET};
 use crate::cmdq::{self, Work, WorkSender};
 use crate::devmem::{DevMem, DevMemError, DEFAULT_DEV_MEM_SIZE};
+use crate::dma;
 use crate::fabric::Fabric;
 use crate::fault::{CmdFaults, CmdSite, DmaDir, Fatal, FaultTarget, Injector, StateFilter};
 use crate::firmware::{
     Cmd, CmdRecord, Env, Firmware, FwCell, HcaState, MigCtl, MigState, ObjectCounts, P2pRefusal,
-    P2pSource, Peer, Violation, ViolationKind,
+    P2pSource, Peer, Violation, ViolationKind, LOG_BF_REG_SIZE,
 };
 pub use crate::firmware::{FunctionId, SuspendError, DRAIN_TIMEOUT, MSIX_VECTORS};
 use crate::pci::{ConfigParams, ConfigSpace, PciError, INTERRUPT_PIN_NONE};
@@ -113,6 +114,10 @@ pub struct Function {
     /// Taken for writing by [`Function::reset`], for reading by a LOAD from its last
     /// check to the end of its apply ([`Peer::hold_reset`]): outermost of all.
     reset_gate: RwLock<()>,
+    /// Wakes the DMA engine for a QP (a UAR send doorbell, a QP moved to ERR).
+    engine: dma::Kicker,
+    /// The DMA engine's initiator gate (closed by SUSPEND_VHCA(initiator); a leaf lock).
+    gate: dma::Gate,
 }
 
 impl Function {
@@ -158,6 +163,7 @@ impl Function {
         )?;
         let irqs = IrqTable::new(&Self::irq_shapes(&config));
         let (tx, rx) = crossbeam_channel::bounded(cmdq::DOORBELL_BACKLOG);
+        let (engine, engine_rx) = dma::channel();
         let f = Arc::new(Function {
             id,
             state: Mutex::new(FunctionState {
@@ -178,10 +184,14 @@ impl Function {
             dma_seq: AtomicU64::new(0),
             drain_seq: AtomicU64::new(0),
             reset_gate: RwLock::new(()),
+            engine,
+            gate: dma::Gate::default(),
         });
-        let name = format!("fw-{}", id.socket_name().trim_end_matches(".sock"));
+        let short = id.socket_name().trim_end_matches(".sock").to_string();
         let host: std::sync::Weak<dyn cmdq::Host> = Arc::downgrade(&f) as _;
-        cmdq::spawn_worker(host, rx, name).map_err(FunctionError::Worker)?;
+        cmdq::spawn_worker(host, rx, format!("fw-{short}")).map_err(FunctionError::Worker)?;
+        let host: std::sync::Weak<dyn dma::Host> = Arc::downgrade(&f) as _;
+        dma::spawn(host, engine_rx, format!("dma-{short}")).map_err(FunctionError::Worker)?;
         let peer: Arc<dyn Peer> = Arc::clone(&f) as _;
         f.fabric.register(&peer);
         let target: Arc<dyn FaultTarget> = Arc::clone(&f) as _;
@@ -311,8 +321,12 @@ impl Function {
     /// keeps its command interface up while initiator-suspended). Stopping it here would
     /// strand a command the guest rang just before the VMM paused it: its slot would stay
     /// hardware-owned in guest memory and migrate that way to a destination that never
-    /// saw the doorbell. Instead, [`Function::freeze`] drains it. When the DMA engine
-    /// (`dma/`) lands, this is where it is told to stop fetching work and drain.
+    /// saw the doorbell. Instead, [`Function::freeze`] drains it.
+    ///
+    /// The DMA engine is what stops: its gate closes, so no new WQE starts (a P2P write
+    /// included), and this waits (at most [`DRAIN_TIMEOUT`]) until the WQEs already
+    /// started have completed, CQEs written. If they do not, the function goes back to
+    /// Running and the suspend fails.
     pub fn suspend_initiator(&self) -> Result<(), SuspendError> {
         let seq = self.drain_seq.fetch_add(1, Ordering::AcqRel) + 1;
         if let Some(d) = self.faults().on_drain(self.id.vhca_id, seq) {
@@ -321,12 +335,34 @@ impl Function {
             tracing::info!(vhca_id = self.id.vhca_id, delay = ?d, "initiator suspend drain slowed by the fault plan");
             std::thread::sleep(d);
         }
-        self.transition(MigState::Running, MigState::InitiatorSuspended)
+        self.transition(MigState::Running, MigState::InitiatorSuspended)?;
+        if let Err(inflight) = self.gate.stop(DRAIN_TIMEOUT) {
+            tracing::warn!(
+                vhca_id = self.id.vhca_id,
+                inflight,
+                "initiator suspend: WQEs did not drain; back to running"
+            );
+            let _ = self.transition(MigState::InitiatorSuspended, MigState::Running);
+            return Err(SuspendError::DrainTimeout { inflight });
+        }
+        Ok(())
     }
 
-    /// RESUME_VHCA(initiator): InitiatorSuspended to Running.
+    /// RESUME_VHCA(initiator): InitiatorSuspended to Running. The DMA engine starts
+    /// again: every QP is looked at, so work posted while it was stopped, or loaded
+    /// with a state image, runs now.
     pub fn resume_initiator(&self) -> Result<(), SuspendError> {
-        self.transition(MigState::InitiatorSuspended, MigState::Running)
+        self.transition(MigState::InitiatorSuspended, MigState::Running)?;
+        self.gate.start();
+        for qpn in self.firmware().qpns() {
+            self.engine.kick(qpn);
+        }
+        Ok(())
+    }
+
+    /// The DMA engine's initiator gate.
+    pub fn dma_gate(&self) -> &dma::Gate {
+        &self.gate
     }
 
     fn transition(&self, from: MigState, to: MigState) -> Result<(), SuspendError> {
@@ -558,12 +594,32 @@ impl Function {
         }
     }
 
-    /// A 4-byte write to UAR page `page`: EQ arm / consumer-index doorbells.
+    /// A 4-byte write to UAR page `page`: EQ arm / consumer-index doorbells, and the send
+    /// doorbell of a QP (the second word of a doorbell / BlueFlame register, which
+    /// carries `qpn << 8 | ds`): the QP is handed to the DMA engine, which reads how far
+    /// to go from the QP's doorbell record.
     pub fn uar_write(&self, page: u32, offset: u32, value: u32) {
         let address = u64::from(page) * crate::bar0::UAR_PAGE_SIZE + u64::from(offset);
         let Some(_admitted) = self.admit(ViolationKind::UarDoorbell, address, 4) else {
             return;
         };
+        let bf_size = 1u32 << LOG_BF_REG_SIZE;
+        let bf = mlx5_prm::wqe::UAR_BF_OFFSET;
+        if (bf..bf + 2 * bf_size).contains(&offset) && (offset - bf) % bf_size == 4 {
+            let qpn = value >> 8;
+            let ours = self.firmware().qp(qpn).is_some_and(|q| q.uar == page);
+            if ours {
+                self.engine.kick(qpn);
+            } else {
+                tracing::debug!(
+                    vhca_id = self.id.vhca_id,
+                    page,
+                    qpn,
+                    "send doorbell for no QP of this UAR"
+                );
+            }
+            return;
+        }
         let fire = {
             let mut fw = self.firmware();
             if !fw.has_uar(page) {
@@ -635,6 +691,20 @@ impl Function {
     }
 }
 
+impl Function {
+    /// A DMA write by the function (by a work request of QP `qpn` if given): the fault
+    /// plan first, then the IOVA space (a P2P window records the QP).
+    fn write_dma(&self, iova: u64, data: &[u8], qpn: Option<u32>) -> Result<(), DmaError> {
+        let seq = self.dma_seq.fetch_add(1, Ordering::AcqRel) + 1;
+        if self.faults().on_dma(self.id.vhca_id, DmaDir::Write, seq) {
+            return Err(injected_dma_fault(iova, data.len()));
+        }
+        self.dma.write_by(iova, data, qpn)?;
+        self.faults().dma_written(iova, data.len());
+        Ok(())
+    }
+}
+
 impl Env for Function {
     fn id(&self) -> FunctionId {
         self.id
@@ -653,13 +723,11 @@ impl Env for Function {
     }
 
     fn dma_write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
-        let seq = self.dma_seq.fetch_add(1, Ordering::AcqRel) + 1;
-        if self.faults().on_dma(self.id.vhca_id, DmaDir::Write, seq) {
-            return Err(injected_dma_fault(iova, data.len()));
-        }
-        self.dma.write(iova, data)?;
-        self.faults().dma_written(iova, data.len());
-        Ok(())
+        self.write_dma(iova, data, None)
+    }
+
+    fn dma_write_by(&self, iova: u64, data: &[u8], qpn: u32) -> Result<(), DmaError> {
+        self.write_dma(iova, data, Some(qpn))
     }
 
     fn raise_msix(&self, vector: u16) -> bool {
@@ -670,8 +738,26 @@ impl Env for Function {
         Function::epoch(self)
     }
 
+    fn dma_kick(&self, qpn: u32) {
+        self.engine.kick(qpn);
+    }
+
     fn peer(&self, vhca_id: u16) -> Option<Arc<dyn Peer>> {
         self.fabric.by_vhca_id(vhca_id)
+    }
+}
+
+impl dma::Host for Function {
+    fn env(&self) -> &dyn Env {
+        self
+    }
+
+    fn firmware(&self) -> &FwCell {
+        &self.firmware
+    }
+
+    fn gate(&self) -> &dma::Gate {
+        &self.gate
     }
 }
 
@@ -763,6 +849,39 @@ impl Peer for Function {
 
     fn hold_reset(&self) -> std::sync::RwLockReadGuard<'_, ()> {
         self.reset_gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn dma_read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        Env::dma_read(self, iova, buf)
+    }
+
+    fn dma_write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
+        Env::dma_write(self, iova, data)
+    }
+
+    fn dma_kick(&self, qpn: u32) {
+        self.engine.kick(qpn);
+    }
+
+    fn admit_dma(&self, writer: P2pSource, address: u64, len: u64) -> bool {
+        let mut attempt = Violation::p2p(writer.vhca_id, writer.qpn, self.id.vhca_id, address, len);
+        attempt.kind = ViolationKind::PeerDma;
+        let who = attempt.writer.clone();
+        let admitted = self.migration().admit(attempt);
+        if !admitted {
+            tracing::warn!(
+                vhca_id = self.id.vhca_id,
+                writer = %who,
+                address = format_args!("{address:#x}"),
+                len,
+                "DMA request into a responder-suspended function refused"
+            );
+        }
+        admitted
+    }
+
+    fn end_dma(&self) {
+        self.work_done();
     }
 }
 

@@ -3,7 +3,7 @@
 //! Layers, outside in: [`adapter`] (the device complex and its sockets), [`server`]
 //! (the vfio-user backend of a function), [`function`] (a function's state),
 //! [`pci`] (config space), [`bar0`] (the init segment and MSI-X), [`cmdq`] (the
-//! command queue engine), [`firmware`] (command execution, which sees the rest of the
+//! command queue engine), [`dma`] (the DMA engine of RC QPs), [`firmware`] (command execution, which sees the rest of the
 //! adapter only through [`firmware::env`]) and [`fabric`] (how functions find each
 //! other) with [`p2p`] (DMA from one function into another's device memory).
 
@@ -11,6 +11,7 @@ pub mod adapter;
 pub mod bar0;
 pub mod cmdq;
 pub mod devmem;
+pub mod dma;
 pub mod fabric;
 pub mod fault;
 pub mod firmware;

@@ -24,6 +24,11 @@ pub const CTRL_CE_MASK: u8 = 0x0c;
 pub const CTRL_CQ_UPDATE: u8 = 0x08;
 /// `MLX5_INLINE_SEG`: a data segment with this bit in `byte_count` is inline data.
 pub const INLINE_SEG: u32 = 0x8000_0000;
+/// UAR page offset of the first BlueFlame / doorbell register (`MLX5_BF_OFFSET`): the
+/// driver writes the first 8 bytes of the control segment of its last WQE there (the
+/// second word carries the QP number); registers of `1 << log_bf_reg_size` bytes
+/// alternate from here.
+pub const UAR_BF_OFFSET: u32 = 0x800;
 /// `MLX5_INVALID_LKEY`: ends a receive scatter list.
 pub const INVALID_LKEY: u32 = 0x100;
 
@@ -210,6 +215,8 @@ wire_enum! {
         RemoteOpErr = 0x14 => "REMOTE_OP_ERR",
         /// No peer QP answers at the path and QPN.
         TransportRetryExcErr = 0x15 => "TRANSPORT_RETRY_EXC_ERR",
+        /// The peer had no receive WQE posted for a SEND.
+        RnrRetryExcErr = 0x16 => "RNR_RETRY_EXC_ERR",
     }
 }
 
@@ -307,6 +314,8 @@ pub mod vendor_synd {
     pub const INLINE: u8 = 0x0c;
     /// The QP went to the error state with the WQE outstanding.
     pub const FLUSHED: u8 = 0x0d;
+    /// The doorbell record's send counter is more than a ring ahead of the device.
+    pub const OVERRUN: u8 = 0x0e;
 }
 
 #[cfg(test)]

@@ -777,6 +777,10 @@ impl Firmware {
         let was = q.state;
         q.state = to;
         tracing::debug!(qpn, from = %was, to = %q.state, "QP state");
+        if to == QpState::Err {
+            // The engine flushes what is outstanding, as hardware does in ERR.
+            env.dma_kick(qpn);
+        }
         Ok(out)
     }
 }

@@ -100,6 +100,13 @@ pub trait Env: Sync {
         Ok(())
     }
 
+    /// [`Env::dma_write`] by a work request of QP `qpn` of this function's DMA engine
+    /// (a P2P window records the QP with a violation).
+    fn dma_write_by(&self, iova: u64, data: &[u8], qpn: u32) -> Result<(), DmaError> {
+        let _ = qpn;
+        self.dma_write(iova, data)
+    }
+
     /// Raises MSI-X `vector` of this function (or leaves it pending in the PBA); true
     /// if it was delivered. Called with no firmware lock held.
     fn raise_msix(&self, vector: u16) -> bool;
@@ -107,7 +114,12 @@ pub trait Env: Sync {
     /// The reset epoch of this function: bumped by every FLR / DEVICE_RESET.
     fn epoch(&self) -> u64;
 
-    /// Another live function of the adapter by `vhca_id` (the PF naming a VF).
+    /// Asks this function's DMA engine to look at QP `qpn` (it went to ERR and its
+    /// outstanding WQEs are to be flushed). Returns at once: it only queues.
+    fn dma_kick(&self, qpn: u32);
+
+    /// Another live function of the adapter by `vhca_id` (the PF naming a VF, a QP's
+    /// peer on another function).
     fn peer(&self, vhca_id: u16) -> Option<Arc<dyn Peer>>;
 }
 
@@ -181,4 +193,24 @@ pub trait Peer: Send + Sync {
     /// that a LOAD's last check and its apply come wholly before or after one. Taken
     /// holding no lock; outermost of the function's locks.
     fn hold_reset(&self) -> std::sync::RwLockReadGuard<'_, ()>;
+
+    /// Reads its guest memory through its DMA path (a DMA engine serving a request of a
+    /// QP on another function).
+    fn dma_read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError>;
+
+    /// Writes its guest memory through its DMA path.
+    fn dma_write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError>;
+
+    /// See [`Env::dma_kick`].
+    fn dma_kick(&self, qpn: u32);
+
+    /// Admits a request of `len` bytes at `address` from `writer` (a QP on another
+    /// function) into this function. Refused while it is responder-suspended: recorded
+    /// as a violation, and false returned. While admitted, its responder suspend waits;
+    /// [`Peer::end_dma`] ends it. A leaf: take no lock of this function meanwhile
+    /// other than its firmware lock and DMA path.
+    fn admit_dma(&self, writer: P2pSource, address: u64, len: u64) -> bool;
+
+    /// Ends an admission [`Peer::admit_dma`] granted.
+    fn end_dma(&self);
 }

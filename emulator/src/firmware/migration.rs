@@ -154,6 +154,9 @@ pub enum ViolationKind {
     RegisterWrite,
     /// Another function's DMA (peer-to-peer) into device memory (BAR2).
     P2pWrite,
+    /// A DMA request of a QP on another function (its writer names the function and
+    /// the QP; the address is the request's remote address).
+    PeerDma,
 }
 
 /// Numbers every violation of the process, in the order they were refused (shared by

@@ -47,6 +47,7 @@ use mlx5_prm::cmdq::DeliveryStatus;
 use mlx5_prm::ifc::{self, hdr, Field};
 use mlx5_prm::{CmdStatus, Opcode};
 
+pub use caps::LOG_BF_REG_SIZE;
 pub use cq_qp::{Cq, Qp, QpPeer, QueueError, Ring};
 pub use env::{Env, FunctionId, P2pRefusal, P2pSource, Peer, MSIX_VECTORS};
 pub use eq::{EqState, EqeSlot};
@@ -701,6 +702,8 @@ pub(crate) mod test_support {
         pub peers: Vec<Arc<FakePeer>>,
         pub raised: Mutex<Vec<u16>>,
         pub epoch: AtomicU64,
+        /// QPs the firmware asked the DMA engine to look at.
+        pub kicked: Mutex<Vec<u32>>,
     }
 
     impl FakeEnv {
@@ -711,6 +714,7 @@ pub(crate) mod test_support {
                 peers: Vec::new(),
                 raised: Mutex::new(Vec::new()),
                 epoch: AtomicU64::new(0),
+                kicked: Mutex::new(Vec::new()),
             }
         }
 
@@ -750,6 +754,10 @@ pub(crate) mod test_support {
 
         fn epoch(&self) -> u64 {
             self.epoch.load(Ordering::Acquire)
+        }
+
+        fn dma_kick(&self, qpn: u32) {
+            self.kicked.lock().unwrap().push(qpn);
         }
 
         fn peer(&self, vhca_id: u16) -> Option<Arc<dyn Peer>> {
@@ -905,6 +913,26 @@ pub(crate) mod test_support {
 
         fn epoch(&self) -> u64 {
             self.epoch.load(Ordering::Acquire)
+        }
+
+        fn dma_read(&self, _iova: u64, _buf: &mut [u8]) -> Result<(), DmaError> {
+            Err(DmaError::NoBacking { iova: _iova })
+        }
+
+        fn dma_write(&self, iova: u64, _data: &[u8]) -> Result<(), DmaError> {
+            Err(DmaError::NoBacking { iova })
+        }
+
+        fn dma_kick(&self, _qpn: u32) {}
+
+        fn admit_dma(&self, writer: P2pSource, address: u64, len: u64) -> bool {
+            let mut v = Violation::p2p(writer.vhca_id, writer.qpn, self.id.vhca_id, address, len);
+            v.kind = ViolationKind::PeerDma;
+            self.migration().admit(v)
+        }
+
+        fn end_dma(&self) {
+            self.migration().release();
         }
     }
 
