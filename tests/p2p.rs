@@ -87,7 +87,7 @@ fn starts_like_an_image(b: &[u8]) -> bool {
 #[test]
 fn save_into_a_peers_bar2_memfd_lands_through_the_peer_and_a_frozen_peer_refuses_it() {
     init_tracing();
-    let tb = Testbed::start(2);
+    let tb = Testbed::builder().vfs(2).control().start();
     let (vf0, vf1) = (tb.vf(0), tb.vf(1));
     let (v0, v1) = (vf0.id.vhca_id, vf1.id.vhca_id);
     some_state(&vf0, 7);

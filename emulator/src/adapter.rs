@@ -147,16 +147,29 @@ impl Adapter {
         };
         // Installed once every function exists, so an immediate fatal finds its target.
         faults.set_plan(&plan)?;
-        let control =
-            match &cfg.control {
-                None => None,
-                Some(p) => Some(ControlServer::start(p, Arc::clone(&faults)).map_err(
-                    |source| AdapterError::Control {
-                        path: p.display().to_string(),
-                        source,
-                    },
-                )?),
-            };
+        let control = match &cfg.control {
+            None => None,
+            Some(p) => {
+                // Held weakly: the control thread never keeps a function alive.
+                let fs: Vec<std::sync::Weak<Function>> =
+                    functions.iter().map(Arc::downgrade).collect();
+                let source: crate::fault::control::ViolationSource = Arc::new(move || {
+                    let live: Vec<_> = fs.iter().filter_map(std::sync::Weak::upgrade).collect();
+                    let total = live.iter().map(|f| f.violations_total()).sum();
+                    let mut v: Vec<_> = live.iter().flat_map(|f| f.violations()).collect();
+                    v.sort_by_key(|v| v.seq);
+                    (v, total)
+                });
+                Some(
+                    ControlServer::start(p, Arc::clone(&faults), Some(source)).map_err(
+                        |source| AdapterError::Control {
+                            path: p.display().to_string(),
+                            source,
+                        },
+                    )?,
+                )
+            }
+        };
         let mut threads = Vec::new();
         for (f, l) in functions.iter().zip(&listeners) {
             let (f, l) = (Arc::clone(f), Arc::clone(l));

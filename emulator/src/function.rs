@@ -278,6 +278,12 @@ impl Function {
         self.migration().violations()
     }
 
+    /// Violations ever recorded here (the log keeps the last
+    /// [`crate::firmware::VIOLATION_LOG_CAPACITY`]).
+    pub fn violations_total(&self) -> u64 {
+        self.migration().violations_total()
+    }
+
     /// Who is behind a write that reached this function's socket.
     fn writer(&self) -> String {
         format!("client of {}", self.id.socket_name())

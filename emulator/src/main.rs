@@ -66,6 +66,9 @@ enum FaultOp {
     Clear { name: Option<String> },
     /// Prints the fault log (JSON lines).
     Log,
+    /// Prints the writes the functions refused while responder-suspended (P2P race
+    /// violations among them), oldest first, and how many there were in all.
+    Violations,
 }
 
 /// `mlx5-emu fault ...`: one request to the control socket, its answer on stdout.
@@ -91,6 +94,7 @@ fn fault_command(control: &std::path::Path, op: FaultOp) -> ExitCode {
         FaultOp::List => Request::List,
         FaultOp::Clear { name } => Request::Clear { name },
         FaultOp::Log => Request::Log,
+        FaultOp::Violations => Request::Violations,
     };
     match request(control, &req) {
         Err(e) => {
@@ -124,6 +128,17 @@ fn fault_command(control: &std::path::Path, op: FaultOp) -> ExitCode {
             }
             if let Some(log) = r.log {
                 let _ = write!(out, "{log}");
+            }
+            if let Some(v) = r.violations {
+                for x in &v {
+                    let _ = writeln!(out, "{x}");
+                }
+                let _ = writeln!(
+                    out,
+                    "{} violation(s) recorded ({} shown)",
+                    r.violations_total.unwrap_or(v.len() as u64),
+                    v.len()
+                );
             }
             ExitCode::SUCCESS
         }

@@ -9,11 +9,14 @@
 //! | `{"op":"list"}` | `{"ok":true,"seed":S,"rules":[{"rule":{...},"matches":M,"fired":F}]}` |
 //! | `{"op":"clear"}` or `{"op":"clear","name":"..."}` | `{"ok":true,"removed":N}` |
 //! | `{"op":"log"}` | `{"ok":true,"log":"<the JSONL fault log>"}` |
+//! | `{"op":"violations"}` | `{"ok":true,"violations":[{"seq":N,"kind":"P2pWrite","writer":"...","writer_vhca_id":W,"qpn":Q,"target_vhca_id":T,"address":A,"len":L,"at_unix_ms":M}],"violations_total":N}` |
 //!
 //! A refused request gets `{"ok":false,"error":"..."}`. A request is at most
 //! [`MAX_REQUEST`] bytes and must arrive within [`IO_TIMEOUT`]; the socket file is
 //! created with the directory's permissions (whoever may open it controls faults).
-//! `mlx5-emu fault --control PATH add|list|clear|log` is the client.
+//! `mlx5-emu fault --control PATH add|list|clear|log|violations` is the client. The
+//! violations are the writes the adapter's functions refused while responder-suspended
+//! (P2P race violations among them, `crate::p2p`), oldest first by sequence.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -26,6 +29,56 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::{Injector, Plan, RuleStatus};
+use crate::firmware::Violation;
+
+/// Where the control socket reads the adapter's violations: the log (every function's,
+/// in sequence order) and the count ever recorded.
+pub type ViolationSource = Arc<dyn Fn() -> (Vec<Violation>, u64) + Send + Sync>;
+
+/// One violation as the control socket reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViolationRecord {
+    pub seq: u64,
+    pub kind: String,
+    pub writer: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer_vhca_id: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qpn: Option<u32>,
+    pub target_vhca_id: u16,
+    pub address: u64,
+    pub len: u64,
+    pub at_unix_ms: u64,
+}
+
+impl From<&Violation> for ViolationRecord {
+    fn from(v: &Violation) -> Self {
+        ViolationRecord {
+            seq: v.seq,
+            kind: format!("{:?}", v.kind),
+            writer: v.writer.clone(),
+            writer_vhca_id: v.writer_vhca_id,
+            qpn: v.qpn,
+            target_vhca_id: v.target_vhca_id,
+            address: v.address,
+            len: v.len,
+            at_unix_ms: v
+                .at
+                .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        }
+    }
+}
+
+impl std::fmt::Display for ViolationRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "#{} {}: {} wrote {:#x} bytes at {:#x} of vhca {} while it was responder-suspended (refused)",
+            self.seq, self.kind, self.writer, self.len, self.address, self.target_vhca_id
+        )
+    }
+}
 
 /// Largest request line.
 pub const MAX_REQUEST: usize = 256 << 10;
@@ -49,6 +102,7 @@ pub enum Request {
         name: Option<String>,
     },
     Log,
+    Violations,
 }
 
 /// A reply.
@@ -67,6 +121,10 @@ pub struct Reply {
     pub rules: Option<Vec<RuleStatus>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub violations: Option<Vec<ViolationRecord>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub violations_total: Option<u64>,
 }
 
 impl Reply {
@@ -95,9 +153,21 @@ pub enum ControlError {
     Refused(String),
 }
 
-/// Answers one request against `inj`.
-pub fn answer(inj: &Injector, req: Request) -> Reply {
+/// Answers one request against `inj` (and `violations`, for that request).
+pub fn answer(inj: &Injector, violations: Option<&ViolationSource>, req: Request) -> Reply {
     match req {
+        Request::Violations => match violations {
+            None => Reply::err("this control socket has no adapter behind it"),
+            Some(source) => {
+                let (log, total) = source();
+                Reply {
+                    ok: true,
+                    violations: Some(log.iter().map(ViolationRecord::from).collect()),
+                    violations_total: Some(total),
+                    ..Reply::default()
+                }
+            }
+        },
         Request::Add { plan } => match Plan::from_toml(&plan) {
             Err(e) => Reply::err(e),
             Ok(p) => match inj.add(&p.rules) {
@@ -137,8 +207,12 @@ pub struct ControlServer {
 
 impl ControlServer {
     /// Binds `path` (a stale socket file there is replaced; a live one is refused) and
-    /// serves `inj` on it.
-    pub fn start(path: &Path, inj: Arc<Injector>) -> std::io::Result<ControlServer> {
+    /// serves `inj` (and the violations `violations` reads) on it.
+    pub fn start(
+        path: &Path,
+        inj: Arc<Injector>,
+        violations: Option<ViolationSource>,
+    ) -> std::io::Result<ControlServer> {
         if UnixStream::connect(path).is_ok() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::AddrInUse,
@@ -159,7 +233,7 @@ impl ControlServer {
             .spawn(move || {
                 while !s.load(Ordering::Acquire) {
                     match l.accept() {
-                        Ok((c, _)) => serve_one(&inj, c),
+                        Ok((c, _)) => serve_one(&inj, violations.as_ref(), c),
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                             std::thread::sleep(POLL)
                         }
@@ -193,7 +267,7 @@ impl Drop for ControlServer {
     }
 }
 
-fn serve_one(inj: &Injector, c: UnixStream) {
+fn serve_one(inj: &Injector, violations: Option<&ViolationSource>, c: UnixStream) {
     let _ = c.set_nonblocking(false);
     let _ = c.set_read_timeout(Some(IO_TIMEOUT));
     let _ = c.set_write_timeout(Some(IO_TIMEOUT));
@@ -207,9 +281,9 @@ fn serve_one(inj: &Injector, c: UnixStream) {
             "request longer than {MAX_REQUEST} bytes"
         )),
         Ok(_) => match serde_json::from_slice::<Request>(&line) {
-            Ok(req) => answer(inj, req),
+            Ok(req) => answer(inj, violations, req),
             Err(e) => Reply::err(format!(
-                "not a control request ({e}); expected one JSON line with op add, list, clear or log"
+                "not a control request ({e}); expected one JSON line with op add, list, clear, log or violations"
             )),
         },
     };
@@ -254,7 +328,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("control.sock");
         let inj = Arc::new(Injector::default());
-        let srv = ControlServer::start(&path, Arc::clone(&inj)).unwrap();
+        let srv = ControlServer::start(&path, Arc::clone(&inj), None).unwrap();
         let plan = "[[rule]]\nname = \"h\"\nopcode = \"QUERY_ISSI\"\neffect = \"hang\"\n";
         let r = request(&path, &Request::Add { plan: plan.into() }).unwrap();
         assert_eq!(r.added, Some(1));

@@ -53,6 +53,7 @@ pub use env::{Env, FunctionId, P2pRefusal, P2pSource, Peer, MSIX_VECTORS};
 pub use eq::{EqState, EqeSlot};
 pub use migration::{
     mig_syndrome, MigCtl, MigState, SuspendError, Violation, ViolationKind, DRAIN_TIMEOUT,
+    VIOLATION_LOG_CAPACITY,
 };
 pub use pd_mkey::{Mkey, MkeyError};
 
