@@ -57,10 +57,20 @@ pub fn workspace_root() -> &'static Path {
 
 /// Runs `mlx5vf args...` to its end: (success, stdout, stderr).
 pub fn run_cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(mlx5vf_binary())
+    run(&mlx5vf_binary(), args)
+}
+
+/// Runs `mlx5-emu args...` to its end (`mlx5-emu fault ...`): (success, stdout,
+/// stderr).
+pub fn run_emu(args: &[&str]) -> (bool, String, String) {
+    run(&emu_binary(), args)
+}
+
+fn run(bin: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin)
         .args(args)
         .output()
-        .expect("run mlx5vf");
+        .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()));
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

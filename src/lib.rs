@@ -31,6 +31,6 @@ pub mod rawq;
 pub mod testbed;
 pub mod wait;
 
-pub use bins::{emu_binary, mlx5vf_binary, run_cli, target_profile_dir, workspace_root};
+pub use bins::{emu_binary, mlx5vf_binary, run_cli, run_emu, target_profile_dir, workspace_root};
 pub use mlx5_emulator::{Adapter, AdapterConfig, Function, FunctionId};
 pub use testbed::{init_tracing, seed, Sockets, Testbed, TestbedBuilder};

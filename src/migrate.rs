@@ -113,6 +113,18 @@ pub fn capture(dev: &MigrationDevice) -> Vec<u8> {
     v
 }
 
+/// [`capture`] that returns the first failure instead of panicking (the device is
+/// left where the failure left it).
+pub fn try_capture(dev: &MigrationDevice) -> Result<Vec<u8>, MigError> {
+    dev.set_state(MigState::Stop)?;
+    let mut s = dev.set_state(MigState::StopCopy)?.ok_or(MigError::NoDev)?;
+    let mut v = Vec::new();
+    s.read_to_end(&mut v).map_err(|_| MigError::NoDev)?;
+    dev.set_state(MigState::Stop)?;
+    dev.set_state(MigState::Running)?;
+    Ok(v)
+}
+
 /// Writes `stream` in `chunk`-byte writes; the first refusal is returned.
 pub fn write_in_chunks(w: &mut DataStream, stream: &[u8], chunk: usize) -> Result<(), MigError> {
     for part in stream.chunks(chunk) {

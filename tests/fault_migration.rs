@@ -16,7 +16,7 @@ use mlx5_prm::{CmdStatus, Opcode};
 use mlx5_testbed::bins::arg;
 use mlx5_testbed::child::{temp_dir, Emu};
 use mlx5_testbed::devmem::{fill_bar2, read_bar2};
-use mlx5_testbed::migrate::{errno_of, write_in_chunks, Rig};
+use mlx5_testbed::migrate::{errno_of, try_capture, write_in_chunks, Rig};
 use mlx5_testbed::wait::eventually;
 use mlx5_testbed::{init_tracing, run_cli, workspace_root, Testbed};
 use mlx5vf::migration::fsm::MigState;
@@ -284,20 +284,7 @@ fn the_same_seed_gives_the_same_fault_log_byte_for_byte() {
 
 /// One capture on a device with faults: any failure is recovered by RUNNING or reset.
 fn capture_or_recover(r: &Rig) -> Result<Vec<u8>, MigError> {
-    let go = || -> Result<Vec<u8>, MigError> {
-        use std::io::Read;
-        r.dev.set_state(MigState::Stop)?;
-        let mut s = r
-            .dev
-            .set_state(MigState::StopCopy)?
-            .ok_or(MigError::NoDev)?;
-        let mut v = Vec::new();
-        s.read_to_end(&mut v).map_err(|_| MigError::NoDev)?;
-        r.dev.set_state(MigState::Stop)?;
-        r.dev.set_state(MigState::Running)?;
-        Ok(v)
-    };
-    let res = go();
+    let res = try_capture(&r.dev);
     if res.is_err() && r.dev.set_state(MigState::Running).is_err() {
         r.dev.reset();
     }

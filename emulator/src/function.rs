@@ -74,7 +74,7 @@ impl Drop for Admission<'_> {
 ///    never the reverse.
 /// 2. `state` (config space, BAR0, IRQ table; register-sized work). Never held while
 ///    `firmware` is taken.
-/// 3. Leaves, under which nothing is taken: `mig` (migration control), `delays`, and
+/// 3. Leaves, under which nothing is taken: `mig` (migration control), the fault injector's rules, and
 ///    the device memory's own locks.
 ///
 /// # Freezing (responder suspend)
