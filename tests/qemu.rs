@@ -17,6 +17,8 @@
 //! bind it twice, and check the guest's kernel log and the emulator's command log;
 //! `guest_vfio_selftests_pass_behind_a_viommu` runs Linux 7.3's VFIO selftests against
 //! the VF behind QEMU's intel-iommu (fixtures/qemu/README.md says how).
+//! `guest_mlx5_core_reports_a_firmware_fatal_injected_at_run_time` kills the VF's
+//! firmware through the fault control socket and finds the guest's health report.
 //!
 //! `MLX5_EMU_BIN=/path/to/mlx5-emu` tests that binary instead of the workspace's.
 //!
@@ -1394,6 +1396,96 @@ fn guest_vfio_selftests_pass_behind_a_viommu() {
     eprintln!(
         "  emulator: {maps} DMA_MAP and {unmaps} DMA_UNMAP served; {:.1?}",
         started.elapsed()
+    );
+    drop(booted);
+}
+
+/// How long the guest idles after mlx5_core probed: the fatal is injected at its
+/// start, and three health polls (2-3 s apart) without a health_counter change make
+/// the poller report it.
+const FATAL_IDLE_SECS: u64 = 20;
+
+/// Issue 12: a firmware fatal injected at run time (through the emulator's fault
+/// control socket, once the guest's mlx5_core has probed the VF) is reported by the
+/// guest's mlx5_core health poller: the frozen health_counter and the syndrome show
+/// in the guest's dmesg.
+#[test]
+fn guest_mlx5_core_reports_a_firmware_fatal_injected_at_run_time() {
+    use mlx5_emulator::fault::control::{request, Request};
+
+    let mut logs = Logs::new();
+    prepare(&mut logs);
+    let control = logs.path().join("control.sock");
+    let serial = logs.path().join("serial.log");
+    let idle = format!("mlx5emu.idle={FATAL_IDLE_SECS}");
+    let injector = {
+        let control = control.clone();
+        std::thread::spawn(move || -> Result<(), String> {
+            // Wait for the probe's marker on the serial console, then kill the firmware.
+            let deadline = Instant::now() + Duration::from_secs(PROBE_GUEST_TIMEOUT_SECS);
+            loop {
+                let text = fs::read(&serial)
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default();
+                if parse_markers(&text)
+                    .iter()
+                    .any(|m| m.kind == "DRIVER" && m.get("driver") == "mlx5_core")
+                {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err("mlx5_core never bound in the guest".into());
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let plan = "[[rule]]\nname = \"guest fatal\"\nvhca_id = 1\neffect = \"fatal\"\nhealth_syndrome = 0x1\n";
+            request(&control, &Request::Add { plan: plan.into() })
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+    };
+    let booted = boot(
+        &mut logs,
+        &[
+            "--log",
+            "info",
+            "--control",
+            control.to_str().expect("utf-8 path"),
+        ],
+        &["mlx5emu.step=load-mlx5,idle", &idle],
+        PROBE_GUEST_TIMEOUT_SECS,
+    );
+    injector
+        .join()
+        .expect("the injector thread")
+        .expect("the fatal was injected");
+    let kmsgs = parse_dmesg(&booted.serial);
+    let health: Vec<String> = kmsgs
+        .iter()
+        .filter(|m| {
+            let l = m.text.to_ascii_lowercase();
+            l.contains("mlx5") && (l.contains("health compromised") || l.contains("health issue"))
+        })
+        .map(|m| format!("<{}>{}", m.level, m.text))
+        .collect();
+    assert!(
+        !health.is_empty(),
+        "the guest's health poller reported nothing after the fatal; mlx5 messages:\n{}",
+        kmsgs
+            .iter()
+            .filter(|m| m.text.contains("mlx5"))
+            .map(|m| format!("<{}>{}", m.level, m.text))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    eprintln!(
+        "the guest reported the injected fatal:\n{}",
+        health.join("\n")
+    );
+    let log = fs::read_to_string(&booted.emu_log).expect("read the emulator log");
+    assert!(
+        log.contains("fault injected") && log.contains("guest fatal"),
+        "the emulator did not trace the fault"
     );
     drop(booted);
 }
