@@ -12,8 +12,8 @@
 //! | `{"op":"violations"}` | `{"ok":true,"violations":[{"seq":N,"kind":"P2pWrite","writer":"...","writer_vhca_id":W,"qpn":Q,"target_vhca_id":T,"address":A,"len":L,"at_unix_ms":M}],"violations_total":N}` |
 //!
 //! A refused request gets `{"ok":false,"error":"..."}`. A request is at most
-//! [`MAX_REQUEST`] bytes and must arrive within [`IO_TIMEOUT`]; the socket file is
-//! created with the directory's permissions (whoever may open it controls faults).
+//! [`MAX_REQUEST`] bytes and must arrive within [`IO_TIMEOUT`]; the socket file gets
+//! the process umask's permissions (whoever may open it controls faults).
 //! `mlx5-emu fault --control PATH add|list|clear|log|violations` is the client. The
 //! violations are the writes the adapter's functions refused while responder-suspended
 //! (P2P race violations among them, `crate::p2p`), oldest first by sequence.
