@@ -477,6 +477,8 @@ fn state_seeds() -> Vec<(&'static str, Vec<u8>)> {
                 mtt: vec![0x20_0000, 0x30_0000],
             }],
             fw_pages: vec![0x1000, 0x2000],
+            cqs: vec![],
+            qps: vec![],
         },
         pages: vec![PageImage {
             index: 2,

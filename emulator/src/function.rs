@@ -778,6 +778,11 @@ impl Peer for Function {
 
     fn install_firmware(&self, fw: Firmware) {
         self.firmware.install(fw);
+        // Loaded QPs may hold posted WQEs: the engine looks at each (it parks them while
+        // the function is initiator-suspended; RESUME_VHCA(initiator) runs them).
+        for qpn in self.firmware().qpns() {
+            self.engine.kick(qpn);
+        }
     }
 
     fn migration(&self) -> MutexGuard<'_, MigCtl> {

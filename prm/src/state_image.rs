@@ -26,7 +26,10 @@
 //! The OBJECTS section: the UAR list, the PD list (each a le32 count and le32 values),
 //! [`CmdEqField`], the EQs (a count, then per EQ an [`EqEntryHead`], its event bitmask
 //! and its PAS list), the mkeys (a count, then per mkey an [`MkeyEntryHead`] and its
-//! MTT list), the firmware pages (a count and le64 addresses).
+//! MTT list), the firmware pages (a count and le64 addresses), then the CQs (a count,
+//! then per CQ a [`CqEntryHead`] and its PAS list) and the RC QPs (a count, then per QP
+//! a [`QpEntryHead`] and its PAS list). An OBJECTS section that ends after the firmware
+//! pages holds no CQ and no QP.
 
 use zerocopy::byteorder::{LittleEndian, U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -62,6 +65,22 @@ pub const CMD_EQ_FIELD_LEN: usize = 4;
 pub const EQ_ENTRY_HEAD_LEN: usize = 32;
 /// Bytes of [`MkeyEntryHead`] (the MTT list follows it).
 pub const MKEY_ENTRY_HEAD_LEN: usize = 32;
+/// Bytes of [`CqEntryHead`] (the PAS list follows it).
+pub const CQ_ENTRY_HEAD_LEN: usize = 24;
+/// Bytes of [`QpEntryHead`] (the PAS list follows it).
+pub const QP_ENTRY_HEAD_LEN: usize = 48;
+/// [`QpEntryHead::flags`]: the QP has a receive queue.
+pub const QP_FLAG_RQ: u8 = 1 << 0;
+/// [`QpEntryHead::flags`]: the QP has a send queue.
+pub const QP_FLAG_SQ: u8 = 1 << 1;
+/// [`QpEntryHead::flags`]: remote reads allowed (`rre`).
+pub const QP_FLAG_RRE: u8 = 1 << 2;
+/// [`QpEntryHead::flags`]: remote writes allowed (`rwe`).
+pub const QP_FLAG_RWE: u8 = 1 << 3;
+/// [`QpEntryHead::flags`]: the QP is connected (INIT2RTR named a peer).
+pub const QP_FLAG_PEER: u8 = 1 << 4;
+/// Every [`QpEntryHead::flags`] bit defined.
+pub const QP_FLAGS_ALL: u8 = 0x1f;
 /// Bytes of the count that opens every list (le32).
 pub const LIST_COUNT_LEN: usize = 4;
 
@@ -268,6 +287,76 @@ pub struct MkeyEntryHead {
     pub log_page_size: U32<LittleEndian>,
 }
 
+/// One CQ of the OBJECTS section, before its PAS list.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+#[repr(C)]
+pub struct CqEntryHead {
+    /// 0x00 `cqn`.
+    pub cqn: U32<LittleEndian>,
+    /// 0x04 `log_size`: 2^this CQEs.
+    pub log_size: u8,
+    /// 0x05 `log_page_size` of the ring's pages (4 KiB << this).
+    pub log_page_size: u8,
+    /// 0x06 `status` (cqc `status`).
+    pub status: u8,
+    /// 0x07 `eqn`: the EQ of its completion events.
+    pub eqn: u8,
+    /// 0x08 `uar`.
+    pub uar: U32<LittleEndian>,
+    /// 0x0c `pi`: CQEs written (24-bit producer counter).
+    pub pi: U32<LittleEndian>,
+    /// 0x10 `dbr`: IOVA of the doorbell record.
+    pub dbr: U64<LittleEndian>,
+}
+
+/// One RC QP of the OBJECTS section, before its PAS list: the context and the device's
+/// counters, so that posted-but-unstarted WQEs (between `sq_ci` and the doorbell
+/// record, in guest memory) run on the destination.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+#[repr(C)]
+pub struct QpEntryHead {
+    /// 0x00 `qpn`.
+    pub qpn: U32<LittleEndian>,
+    /// 0x04 `state` (qpc `state`).
+    pub state: u8,
+    /// 0x05 `flags`: `QP_FLAG_*`.
+    pub flags: u8,
+    /// 0x06 `log_msg_max`.
+    pub log_msg_max: u8,
+    /// 0x07 `log_rq_size`.
+    pub log_rq_size: u8,
+    /// 0x08 `log_rq_stride`.
+    pub log_rq_stride: u8,
+    /// 0x09 `log_sq_size`.
+    pub log_sq_size: u8,
+    /// 0x0a `log_page_size` of the buffer's pages.
+    pub log_page_size: u8,
+    /// 0x0b reserved.
+    pub rsvd: u8,
+    /// 0x0c `pd`.
+    pub pd: U32<LittleEndian>,
+    /// 0x10 `uar`.
+    pub uar: U32<LittleEndian>,
+    /// 0x14 `cqn_snd`.
+    pub cqn_snd: U32<LittleEndian>,
+    /// 0x18 `cqn_rcv`.
+    pub cqn_rcv: U32<LittleEndian>,
+    /// 0x1c `dbr`: IOVA of the doorbell record.
+    pub dbr: U64<LittleEndian>,
+    /// 0x24 `peer_vhca_id`: the peer's function (with `QP_FLAG_PEER`).
+    pub peer_vhca_id: U16<LittleEndian>,
+    /// 0x26 `sq_ci`: send basic blocks consumed (`hw_sq_wqebb_counter`).
+    pub sq_ci: U16<LittleEndian>,
+    /// 0x28 `peer_qpn`.
+    pub peer_qpn: U32<LittleEndian>,
+    /// 0x2c `rq_ci`: receive WQEs consumed (`hw_rq_counter`).
+    pub rq_ci: U32<LittleEndian>,
+}
+
 wire_enum! {
     /// `function_kind`: which kind of function the image was saved from.
     pub enum ImageFunction: u8, field = "function_kind" {
@@ -325,6 +414,8 @@ const _: () = {
     assert!(core::mem::size_of::<CmdEqField>() == CMD_EQ_FIELD_LEN);
     assert!(core::mem::size_of::<EqEntryHead>() == EQ_ENTRY_HEAD_LEN);
     assert!(core::mem::size_of::<MkeyEntryHead>() == MKEY_ENTRY_HEAD_LEN);
+    assert!(core::mem::size_of::<CqEntryHead>() == CQ_ENTRY_HEAD_LEN);
+    assert!(core::mem::size_of::<QpEntryHead>() == QP_ENTRY_HEAD_LEN);
 };
 
 #[cfg(test)]

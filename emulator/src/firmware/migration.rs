@@ -938,6 +938,8 @@ impl Firmware {
             eqs: self.eqs.values().cloned().collect(),
             mkeys: self.mkeys.values().cloned().collect(),
             fw_pages: self.pages.iter().copied().collect(),
+            cqs: self.cqs.values().cloned().collect(),
+            qps: self.qps.values().cloned().collect(),
         }
     }
 
@@ -973,6 +975,8 @@ impl Firmware {
         fw.eqs = o.eqs.iter().map(|e| (e.eqn, e.clone())).collect();
         fw.cmd_eq = o.cmd_eq;
         fw.mkeys = o.mkeys.iter().map(|m| (m.index, m.clone())).collect();
+        fw.cqs = o.cqs.iter().map(|c| (c.cqn, c.clone())).collect();
+        fw.qps = o.qps.iter().map(|q| (q.qpn, q.clone())).collect();
         Ok(fw)
     }
 }

@@ -112,6 +112,10 @@ impl<'a> R<'a> {
         let n = self.count(4, what)?;
         (0..n).map(|_| self.u32(what)).collect()
     }
+    /// Whether every byte was read.
+    pub(super) fn is_empty(&self) -> bool {
+        self.b.is_empty()
+    }
     pub(super) fn end(&self) -> Result<(), StateError> {
         if !self.b.is_empty() {
             return Err(StateError::Trailing {

@@ -142,6 +142,12 @@ pub enum StateError {
     Eq { eqn: u8, source: EqError },
     #[error("OBJECTS section, mkey {index}: {source}")]
     Mkey { index: u32, source: PdMkeyError },
+    #[error("OBJECTS section, {what} {id:#x}: {source}")]
+    Queue {
+        what: &'static str,
+        id: u32,
+        source: crate::firmware::QueueError,
+    },
     #[error("image is for {image:#x} bytes of device memory, the function has {function:#x}")]
     DevMemSize { image: u64, function: u64 },
     #[error("image is for a {image}, this function is a {function}")]
@@ -183,7 +189,7 @@ pub struct IsegImage {
 
 /// An EQ and an mkey travel in the image exactly as the firmware keeps them: the
 /// image codec below reads and writes their fields, and loading re-validates them.
-pub use crate::firmware::{EqState as EqImage, Mkey as MkeyImage};
+pub use crate::firmware::{Cq as CqImage, EqState as EqImage, Mkey as MkeyImage, Qp as QpImage};
 
 /// The OBJECTS section.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -195,6 +201,10 @@ pub struct ObjectsImage {
     pub mkeys: Vec<MkeyImage>,
     /// Firmware pages (MANAGE_PAGES), by DMA address.
     pub fw_pages: Vec<u64>,
+    /// CQs, with their producer counters.
+    pub cqs: Vec<CqImage>,
+    /// RC QPs, with their state, peer and consumer counters.
+    pub qps: Vec<QpImage>,
 }
 
 /// One device-memory page.

@@ -7,14 +7,19 @@ use mlx5_prm::cmd::eq::{
     CREATE_EQ_IN_EVENT_BITMASK_WORDS, EQ_BASE_PAGE_SIZE, EQ_DOORBELL_CI_MASK, EVENT_TYPE_CMD,
 };
 
+use mlx5_prm::cmd::cq::{CQ_STATUS_OK, CQ_STATUS_OVERFLOW, CQ_STATUS_WRITE_FAIL};
+use mlx5_prm::cmd::qp::QpState;
 use mlx5_prm::state_image::{
-    CmdEqField, EqEntryHead, MkeyEntryHead, EQ_ENTRY_HEAD_LEN, LIST_COUNT_LEN, MKEY_ENTRY_HEAD_LEN,
+    CmdEqField, CqEntryHead, EqEntryHead, MkeyEntryHead, QpEntryHead, CQ_ENTRY_HEAD_LEN,
+    EQ_ENTRY_HEAD_LEN, LIST_COUNT_LEN, MKEY_ENTRY_HEAD_LEN, QP_ENTRY_HEAD_LEN, QP_FLAGS_ALL,
+    QP_FLAG_PEER, QP_FLAG_RQ, QP_FLAG_RRE, QP_FLAG_RWE, QP_FLAG_SQ,
 };
 use zerocopy::FromZeros;
 
 use super::codec::{bad, flag, zeroed, R, W};
-use super::{EqImage, MkeyImage, ObjectsImage, StateError};
+use super::{CqImage, EqImage, MkeyImage, ObjectsImage, QpImage, StateError};
 use crate::firmware::checks::*;
+use crate::firmware::{QpPeer, Ring};
 
 fn list<T: Copy>(w: &mut W, items: &[T], mut put: impl FnMut(&mut W, T)) {
     w.count(items.len());
@@ -72,7 +77,126 @@ pub(super) fn encode(o: &ObjectsImage) -> Vec<u8> {
     list(&mut w, &o.fw_pages, |w, a| {
         w.u64(a);
     });
+    w.count(o.cqs.len());
+    for c in &o.cqs {
+        let mut h = CqEntryHead::new_zeroed();
+        h.cqn.set(c.cqn);
+        h.log_size = c.log_size;
+        h.log_page_size = c.ring.log_page_size;
+        h.status = c.status;
+        h.eqn = c.eqn;
+        h.uar.set(c.uar);
+        h.pi.set(c.pi);
+        h.dbr.set(c.dbr);
+        w.put(&h);
+        list(&mut w, &c.ring.pas, |w, a| {
+            w.u64(a);
+        });
+    }
+    w.count(o.qps.len());
+    for q in &o.qps {
+        let mut h = QpEntryHead::new_zeroed();
+        h.qpn.set(q.qpn);
+        h.state = q.state.into();
+        let bit = |on: bool, b: u8| if on { b } else { 0 };
+        h.flags = bit(q.has_rq, QP_FLAG_RQ)
+            | bit(q.has_sq, QP_FLAG_SQ)
+            | bit(q.rre, QP_FLAG_RRE)
+            | bit(q.rwe, QP_FLAG_RWE)
+            | bit(q.peer.is_some(), QP_FLAG_PEER);
+        h.log_msg_max = q.log_msg_max;
+        h.log_rq_size = q.log_rq_size;
+        h.log_rq_stride = q.log_rq_stride;
+        h.log_sq_size = q.log_sq_size;
+        h.log_page_size = q.buf.log_page_size;
+        h.pd.set(q.pd);
+        h.uar.set(q.uar);
+        h.cqn_snd.set(q.cqn_snd);
+        h.cqn_rcv.set(q.cqn_rcv);
+        h.dbr.set(q.dbr);
+        if let Some(p) = q.peer {
+            h.peer_vhca_id.set(p.vhca_id);
+            h.peer_qpn.set(p.qpn);
+        }
+        h.sq_ci.set(q.sq_ci);
+        h.rq_ci.set(q.rq_ci);
+        w.put(&h);
+        list(&mut w, &q.buf.pas, |w, a| {
+            w.u64(a);
+        });
+    }
     w.0
+}
+
+/// The smallest CQ entry: its head and an empty PAS.
+const CQ_ENTRY_MIN: usize = CQ_ENTRY_HEAD_LEN + LIST_COUNT_LEN;
+/// The smallest QP entry: its head and an empty PAS.
+const QP_ENTRY_MIN: usize = QP_ENTRY_HEAD_LEN + LIST_COUNT_LEN;
+
+fn decode_queues(r: &mut R<'_>) -> Result<(Vec<CqImage>, Vec<QpImage>), StateError> {
+    if r.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let ncq = r.count(CQ_ENTRY_MIN, "CQ list")?;
+    let mut cqs = Vec::with_capacity(ncq);
+    for _ in 0..ncq {
+        let h: CqEntryHead = r.get("CQ")?;
+        let pas = r.u64s("CQ PAS list")?;
+        cqs.push(CqImage {
+            cqn: h.cqn.get(),
+            log_size: h.log_size,
+            ring: Ring {
+                log_page_size: h.log_page_size,
+                pas,
+            },
+            uar: h.uar.get(),
+            eqn: h.eqn,
+            dbr: h.dbr.get(),
+            pi: h.pi.get(),
+            status: h.status,
+        });
+    }
+    let nqp = r.count(QP_ENTRY_MIN, "QP list")?;
+    let mut qps = Vec::with_capacity(nqp);
+    for _ in 0..nqp {
+        let h: QpEntryHead = r.get("QP")?;
+        zeroed(&[h.rsvd], "QP reserved")?;
+        if h.flags & !QP_FLAGS_ALL != 0 {
+            return Err(bad("QP flags", h.flags.into(), "QP_FLAG_* bits only"));
+        }
+        let state = QpState::try_from(h.state)
+            .map_err(|_| bad("QP state", h.state.into(), "a qpc state"))?;
+        let pas = r.u64s("QP PAS list")?;
+        let f = |b: u8| h.flags & b != 0;
+        qps.push(QpImage {
+            qpn: h.qpn.get(),
+            state,
+            pd: h.pd.get(),
+            uar: h.uar.get(),
+            log_msg_max: h.log_msg_max,
+            has_rq: f(QP_FLAG_RQ),
+            log_rq_size: h.log_rq_size,
+            log_rq_stride: h.log_rq_stride,
+            has_sq: f(QP_FLAG_SQ),
+            log_sq_size: h.log_sq_size,
+            buf: Ring {
+                log_page_size: h.log_page_size,
+                pas,
+            },
+            cqn_snd: h.cqn_snd.get(),
+            cqn_rcv: h.cqn_rcv.get(),
+            dbr: h.dbr.get(),
+            rre: f(QP_FLAG_RRE),
+            rwe: f(QP_FLAG_RWE),
+            peer: f(QP_FLAG_PEER).then(|| QpPeer {
+                vhca_id: h.peer_vhca_id.get(),
+                qpn: h.peer_qpn.get(),
+            }),
+            sq_ci: h.sq_ci.get(),
+            rq_ci: h.rq_ci.get(),
+        });
+    }
+    Ok((cqs, qps))
 }
 
 /// Entries reserved ahead at most; a longer list grows as its entries decode (each
@@ -150,6 +274,7 @@ pub(super) fn decode(b: &[u8]) -> Result<ObjectsImage, StateError> {
         });
     }
     let fw_pages = r.u64s("firmware page list")?;
+    let (cqs, qps) = decode_queues(&mut r)?;
     r.end()?;
     Ok(ObjectsImage {
         uars,
@@ -158,6 +283,8 @@ pub(super) fn decode(b: &[u8]) -> Result<ObjectsImage, StateError> {
         eqs,
         mkeys,
         fw_pages,
+        cqs,
+        qps,
     })
 }
 
@@ -205,6 +332,81 @@ pub(super) fn check(o: &ObjectsImage) -> Result<(), StateError> {
         check_mkey(m, &pds)?;
         if !mkeys.insert(m.index) {
             return Err(bad("mkey index", m.index.into(), "each mkey once"));
+        }
+    }
+    check_queues(o, &uars, &pds, &eqns)
+}
+
+/// CQs and QPs as CREATE_CQ / CREATE_QP and the transitions would have left them, with
+/// the firmware's own numbers, each once.
+fn check_queues(
+    o: &ObjectsImage,
+    uars: &BTreeSet<u32>,
+    pds: &BTreeSet<u32>,
+    eqns: &BTreeSet<u8>,
+) -> Result<(), StateError> {
+    let mut cqs = std::collections::BTreeMap::new();
+    for c in &o.cqs {
+        let live = |source| StateError::Queue {
+            what: "CQ",
+            id: c.cqn,
+            source,
+        };
+        if !(1..=MAX_CQS).contains(&c.cqn) {
+            return Err(bad("CQ number", c.cqn.into(), "1..=MAX_CQS"));
+        }
+        if ![CQ_STATUS_OK, CQ_STATUS_OVERFLOW, CQ_STATUS_WRITE_FAIL].contains(&c.status) {
+            return Err(bad(
+                "CQ status",
+                c.status.into(),
+                "OK, overflow or write failure",
+            ));
+        }
+        if c.pi > 0x00ff_ffff {
+            return Err(bad("CQ producer counter", c.pi.into(), "24 bits"));
+        }
+        check_cq(c, uars, eqns).map_err(live)?;
+        if cqs.insert(c.cqn, c.clone()).is_some() {
+            return Err(bad("CQ number", c.cqn.into(), "each CQ once"));
+        }
+    }
+    let mut qpns = BTreeSet::new();
+    for q in &o.qps {
+        let live = |source| StateError::Queue {
+            what: "QP",
+            id: q.qpn,
+            source,
+        };
+        if !(FIRST_QPN..FIRST_QPN + MAX_QPS).contains(&q.qpn) {
+            return Err(bad(
+                "QP number",
+                q.qpn.into(),
+                "FIRST_QPN..FIRST_QPN+MAX_QPS",
+            ));
+        }
+        check_qp(q, uars, pds, &cqs).map_err(live)?;
+        let connected = matches!(
+            q.state,
+            QpState::Rtr | QpState::Rts | QpState::Sqer | QpState::SqDrained
+        );
+        if connected && q.peer.is_none() {
+            return Err(bad("QP peer", 0, "a peer for a QP past INIT2RTR"));
+        }
+        if matches!(q.state, QpState::Rst | QpState::Init) && q.peer.is_some() {
+            return Err(bad("QP peer", 1, "no peer before INIT2RTR"));
+        }
+        if q.peer.is_some_and(|p| p.qpn > 0x00ff_ffff) {
+            return Err(bad(
+                "QP peer QPN",
+                q.peer.map_or(0, |p| p.qpn).into(),
+                "24 bits",
+            ));
+        }
+        if q.state == QpState::Rst && (q.sq_ci != 0 || q.rq_ci != 0) {
+            return Err(bad("QP counters", q.sq_ci.into(), "0 in RST"));
+        }
+        if !qpns.insert(q.qpn) {
+            return Err(bad("QP number", q.qpn.into(), "each QP once"));
         }
     }
     Ok(())

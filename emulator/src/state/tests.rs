@@ -54,6 +54,43 @@ pub(crate) fn sample() -> Image {
                 mtt: vec![0x20_0000, 0x30_0000],
             }],
             fw_pages: (1..=8).map(|i| i * 0x1000).collect(),
+            cqs: vec![CqImage {
+                cqn: 1,
+                log_size: 6,
+                ring: crate::firmware::Ring {
+                    log_page_size: 0,
+                    pas: vec![0x40_0000],
+                },
+                uar: 4,
+                eqn: 1,
+                dbr: 0x41_0000,
+                pi: 9,
+                status: 0,
+            }],
+            qps: vec![QpImage {
+                qpn: 2,
+                state: mlx5_prm::cmd::qp::QpState::Rts,
+                pd: 1,
+                uar: 4,
+                log_msg_max: 20,
+                has_rq: true,
+                log_rq_size: 2,
+                log_rq_stride: 1,
+                has_sq: true,
+                log_sq_size: 3,
+                buf: crate::firmware::Ring {
+                    log_page_size: 0,
+                    pas: vec![0x42_0000],
+                },
+                cqn_snd: 1,
+                cqn_rcv: 1,
+                dbr: 0x41_0040,
+                rre: true,
+                rwe: true,
+                peer: Some(crate::firmware::QpPeer { vhca_id: 2, qpn: 3 }),
+                sq_ci: 5,
+                rq_ci: 1,
+            }],
         },
         pages: (0..3)
             .map(|i| PageImage {
@@ -330,6 +367,40 @@ fn objects_failing_a_live_validator_are_refused_with_the_live_reason() {
     refused(
         |i| i.objects.fw_pages.truncate(4),
         StateError::FwPage(check_startup_pages(4).unwrap_err()),
+    );
+    // CREATE_CQ: an EQ that does not exist; CREATE_QP: a CQ that does not exist, a PAS
+    // list shorter than the buffer; a connected QP without its peer.
+    refused(
+        |i| i.objects.cqs[0].eqn = 2,
+        StateError::Queue {
+            what: "CQ",
+            id: 1,
+            source: crate::firmware::QueueError::NoEq { eqn: 2 },
+        },
+    );
+    refused(
+        |i| i.objects.qps[0].cqn_snd = 7,
+        StateError::Queue {
+            what: "QP",
+            id: 2,
+            source: crate::firmware::QueueError::NoCq { cqn: 7 },
+        },
+    );
+    refused(
+        |i| i.objects.qps[0].log_sq_size = 7,
+        StateError::Queue {
+            what: "QP",
+            id: 2,
+            source: crate::firmware::QueueError::PasCount { have: 1, needed: 3 },
+        },
+    );
+    refused(
+        |i| i.objects.qps[0].peer = None,
+        StateError::BadValue {
+            what: "QP peer",
+            got: 0,
+            want: "a peer for a QP past INIT2RTR",
+        },
     );
     // SET_ISSI and SET_HCA_CAP.
     refused(
