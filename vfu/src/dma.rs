@@ -19,6 +19,10 @@ use crate::error::Errno;
 pub const DMA_PAGE_SIZE: u64 = 4096;
 /// DMA windows valid at once (the `max_dma_maps` capability).
 pub const MAX_DMA_MAPS: usize = 16384;
+/// Distinct backing files one IOVA space holds open (one fd each, however many windows
+/// map a file). A VMM maps its guest RAM from a handful of memfds; past this a DMA_MAP
+/// of yet another file is `EMFILE`.
+pub const MAX_BACKING_FILES: usize = 1024;
 /// How long an unmap waits for in-flight device accesses to let go of the mapping.
 const UNMAP_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -136,6 +140,7 @@ type BackingFiles = HashMap<(u64, u64, i32), Weak<File>>;
 pub struct Dma {
     table: Arc<RwLock<Table>>,
     max_maps: usize,
+    max_files: usize,
     /// The backing files the windows hold, by (st_dev, st_ino, access mode).
     files: Arc<Mutex<BackingFiles>>,
     /// Told of every write that landed (a leaf: taken only to clone the observer).
@@ -150,9 +155,16 @@ impl Default for Dma {
 
 impl Dma {
     pub fn new(max_maps: usize) -> Self {
+        Self::with_limits(max_maps, MAX_BACKING_FILES)
+    }
+
+    /// An IOVA space of at most `max_maps` windows backed by at most `max_files`
+    /// distinct files.
+    pub fn with_limits(max_maps: usize, max_files: usize) -> Self {
         Dma {
             table: Arc::default(),
             max_maps,
+            max_files,
             files: Arc::default(),
             observer: Arc::default(),
         }
@@ -286,6 +298,17 @@ impl Dma {
         files.retain(|_, w| w.strong_count() > 0);
         if let Some(held) = files.get(&key).and_then(Weak::upgrade) {
             return Ok(held);
+        }
+        if files.len() >= self.max_files {
+            static WARN: crate::ratelimit::RateLimit = crate::ratelimit::RateLimit::per_second();
+            crate::warn_limited!(
+                WARN,
+                held = files.len(),
+                max = self.max_files,
+                "DMA_MAP refused (EMFILE): the windows already hold the most distinct backing \
+                 files allowed; map further windows from a file already mapped"
+            );
+            return Err(Errno::EMFILE);
         }
         let file = Arc::new(file);
         files.insert(key, Arc::downgrade(&file));
@@ -893,5 +916,29 @@ mod tests {
         assert_eq!(dma.backing_files(), 1);
         dma.unmap_all();
         assert_eq!(dma.backing_files(), 0);
+    }
+
+    #[test]
+    fn distinct_backing_files_are_capped_and_a_held_one_still_maps() {
+        let dma = Dma::with_limits(64, 2);
+        let (a, b, c) = (
+            memfd("a", 0x4000).unwrap(),
+            memfd("b", 0x1000).unwrap(),
+            memfd("c", 0x1000).unwrap(),
+        );
+        dma.map(0, 0x1000, a.try_clone().unwrap(), 0, rw()).unwrap();
+        dma.map(0x10000, 0x1000, b, 0, rw()).unwrap();
+        assert_eq!(
+            dma.map(0x20000, 0x1000, c.try_clone().unwrap(), 0, rw()),
+            Err(Errno::EMFILE)
+        );
+        assert_eq!(dma.len(), 2, "the refused map added nothing");
+        // Another window of a file already held costs no fd and is accepted.
+        dma.map(0x1000, 0x1000, a.try_clone().unwrap(), 0x1000, rw())
+            .unwrap();
+        assert_eq!(dma.backing_files(), 2);
+        // Once a file's windows are gone, its place is free again.
+        dma.unmap(0x10000, 0x1000).unwrap();
+        dma.map(0x20000, 0x1000, c, 0, rw()).unwrap();
     }
 }

@@ -6,8 +6,9 @@
 //! |---|---|---|
 //! | message payload | [`MAX_DATA_XFER`] + 64 KiB fixed part | larger payloads are drained and answered `E2BIG` |
 //! | fds per message | [`MAX_MSG_FDS`] | fds past it are closed as they arrive; the message is `EINVAL` |
-//! | fds per client | [`MAX_DMA_MAPS`] windows (one fd per backing file) + interrupt eventfds (one per vector) | |
+//! | fds per client | [`MAX_BACKING_FILES`] (windows of one file share its fd) + interrupt eventfds (one per vector) | |
 //! | DMA windows | [`MAX_DMA_MAPS`] | `ENOSPC` |
+//! | distinct DMA backing files | [`MAX_BACKING_FILES`] (one fd each) | `EMFILE` |
 //! | REGION_WRITE_MULTI entries | [`MAX_WRITE_MULTI`] | `EINVAL` |
 //! | refusals at once | [`MAX_REFUSALS`], each within [`REFUSE_DEADLINE`] | further clients are closed unanswered |
 //! | VERSION | within [`HANDSHAKE_DEADLINE`] of connecting | the connection is closed |
@@ -15,7 +16,7 @@
 pub use crate::caps::{
     MAX_VERSION_JSON, SERVER_MAX_DATA_XFER as MAX_DATA_XFER, SERVER_MAX_MSG_FDS as MAX_MSG_FDS,
 };
-pub use crate::dma::MAX_DMA_MAPS;
+pub use crate::dma::{MAX_BACKING_FILES, MAX_DMA_MAPS};
 pub use crate::server::{HANDSHAKE_DEADLINE, MAX_REFUSALS, MAX_WRITE_MULTI, REFUSE_DEADLINE};
 
 /// Raises this process's soft fd limit to its hard limit (a server holds fds for every
