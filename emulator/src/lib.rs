@@ -16,6 +16,7 @@ pub mod fabric;
 pub mod fault;
 pub mod firmware;
 pub mod function;
+pub mod limits;
 pub mod p2p;
 pub mod pci;
 pub mod server;

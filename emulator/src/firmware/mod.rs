@@ -56,6 +56,14 @@ pub use migration::{
     VIOLATION_LOG_CAPACITY,
 };
 pub use pd_mkey::{Mkey, MkeyError};
+/// The table sizes of the objects a function holds (`crate::limits` lists them all).
+pub mod tables {
+    pub use super::caps::MAX_NUM_EQS;
+    pub use super::cq_qp::{MAX_CQS, MAX_QPS};
+    pub use super::pages::MAX_FW_PAGES;
+    pub use super::pd_mkey::{MAX_MKEYS, MAX_PDS};
+    pub use super::uar::MAX_UARS;
+}
 
 /// The checks the live commands and LOAD_VHCA_STATE share: `state` reruns them on every
 /// object of an image, so a restored function holds only what the commands would have
