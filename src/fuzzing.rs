@@ -104,7 +104,9 @@ pub fn vfu_message(data: &[u8]) {
     drop(keep);
 }
 
-fn hostile_fds(pick: u8) -> Vec<File> {
+/// fds of each kind `pick`'s bits name: bit 0 a sealable memfd, bit 1 an eventfd,
+/// bit 2 the read end of a pipe, bit 3 a unix socket.
+pub fn hostile_fds(pick: u8) -> Vec<File> {
     let mut v = Vec::new();
     if pick & 1 != 0 {
         v.push(crate::mem::memfd("fuzz-dma", 0x4000));
@@ -136,7 +138,7 @@ fn hostile_fds(pick: u8) -> Vec<File> {
 }
 
 /// sendmsg of `data` with `fds`; false if the peer is gone.
-fn send_with_fds(s: &UnixStream, data: &[u8], fds: &[RawFd]) -> bool {
+pub fn send_with_fds(s: &UnixStream, data: &[u8], fds: &[RawFd]) -> bool {
     if data.is_empty() {
         return true;
     }
@@ -240,9 +242,23 @@ pub fn fw_dispatch(data: &[u8]) {
 // ---------------------------------------------------------------- state image
 
 /// The state image validator: whatever it accepts re-encodes to an image it accepts
-/// again, decoding to the same thing.
+/// again, decoding to the same thing. The first byte's low bit asks for the checksum
+/// (the image's last 8 bytes) to be recomputed first, so mutations reach the section
+/// decoders instead of stopping at the checksum.
 pub fn state_image(data: &[u8]) {
-    let Ok(image) = mlx5_emulator::state::validate(data) else {
+    use mlx5_emulator::state::CHECKSUM_LEN;
+    let Some((&mode, bytes)) = data.split_first() else {
+        return;
+    };
+    let resealed = (mode & 1 != 0 && bytes.len() >= CHECKSUM_LEN).then(|| {
+        let mut b = bytes.to_vec();
+        let end = b.len() - CHECKSUM_LEN;
+        let sum = xxhash_rust::xxh3::xxh3_64(&b[..end]);
+        b[end..].copy_from_slice(&sum.to_le_bytes());
+        b
+    });
+    let bytes = resealed.as_deref().unwrap_or(bytes);
+    let Ok(image) = mlx5_emulator::state::validate(bytes) else {
         return;
     };
     let again = image.to_bytes();
@@ -331,7 +347,8 @@ pub const TARGETS: [&str; 5] = [
     "resume_stream",
 ];
 
-fn vfu_msg(id: u16, cmd: vfu::proto::Command, payload: &[u8]) -> Vec<u8> {
+/// A vfio-user command message: header (`id`, `cmd`, size, command flags) and payload.
+pub fn vfu_msg(id: u16, cmd: vfu::proto::Command, payload: &[u8]) -> Vec<u8> {
     let mut m = Vec::with_capacity(16 + payload.len());
     m.extend_from_slice(&id.to_le_bytes());
     m.extend_from_slice(&(cmd as u16).to_le_bytes());
@@ -342,7 +359,8 @@ fn vfu_msg(id: u16, cmd: vfu::proto::Command, payload: &[u8]) -> Vec<u8> {
     m
 }
 
-fn words(w: &[u32]) -> Vec<u8> {
+/// Little-endian u32s, as vfio-user's fixed parts are laid out.
+pub fn words(w: &[u32]) -> Vec<u8> {
     w.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
@@ -490,7 +508,12 @@ fn state_seeds() -> Vec<(&'static str, Vec<u8>)> {
     delta.header.seq = 2;
     delta.header.base_seq = 1;
     delta.pages.clear();
-    vec![("base", image.to_bytes()), ("delta", delta.to_bytes())]
+    let framed = |m: u8, b: Vec<u8>| [vec![m], b].concat();
+    vec![
+        ("base", framed(0, image.to_bytes())),
+        ("delta", framed(0, delta.to_bytes())),
+        ("base-resealed", framed(1, image.to_bytes())),
+    ]
 }
 
 fn resume_seeds() -> Vec<(&'static str, Vec<u8>)> {

@@ -89,11 +89,17 @@ impl ClientDma {
                 *slot = Some(result);
                 self.cv.notify_all();
             }
-            _ => tracing::warn!(
-                id = h.msg_id,
-                cmd = h.command,
-                "reply to a DMA request nobody waits for: dropped"
-            ),
+            _ => {
+                // A client can send these at will: one line a second, counted.
+                static STRAY: crate::ratelimit::RateLimit =
+                    crate::ratelimit::RateLimit::per_second();
+                crate::warn_limited!(
+                    STRAY,
+                    id = h.msg_id,
+                    cmd = h.command,
+                    "reply to a DMA request nobody waits for: dropped"
+                );
+            }
         }
     }
 
