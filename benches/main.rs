@@ -1,7 +1,8 @@
 //! Criterion benchmarks. Each figure sits beside a baseline measured in the same run:
 //! a vfio-user round trip beside a bare unix-socket round trip of the same size, and
 //! device DMA through the IOVA space beside a plain memcpy, and SAVE/LOAD_VHCA_STATE of
-//! device memory beside a memcpy of the same size.
+//! device memory beside a memcpy of the same size, and RDMA_WRITE between QPs on two
+//! VFs beside a memcpy of the same size.
 
 use std::cell::Cell;
 use std::io::{Read, Write};
@@ -206,5 +207,86 @@ fn save_restore(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bare_round_trip, dma_vs_memcpy, save_restore);
+/// RDMA_WRITE of one WQE (posted, rung, its CQE polled) from a QP on VF 0 into a QP's
+/// peer buffer on VF 1, beside a memcpy of the same size; a summary line per size gives
+/// the ratio to the memcpy.
+fn rdma_write(c: &mut Criterion) {
+    use mlx5_testbed::dma::{self as tdma, connect, end, next};
+    use mlx5vf::dma::{DmaQueues, QpSizes, SendWr, Sge};
+    let sizes: &[usize] = if measuring() {
+        &[4 << 10, 64 << 10, 1 << 20, 16 << 20]
+    } else {
+        &[4 << 10, 64 << 10]
+    };
+    let data = 32u64 << 20;
+    let tb = Testbed::start(2);
+    let a = tdma::node(&tb.vf_socket(0), data);
+    let b = tdma::node(&tb.vf_socket(1), data);
+    let qa = DmaQueues::new(&a.hca).expect("queues on VF 0");
+    let qb = DmaQueues::new(&b.hca).expect("queues on VF 1");
+    let mut ea = end(&qa, 8, QpSizes::default());
+    let eb = end(&qb, 8, QpSizes::default());
+    connect(&qa, &ea, &qb, &eb);
+    let mut g = c.benchmark_group("rdma_write");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2));
+    let mut summary = Vec::new();
+    for &len in sizes {
+        a.mem.write(0, &vec![0x5a; len]);
+        let src = vec![0x5au8; len];
+        let mut dst = vec![0u8; len];
+        let (copy, rdma) = (Cell::default(), Cell::default());
+        g.throughput(Throughput::Bytes(len as u64));
+        let id = |what| BenchmarkId::new(what, format!("{}KiB", len >> 10));
+        g.bench_function(id("memcpy"), |bch| {
+            bch.iter_custom(|n| timed(&copy, n, || dst.copy_from_slice(black_box(&src))))
+        });
+        let wr = SendWr::RdmaWrite {
+            sges: vec![Sge {
+                lkey: a.key,
+                addr: 0,
+                len: len as u32,
+            }],
+            raddr: 16 << 20,
+            rkey: b.key,
+            imm: None,
+        };
+        g.bench_function(id("two_vfs"), |bch| {
+            bch.iter_custom(|n| {
+                timed(&rdma, n, || {
+                    qa.post_send(&mut ea.qp, &wr, true).expect("post");
+                    qa.ring(&mut ea.qp).expect("ring");
+                    let c = next(&qa, &mut ea);
+                    assert!(c.is_ok(), "{c:?}");
+                })
+            })
+        });
+        let (m, r) = (mean(&copy), mean(&rdma));
+        if m.is_zero() || r.is_zero() {
+            continue;
+        }
+        summary.push(format!(
+            "rdma_write {:>6} KiB: memcpy {:?}, RDMA_WRITE VF0->VF1 {:?} = {:.3}x memcpy \
+             ({:.0} MiB/s)",
+            len >> 10,
+            m,
+            r,
+            m.as_secs_f64() / r.as_secs_f64(),
+            len as f64 / r.as_secs_f64() / f64::from(1u32 << 20),
+        ));
+    }
+    g.finish();
+    for line in summary {
+        println!("{line}");
+    }
+}
+
+criterion_group!(
+    benches,
+    bare_round_trip,
+    dma_vs_memcpy,
+    save_restore,
+    rdma_write
+);
 criterion_main!(benches);
