@@ -368,3 +368,75 @@ fn replies_to_concurrent_client_dma_may_come_in_any_order_and_strays_are_dropped
     }
     c.device_info().expect("the connection is in sync");
 }
+
+/// The QEMU model of P2P: VF 0's own IOVA space maps VF 1's BAR2 (with its memfd); a
+/// QP on VF 0 writes there with an rkey of VF 0's own (loopback). The write leaves VF 0
+/// through its DMA path and reaches VF 1 through the P2P window: it lands while VF 1
+/// runs, and while VF 1 is frozen it is refused (error CQE, QP to ERR) and recorded as
+/// a P2P violation naming VF 0's QP.
+#[test]
+fn an_engine_write_through_a_p2p_window_lands_or_is_refused_with_its_qp_recorded() {
+    use mlx5_testbed::dma::{self, connect, end, next};
+    use mlx5vf::dma::{DmaQueues, QpSizes, SendWr, Sge};
+    init_tracing();
+    let tb = Testbed::start(2);
+    let vf1 = tb.vf(1);
+    let n = dma::node(&tb.vf_socket(0), 2 << 20);
+    // VF 1's VMM stays attached: its BAR2 memfd is device memory only while it is.
+    let mut c1 = tb.vf_client(1);
+    let bar2 = c1.region_info(VFIO_PCI_BAR2_REGION_INDEX).unwrap();
+    let fd = bar2.fd.expect("BAR2 is mmappable");
+    n.hca
+        .cmd()
+        .client()
+        .dma_map(P2P_IOVA + (1 << 30), BUF, fd.as_raw_fd(), 0, RW)
+        .unwrap();
+    let mtt: Vec<u64> = (0..BUF / 4096)
+        .map(|i| P2P_IOVA + (1 << 30) + i * 4096)
+        .collect();
+    let peer_key = n.hca.create_mkey(&mtt, 12, BUF, 0x44).unwrap();
+    let q = DmaQueues::new(&n.hca).unwrap();
+    let mut a = end(&q, 6, QpSizes::default());
+    let b = end(&q, 6, QpSizes::default());
+    connect(&q, &a, &q, &b);
+    let write = |a: &mut mlx5_testbed::dma::End, off: u64, data: &[u8]| {
+        n.mem.write(0, data);
+        q.post_send(
+            &mut a.qp,
+            &SendWr::RdmaWrite {
+                sges: vec![Sge {
+                    lkey: n.key,
+                    addr: 0,
+                    len: data.len() as u32,
+                }],
+                raddr: off,
+                rkey: peer_key,
+                imm: None,
+            },
+            true,
+        )
+        .unwrap();
+        q.ring(&mut a.qp).unwrap();
+        next(&q, a)
+    };
+    let c = write(&mut a, 0x3000, b"peer-to-peer");
+    assert!(c.is_ok(), "{c:?}");
+    assert_eq!(&dev_mem(&vf1)[0x3000..0x300c], b"peer-to-peer");
+    vf1.suspend_initiator().unwrap();
+    vf1.freeze(Duration::from_secs(5)).unwrap();
+    let c = write(&mut a, 0x5000, b"too late");
+    assert!(!c.is_ok(), "{c:?}");
+    assert_eq!(
+        q.query_qp(a.qp.qpn).unwrap().0,
+        mlx5_prm::cmd::qp::QpState::Err
+    );
+    assert_ne!(&dev_mem(&vf1)[0x5000..0x5008], b"too late");
+    let v = vf1.violations();
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert_eq!(v[0].kind, ViolationKind::P2pWrite);
+    assert_eq!(v[0].writer_vhca_id, Some(tb.vf(0).id.vhca_id));
+    assert_eq!(v[0].qpn, Some(a.qp.qpn));
+    assert_eq!((v[0].address, v[0].len), (0x5000, 8));
+    vf1.thaw().unwrap();
+    vf1.resume_initiator().unwrap();
+}
