@@ -272,9 +272,7 @@ fn serve_one(inj: &Injector, violations: Option<&ViolationSource>, c: UnixStream
     let _ = c.set_read_timeout(Some(IO_TIMEOUT));
     let _ = c.set_write_timeout(Some(IO_TIMEOUT));
     let mut line = Vec::new();
-    let read = BufReader::new(&c)
-        .take(MAX_REQUEST as u64 + 1)
-        .read_until(b'\n', &mut line);
+    let read = read_line(&c, &mut line);
     let reply = match read {
         Err(e) => Reply::err(format!("reading the request: {e}")),
         Ok(_) if line.len() > MAX_REQUEST => Reply::err(format!(
@@ -292,6 +290,32 @@ fn serve_one(inj: &Injector, violations: Option<&ViolationSource>, c: UnixStream
     if let Err(e) = (&c).write_all(&out) {
         tracing::debug!(error = %e, "control reply not delivered");
     }
+}
+
+/// Reads one request line (at most [`MAX_REQUEST`] + 1 bytes) within [`IO_TIMEOUT`]
+/// in all: a client that sends a byte now and then cannot hold the socket longer.
+fn read_line(c: &UnixStream, line: &mut Vec<u8>) -> std::io::Result<()> {
+    let deadline = std::time::Instant::now() + IO_TIMEOUT;
+    let mut chunk = [0u8; 4096];
+    while !line.contains(&b'\n') && line.len() <= MAX_REQUEST {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no whole request line within {IO_TIMEOUT:?}"),
+            ));
+        }
+        c.set_read_timeout(Some(left))?;
+        let n = (&*c).read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        line.extend_from_slice(&chunk[..n]);
+    }
+    if let Some(end) = line.iter().position(|&b| b == b'\n') {
+        line.truncate(end + 1);
+    }
+    Ok(())
 }
 
 /// Sends `req` to the control socket at `path` and returns its reply (a refusal as
@@ -356,6 +380,14 @@ mod tests {
         let mut s = String::new();
         c.read_to_string(&mut s).unwrap();
         assert!(s.contains("\"ok\":false"), "{s}");
+        // A request that never ends its line is answered within IO_TIMEOUT, and the
+        // socket serves the next client.
+        let mut c = UnixStream::connect(&path).unwrap();
+        c.write_all(b"{\"op\":").unwrap();
+        c.set_read_timeout(Some(IO_TIMEOUT * 3)).unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        assert!(s.contains("\"ok\":false") && s.contains("request"), "{s}");
         let r = request(&path, &Request::Clear { name: None }).unwrap();
         assert_eq!(r.removed, Some(1));
         assert_eq!(
