@@ -165,6 +165,8 @@ fn save_restore(c: &mut Criterion) {
         let src = devmem::pattern(len, size);
         let mut dst = vec![1u8; len];
         let (copy, save, load) = (Cell::default(), Cell::default(), Cell::default());
+        let fresh_copy = Cell::default();
+        let vf = tb.vf(0);
         g.throughput(Throughput::Bytes(size));
         let id = |what| BenchmarkId::new(what, format!("{}MiB", size >> 20));
         g.bench_function(id("memcpy"), |b| {
@@ -177,19 +179,41 @@ fn save_restore(c: &mut Criterion) {
                 })
             })
         });
+        // A destination as a migration finds it: device memory never written (its
+        // pages holes of the memfd, faulted in as the image lands), beside a memcpy
+        // into memory just allocated (faulted in as the copy lands).
+        g.bench_function(id("memcpy_fresh"), |b| {
+            b.iter_custom(|n| {
+                let mut e = Duration::ZERO;
+                for _ in 0..n {
+                    let mut fresh = vec![0u8; len];
+                    e += timed(&fresh_copy, 1, || fresh.copy_from_slice(black_box(&src)));
+                    black_box(&fresh);
+                }
+                e
+            })
+        });
         g.bench_function(id("load"), |b| {
-            b.iter_custom(|n| timed(&load, n, || fw.load(&buf, image).expect("load")))
+            b.iter_custom(|n| {
+                let mut e = Duration::ZERO;
+                for _ in 0..n {
+                    vf.devmem().zero().expect("zero device memory");
+                    e += timed(&load, 1, || fw.load(&buf, image).expect("load"));
+                }
+                e
+            })
         });
         let (m, s, l) = (mean(&copy), mean(&save), mean(&load));
+        let mf = mean(&fresh_copy);
         // A filter (`-- save_restore/save`) leaves some unmeasured: no ratio then.
-        if m.is_zero() || s.is_zero() || l.is_zero() {
+        if m.is_zero() || s.is_zero() || l.is_zero() || mf.is_zero() {
             buf.free(&fw);
             fw.dealloc_pd(pd);
             continue;
         }
         summary.push(format!(
             "save_restore {:>4} MiB (image {} B): memcpy {:?}, save {:?} = {:.2}x memcpy, \
-             load {:?} = {:.2}x memcpy",
+             load into fresh memory {:?} = {:.2}x memcpy, {:.2}x memcpy into fresh memory ({:?})",
             size >> 20,
             image,
             m,
@@ -197,6 +221,8 @@ fn save_restore(c: &mut Criterion) {
             m.as_secs_f64() / s.as_secs_f64(),
             l,
             m.as_secs_f64() / l.as_secs_f64(),
+            mf.as_secs_f64() / l.as_secs_f64(),
+            mf,
         ));
         buf.free(&fw);
         fw.dealloc_pd(pd);
@@ -282,11 +308,155 @@ fn rdma_write(c: &mut Criterion) {
     }
 }
 
+/// One firmware command (QUERY_ISSI: a 16-byte input, a 0x70-byte output, no
+/// mailbox) from doorbell to completion, completed by polling and by EQE + MSI-X
+/// eventfd, beside a bare 64-byte unix-socket round trip; a summary line gives each
+/// ratio to the bare round trip.
+fn command(c: &mut Criterion) {
+    let mut g = c.benchmark_group("command");
+    let bare = Cell::default();
+    let (mut a, mut b) = UnixStream::pair().unwrap();
+    let echo = std::thread::spawn(move || {
+        let mut m = [0u8; 64];
+        while b.read_exact(&mut m).is_ok() {
+            if b.write_all(&m).is_err() {
+                break;
+            }
+        }
+    });
+    let mut m = [7u8; 64];
+    g.bench_function("bare_socket_64B", |bch| {
+        bch.iter_custom(|n| {
+            timed(&bare, n, || {
+                a.write_all(&m).unwrap();
+                a.read_exact(&mut m).unwrap();
+            })
+        })
+    });
+    drop(a);
+    echo.join().unwrap();
+    let mut results = Vec::new();
+    for (name, events) in [("query_issi_polled", false), ("query_issi_eqe", true)] {
+        // A fresh adapter each: a brought-up function cannot be brought up again.
+        let tb = Testbed::start(1);
+        let hca = bringup::up(tb.vf_client(0), bringup::ARENA, events);
+        let input = mlx5vf::cmdif::new_input(mlx5_prm::Opcode::QueryIssi, 0, 16);
+        let acc = Cell::default();
+        g.bench_function(name, |bch| {
+            bch.iter_custom(|n| {
+                timed(&acc, n, || {
+                    hca.cmd().exec(black_box(&input), 0x70).expect("QUERY_ISSI");
+                })
+            })
+        });
+        results.push((name, mean(&acc)));
+    }
+    g.finish();
+    let base = mean(&bare);
+    if base.is_zero() {
+        return;
+    }
+    for (name, t) in results {
+        if !t.is_zero() {
+            println!(
+                "command {name}: {t:?} = {:.2}x the bare 64-byte socket round trip ({base:?})",
+                t.as_secs_f64() / base.as_secs_f64()
+            );
+        }
+    }
+}
+
+/// The image checksum's options, each over a copy in 256 KiB runs as SAVE and LOAD
+/// make it (copy a run, then sum the copy while it is in cache), beside a memcpy of the
+/// same size: xxh3-64 streamed on the same thread (format version 1), xxh3-64 on the
+/// other core while this one copies (a two-stage pipeline), and the block CRC32C of
+/// format version 2 (`state::sum`).
+fn checksum(c: &mut Criterion) {
+    use mlx5_emulator::state::sum::Sum;
+    use xxhash_rust::xxh3::Xxh3Default;
+    const RUN: usize = 256 << 10;
+    let len: usize = if measuring() { 256 << 20 } else { 1 << 20 };
+    let src = devmem::pattern(len, 0xc5c);
+    let mut dst = vec![1u8; len];
+    let mut g = c.benchmark_group("checksum");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2))
+        .throughput(Throughput::Bytes(len as u64));
+    let accs: [Cell<(u64, Duration)>; 4] = Default::default();
+    let id = |what| BenchmarkId::new(what, format!("{}MiB", len >> 20));
+    g.bench_function(id("memcpy"), |b| {
+        b.iter_custom(|n| timed(&accs[0], n, || dst.copy_from_slice(black_box(&src))))
+    });
+    g.bench_function(id("copy_xxh3"), |b| {
+        b.iter_custom(|n| {
+            timed(&accs[1], n, || {
+                let mut h = Xxh3Default::new();
+                for (d, s) in dst.chunks_mut(RUN).zip(src.chunks(RUN)) {
+                    d.copy_from_slice(s);
+                    h.update(d);
+                }
+                black_box(h.digest());
+            })
+        })
+    });
+    g.bench_function(id("copy_xxh3_other_core"), |b| {
+        b.iter_custom(|n| {
+            timed(&accs[2], n, || {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<&[u8]>(2);
+                std::thread::scope(|sc| {
+                    let hasher = sc.spawn(move || {
+                        let mut h = Xxh3Default::new();
+                        for run in rx {
+                            h.update(run);
+                        }
+                        h.digest()
+                    });
+                    for (d, s) in dst.chunks_mut(RUN).zip(src.chunks(RUN)) {
+                        d.copy_from_slice(s);
+                        let d: &[u8] = d;
+                        tx.send(d).expect("hasher");
+                    }
+                    drop(tx);
+                    black_box(hasher.join().expect("hasher"));
+                });
+            })
+        })
+    });
+    g.bench_function(id("copy_crc32c_blocks"), |b| {
+        b.iter_custom(|n| {
+            timed(&accs[3], n, || {
+                let mut sum = Sum::new();
+                for (d, s) in dst.chunks_mut(RUN).zip(src.chunks(RUN)) {
+                    d.copy_from_slice(s);
+                    sum.update(d);
+                }
+                black_box(sum.finish());
+            })
+        })
+    });
+    g.finish();
+    let m = mean(&accs[0]);
+    let names = ["copy_xxh3", "copy_xxh3_other_core", "copy_crc32c_blocks"];
+    for (name, acc) in names.iter().zip(&accs[1..]) {
+        let t = mean(acc);
+        if !m.is_zero() && !t.is_zero() {
+            println!(
+                "checksum {name} {} MiB: {t:?} = {:.2}x memcpy ({m:?})",
+                len >> 20,
+                m.as_secs_f64() / t.as_secs_f64()
+            );
+        }
+    }
+}
+
 criterion_group!(
     benches,
     bare_round_trip,
     dma_vs_memcpy,
     save_restore,
-    rdma_write
+    rdma_write,
+    command,
+    checksum
 );
 criterion_main!(benches);

@@ -65,6 +65,63 @@ fn round_trip_moves_device_memory_and_every_object_to_a_second_adapter() {
     keeps_working(arena, &b.tb.vf_socket(0));
 }
 
+/// An idle VF whose image is larger than a stop-copy chunk (chunk mode, as the
+/// capabilities offer it): the first pre-copy SAVE carries the whole image and
+/// PRECOPY_INFO counts it as initial bytes, as mlx5vf does (QEMU's switchover-ack waits
+/// for them to reach 0); once it is read nothing is dirty, so pre-copy converges at
+/// once and stop-copy carries only the small final delta.
+#[test]
+fn precopy_of_an_idle_vf_counts_its_image_as_initial_bytes_and_converges() {
+    init_tracing();
+    let size = 16u64 << 20;
+    let config = || mlx5_testbed::AdapterConfig {
+        vfs: 1,
+        dev_mem: size,
+        ..Default::default()
+    };
+    let a = Rig::on(Testbed::start_with(config()));
+    let b = Rig::on(Testbed::start_with(config()));
+    let pattern = mlx5_testbed::devmem::fill(&a.vf(), 0x1d1e);
+    let mut out = b
+        .dev
+        .set_state(MigState::Resuming)
+        .expect("RESUMING")
+        .expect("resume stream");
+    let mut input = a
+        .dev
+        .set_state(MigState::PreCopy)
+        .expect("PRE_COPY")
+        .expect("save stream");
+    let first = input.precopy_info().expect("PRECOPY_INFO");
+    // STOP_COPY_SIZE record, FW_DATA header, an image of every page.
+    assert!(
+        first.initial_bytes > 24 + 16 + size,
+        "initial_bytes {} for {size} bytes of device memory",
+        first.initial_bytes
+    );
+    assert_eq!(first.dirty_bytes, 0);
+    let mut keep = Vec::new();
+    let moved = mlx5_testbed::migrate::pump(&mut input, Some(&mut out), &mut keep);
+    assert_eq!(
+        moved, first.initial_bytes,
+        "the first round drains the initial bytes"
+    );
+    let next = input.precopy_info().expect("PRECOPY_INFO");
+    assert_eq!(
+        (next.initial_bytes, next.dirty_bytes),
+        (0, 0),
+        "an idle VF has nothing left to send"
+    );
+    a.dev.set_state(MigState::StopCopy).expect("STOP_COPY");
+    let last = mlx5_testbed::migrate::pump(&mut input, Some(&mut out), &mut keep);
+    assert!(last < 64 << 10, "stop-copy carried {last} bytes");
+    b.dev.set_state(MigState::Running).expect("RUNNING");
+    assert!(
+        mlx5_testbed::devmem::dev_mem(&b.vf()) == pattern,
+        "device memory differs"
+    );
+}
+
 #[test]
 fn round_trip_to_a_second_emulator_process() {
     init_tracing();

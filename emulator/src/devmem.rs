@@ -64,6 +64,12 @@ pub fn page_digest(page: &[u8]) -> u64 {
     xxh3_64(page)
 }
 
+/// Digest of a page of zeros.
+fn zero_digest() -> u64 {
+    static ZERO: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *ZERO.get_or_init(|| page_digest(&[0u8; DEV_MEM_PAGE_SIZE as usize]))
+}
+
 /// Whether `page` is all zeros (word-wise, so it runs at memory speed).
 pub fn is_zero(page: &[u8]) -> bool {
     let (head, words, tail) = {
@@ -108,37 +114,126 @@ impl Backing {
         self.region.as_ptr()
     }
 
-    /// Gives the pages back to the kernel (they read as zeros again).
-    fn release(&self) {
-        let len = self.region.len() as libc::off_t;
+    /// Gives the pages of `off..off + len` back to the kernel (they read as zeros
+    /// again); false if the file cannot.
+    fn punch(&self, off: usize, len: usize) -> bool {
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // Offsets inside the mapping, at most MAX_DEV_MEM_SIZE: they fit an off_t.
+        let (off, len) = (off as libc::off_t, len as libc::off_t);
         // SAFETY: fallocate on an fd we own; punching a hole keeps the size, so our
         // mapping stays valid (the pages read as zeros).
-        if unsafe { libc::fallocate(self.file.as_raw_fd(), mode, 0, len) } != 0 {
+        unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, len) == 0 }
+    }
+
+    /// Gives all the pages back to the kernel (they read as zeros again).
+    fn release(&self) {
+        if !self.punch(0, self.region.len()) {
             // Only memory stays in use; the contents are overwritten at the next freeze.
             tracing::debug!(error = %std::io::Error::last_os_error(), "device memory copy kept");
         }
     }
 
-    /// Copies all of `from` into `self` (same size).
+    fn pages(&self) -> usize {
+        self.region.len() / DEV_MEM_PAGE_SIZE as usize
+    }
+
+    fn page_ptr(&self, index: usize) -> *mut u8 {
+        assert!(index < self.pages(), "page {index} outside device memory");
+        // SAFETY: checked just above, the offset lies inside our mapping of the
+        // size-sealed memfd (pointer arithmetic only; callers document their access).
+        unsafe { self.ptr().add(index * DEV_MEM_PAGE_SIZE as usize) }
+    }
+
+    /// One bit per page that lies in a data extent of the memfd (SEEK_DATA /
+    /// SEEK_HOLE); every other page is a hole, which reads as zeros and holds no
+    /// memory. Scans skip holes, so they never fault untouched memory in. Where the
+    /// file cannot say, every page counts as data.
+    fn data_pages(&self) -> Vec<u64> {
+        let pages = self.pages();
+        let mut bits = vec![0u64; pages.div_ceil(64)];
+        let fd = self.file.as_raw_fd();
+        let size = self.region.len() as libc::off_t;
+        let page = DEV_MEM_PAGE_SIZE as libc::off_t;
+        let mut at: libc::off_t = 0;
+        // Each step moves past one extent; there are at most `pages` of them.
+        for _ in 0..=pages {
+            if at >= size {
+                break;
+            }
+            // SAFETY: lseek on an fd we own, integer arguments.
+            let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+            if data < 0 {
+                if std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
+                    bits.iter_mut().for_each(|w| *w = !0);
+                }
+                break;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            let end = if hole < 0 { size } else { hole.min(size) };
+            let (first, last) = ((data / page) as usize, ((end + page - 1) / page) as usize);
+            for i in first..last.min(pages) {
+                bits[i / 64] |= 1 << (i % 64);
+            }
+            if end <= at {
+                break;
+            }
+            at = end;
+        }
+        bits
+    }
+
+    /// Writes page `index` through the file rather than the mapping: a page that is a
+    /// hole gets its memory allocated and filled in one step, without the fault (and
+    /// the zeroing) a store through the mapping would take.
+    fn write_page_through_file(&self, index: usize, data: &[u8]) -> bool {
+        let off = (index as u64 * DEV_MEM_PAGE_SIZE) as libc::off_t;
+        // SAFETY: pwrite from a live slice of exactly data.len() bytes to an fd we own.
+        let n =
+            unsafe { libc::pwrite(self.file.as_raw_fd(), data.as_ptr().cast(), data.len(), off) };
+        n == data.len() as isize
+    }
+
+    /// Copies all of `from` into `self` (same size), extent by extent: a hole of
+    /// `from` becomes a hole of `self` (nothing read, nothing faulted in).
     fn copy_from(&self, from: &Backing) {
-        let len = self.region.len().min(from.region.len());
-        // SAFETY: both mappings are at least `len` bytes, live for this call and are
-        // distinct memfds, so the ranges do not overlap.
-        unsafe { std::ptr::copy_nonoverlapping(from.ptr(), self.ptr(), len) };
+        let page = DEV_MEM_PAGE_SIZE as usize;
+        let data = from.data_pages();
+        let pages = self.pages().min(from.pages());
+        let mut i = 0;
+        while i < pages {
+            let is_data = data[i / 64] & (1 << (i % 64)) != 0;
+            let mut j = i + 1;
+            while j < pages && (data[j / 64] & (1 << (j % 64)) != 0) == is_data {
+                j += 1;
+            }
+            let (off, len) = (i * page, (j - i) * page);
+            if is_data || !self.punch(off, len) {
+                // SAFETY: `off + len` is inside both mappings (whole pages of each),
+                // which live for this call; distinct memfds, so no overlap.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(from.ptr().add(off), self.ptr().add(off), len)
+                };
+            }
+            i = j;
+        }
     }
 
     /// Copies the pages of `from` that differ from `self`'s into `self`; returns how
-    /// many did.
+    /// many did. A page that is a hole in both is not read.
     fn sync_from(&self, from: &Backing) -> usize {
         let page = DEV_MEM_PAGE_SIZE as usize;
-        let len = self.region.len().min(from.region.len());
+        let (a_data, b_data) = (from.data_pages(), self.data_pages());
         let mut changed = 0;
-        for off in (0..len).step_by(page) {
-            // SAFETY: `off + page <= len`, inside both mappings (their sizes are whole
-            // pages), which live for this call; distinct memfds, so no overlap.
+        for i in 0..self.pages().min(from.pages()) {
+            let (w, bit) = (i / 64, 1u64 << (i % 64));
+            if (a_data[w] | b_data[w]) & bit == 0 {
+                continue;
+            }
+            let (src, dst) = (from.page_ptr(i), self.page_ptr(i));
+            // SAFETY: page `i` is inside both mappings (`page_ptr`), which live for
+            // this call; distinct memfds, so no overlap.
             unsafe {
-                let (src, dst) = (from.ptr().add(off), self.ptr().add(off));
                 let a = std::slice::from_raw_parts(src.cast_const(), page);
                 let b = std::slice::from_raw_parts(dst.cast_const(), page);
                 if a != b {
@@ -429,53 +524,89 @@ impl DevMem {
     }
 
     /// Runs `f` on the pages that are not all zeros (what a base image carries), in
-    /// place, as (index, bytes) pairs: nothing copied. As with `with_page`, the bytes
-    /// may change under `f`; whoever copies them must digest its copy.
+    /// place, as (index, bytes) pairs: nothing copied, holes not read. As with
+    /// `with_page`, the bytes may change under `f`; whoever copies them must digest
+    /// its copy.
     pub fn with_nonzero<T>(&self, f: impl FnOnce(&[(u32, &[u8])]) -> T) -> T {
         let page = DEV_MEM_PAGE_SIZE as usize;
         let b = self.device();
-        let base = b.ptr();
-        let pages: Vec<(u32, &[u8])> = (0..self.pages())
-            .filter(|&i| Self::with_page(&b, i, |p| !is_zero(p)))
+        let pages: Vec<(u32, &[u8])> = Self::nonzero(&b)
             .map(|i| {
                 // SAFETY: as in `with_page`: page `i` lies inside the mapping `b`
                 // holds, which outlives the slices (they live only for this call).
-                let p = unsafe { std::slice::from_raw_parts(base.add(i * page), page) };
+                let p = unsafe { std::slice::from_raw_parts(b.page_ptr(i).cast_const(), page) };
                 (i as u32, p)
             })
             .collect();
         f(&pages)
     }
 
+    /// Indices of the pages of `b` that are not all zeros; holes are not read.
+    fn nonzero(b: &Backing) -> impl Iterator<Item = usize> + '_ {
+        let data = b.data_pages();
+        (0..b.pages())
+            .filter(move |&i| data[i / 64] & (1 << (i % 64)) != 0)
+            .filter(move |&i| Self::with_page(b, i, |p| !is_zero(p)))
+    }
+
     /// Pages that are not all zeros (what a base image carries), counted in place.
     pub fn count_nonzero(&self) -> usize {
-        let b = self.device();
-        (0..self.pages())
-            .filter(|&i| Self::with_page(&b, i, |p| !is_zero(p)))
-            .count()
+        Self::nonzero(&self.device()).count()
     }
 
     /// Pages a delta would carry now (see [`DevMem::dirty_pages`]), counted in place:
     /// one hashing pass, nothing copied. Without a session, every page.
     pub fn count_dirty(&self) -> usize {
+        self.dirty_indices(&self.device()).len()
+    }
+
+    /// The pages [`DevMem::dirty_pages`] would copy, found in place (one hashing pass
+    /// over the pages with data; a hole is zeros, its digest known without reading).
+    fn dirty_indices(&self, b: &Backing) -> Vec<u32> {
         let (written, baseline) = {
             let t = self.track();
             (t.written.clone(), t.baseline.clone())
         };
         let Some(baseline) = baseline else {
-            return self.pages();
+            return (0..self.pages() as u32).collect();
         };
-        let b = self.device();
+        let data = b.data_pages();
+        let zero = zero_digest();
+        let bit = |v: &[u64], i: usize| v.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0);
         (0..self.pages())
             .filter(|&i| {
-                let bit = written
-                    .get(i / 64)
-                    .is_some_and(|w| w & (1 << (i % 64)) != 0);
-                bit || baseline
-                    .get(i)
-                    .is_none_or(|&d| Self::with_page(&b, i, |p| page_digest(p) != d))
+                let digest = || {
+                    if bit(&data, i) {
+                        Self::with_page(b, i, page_digest)
+                    } else {
+                        zero
+                    }
+                };
+                bit(&written, i) || baseline.get(i).is_none_or(|&d| digest() != d)
             })
-            .count()
+            .map(|i| i as u32)
+            .collect()
+    }
+
+    /// Runs `f` on the dirty pages (what a delta carries, see [`DevMem::dirty_pages`])
+    /// in place, as (index, bytes) pairs: nothing copied. As with `with_nonzero`, the
+    /// bytes may change under `f`; whoever copies them must digest its copy.
+    pub fn with_dirty<T>(&self, f: impl FnOnce(&[(u32, &[u8])]) -> T) -> T {
+        let page = DEV_MEM_PAGE_SIZE as usize;
+        let b = self.device();
+        let pages: Vec<(u32, &[u8])> = self
+            .dirty_indices(&b)
+            .into_iter()
+            .map(|i| {
+                // SAFETY: as in `with_page`: page `i` lies inside the mapping `b`
+                // holds, which outlives the slices (they live only for this call).
+                let p = unsafe {
+                    std::slice::from_raw_parts(b.page_ptr(i as usize).cast_const(), page)
+                };
+                (i, p)
+            })
+            .collect();
+        f(&pages)
     }
 
     /// Whether a save session (a baseline) is open.
@@ -486,32 +617,17 @@ impl DevMem {
     /// Pages that differ from the baseline (or were written by a path the device sees),
     /// copied, in page order. Without a baseline, every page.
     pub fn dirty_pages(&self) -> Result<Vec<PageCopy>, DevMemError> {
-        let (written, baseline) = {
-            let t = self.track();
-            (t.written.clone(), t.baseline.clone())
-        };
-        let mut out = Vec::new();
-        for i in 0..self.pages() {
-            let c = self.copy_page(i as u32)?;
-            let bit = written
-                .get(i / 64)
-                .is_some_and(|w| w & (1 << (i % 64)) != 0);
-            let differs = baseline
-                .as_ref()
-                .and_then(|b| b.get(i))
-                .is_none_or(|&d| d != c.digest);
-            if bit || differs {
-                out.push(c);
-            }
-        }
-        Ok(out)
+        self.dirty_indices(&self.device())
+            .into_iter()
+            .map(|i| self.copy_page(i))
+            .collect()
     }
 
     /// Opens a new save session whose destination has nothing but zeros yet: the
     /// baseline becomes the zero-page digest everywhere, and the written bits clear.
     /// Pages then count as dirty exactly when they are not all zeros.
     pub fn begin_session(&self) {
-        let zero = page_digest(&[0u8; DEV_MEM_PAGE_SIZE as usize]);
+        let zero = zero_digest();
         let mut t = self.track();
         t.baseline = Some(vec![zero; self.pages()]);
         t.written.iter_mut().for_each(|w| *w = 0);
@@ -540,49 +656,44 @@ impl DevMem {
         self.track().baseline = None;
     }
 
-    /// Applies a LOAD: writes `pages` ((index, 4 KiB of bytes) pairs; indices below
-    /// [`DevMem::pages`], bytes one page long, else skipped) and, when `zero_rest`, turns
-    /// every other page to zeros (a base image replaces all of device memory). A page
-    /// already zero is only read, never written, and a carried page is written once;
-    /// every page touched is marked written. One pass, one lock.
+    /// Applies a LOAD at once: [`DevMem::stage`], every page of `pages` put, committed.
     pub fn apply(&self, zero_rest: bool, pages: &[(u32, &[u8])]) {
-        let page = DEV_MEM_PAGE_SIZE as usize;
-        let mut carried = vec![0u64; self.pages().div_ceil(64)];
-        let m = self.maps();
-        let b = m.device();
-        let mut t = self.track();
+        let mut s = self.stage();
         for &(index, data) in pages {
-            let i = index as usize;
-            if i >= self.pages() || data.len() != page {
-                continue;
-            }
-            // SAFETY: `i < self.pages()`, so the page lies inside the mapping of the
-            // size-sealed memfd, which `b` keeps alive; `data` is one page of other
-            // memory (the image), so the ranges do not overlap.
-            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), b.ptr().add(i * page), page) };
-            carried[i / 64] |= 1 << (i % 64);
-            t.written[i / 64] |= 1 << (i % 64);
+            s.put(index, data);
         }
-        if zero_rest {
-            for i in 0..self.pages() {
-                if carried[i / 64] & (1 << (i % 64)) != 0 {
-                    continue;
-                }
-                if !Self::with_page(b, i, is_zero) {
-                    // SAFETY: as above, page `i` lies inside the mapping `b` keeps.
-                    unsafe { std::ptr::write_bytes(b.ptr().add(i * page), 0, page) };
-                }
-                t.written[i / 64] |= 1 << (i % 64);
-            }
+        s.commit(zero_rest);
+    }
+
+    /// Starts writing a LOAD's pages as its image streams in (see [`Staging`]), into
+    /// the memory the device uses now (its own copy while frozen, as during a LOAD).
+    pub fn stage(&self) -> Staging<'_> {
+        let b = self.device();
+        let words = self.pages().div_ceil(64);
+        Staging {
+            mem: self,
+            carried: vec![0; words],
+            changed: vec![0; words],
+            data: b.data_pages(),
+            b,
+            saved_index: Vec::new(),
+            saved: Vec::new(),
+            done: false,
         }
     }
 
-    /// Fills device memory with zeros (marking every page written).
+    /// Fills device memory with zeros (marking every page written): the pages are
+    /// given back to the kernel (a hole reads as zeros and costs no memory), or, where
+    /// the file cannot punch holes, written with zeros.
     pub fn zero(&self) -> Result<(), DevMemError> {
-        let zero = vec![0u8; DEV_MEM_PAGE_SIZE as usize];
-        for i in 0..self.pages() as u64 {
-            self.write(i * DEV_MEM_PAGE_SIZE, &zero)?;
+        let b = self.device();
+        if !b.punch(0, b.region.len()) {
+            let zero = vec![0u8; DEV_MEM_PAGE_SIZE as usize];
+            for i in 0..self.pages() as u64 {
+                self.write(i * DEV_MEM_PAGE_SIZE, &zero)?;
+            }
         }
+        self.track().written.iter_mut().for_each(|w| *w = !0);
         Ok(())
     }
 
@@ -601,6 +712,142 @@ impl DevMem {
         let mut t = self.track();
         t.baseline = None;
         t.written.iter_mut().for_each(|w| *w = 0);
+    }
+}
+
+/// A LOAD's pages written into device memory as the image streams in, so the image is
+/// read once (and never copied whole), yet nothing stays changed unless the whole image
+/// checks out: each page put saves what it overwrites (only when that is not zeros,
+/// which a fresh destination is), and dropping the staging without [`Staging::commit`]
+/// puts every such page back and turns the others to zeros again, leaving device
+/// memory byte for byte as it was. Dirty-tracking bits are set only at commit.
+///
+/// The function is responder-suspended while a LOAD runs, so device-visible writes are
+/// refused meanwhile; none of device memory's locks is held between the calls (the
+/// image is read by DMA between them).
+pub struct Staging<'a> {
+    mem: &'a DevMem,
+    /// The backing written (the device's when the staging began).
+    b: Arc<Backing>,
+    /// One bit per page put.
+    carried: Vec<u64>,
+    /// One bit per page put whose bytes changed (what undoing touches).
+    changed: Vec<u64>,
+    /// One bit per page in a data extent when the staging began (the others are holes:
+    /// zeros, nothing to save, written through the file).
+    data: Vec<u64>,
+    /// Pages overwritten that were not zeros, and their bytes (4 KiB each, in order).
+    saved_index: Vec<u32>,
+    saved: Vec<u8>,
+    done: bool,
+}
+
+impl Staging<'_> {
+    /// Writes page `index`. An index past the end, a page of the wrong length or a
+    /// page already put is ignored (the image decoder refuses those first). A page
+    /// that already holds these bytes is only compared, not written (a LOAD over the
+    /// same contents, such as a delta page whose change was undone, saves nothing).
+    pub fn put(&mut self, index: u32, data: &[u8]) {
+        let page = DEV_MEM_PAGE_SIZE as usize;
+        let i = index as usize;
+        if i >= self.mem.pages() || data.len() != page {
+            return;
+        }
+        let (word, bit) = (i / 64, 1u64 << (i % 64));
+        if self.carried[word] & bit != 0 {
+            return;
+        }
+        self.carried[word] |= bit;
+        if self.data[word] & bit == 0 && self.b.write_page_through_file(i, data) {
+            self.changed[word] |= bit;
+            return;
+        }
+        let keep = DevMem::with_page(&self.b, i, |p| {
+            if is_zero(p) {
+                Some(false)
+            } else if p == data {
+                None
+            } else {
+                self.saved_index.push(index);
+                self.saved.extend_from_slice(p);
+                Some(true)
+            }
+        });
+        if keep.is_none() {
+            return;
+        }
+        self.changed[word] |= bit;
+        // SAFETY: page `i` lies inside our mapping of the size-sealed memfd, which
+        // lives as long as `self.mem`; `data` is other memory (the image), so the
+        // ranges do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.b.page_ptr(i), page) };
+    }
+
+    /// Drops what was put without restoring what it overwrote: the pages put turn to
+    /// zeros (a reset came meanwhile and zeroed the rest; the old bytes must not come
+    /// back).
+    pub fn discard(mut self) {
+        self.saved_index.clear();
+        self.saved.clear();
+        // Drop now zeros the pages it changed and restores nothing.
+    }
+
+    /// Pages put so far.
+    pub fn count(&self) -> usize {
+        self.carried.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// Keeps what was put and, when `zero_rest` (a base image replaces all of device
+    /// memory), turns every page not put to zeros (a page already zero is only read).
+    /// Every page touched is marked written.
+    pub fn commit(mut self, zero_rest: bool) {
+        self.done = true;
+        let page = DEV_MEM_PAGE_SIZE as usize;
+        let mem = self.mem;
+        let mut t = mem.track();
+        for (w, c) in t.written.iter_mut().zip(&self.carried) {
+            *w |= c;
+        }
+        if zero_rest {
+            for i in 0..mem.pages() {
+                let (word, bit) = (i / 64, 1u64 << (i % 64));
+                if self.carried[word] & bit != 0 {
+                    continue;
+                }
+                // A hole is zeros already, and is not read (reading would fault it in).
+                if self.data[word] & bit != 0 && !DevMem::with_page(&self.b, i, is_zero) {
+                    // SAFETY: page `i` lies inside our mapping (`page_ptr`).
+                    unsafe { std::ptr::write_bytes(self.b.page_ptr(i), 0, page) };
+                }
+                t.written[word] |= bit;
+            }
+        }
+    }
+}
+
+impl Drop for Staging<'_> {
+    /// Undoes every page put: zeros first, then the saved pages back over them (rare:
+    /// only a refused image gets here).
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let page = DEV_MEM_PAGE_SIZE as usize;
+        for (word, &bits) in self.changed.iter().enumerate() {
+            let mut bits = bits;
+            while bits != 0 {
+                let i = word * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                // SAFETY: a changed page lies inside our mapping (`page_ptr`).
+                unsafe { std::ptr::write_bytes(self.b.page_ptr(i), 0, page) };
+            }
+        }
+        for (&i, old) in self.saved_index.iter().zip(self.saved.chunks_exact(page)) {
+            // SAFETY: as above; `old` is our own saved copy, other memory.
+            unsafe {
+                std::ptr::copy_nonoverlapping(old.as_ptr(), self.b.page_ptr(i as usize), page)
+            };
+        }
     }
 }
 
@@ -670,5 +917,87 @@ mod tests {
             .all(|(i, p)| p == if i == 3 { &one[..] } else { &[0u8; 4096][..] }));
         m.apply(false, &[(1, &one)]);
         assert_eq!(m.count_nonzero(), 2);
+    }
+    #[test]
+    fn a_staged_load_not_committed_leaves_device_memory_as_it_was() {
+        let m = DevMem::new("t", 64 << 10).unwrap();
+        m.write(2 * 4096, &[9u8; 4096]).unwrap();
+        m.write(5 * 4096 + 100, &[4u8; 10]).unwrap();
+        let one = [7u8; 4096];
+        m.write(3 * 4096, &one).unwrap();
+        let mut before = vec![0u8; 64 << 10];
+        m.read(0, &mut before).unwrap();
+        // Out of order, over zeros, over data and over the same bytes, one twice.
+        let mut s = m.stage();
+        for i in [5, 1, 2, 9, 5, 3] {
+            s.put(i, &one);
+        }
+        assert_eq!(s.count(), 5);
+        let mut mid = vec![0u8; 64 << 10];
+        m.read(0, &mut mid).unwrap();
+        assert_eq!(&mid[5 * 4096..6 * 4096], &one[..]);
+        drop(s);
+        let mut after = vec![0u8; 64 << 10];
+        m.read(0, &mut after).unwrap();
+        assert!(after == before, "device memory changed");
+        // Discarded (a reset came meanwhile): what was put is zeros, nothing restored.
+        let mut s = m.stage();
+        s.put(2, &one);
+        s.discard();
+        m.read(0, &mut after).unwrap();
+        assert!(after[2 * 4096..3 * 4096].iter().all(|&b| b == 0));
+        // Committed: the pages stay, and a base turns the rest to zeros.
+        let mut s = m.stage();
+        s.put(1, &one);
+        s.commit(true);
+        m.read(0, &mut after).unwrap();
+        assert!(after
+            .chunks(4096)
+            .enumerate()
+            .all(|(i, p)| p == if i == 1 { &one[..] } else { &[0u8; 4096][..] }));
+    }
+
+    /// Bytes of memory the memfd holds.
+    fn resident(m: &DevMem) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        m.device().file.metadata().unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn scans_and_loads_leave_untouched_pages_holes() {
+        let size = 64u64 << 20;
+        let m = DevMem::new("t", size).unwrap();
+        m.write(7 * 4096, &[1u8; 4096]).unwrap();
+        assert!(resident(&m) <= 64 << 10, "{}", resident(&m));
+        assert_eq!(m.count_nonzero(), 1);
+        assert_eq!(
+            m.with_nonzero(|p| p.iter().map(|p| p.0).collect::<Vec<_>>()),
+            [7]
+        );
+        assert_eq!(m.count_dirty(), (size / 4096) as usize);
+        m.begin_session();
+        assert_eq!(m.count_dirty(), 1);
+        // A base LOAD of two pages over it: one through the file into a hole.
+        let one = [5u8; 4096];
+        let mut s = m.stage();
+        s.put(9, &one);
+        s.put(7, &one);
+        s.commit(true);
+        let mut b = [0u8; 4096];
+        m.read(9 * 4096, &mut b).unwrap();
+        assert_eq!(b, one);
+        m.read(7 * 4096, &mut b).unwrap();
+        assert_eq!(b, one);
+        assert_eq!(m.count_nonzero(), 2);
+        assert!(resident(&m) <= 64 << 10, "{}", resident(&m));
+        // Undone, the page written through the file is zeros again.
+        let mut s = m.stage();
+        s.put(11, &one);
+        drop(s);
+        m.read(11 * 4096, &mut b).unwrap();
+        assert_eq!(b, [0u8; 4096]);
+        m.zero().unwrap();
+        assert_eq!(resident(&m), 0);
+        assert_eq!(m.count_nonzero(), 0);
     }
 }

@@ -20,8 +20,13 @@
 //! 48  flags, reserved           16 bytes, zero
 //! 64  section table             section_count x SectionEntry (24 bytes)
 //! ..  sections
-//! end le64 checksum (xxh3-64) of everything before it
+//! end le64 checksum of everything before it (the body)
 //! ```
+//!
+//! The checksum (version 2): the CRC32C of each 4 KiB block of the body (at image
+//! offsets k x 4096, the last block shorter), those CRCs as le32 values in order, and
+//! xxh3-64 of them. Version 1 took xxh3-64 of the whole body; a version-1 image is
+//! refused by its version number.
 //!
 //! The OBJECTS section: the UAR list, the PD list (each a le32 count and le32 values),
 //! [`CmdEqField`], the EQs (a count, then per EQ an [`EqEntryHead`], its event bitmask
@@ -38,8 +43,8 @@ use crate::PrmError;
 
 /// `magic`: "MLX5VHCA".
 pub const MAGIC: [u8; 8] = *b"MLX5VHCA";
-/// The image format version written and read.
-pub const VERSION: u16 = 1;
+/// The image format version written and read (2: the checksum of block CRCs).
+pub const VERSION: u16 = 2;
 /// Bytes of [`ImageHeader`].
 pub const HEADER_LEN: usize = 64;
 /// Bytes of one [`SectionEntry`].
@@ -458,7 +463,7 @@ mod tests {
         h.version.set(VERSION);
         h.total_len.set(0x0102_0304_0506_0708);
         let b = h.as_bytes();
-        assert_eq!(&b[..10], b"MLX5VHCA\x01\x00");
+        assert_eq!(&b[..10], b"MLX5VHCA\x02\x00");
         assert_eq!(&b[16..24], &[8, 7, 6, 5, 4, 3, 2, 1]);
         let e = SectionEntry::mandatory(SectionTag::Iseg, 0x100, 16);
         assert_eq!(&e.as_bytes()[..4], &[4, 0, 1, 0]);

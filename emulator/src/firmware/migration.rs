@@ -56,9 +56,12 @@
 //! # Loading
 //!
 //! LOAD is legal only while the function is responder-suspended. The image is read
-//! whole, validated ([`crate::state::validate`], then [`Firmware::from_image`], which
-//! reruns the live commands' checks), and only then applied: the new firmware state is
-//! built aside and swapped in under the lock. A base image may come at any time; a
+//! from the buffer in pieces, never copied whole ([`crate::state::Staged`]): its
+//! framing and small sections first, checked, with the firmware state built aside from
+//! them ([`Firmware::from_image`] reruns the live commands' checks); then the pages,
+//! each written into device memory as it passes while the checksum is summed, all of
+//! them undone unless the whole image checks out ([`crate::devmem::Staging`]). Only
+//! then is the firmware state swapped in under the lock. A base image may come at any time; a
 //! delta must follow the image it was made against (multi-load), else BAD_RES_STATE.
 
 use std::collections::VecDeque;
@@ -252,6 +255,8 @@ struct SaveSession {
     seq: u32,
     /// Tracking was asked for (set_track), so the session outlives a complete image.
     track: bool,
+    /// [`state::state_digest`] of what the last image carried besides pages.
+    sent_state: u64,
 }
 
 /// Per-function migration control: the suspend state, the admitted work, the save
@@ -609,12 +614,16 @@ pub(super) fn query_vhca_migration_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd
     let f = cell.lock().mig_target(env, cmd)?;
     let incremental = cmd.get(QUERY_VHCA_MIGRATION_STATE_IN_INCREMENTAL) != 0;
     let chunk = cmd.get(QUERY_VHCA_MIGRATION_STATE_IN_CHUNK) != 0;
-    let session = {
+    let (session, frozen) = {
         let mut m = f.migration();
         m.chunk_mode = chunk;
-        m.session
+        (m.session, m.state == MigState::ResponderSuspended)
     };
-    let objects_len = state::objects_len(&f.firmware().image_objects());
+    let (hca, objects) = {
+        let fw = f.firmware();
+        (fw.image_hca(), fw.image_objects())
+    };
+    let objects_len = state::objects_len(&objects);
     // incremental: what a delta of the open session would carry now; otherwise what
     // a base image would (pages that are not all zeros).
     // Counted in place from the tracking state: nothing is copied.
@@ -623,11 +632,22 @@ pub(super) fn query_vhca_migration_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd
     } else {
         f.devmem().count_nonzero()
     };
+    // A running function with nothing changed since the last pre-copy image (no page,
+    // no object, no register) has nothing to send: an idle function converges. A
+    // frozen one always gets its final delta (stop-copy needs an image).
+    let unchanged =
+        || session.is_some_and(|s| s.sent_state == state::state_digest(&hca, &f.iseg(), &objects));
     let (required, remaining, mig_state) = if incremental && session.is_none() {
         (0, 0, VhcaMigrationState::OperMigrationIdle)
+    } else if incremental && !frozen && pages == 0 && unchanged() {
+        (0, 0, VhcaMigrationState::OperMigrationReady)
     } else {
         let total = state::image_len(objects_len, pages);
-        let per_chunk = if chunk {
+        // Chunking is a stop-copy matter, as in mlx5vf: a pre-copy SAVE (the function
+        // still running) carries the whole base image or delta, so the driver counts
+        // the first one as the initial bytes and an idle function converges in a
+        // round; only a frozen function's image comes in MAX_CHUNK_SIZE pieces.
+        let per_chunk = if chunk && frozen {
             total.min(MAX_CHUNK_SIZE as usize)
         } else {
             total
@@ -754,21 +774,19 @@ pub(super) fn save_vhca_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> Cm
         let len = state::encode_into(&parts, digests, |b| sink.put(b))?;
         Ok((len, fit, remaining))
     };
+    // The digests of the pages as sent become the session's baseline; a save after
+    // which the session ends (stop-copy, all of it fitting) needs none.
+    let all_fit = |n: usize| (size - fixed) / state::PAGE_ENTRY_LEN >= n;
     let mut sent = Vec::new();
+    // In place from device memory: each page copied once, into the buffer's run, and
+    // digested there when the session goes on.
+    let save = |p: &[(u32, &[u8])]| {
+        let want = keeps_track || !all_fit(p.len());
+        encode(p, want.then_some(&mut sent))
+    };
     let (image_len, fit, remaining) = match plan {
-        // In place from device memory: each page copied once, into the buffer's run,
-        // and digested there.
-        SavePlan::Base { .. } => f.devmem().with_nonzero(|p| encode(p, Some(&mut sent)))?,
-        _ => {
-            let pages = f
-                .devmem()
-                .dirty_pages()
-                .map_err(|_| CmdFail::new(CmdStatus::IntErr, mig_syndrome::DMA_FAULT))?;
-            let refs: Vec<(u32, &[u8])> = pages.iter().map(|p| (p.index, &*p.data)).collect();
-            let r = encode(&refs, None)?;
-            sent = pages[..r.1].iter().map(|p| (p.index, p.digest)).collect();
-            r
-        }
+        SavePlan::Base { .. } => f.devmem().with_nonzero(save)?,
+        _ => f.devmem().with_dirty(save)?,
     };
     // The image is in the buffer: now the session moves on, unless the function was
     // reset while the image was built (its session is gone, and so is what was sent).
@@ -792,6 +810,7 @@ pub(super) fn save_vhca_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> Cm
         id: session_id,
         seq,
         track: track_on,
+        sent_state: state::state_digest(&hca, &iseg, &objects),
     });
     let next = if remaining > 0 && chunk_mode {
         state::image_len(objects_len, remaining)
@@ -846,24 +865,20 @@ pub(super) fn load_vhca_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> Cm
         return Err(bad(mig_syndrome::BAD_SIZE));
     }
     let runs = cell.lock().mig_runs(va, size, key)?;
-    let bytes = read_runs(env, &runs, size as usize)?;
+    let len = size as usize; // at most MAX_IMAGE_LEN
+    let mut src = RunSource::new(env, &runs);
+    let mut read = |at: usize, buf: &mut [u8]| src.read(at, buf);
     let id = f.id();
-    let image = state::validate(&bytes).map_err(|e| {
+    let refused = |e: &StateError| {
         tracing::info!(vhca_id = id.vhca_id, error = %e, "LOAD_VHCA_STATE: image refused");
-        image_fail(&e)
-    })?;
-    let compat = check_compatible(id, f.devmem().size(), &image.header);
-    let new_fw = compat
-        .and_then(|()| Firmware::from_image(env, id, &image.hca, &image.objects))
-        .map_err(|e| {
-            tracing::info!(vhca_id = id.vhca_id, error = %e, "LOAD_VHCA_STATE: image refused");
-            image_fail(&e)
-        })?;
-    let h = image.header;
-    // From the last check to the end of the apply no reset of the target can come in
-    // between: an FLR waits, then wipes the whole image, never half of it.
-    let _no_reset = f.hold_reset();
-    {
+        image_fail(e)
+    };
+    let staged = state::Staged::open(len, &mut read).map_err(|e| stream_fail(id, e))?;
+    let h = staged.header;
+    let new_fw = check_compatible(id, f.devmem().size(), &h)
+        .and_then(|()| Firmware::from_image(env, id, &staged.hca, &staged.objects))
+        .map_err(|e| refused(&e))?;
+    let still_ours = |f: &Arc<dyn Peer>| {
         let m = f.migration();
         if m.state != MigState::ResponderSuspended || f.epoch() != epoch {
             tracing::info!(
@@ -885,38 +900,79 @@ pub(super) fn load_vhca_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> Cm
                 mig_syndrome::OUT_OF_ORDER,
             ));
         }
+        Ok(())
+    };
+    // From the last check to the end of the apply no reset of the target can come in
+    // between: an FLR waits, then wipes the whole image, never half of it.
+    let _no_reset = f.hold_reset();
+    still_ours(&f)?;
+    // The pages go into device memory as the image streams past (read once, summed
+    // and checked on the way); until the checksum and the last entry check out they
+    // can all be undone: dropping `staging` puts device memory back as it was.
+    let mut staging = f.devmem().stage();
+    // The fault plan's LOAD that dies part-way keeps only the first half of the pages.
+    let keep = if crate::fault::load_must_fail() {
+        staged.pages / 2
+    } else {
+        usize::MAX
+    };
+    let mut seen = 0usize;
+    let pages = staged
+        .pages(&mut read, |index, data| {
+            if seen < keep {
+                staging.put(index, data);
+            }
+            seen += 1;
+        })
+        .map_err(|e| stream_fail(id, e))?;
+    if f.epoch() != epoch {
+        // Reset meanwhile: device memory is zeros now, and must stay so.
+        staging.discard();
+        tracing::info!(
+            vhca_id = id.vhca_id,
+            "LOAD_VHCA_STATE: function reset meanwhile"
+        );
+        return Err(bad_res_state());
     }
-    // Everything is checked: apply. Nothing below can fail on image content. The
-    // function is frozen and this command holds it busy, so nothing else changes it.
+    still_ours(&f)?;
+    // Everything is checked: apply. Nothing below can fail. The function is frozen
+    // and this command holds it busy, so nothing else changes it.
     f.install_firmware(new_fw);
-    f.load_iseg(&image.iseg);
-    // Indices were checked against this size by validate + check_compatible.
-    let pages: Vec<(u32, &[u8])> = image.pages.iter().map(|p| (p.index, &*p.data)).collect();
-    if crate::fault::load_must_fail() {
-        // The fault plan's LOAD that dies part-way: the firmware state is in, half of
-        // the device memory (a base image's clearing included) and no session record.
-        let half = &pages[..pages.len() / 2];
-        f.devmem().apply(h.kind == ImageKind::Base, half);
+    f.load_iseg(&staged.iseg);
+    staging.commit(h.kind == ImageKind::Base);
+    if keep != usize::MAX {
+        // The firmware state is in, half of the device memory (a base image's
+        // clearing included) and no session record.
         f.migration().loaded = None;
         tracing::warn!(
             vhca_id = id.vhca_id,
-            applied = half.len(),
-            pages = pages.len(),
+            applied = keep,
+            pages,
             "LOAD_VHCA_STATE failed part-way (fault plan)"
         );
         return Err(CmdFail::new(CmdStatus::IntErr, mig_syndrome::LOAD_PARTIAL));
     }
-    f.devmem().apply(h.kind == ImageKind::Base, &pages);
     f.migration().loaded = Some((h.session, h.seq));
     tracing::info!(
         vhca_id = id.vhca_id,
         kind = ?h.kind,
         seq = h.seq,
-        image = bytes.len(),
-        pages = image.pages.len(),
+        image = len,
+        pages,
         "LOAD_VHCA_STATE applied"
     );
     Ok(out)
+}
+
+/// What a LOAD completes with when its image was refused or its buffer faulted.
+fn stream_fail(id: FunctionId, e: state::StreamError<CmdFail>) -> CmdFail {
+    match e {
+        state::StreamError::Read(fail) => fail,
+        state::StreamError::Image(e) => {
+            tracing::info!(vhca_id = id.vhca_id, error = %e, "LOAD_VHCA_STATE: image refused");
+            image_fail(&e)
+        }
+    }
 }
 
 impl Firmware {
@@ -1037,19 +1093,57 @@ impl RunSink<'_> {
     }
 }
 
-/// Reads `size` bytes from the IOVA runs.
-fn read_runs(env: &dyn Env, runs: &[(u64, u64)], size: usize) -> Result<Vec<u8>, CmdFail> {
-    let mut out = vec![0u8; size];
-    let mut done = 0usize;
-    for &(iova, len) in runs {
-        let n = (len as usize).min(size - done);
-        env.dma_read(iova, &mut out[done..done + n]).map_err(|e| {
-            tracing::info!(iova, error = %e, "LOAD_VHCA_STATE: buffer read faulted");
-            bad(mig_syndrome::DMA_FAULT)
-        })?;
-        done += n;
+/// Reads an image at any offset from the IOVA runs of its buffer.
+struct RunSource<'a> {
+    env: &'a dyn Env,
+    runs: &'a [(u64, u64)],
+    /// Offset in the image of each run's start.
+    starts: Vec<u64>,
+}
+
+impl<'a> RunSource<'a> {
+    fn new(env: &'a dyn Env, runs: &'a [(u64, u64)]) -> Self {
+        let mut at = 0u64;
+        let starts = runs
+            .iter()
+            .map(|&(_, len)| {
+                let s = at;
+                at = at.saturating_add(len);
+                s
+            })
+            .collect();
+        RunSource { env, runs, starts }
     }
-    Ok(out)
+
+    /// Reads `buf.len()` bytes of the image at offset `at`.
+    fn read(&mut self, at: usize, buf: &mut [u8]) -> Result<(), CmdFail> {
+        let mut at = at as u64;
+        let mut done = 0usize;
+        // The run holding `at`: the last one starting at or before it.
+        let mut r = self.starts.partition_point(|&s| s <= at).saturating_sub(1);
+        while done < buf.len() {
+            let (Some(&(iova, len)), Some(&start)) = (self.runs.get(r), self.starts.get(r)) else {
+                return Err(bad(mig_syndrome::BUFFER_TOO_SMALL));
+            };
+            let off = at - start;
+            if off >= len {
+                r += 1;
+                continue;
+            }
+            let n = ((len - off) as usize).min(buf.len() - done);
+            let from = iova + off;
+            self.env
+                .dma_read(from, &mut buf[done..done + n])
+                .map_err(|e| {
+                    tracing::info!(iova = from, error = %e, "LOAD_VHCA_STATE: buffer read faulted");
+                    bad(mig_syndrome::DMA_FAULT)
+                })?;
+            done += n;
+            at += n as u64;
+            r += 1;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -1,12 +1,13 @@
 //! The image header and section table (`mlx5_prm::state_image::{ImageHeader,
 //! SectionEntry}`): checked completely — length, magic, version, checksum, every
 //! enumerated field, the table's bounds and overlaps — before any section is read.
+//! [`framing`] checks all of it but the checksum from the image's first bytes, for a
+//! reader that takes the image in pieces and checks the sum as the pieces pass.
 
 use mlx5_prm::state_image::{
     self as wire, SectionEntry, CHECKSUM_LEN, HEADER_LEN, MAGIC, MAX_SECTIONS, SECTION_ENTRY_LEN,
     SECTION_MANDATORY, VERSION,
 };
-use xxhash_rust::xxh3::xxh3_64;
 use zerocopy::{FromBytes, FromZeros};
 
 use super::{ImageHeader, ImageKind, StateError, MAX_IMAGE_LEN};
@@ -15,34 +16,54 @@ use crate::devmem::MAX_DEV_MEM_SIZE;
 /// One entry of the section table, checked to lie inside the payload.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Section<'a> {
-    /// Position in the table.
-    pub index: usize,
     /// The raw tag (an unknown optional tag is legal).
     pub tag: u16,
     pub mandatory: bool,
-    pub start: usize,
     pub bytes: &'a [u8],
+}
+
+/// Where a section lies: a [`Section`] without its bytes (an image read in pieces).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Span {
+    pub index: usize,
+    pub tag: u16,
+    pub mandatory: bool,
+    pub start: usize,
+    pub len: usize,
+}
+
+/// The header and section table of an image, checked against its length.
+#[derive(Debug, Clone)]
+pub(super) struct Framing {
+    pub header: ImageHeader,
+    pub spans: Vec<Span>,
+    /// Where the body ends and the checksum starts.
+    pub body_end: usize,
+}
+
+/// Bytes of an image of `len` bytes that [`framing`] reads: the header and the largest
+/// section table, as far as the image goes.
+pub(super) fn prefix_len(len: usize) -> usize {
+    len.min(HEADER_LEN + MAX_SECTIONS * SECTION_ENTRY_LEN)
 }
 
 fn bad_header(field: &'static str, got: u64, want: &'static str) -> StateError {
     StateError::BadHeader { field, got, want }
 }
 
-/// Checks the framing of `bytes` and returns the decoded header and the section table.
-pub(super) fn check(bytes: &[u8]) -> Result<(ImageHeader, Vec<Section<'_>>), StateError> {
+/// The fixed header of an image of `len` bytes whose first bytes are `prefix`: length,
+/// magic, version, header length and total length checked.
+fn fixed(prefix: &[u8], len: usize) -> Result<wire::ImageHeader, StateError> {
     let min = HEADER_LEN + CHECKSUM_LEN;
-    if bytes.len() < min || bytes.len() > MAX_IMAGE_LEN {
-        return Err(StateError::BadLength {
-            len: bytes.len(),
-            min,
-            max: MAX_IMAGE_LEN,
-        });
-    }
-    let (h, _) = wire::ImageHeader::read_from_prefix(bytes).map_err(|_| StateError::BadLength {
-        len: bytes.len(),
+    let bad_len = StateError::BadLength {
+        len,
         min,
         max: MAX_IMAGE_LEN,
-    })?;
+    };
+    if len < min || len > MAX_IMAGE_LEN {
+        return Err(bad_len);
+    }
+    let (h, _) = wire::ImageHeader::read_from_prefix(prefix).map_err(|_| bad_len)?;
     if h.magic != MAGIC {
         return Err(StateError::BadMagic { got: h.magic });
     }
@@ -55,23 +76,56 @@ pub(super) fn check(bytes: &[u8]) -> Result<(ImageHeader, Vec<Section<'_>>), Sta
     if usize::from(h.header_len.get()) != HEADER_LEN {
         return Err(bad_header("header_len", h.header_len.get().into(), "64"));
     }
-    if h.total_len.get() != bytes.len() as u64 {
+    if h.total_len.get() != len as u64 {
         return Err(StateError::LengthMismatch {
             claimed: h.total_len.get(),
-            got: bytes.len(),
+            got: len,
         });
     }
+    Ok(h)
+}
+
+/// Checks the framing of an image of `len` bytes from its first [`prefix_len`] bytes,
+/// everything but the checksum (which needs the whole body: [`super::sum::Sum`]).
+pub(super) fn framing(prefix: &[u8], len: usize) -> Result<Framing, StateError> {
+    let h = fixed(prefix, len)?;
+    let body_end = len - CHECKSUM_LEN;
+    let header = decode(&h)?;
+    let spans = table(prefix, &h, body_end)?;
+    Ok(Framing {
+        header,
+        spans,
+        body_end,
+    })
+}
+
+/// Checks the framing of `bytes` and returns the decoded header and the section table.
+pub(super) fn check(bytes: &[u8]) -> Result<(ImageHeader, Vec<Section<'_>>), StateError> {
+    fixed(bytes, bytes.len())?;
     let body_end = bytes.len() - CHECKSUM_LEN;
-    let want = xxh3_64(&bytes[..body_end]);
-    let mut sum = [0u8; CHECKSUM_LEN];
-    sum.copy_from_slice(&bytes[body_end..]);
-    let got = u64::from_le_bytes(sum);
+    let want = super::sum::checksum(&bytes[..body_end]);
+    let got = stored_sum(&bytes[body_end..]);
     if got != want {
         return Err(StateError::Checksum { got, want });
     }
-    let header = decode(&h)?;
-    let sections = table(bytes, &h, body_end)?;
-    Ok((header, sections))
+    let f = framing(&bytes[..prefix_len(bytes.len())], bytes.len())?;
+    let sections = f
+        .spans
+        .iter()
+        .map(|s| Section {
+            tag: s.tag,
+            mandatory: s.mandatory,
+            bytes: &bytes[s.start..s.start + s.len],
+        })
+        .collect();
+    Ok((f.header, sections))
+}
+
+/// The checksum an image carries in its last [`CHECKSUM_LEN`] bytes.
+pub(super) fn stored_sum(tail: &[u8]) -> u64 {
+    let mut sum = [0u8; CHECKSUM_LEN];
+    sum.copy_from_slice(&tail[..CHECKSUM_LEN]);
+    u64::from_le_bytes(sum)
 }
 
 /// The header's values, typed and checked against each other.
@@ -124,11 +178,7 @@ fn decode(h: &wire::ImageHeader) -> Result<ImageHeader, StateError> {
 }
 
 /// The section table: every entry inside the payload, no two overlapping.
-fn table<'a>(
-    bytes: &'a [u8],
-    h: &wire::ImageHeader,
-    body_end: usize,
-) -> Result<Vec<Section<'a>>, StateError> {
+fn table(prefix: &[u8], h: &wire::ImageHeader, body_end: usize) -> Result<Vec<Span>, StateError> {
     let count = usize::from(h.section_count.get());
     if count > MAX_SECTIONS {
         return Err(bad_header(
@@ -146,7 +196,8 @@ fn table<'a>(
             have: body_end,
         });
     }
-    let raw = &bytes[HEADER_LEN..payload_start];
+    // payload_start <= body_end and the prefix covers the largest table or the image.
+    let raw = &prefix[HEADER_LEN..payload_start];
     let mut sections = Vec::with_capacity(count);
     for (index, chunk) in raw.chunks_exact(SECTION_ENTRY_LEN).enumerate() {
         // chunks_exact hands out exactly SECTION_ENTRY_LEN bytes.
@@ -176,18 +227,18 @@ fn table<'a>(
         }
         // Both fit in body_end, a usize.
         let (start, end) = (offset as usize, (offset + len) as usize);
-        sections.push(Section {
+        sections.push(Span {
             index,
             tag,
             mandatory: e.is_mandatory(),
             start,
-            bytes: &bytes[start..end],
+            len: end - start,
         });
     }
     let mut by_offset = sections.clone();
-    by_offset.sort_by_key(|s| (s.start, s.start + s.bytes.len()));
+    by_offset.sort_by_key(|s| (s.start, s.start + s.len));
     for w in by_offset.windows(2) {
-        if w[1].start < w[0].start + w[0].bytes.len() {
+        if w[1].start < w[0].start + w[0].len {
             return Err(StateError::SectionOverlap {
                 a: w[0].index,
                 b: w[1].index,

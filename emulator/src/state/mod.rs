@@ -37,6 +37,7 @@ mod hca;
 mod header;
 mod iseg;
 mod objects;
+pub mod sum;
 
 use std::collections::BTreeSet;
 
@@ -47,7 +48,7 @@ pub use mlx5_prm::state_image::{
     SECTION_ENTRY_LEN, SECTION_MANDATORY, VERSION,
 };
 use mlx5_prm::state_image::{SectionEntry, HCA_SECTION_HEAD_LEN, PAGE_ENTRY_HEAD_LEN};
-use xxhash_rust::xxh3::Xxh3Default;
+use zerocopy::FromBytes;
 
 use crate::devmem::{DEV_MEM_PAGE_SIZE, MAX_DEV_MEM_SIZE};
 use crate::firmware::checks::{CapsError, EqError, HcaError, PageError, PdMkeyError, UarError};
@@ -84,7 +85,10 @@ pub enum StateError {
     BadLength { len: usize, min: usize, max: usize },
     #[error("bad magic {got:02x?}: expected \"MLX5VHCA\"")]
     BadMagic { got: [u8; 8] },
-    #[error("image version {got}: this firmware reads version {want}")]
+    #[error(
+        "image version {got}: this firmware reads version {want} (an image from another \
+         mlx5-emu release: save and load with the same release)"
+    )]
     BadVersion { got: u16, want: u16 },
     #[error("header field {field} is {got:#x}: expected {want}")]
     BadHeader {
@@ -245,6 +249,16 @@ pub fn image_len(objects_len: usize, pages: usize) -> usize {
         + CHECKSUM_LEN
 }
 
+/// A digest of the function state an image carries besides its pages (the HCA,
+/// ISEG and OBJECTS sections as they would be encoded): equal digests, equal state.
+pub fn state_digest(hca: &HcaImage, iseg: &IsegImage, objects: &ObjectsImage) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3Default::new();
+    h.update(&hca::encode(hca));
+    h.update(&iseg::encode(iseg));
+    h.update(&objects::encode(objects));
+    h.digest()
+}
+
 /// Bytes the objects section of `o` takes.
 pub fn objects_len(o: &ObjectsImage) -> usize {
     objects::encode(o).len()
@@ -265,8 +279,8 @@ pub struct ImageParts<'a> {
 }
 
 /// Encodes an image straight into `sink`, in order, in runs of about [`ENCODE_RUN`]
-/// bytes, the checksum computed in the same pass (streaming xxh3 over each run as it
-/// goes out): no buffer of the whole image. Returns the image's length, which is
+/// bytes, the checksum computed in the same pass (block CRCs over each run as it
+/// goes out, [`sum`]): no buffer of the whole image. Returns the image's length, which is
 /// [`image_len`] of the objects' length and the page count.
 ///
 /// With `digests`, each page's xxh3-64 is taken of the bytes as they went out (the
@@ -293,7 +307,7 @@ pub fn encode_into<E>(
     }
     w.bytes(&hca).bytes(&iseg).bytes(&objects);
     dev_mem::encode_head(&mut w, parts.pages.len());
-    let mut sum = Xxh3Default::new();
+    let mut sum = sum::Sum::new();
     let mut done = 0usize;
     for &(index, data) in parts.pages {
         dev_mem::encode_page(&mut w, index, data);
@@ -309,7 +323,7 @@ pub fn encode_into<E>(
         }
     }
     sum.update(&w.0);
-    w.u64(sum.digest());
+    w.u64(sum.finish());
     done += w.0.len();
     sink(&w.0)?;
     debug_assert_eq!(done, total);
@@ -381,6 +395,170 @@ pub fn validate(bytes: &[u8]) -> Result<Image, StateError> {
     hca::check(&image.hca, &image.objects)?;
     objects::check(&image.objects)?;
     Ok(image)
+}
+
+// ---------------------------------------------------------------- streaming
+
+/// Why an image read in pieces was not accepted: the image, or reading it.
+#[derive(Debug)]
+pub enum StreamError<E> {
+    Image(StateError),
+    Read(E),
+}
+
+impl<E> From<StateError> for StreamError<E> {
+    fn from(e: StateError) -> Self {
+        StreamError::Image(e)
+    }
+}
+
+/// Bytes [`Staged::pages`] reads at a time: a whole number of page entries, about
+/// 256 KiB (the piece is summed and its pages handed on while it is still in cache).
+pub const STREAM_RUN: usize = 64 * PAGE_ENTRY_LEN;
+
+/// An image read in pieces (LOAD reads it from the buffer behind the mkey, without a
+/// copy of the whole image): [`Staged::open`] reads the framing and the small sections
+/// and checks everything but the checksum and the page entries; [`Staged::pages`] then
+/// reads the image once, in order, checking the checksum as the pieces pass and each
+/// page entry as it comes, and hands each page on. A caller that applies the pages as
+/// they come must undo them if `pages` fails: it fails on the first bad entry, and on
+/// the checksum only at the end.
+///
+/// `read(offset, buf)` reads `buf.len()` bytes of the image at `offset`. Only the
+/// bytes checked are used: a section read twice (once to decode, once to sum) and
+/// changed in between makes a wrong checksum at worst, never an unchecked value.
+#[derive(Debug)]
+pub struct Staged {
+    pub header: ImageHeader,
+    pub hca: HcaImage,
+    pub iseg: IsegImage,
+    pub objects: ObjectsImage,
+    /// Pages the DEV_MEM section carries.
+    pub pages: usize,
+    len: usize,
+    body_end: usize,
+    /// Where the DEV_MEM section lies.
+    dev_start: usize,
+    dev_len: usize,
+}
+
+impl Staged {
+    /// Reads and checks the framing (all but the checksum) and the HCA, ISEG and
+    /// OBJECTS sections of an image of `len` bytes, and the DEV_MEM section's head.
+    pub fn open<E>(
+        len: usize,
+        read: &mut impl FnMut(usize, &mut [u8]) -> Result<(), E>,
+    ) -> Result<Staged, StreamError<E>> {
+        let mut prefix = vec![0u8; header::prefix_len(len)];
+        read(0, &mut prefix).map_err(StreamError::Read)?;
+        let f = header::framing(&prefix, len)?;
+        let mut fetch = |start: usize, n: usize| -> Result<Vec<u8>, StreamError<E>> {
+            let mut b = vec![0u8; n];
+            read(start, &mut b).map_err(StreamError::Read)?;
+            Ok(b)
+        };
+        let (mut hca, mut iseg, mut objects, mut dev) = (None, None, None, None);
+        let mut seen = BTreeSet::new();
+        for s in &f.spans {
+            if !seen.insert(s.tag) {
+                return Err(StateError::DuplicateSection { tag: s.tag }.into());
+            }
+            match SectionTag::try_from(s.tag) {
+                Ok(SectionTag::Hca) => hca = Some(hca::decode(&fetch(s.start, s.len)?)?),
+                Ok(SectionTag::Iseg) => iseg = Some(iseg::decode(&fetch(s.start, s.len)?)?),
+                Ok(SectionTag::Objects) => {
+                    if s.len > MAX_OBJECTS_LEN {
+                        return Err(codec::bad(
+                            "OBJECTS length",
+                            s.len as u64,
+                            "at most MAX_OBJECTS_LEN",
+                        )
+                        .into());
+                    }
+                    objects = Some(objects::decode(&fetch(s.start, s.len)?)?)
+                }
+                Ok(SectionTag::DevMem) => {
+                    let head = fetch(s.start, s.len.min(DEV_MEM_SECTION_FIXED))?;
+                    dev = Some((s.start, s.len, dev_mem::head(&head, s.len)?));
+                }
+                Err(_) if s.mandatory => {
+                    return Err(StateError::UnknownMandatory { tag: s.tag }.into())
+                }
+                Err(_) => {}
+            }
+        }
+        let missing = |t: SectionTag| StateError::MissingSection { name: t.name() };
+        let hca = hca.ok_or(missing(SectionTag::Hca))?;
+        let iseg = iseg.ok_or(missing(SectionTag::Iseg))?;
+        let objects = objects.ok_or(missing(SectionTag::Objects))?;
+        let (dev_start, dev_len, pages) = dev.ok_or(missing(SectionTag::DevMem))?;
+        hca::check(&hca, &objects)?;
+        objects::check(&objects)?;
+        Ok(Staged {
+            header: f.header,
+            hca,
+            iseg,
+            objects,
+            pages,
+            len,
+            body_end: f.body_end,
+            dev_start,
+            dev_len,
+        })
+    }
+
+    /// Reads the image once, in order: sums every byte, checks each page entry and
+    /// hands its page to `page(index, 4 KiB)`, then checks the checksum. Returns the
+    /// pages handed on.
+    pub fn pages<E>(
+        &self,
+        read: &mut impl FnMut(usize, &mut [u8]) -> Result<(), E>,
+        mut page: impl FnMut(u32, &[u8]),
+    ) -> Result<usize, StreamError<E>> {
+        let mut buf = vec![0u8; STREAM_RUN];
+        let mut sum = sum::Sum::new();
+        let mut pass = |sum: &mut sum::Sum, buf: &mut [u8], from: usize, to: usize| {
+            let mut at = from;
+            while at < to {
+                let n = (to - at).min(buf.len());
+                read(at, &mut buf[..n]).map_err(StreamError::Read)?;
+                sum.update(&buf[..n]);
+                at += n;
+            }
+            Ok::<(), StreamError<E>>(())
+        };
+        let entries = self.dev_start + DEV_MEM_SECTION_FIXED;
+        let dev_end = self.dev_start + self.dev_len;
+        pass(&mut sum, &mut buf, 0, entries)?;
+        let mut seen = dev_mem::Seen::new(self.header.dev_mem_size);
+        let mut at = entries;
+        let mut count = 0usize;
+        while at < dev_end {
+            // `open` checked that the entries fill the section exactly.
+            let n = (dev_end - at).min(STREAM_RUN);
+            pass(&mut sum, &mut buf, at, at + n)?;
+            for e in buf[..n].chunks_exact(PAGE_ENTRY_LEN) {
+                let (head, data) = e.split_at(PAGE_ENTRY_HEAD_LEN);
+                let Ok(head) = mlx5_prm::state_image::PageEntryHead::read_from_bytes(head) else {
+                    return Err(codec::bad("page entry", 0, "8-byte head").into());
+                };
+                let index = seen.entry(&head)?;
+                page(index, data);
+                count += 1;
+            }
+            at += n;
+        }
+        pass(&mut sum, &mut buf, dev_end, self.body_end)?;
+        let want = sum.finish();
+        let mut tail = [0u8; CHECKSUM_LEN];
+        read(self.body_end, &mut tail).map_err(StreamError::Read)?;
+        let got = header::stored_sum(&tail);
+        if got != want {
+            return Err(StateError::Checksum { got, want }.into());
+        }
+        debug_assert_eq!(self.body_end + CHECKSUM_LEN, self.len);
+        Ok(count)
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,4 @@
 use super::*;
-use xxhash_rust::xxh3::xxh3_64;
 use zerocopy::{FromZeros, IntoBytes};
 
 fn le64(b: &[u8], at: usize) -> u64 {
@@ -104,7 +103,7 @@ pub(crate) fn sample() -> Image {
 /// Recomputes the checksum after a deliberate edit, so deeper checks are reached.
 fn reseal(b: &mut [u8]) {
     let end = b.len() - CHECKSUM_LEN;
-    let sum = xxh3_64(&b[..end]);
+    let sum = sum::checksum(&b[..end]);
     b[end..].copy_from_slice(&sum.to_le_bytes());
 }
 
@@ -135,6 +134,10 @@ fn every_single_bit_flip_is_refused() {
                 validate(&c).is_err(),
                 "flip of byte {at} bit {bit} accepted"
             );
+            assert!(
+                stream(&c).is_err(),
+                "flip of byte {at} bit {bit} accepted in pieces"
+            );
         }
     }
 }
@@ -144,11 +147,16 @@ fn every_truncation_is_refused() {
     let b = sample().to_bytes();
     for len in (0..b.len()).rev().step_by(7).chain([b.len() - 1, 0, 71]) {
         assert!(validate(&b[..len]).is_err(), "truncation to {len} accepted");
+        assert!(
+            stream(&b[..len]).is_err(),
+            "truncation to {len} accepted in pieces"
+        );
     }
     // Appending is refused as well.
     let mut c = b.clone();
     c.push(0);
     assert!(validate(&c).is_err());
+    assert!(stream(&c).is_err());
 }
 
 #[test]
@@ -157,12 +165,75 @@ fn wrong_magic_and_version_are_refused_before_the_checksum() {
     b[0] = b'X';
     assert!(matches!(validate(&b), Err(StateError::BadMagic { .. })));
     let mut b = sample().to_bytes();
-    b[8] = 2;
+    // A version-1 image (the xxh3-of-everything checksum) is refused by its number.
+    b[8] = 1;
     reseal(&mut b);
     assert_eq!(
         validate(&b),
-        Err(StateError::BadVersion { got: 2, want: 1 })
+        Err(StateError::BadVersion { got: 1, want: 2 })
     );
+    assert!(stream(&b).unwrap_err().to_string().contains("same release"));
+}
+
+/// Reads `b` as LOAD does, in pieces: the decoded parts and the pages handed on.
+fn stream(b: &[u8]) -> Result<(Staged, Vec<PageImage>), StateError> {
+    let mut read = |at: usize, buf: &mut [u8]| -> Result<(), ()> {
+        let end = at
+            .checked_add(buf.len())
+            .filter(|&e| e <= b.len())
+            .ok_or(())?;
+        buf.copy_from_slice(&b[at..end]);
+        Ok(())
+    };
+    let unwrap = |e: StreamError<()>| match e {
+        StreamError::Image(e) => e,
+        StreamError::Read(()) => panic!("read outside the image"),
+    };
+    let staged = Staged::open(b.len(), &mut read).map_err(unwrap)?;
+    let mut pages = Vec::new();
+    let n = staged
+        .pages(&mut read, |index, data| {
+            pages.push(PageImage {
+                index,
+                data: data.into(),
+            })
+        })
+        .map_err(unwrap)?;
+    assert_eq!(n, pages.len());
+    assert_eq!(n, staged.pages);
+    Ok((staged, pages))
+}
+
+#[test]
+fn an_image_read_in_pieces_decodes_as_the_whole() {
+    let img = sample();
+    let (s, pages) = stream(&img.to_bytes()).unwrap();
+    assert_eq!(
+        (s.header, &s.hca, s.iseg, &s.objects, &pages),
+        (img.header, &img.hca, img.iseg, &img.objects, &img.pages)
+    );
+    // A large one: many runs of STREAM_RUN, a last one shorter.
+    let mut big = sample();
+    big.header.dev_mem_size = 4 << 20;
+    big.pages = (0..200u32)
+        .map(|i| PageImage {
+            index: 1000 - i * 3,
+            data: vec![(i % 251) as u8; 4096].into(),
+        })
+        .collect();
+    let b = big.to_bytes();
+    assert_eq!(validate(&b).unwrap(), big);
+    assert_eq!(stream(&b).unwrap().1, big.pages);
+    // A page entry gone bad in the last run, behind a good checksum: refused at it.
+    let mut parsed = big.clone();
+    parsed.pages[199].index = parsed.pages[3].index;
+    let want = Err(codec::bad(
+        "page index",
+        parsed.pages[3].index.into(),
+        "each page once",
+    ));
+    assert_eq!(stream(&parsed.to_bytes()).map(|_| ()), want);
+    assert_eq!(validate(&parsed.to_bytes()).map(|_| ()), want);
 }
 
 /// Adds a 4th section of `len` bytes with `tag` and `flags` at the end of the payload.
