@@ -118,7 +118,8 @@ struct Guest {
     /// A name from [`KERNELS`] (prepare.sh's and run-guest.sh's `MLX5_EMU_KERNEL`).
     kernel: &'static str,
     /// prepare.sh's `MLX5_EMU_WITH` extras: "source" (toolchain and unpacked
-    /// linux-source in the root), "selftests" (the VFIO selftests in the initramfs).
+    /// linux-source in the root), "selftests" (the VFIO selftests in the initramfs),
+    /// "mlx5vfio" (mlx5-vfio-pci.ko and mlx5emu_virtfn.ko in the initramfs).
     with: &'static [&'static str],
     /// intel-iommu (caching mode) in front of the device, `intel_iommu=on` in the guest
     /// (run-guest.sh's `MLX5_EMU_VIOMMU`).
@@ -573,6 +574,19 @@ fn parse_dmesg(serial: &str) -> Vec<Kmsg> {
         .collect()
 }
 
+/// The guest's kernel messages in `serial`, after checking that none is a kernel splat
+/// of any origin or an mlx5 error, timeout, failure or warning other than `expected`.
+fn assert_no_mlx5_trouble(serial: &str, expected: &[&str]) -> Vec<Kmsg> {
+    let kmsgs = parse_dmesg(serial);
+    let bad = mlx5_trouble(&kmsgs, expected);
+    assert!(
+        bad.is_empty(),
+        "mlx5 trouble in the guest:\n{}",
+        bad.join("\n")
+    );
+    kmsgs
+}
+
 /// Kernel splats of any origin, and mlx5 messages that are errors, timeouts, failures
 /// or warnings other than `expected`.
 fn mlx5_trouble(kmsgs: &[Kmsg], expected: &[&str]) -> Vec<String> {
@@ -588,8 +602,8 @@ fn mlx5_trouble(kmsgs: &[Kmsg], expected: &[&str]) -> Vec<String> {
         if !lower.contains("mlx5") {
             continue;
         }
-        // A warning provoked on purpose may use any word ("Failed to get ...").
-        if m.level == 4 && expected.iter().any(|w| m.text.contains(w)) {
+        // A warning or notice provoked on purpose may use any word ("Failed to get ...").
+        if m.level >= 4 && expected.iter().any(|w| m.text.contains(w)) {
             continue;
         }
         if m.level <= 3
@@ -612,6 +626,8 @@ struct FwCmd {
     opcode: String,
     op_mod: u16,
     vhca_id: u16,
+    /// The function the command acts on (the span's `target_vhca_id`), when logged.
+    target: Option<u16>,
     status: String,
     syndrome: String,
 }
@@ -661,6 +677,7 @@ fn parse_command_log(log: &str) -> (Vec<FwCmd>, Vec<String>) {
             opcode: field("opcode").to_string(),
             op_mod: num("op_mod"),
             vhca_id: num("vhca_id"),
+            target: f.get("target_vhca_id").and_then(|v| v.parse().ok()),
             status: field("status").to_string(),
             syndrome: field("syndrome").to_string(),
         });
@@ -767,6 +784,34 @@ fn check_probe_sessions(cmds: &[FwCmd], who: &str, extra: &dyn Fn(&[FwCmd]) -> R
     }
 }
 
+/// The guest ran the kernel prepare.sh pinned for `guest` (its MLX5EMU-BEGIN line).
+fn assert_guest_kernel(markers: &[Marker], prepared: &Prepared, guest: &Guest) {
+    let begin = markers
+        .iter()
+        .find(|m| m.kind == "BEGIN")
+        .expect("MLX5EMU-BEGIN");
+    assert_eq!(
+        begin.get("kernel"),
+        prepared.release,
+        "the guest runs another kernel than the one pinned for {}",
+        guest.kernel
+    );
+}
+
+/// The (`a`, `b`) fields of every `kind` marker, in order.
+fn marker_pairs<'m>(
+    markers: &'m [Marker],
+    kind: &str,
+    a: &str,
+    b: &str,
+) -> Vec<(&'m str, &'m str)> {
+    markers
+        .iter()
+        .filter(|m| m.kind == kind)
+        .map(|m| (m.get(a), m.get(b)))
+        .collect()
+}
+
 /// The kernels named here are the ones fixtures/qemu/kernels.sh pins.
 #[test]
 fn kernels_match_the_pins() {
@@ -814,16 +859,7 @@ fn mlx5_core_probes_the_vf(guest: Guest) {
     );
     let markers = &booted.markers;
     let prepared = &booted.prepared;
-    let begin = markers
-        .iter()
-        .find(|m| m.kind == "BEGIN")
-        .expect("MLX5EMU-BEGIN");
-    assert_eq!(
-        begin.get("kernel"),
-        prepared.release,
-        "the guest runs another kernel than the one pinned for {}",
-        guest.kernel
-    );
+    assert_guest_kernel(markers, prepared, &guest);
 
     // The guest: the driver bound to our function, and the two rebind rounds.
     let drivers: Vec<&Marker> = markers.iter().filter(|m| m.kind == "DRIVER").collect();
@@ -861,13 +897,7 @@ fn mlx5_core_probes_the_vf(guest: Guest) {
 
     // The guest's kernel log: no mlx5 error, timeout or failure; only the warnings the
     // minimal capabilities provoke on purpose; no kernel splat of any origin.
-    let kmsgs = parse_dmesg(&booted.serial);
-    let bad = mlx5_trouble(&kmsgs, EXPECTED_WARNINGS);
-    assert!(
-        bad.is_empty(),
-        "mlx5 trouble in the guest:\n{}",
-        bad.join("\n")
-    );
+    let kmsgs = assert_no_mlx5_trouble(&booted.serial, EXPECTED_WARNINGS);
     let probes = kmsgs
         .iter()
         .filter(|m| m.text.contains("mlx5_core") && m.text.contains("firmware version"))
@@ -927,7 +957,6 @@ fn guest_mlx5_core_probes_the_pf_on_7_3() {
 fn mlx5_core_probes_the_pf(guest: Guest) {
     let started = Instant::now();
     let mut logs = Logs::new();
-    let prepared = prepare_guest(&mut logs, &guest);
     let idle = format!("mlx5emu.idle={PF_IDLE_SECS}");
     let booted = boot_guest(
         &mut logs,
@@ -938,16 +967,8 @@ fn mlx5_core_probes_the_pf(guest: Guest) {
         PROBE_GUEST_TIMEOUT_SECS,
     );
     let markers = &booted.markers;
-    let begin = markers
-        .iter()
-        .find(|m| m.kind == "BEGIN")
-        .expect("MLX5EMU-BEGIN");
-    assert_eq!(
-        begin.get("kernel"),
-        prepared.release,
-        "the guest runs another kernel than the one pinned for {}",
-        guest.kernel
-    );
+    let prepared = &booted.prepared;
+    assert_guest_kernel(markers, prepared, &guest);
 
     // The guest: PF and VF at 00:04.0 and 00:04.1, both bound to mlx5_core.
     let ids: Vec<(&str, &str)> = markers
@@ -960,11 +981,7 @@ fn mlx5_core_probes_the_pf(guest: Guest) {
         [("0000:00:04.0", "0x101d"), ("0000:00:04.1", DEVICE)],
         "the guest's 15b3 functions"
     );
-    let drivers: Vec<(&str, &str)> = markers
-        .iter()
-        .filter(|m| m.kind == "DRIVER")
-        .map(|m| (m.get("slot"), m.get("driver")))
-        .collect();
+    let drivers = marker_pairs(markers, "DRIVER", "slot", "driver");
     assert_eq!(
         drivers,
         [("0000:00:04.0", "mlx5_core"), ("0000:00:04.1", "mlx5_core")],
@@ -985,13 +1002,7 @@ fn mlx5_core_probes_the_pf(guest: Guest) {
     assert_eq!(n, 8, "two unbind/bind rounds on each function");
 
     // The guest's kernel log.
-    let kmsgs = parse_dmesg(&booted.serial);
-    let bad = mlx5_trouble(&kmsgs, PF_EXPECTED_WARNINGS);
-    assert!(
-        bad.is_empty(),
-        "mlx5 trouble in the guest:\n{}",
-        bad.join("\n")
-    );
+    let kmsgs = assert_no_mlx5_trouble(&booted.serial, PF_EXPECTED_WARNINGS);
     let pf_probes = kmsgs
         .iter()
         .filter(|m| m.text.contains("0000:00:04.0: firmware version"))
@@ -1486,6 +1497,91 @@ fn guest_mlx5_core_reports_a_firmware_fatal_injected_at_run_time() {
     assert!(
         log.contains("fault injected") && log.contains("guest fatal"),
         "the emulator did not trace the fault"
+    );
+    drop(booted);
+}
+
+/// What loading our own module (mlx5emu_virtfn, unsigned, out of tree) makes the
+/// kernel say, on top of the PF's expected warnings.
+const MLX5VFIO_EXPECTED_WARNINGS: &[&str] = &[
+    "Missing eth_net_offloads capability",
+    "Failed to get valid vendor specific ID",
+    "loading out-of-tree module taints kernel",
+    "module verification failed: signature and/or required key missing",
+];
+
+/// The commands the PF's driver sends about VF 0 (function 1), in order: ENABLE_HCA
+/// when mlx5_core's probe enables the PF's VFs (`mlx5_sriov_attach`, pci_num_vf = 1),
+/// then what `mlx5vf_cmd_set_migratable` reads when mlx5_vfio_pci binds the VF: its
+/// GENERAL_2 MAX (`migratable`) and GENERAL CUR (`vhca_id`).
+const MLX5VFIO_PF_ABOUT_VF: &[(&str, Option<u16>)] = &[
+    ("ENABLE_HCA", None),
+    ("QUERY_HCA_CAP", Some(0x40)),
+    ("QUERY_HCA_CAP", Some(0x01)),
+];
+
+/// Linux's own mlx5_vfio_pci, built from the guest kernel's linux-source (prepare.sh's
+/// extra mlx5vfio), binds the emulated VF in a vIOMMU guest: our mlx5emu_virtfn makes
+/// the VF at 00:04.1 the virtual function of the PF at 00:04.0 (QEMU hides the PF's
+/// SR-IOV capability), mlx5_core binds the PF and enables its VF, and mlx5_vfio_pci's
+/// migration checks all pass through the PF, every command OK.
+#[test]
+fn guest_mlx5_vfio_pci_binds_the_vf_on_7_3() {
+    let guest = Guest {
+        with: &["mlx5vfio"],
+        viommu: true,
+        ..Guest::on("7.3")
+    };
+    let started = Instant::now();
+    let mut logs = Logs::new();
+    let booted = boot_guest(
+        &mut logs,
+        &guest,
+        &["--log", "mlx5_emulator=debug"],
+        &["pf.sock", "vf0.sock"],
+        &["mlx5emu.step=mlx5vfio"],
+        PROBE_GUEST_TIMEOUT_SECS,
+    );
+    let markers = &booted.markers;
+    let prepared = &booted.prepared;
+    assert_guest_kernel(markers, prepared, &guest);
+
+    let virtfn = marker_pairs(markers, "VIRTFN", "slot", "physfn");
+    assert_eq!(
+        virtfn,
+        [("0000:00:04.1", "0000:00:04.0")],
+        "the VF as the PF's virtual function"
+    );
+    let drivers = marker_pairs(markers, "DRIVER", "slot", "driver");
+    assert_eq!(
+        drivers,
+        [
+            ("0000:00:04.0", "mlx5_core"),
+            ("0000:00:04.1", "mlx5_vfio_pci")
+        ],
+        "drivers after loading mlx5_core and mlx5-vfio-pci"
+    );
+    assert_no_mlx5_trouble(&booted.serial, MLX5VFIO_EXPECTED_WARNINGS);
+
+    let cmds = emulator_commands_all_ok(&booted.emu_log);
+    let pf: Vec<FwCmd> = cmds.iter().filter(|c| c.vhca_id == 0).cloned().collect();
+    find_subsequence(&pf, PROBE_SEQUENCE).unwrap_or_else(|e| panic!("PF probe: {e}"));
+    let about_vf: Vec<FwCmd> = pf.iter().filter(|c| c.target == Some(1)).cloned().collect();
+    find_subsequence(&about_vf, MLX5VFIO_PF_ABOUT_VF).unwrap_or_else(|e| {
+        panic!(
+            "the PF's commands about VF 0: {e}; they were:\n  {}",
+            about_vf
+                .iter()
+                .map(FwCmd::to_string)
+                .collect::<Vec<_>>()
+                .join("\n  ")
+        )
+    });
+    eprintln!(
+        "Linux {}: mlx5_vfio_pci bound the VF beside mlx5_core on the PF, {} commands all OK, in {:.1?}",
+        prepared.release,
+        cmds.len(),
+        started.elapsed()
     );
     drop(booted);
 }
