@@ -38,6 +38,22 @@ const BAR2_GPA: u64 = 0xe000_0000;
 /// The SAVE buffer's size: room for the image of a VF with 1 MiB of device memory.
 const BUF: u64 = 1 << 20;
 
+/// A writable DMA_MAP of `size` bytes at `iova` without an fd, as QEMU sends for memory
+/// it cannot share (another device's mmapped BAR, unshared RAM).
+fn map_fdless(c: &mut vfu::Client, iova: u64, size: u64) {
+    let req = DmaMap {
+        argsz: 32,
+        flags: RW,
+        offset: 0,
+        address: iova,
+        size,
+    };
+    c.send_raw(Command::DmaMap as u16, 0, &req.encode(), &[])
+        .unwrap()
+        .unwrap()
+        .expect("fd-less DMA_MAP");
+}
+
 /// SAVE_VHCA_STATE of `vhca_id` into the buffer behind `mkey` (va 0, `BUF` bytes).
 fn save(pf: &Hca, vhca_id: u16, mkey: u32) -> Result<u64, CmdError> {
     let mut m = vhca_input(Opcode::SaveVhcaState, 0, SAVE_VHCA_STATE_IN_LEN, vhca_id);
@@ -165,19 +181,7 @@ fn fd_less_map_of_a_bar2_the_same_vmm_programmed_is_routed_through_that_function
     c1.region_write(VFIO_PCI_CONFIG_REGION_INDEX, 0x04, &0x6u16.to_le_bytes())
         .unwrap();
     // QEMU maps the mmapped BAR into the PF's IOVA space at its guest address, no fd.
-    let req = DmaMap {
-        argsz: 32,
-        flags: RW,
-        offset: 0,
-        address: BAR2_GPA,
-        size: BUF,
-    };
-    pf.cmd()
-        .client()
-        .send_raw(Command::DmaMap as u16, 0, &req.encode(), &[])
-        .unwrap()
-        .unwrap()
-        .expect("fd-less map of a BAR2");
+    map_fdless(&mut pf.cmd().client(), BAR2_GPA, BUF);
     let desc = tb.pf().dma().describe(BAR2_GPA).unwrap();
     assert!(desc.contains(&format!("BAR2 of vhca {v1}")), "{desc}");
     let mkey = mkey_over(&pf, BAR2_GPA);
@@ -227,17 +231,7 @@ fn fd_less_windows_the_client_keeps_are_served_with_dma_read_and_dma_write() {
             }
         }
     }));
-    let req = DmaMap {
-        argsz: 32,
-        flags: RW,
-        offset: 0,
-        address: BASE,
-        size: 0x10000,
-    };
-    c.send_raw(Command::DmaMap as u16, 0, &req.encode(), &[])
-        .unwrap()
-        .unwrap()
-        .expect("fd-less writable map");
+    map_fdless(&mut c, BASE, 0x10000);
     assert_eq!(
         vf.dma().describe(BASE).as_deref(),
         Some(vfu::client_dma::CLIENT_WINDOW)
@@ -317,17 +311,7 @@ fn replies_to_concurrent_client_dma_may_come_in_any_order_and_strays_are_dropped
     c.negotiate(&vfu::caps::Capabilities::client_proposal())
         .unwrap();
     const BASE: u64 = 0xa000_0000;
-    let req = DmaMap {
-        argsz: 32,
-        flags: RW,
-        offset: 0,
-        address: BASE,
-        size: 0x10000,
-    };
-    c.send_raw(Command::DmaMap as u16, 0, &req.encode(), &[])
-        .unwrap()
-        .unwrap()
-        .expect("fd-less map");
+    map_fdless(&mut c, BASE, 0x10000);
     // Four device threads read four different places at once.
     let readers: Vec<_> = (0..4u64)
         .map(|i| {
