@@ -486,3 +486,51 @@ fn a_request_into_a_responder_suspended_function_is_refused_and_recorded() {
         v[0].writer
     );
 }
+
+#[test]
+fn a_send_longer_than_the_receive_buffer_fails_at_both_ends() {
+    let tb = Testbed::start(2);
+    let a = dma::node(&tb.vf_socket(0), 2 << 20);
+    let b = dma::node(&tb.vf_socket(1), 2 << 20);
+    let qa = DmaQueues::new(&a.hca).unwrap();
+    let qb = DmaQueues::new(&b.hca).unwrap();
+    let mut ea = end(&qa, 6, QpSizes::default());
+    let mut eb = end(&qb, 6, QpSizes::default());
+    connect(&qa, &ea, &qb, &eb);
+    let rw = qb.post_recv(&mut eb.qp, &[sge(&b, 0, 4)]).unwrap();
+    qb.post_recv(&mut eb.qp, &[sge(&b, 4096, 64)]).unwrap();
+    a.mem.write(0, &[9; 8]);
+    qa.post_send(
+        &mut ea.qp,
+        &SendWr::Send {
+            sges: vec![sge(&a, 0, 8)],
+            imm: None,
+        },
+        true,
+    )
+    .unwrap();
+    qa.ring(&mut ea.qp).unwrap();
+    let c = next(&qa, &mut ea);
+    assert_eq!(
+        (c.opcode, c.syndrome, c.vendor_err),
+        (
+            CqeOpcode::ReqErr,
+            Some(CqeSyndrome::RemoteInvalReqErr),
+            vs::TOO_LONG
+        )
+    );
+    let r = next(&qb, &mut eb);
+    assert_eq!(
+        (r.opcode, r.syndrome, r.wqe_counter),
+        (CqeOpcode::RespErr, Some(CqeSyndrome::LocalLengthErr), rw)
+    );
+    // The responder QP is in ERR: its other receive WQE is flushed.
+    let f = next(&qb, &mut eb);
+    assert_eq!(
+        (f.opcode, f.syndrome),
+        (CqeOpcode::RespErr, Some(CqeSyndrome::WrFlushErr))
+    );
+    assert_eq!(qb.query_qp(eb.qp.qpn).unwrap().0, QpState::Err);
+    assert_eq!(qa.query_qp(ea.qp.qpn).unwrap().0, QpState::Err);
+    assert_eq!(b.mem.read(0, 4), [0; 4], "nothing scattered");
+}
