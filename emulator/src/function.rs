@@ -834,6 +834,17 @@ impl Peer for Function {
     }
 
     fn p2p_write(&self, from: P2pSource, offset: u64, data: &[u8]) -> Result<(), P2pRefusal> {
+        if dma_admission::held(self) {
+            // Part of a request this function already admitted (an engine serving a
+            // peer's QP writes through this function's own window onto its BAR2): the
+            // admission was the decision, and a responder suspend that began since is
+            // waiting for exactly this write to land. Refusing it here would cut the
+            // admitted request in two.
+            return self
+                .devmem
+                .write(offset, data)
+                .map_err(|_| P2pRefusal::OutOfRange);
+        }
         let attempt = Violation::p2p(
             from.vhca_id,
             from.qpn,
@@ -879,6 +890,9 @@ impl Peer for Function {
         attempt.kind = ViolationKind::PeerDma;
         let who = attempt.writer.clone();
         let admitted = self.migration().admit(attempt);
+        if admitted {
+            dma_admission::enter(self);
+        }
         if !admitted {
             tracing::warn!(
                 vhca_id = self.id.vhca_id,
@@ -892,7 +906,48 @@ impl Peer for Function {
     }
 
     fn end_dma(&self) {
+        dma_admission::leave(self);
         self.work_done();
+    }
+}
+
+/// The functions into which the current thread holds a [`Peer::admit_dma`] admission.
+///
+/// A DMA engine serving a peer QP's request is admitted by the target function once,
+/// then writes through the target's DMA path; when that path is a window onto the
+/// target's own BAR2 the write comes back to the target as a P2P write. It must not be
+/// admitted a second time: a responder suspend that started meanwhile is draining this
+/// very request. Admission and its end run on the same (engine) thread, so a
+/// thread-local list is exact. Keyed by the function's address, not its vhca_id, which
+/// repeats across adapters in one process.
+mod dma_admission {
+    use std::cell::RefCell;
+
+    use super::Function;
+
+    thread_local! {
+        static HELD: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+    }
+
+    fn key(f: &Function) -> usize {
+        f as *const Function as usize
+    }
+
+    pub(super) fn enter(f: &Function) {
+        HELD.with(|h| h.borrow_mut().push(key(f)));
+    }
+
+    pub(super) fn leave(f: &Function) {
+        HELD.with(|h| {
+            let mut h = h.borrow_mut();
+            if let Some(i) = h.iter().rposition(|k| *k == key(f)) {
+                h.swap_remove(i);
+            }
+        });
+    }
+
+    pub(super) fn held(f: &Function) -> bool {
+        HELD.with(|h| h.borrow().contains(&key(f)))
     }
 }
 
