@@ -334,17 +334,19 @@ pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
         "fw_dispatch" => fw_seeds(),
         "state_image" => state_seeds(),
         "resume_stream" => resume_seeds(),
+        "wqe_ring" => wqe_seeds(),
         other => panic!("no fuzz target {other}"),
     }
 }
 
 /// The fuzz targets, by name.
-pub const TARGETS: [&str; 5] = [
+pub const TARGETS: [&str; 6] = [
     "vfu_message",
     "cmdq_entry",
     "fw_dispatch",
     "state_image",
     "resume_stream",
+    "wqe_ring",
 ];
 
 /// A vfio-user command message: header (`id`, `cmd`, size, command flags) and payload.
@@ -525,4 +527,197 @@ fn resume_seeds() -> Vec<(&'static str, Vec<u8>)> {
     s.extend(RecordHeader::fw_data(20).to_bytes());
     s.extend([0xa5; 20]);
     vec![("two-records", s)]
+}
+
+// ---------------------------------------------------------------- DMA engine
+
+/// Bytes of the data buffer behind the WQE target's mkey.
+const WQE_DATA: u64 = 2 << 20;
+/// Longest the engine may take over one rung ring before the target calls it stuck.
+const WQE_STUCK: std::time::Duration = std::time::Duration::from_secs(5);
+/// `flags` bit: write this QP's number into the control segment of every basic block
+/// (so mutated WQEs get past the QPN check).
+const WQE_PATCH_QPN: u8 = 1;
+/// `flags` bit: ring with the counter the input names instead of the one posted.
+const WQE_RAW_COUNTER: u8 = 2;
+/// `flags` bit: post one receive (4 KiB) on the peer QP first, for SENDs.
+const WQE_POST_RECV: u8 = 4;
+
+struct WqeLive {
+    _tb: Testbed,
+    node: crate::dma::DmaNode,
+}
+
+thread_local! {
+    static WQE_LIVE: RefCell<Option<&'static WqeLive>> = const { RefCell::new(None) };
+}
+
+fn wqe_live() -> &'static WqeLive {
+    WQE_LIVE.with(|l| {
+        *l.borrow_mut().get_or_insert_with(|| {
+            let tb = Testbed::start(1);
+            let node = crate::dma::node(&tb.vf_socket(0), WQE_DATA);
+            Box::leak(Box::new(WqeLive { _tb: tb, node }))
+        })
+    })
+}
+
+/// The DMA engine's send-queue parsing, against a live VF: the input is
+/// `[flags: u8][counter: u16 LE][basic blocks...]`, up to 64 blocks of 64 bytes written
+/// raw into the send ring of a fresh loopback QP pair, then rung. Whatever the ring
+/// holds, the engine must finish with it in bounded time (every basic block consumed,
+/// or the QP in ERR), write no more CQEs than blocks, and keep serving: a NOP on
+/// another fresh QP pair completes afterwards. The data buffer's mkey (the same on
+/// every run) is the only key the WQEs can name.
+pub fn wqe_ring(data: &[u8]) {
+    use mlx5_prm::cmd::qp::QpState;
+    use mlx5vf::dma::{DmaQueues, QpSizes};
+
+    use crate::dma::{connect, end};
+
+    let Some((&flags, rest)) = data.split_first() else {
+        return;
+    };
+    let (counter, blocks) = match rest {
+        [a, b, tail @ ..] => (u16::from_le_bytes([*a, *b]), tail),
+        _ => (0, &[][..]),
+    };
+    let live = wqe_live();
+    let n = &live.node;
+    let q = DmaQueues::new(&n.hca).expect("queues on a live VF");
+    let sizes = QpSizes::default();
+    let mut a = end(&q, 6, sizes);
+    let mut b = end(&q, 6, sizes);
+    connect(&q, &a, &q, &b);
+    if flags & WQE_POST_RECV != 0 {
+        let s = mlx5vf::dma::Sge {
+            lkey: n.key,
+            addr: 1 << 20,
+            len: 4096,
+        };
+        q.post_recv(&mut b.qp, &[s]).expect("one receive");
+    }
+    let qpn = a.qp.qpn;
+    let nblocks = blocks.len().div_ceil(64).min(1usize << sizes.log_sq);
+    for bb in blocks.chunks(64).take(nblocks) {
+        let mut block = [0u8; 64];
+        block[..bb.len()].copy_from_slice(bb);
+        if flags & WQE_PATCH_QPN != 0 {
+            let ds = block[7] & 0x3f;
+            block[4..8].copy_from_slice(&((qpn << 8) | u32::from(ds)).to_be_bytes());
+        }
+        q.write_wqe(&mut a.qp, &block).expect("room for 64 blocks");
+    }
+    let rung = if flags & WQE_RAW_COUNTER != 0 {
+        q.ring_counter(&mut a.qp, counter).expect("ring");
+        counter
+    } else {
+        q.ring(&mut a.qp).expect("ring");
+        a.qp.sq_pi()
+    };
+    let deadline = std::time::Instant::now() + WQE_STUCK;
+    let mut cqes = 0usize;
+    loop {
+        while let Some(_c) = q.poll(&mut a.cq, Some(&mut a.qp)).expect("poll") {
+            cqes += 1;
+        }
+        let (state, consumed, _) = q.query_qp(qpn).expect("QUERY_QP on a live VF");
+        if state == QpState::Err || consumed == rung {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the engine is stuck on a rung ring: consumed {consumed:#x} of {rung:#x}, state {state:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    // Flushes go out when a QP errs: a ring of 64 blocks completes at most 64 WQEs.
+    std::thread::sleep(std::time::Duration::from_millis(1));
+    while let Some(_c) = q.poll(&mut a.cq, Some(&mut a.qp)).expect("poll") {
+        cqes += 1;
+    }
+    assert!(cqes <= 64, "{cqes} CQEs for a ring of 64 basic blocks");
+    // Still serving: a NOP on a fresh pair completes.
+    let mut c = end(&q, 6, sizes);
+    let d = end(&q, 6, sizes);
+    connect(&q, &c, &q, &d);
+    let nop = mlx5_prm::wqe::CtrlSeg::new(
+        mlx5_prm::wqe::WqeOpcode::Nop,
+        c.qp.sq_pi(),
+        c.qp.qpn,
+        1,
+        true,
+    );
+    q.write_wqe(&mut c.qp, zerocopy::IntoBytes::as_bytes(&nop))
+        .expect("NOP");
+    q.ring(&mut c.qp).expect("ring");
+    let done = q
+        .poll_wait(&mut c.cq, Some(&mut c.qp), WQE_STUCK)
+        .expect("the engine still completes a NOP");
+    assert!(done.is_ok(), "{done:?}");
+    for e in [a, b, c, d] {
+        q.destroy_qp(e.qp).expect("destroy QP");
+        q.destroy_cq(e.cq).expect("destroy CQ");
+    }
+    q.close().expect("close queues");
+}
+
+fn wqe_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use mlx5_prm::wqe::{CtrlSeg, DataSeg, RaddrSeg, WqeOpcode};
+    use zerocopy::IntoBytes;
+
+    let key = wqe_live().node.key;
+    let wqe = |op: WqeOpcode, ds: u8, raddr: Option<u64>, len: u32| {
+        let mut v = CtrlSeg::new(op, 0, 0, ds, true).as_bytes().to_vec();
+        if let Some(r) = raddr {
+            let mut seg = RaddrSeg::default();
+            seg.raddr.set(r);
+            seg.rkey.set(key);
+            v.extend_from_slice(seg.as_bytes());
+        }
+        if ds > u8::from(raddr.is_some()) + 1 {
+            let mut seg = DataSeg::default();
+            seg.byte_count.set(len);
+            seg.lkey.set(key);
+            seg.addr.set(0);
+            v.extend_from_slice(seg.as_bytes());
+        }
+        v.resize(64, 0);
+        v
+    };
+    let input = |flags: u8, blocks: &[Vec<u8>]| {
+        let mut v = vec![flags, 0, 0];
+        for b in blocks {
+            v.extend_from_slice(b);
+        }
+        v
+    };
+    vec![
+        (
+            "nop",
+            input(WQE_PATCH_QPN, &[wqe(WqeOpcode::Nop, 1, None, 0)]),
+        ),
+        (
+            "rdma-write",
+            input(
+                WQE_PATCH_QPN,
+                &[wqe(WqeOpcode::RdmaWrite, 3, Some(4096), 512)],
+            ),
+        ),
+        (
+            "rdma-read",
+            input(
+                WQE_PATCH_QPN,
+                &[wqe(WqeOpcode::RdmaRead, 3, Some(8192), 64)],
+            ),
+        ),
+        (
+            "send",
+            input(
+                WQE_PATCH_QPN | WQE_POST_RECV,
+                &[wqe(WqeOpcode::Send, 2, None, 100)],
+            ),
+        ),
+        ("overrun", vec![WQE_PATCH_QPN | WQE_RAW_COUNTER, 0xf0, 0xff]),
+    ]
 }

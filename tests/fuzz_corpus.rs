@@ -78,3 +78,8 @@ fn state_image_corpus() {
 fn resume_stream_corpus() {
     replay("resume_stream", fuzzing::resume_stream);
 }
+
+#[test]
+fn wqe_ring_corpus() {
+    replay("wqe_ring", fuzzing::wqe_ring);
+}
