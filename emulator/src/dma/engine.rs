@@ -154,7 +154,15 @@ fn step(h: &dyn Host, qpn: u32) -> Step {
     let outstanding = u32::from(sq_pi.wrapping_sub(q.sq_ci));
     let start = q.sq_ci;
     let (opcode, nbb, result) = if outstanding > q.sq_entries() {
-        (0, 1, Err(fail(CqeSyndrome::LocalQpOpErr, vs::OVERRUN)))
+        // A counter more than a ring ahead names WQEs the ring cannot hold: the one
+        // error CQE retires all of them, so the flush that follows has nothing to
+        // complete (completing them block by block would post more CQEs than the ring
+        // has slots, and overrun a CQ sized for the ring).
+        (
+            0,
+            sq_pi.wrapping_sub(q.sq_ci),
+            Err(fail(CqeSyndrome::LocalQpOpErr, vs::OVERRUN)),
+        )
     } else {
         match read_wqe(&own, &q, start, outstanding) {
             Err(f) => (0, 1, Err(f)),
