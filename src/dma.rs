@@ -62,6 +62,15 @@ pub fn end(q: &DmaQueues<'_>, log_cq: u8, sizes: QpSizes) -> End {
     End { cq, qp }
 }
 
+/// Two QPs on one function (CQs of 64 entries, default sizes) connected to each other
+/// by force loopback.
+pub fn loopback_pair(q: &DmaQueues<'_>) -> (End, End) {
+    let a = end(q, 6, QpSizes::default());
+    let b = end(q, 6, QpSizes::default());
+    connect(q, &a, q, &b);
+    (a, b)
+}
+
 /// Connects `a` (on `qa`) and `b` (on `qb`) to each other; on one function (`qa` and
 /// `qb` the same) by force loopback.
 pub fn connect(qa: &DmaQueues<'_>, a: &End, qb: &DmaQueues<'_>, b: &End) {

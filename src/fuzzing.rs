@@ -571,9 +571,9 @@ fn wqe_live() -> &'static WqeLive {
 /// every run) is the only key the WQEs can name.
 pub fn wqe_ring(data: &[u8]) {
     use mlx5_prm::cmd::qp::QpState;
-    use mlx5vf::dma::{DmaQueues, QpSizes};
+    use mlx5vf::dma::{DmaQueues, QpSizes, SendWr};
 
-    use crate::dma::{connect, end};
+    use crate::dma::loopback_pair;
 
     let Some((&flags, rest)) = data.split_first() else {
         return;
@@ -586,9 +586,7 @@ pub fn wqe_ring(data: &[u8]) {
     let n = &live.node;
     let q = DmaQueues::new(&n.hca).expect("queues on a live VF");
     let sizes = QpSizes::default();
-    let mut a = end(&q, 6, sizes);
-    let mut b = end(&q, 6, sizes);
-    connect(&q, &a, &q, &b);
+    let (mut a, mut b) = loopback_pair(&q);
     if flags & WQE_POST_RECV != 0 {
         let s = mlx5vf::dma::Sge {
             lkey: n.key,
@@ -638,18 +636,8 @@ pub fn wqe_ring(data: &[u8]) {
     }
     assert!(cqes <= 64, "{cqes} CQEs for a ring of 64 basic blocks");
     // Still serving: a NOP on a fresh pair completes.
-    let mut c = end(&q, 6, sizes);
-    let d = end(&q, 6, sizes);
-    connect(&q, &c, &q, &d);
-    let nop = mlx5_prm::wqe::CtrlSeg::new(
-        mlx5_prm::wqe::WqeOpcode::Nop,
-        c.qp.sq_pi(),
-        c.qp.qpn,
-        1,
-        true,
-    );
-    q.write_wqe(&mut c.qp, zerocopy::IntoBytes::as_bytes(&nop))
-        .expect("NOP");
+    let (mut c, d) = loopback_pair(&q);
+    q.post_send(&mut c.qp, &SendWr::Nop, true).expect("NOP");
     q.ring(&mut c.qp).expect("ring");
     let done = q
         .poll_wait(&mut c.cq, Some(&mut c.qp), WQE_STUCK)

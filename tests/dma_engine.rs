@@ -5,7 +5,7 @@
 
 use mlx5_prm::cmd::qp::QpState;
 use mlx5_prm::wqe::{vendor_synd as vs, CqeOpcode, CqeSyndrome, CtrlSeg, WqeOpcode};
-use mlx5_testbed::dma::{self, connect, end, next, pattern, DmaNode, End};
+use mlx5_testbed::dma::{self, connect, end, loopback_pair, next, pattern, DmaNode, End};
 use mlx5_testbed::Testbed;
 use mlx5vf::dma::{DmaQueues, QpSizes, SendWr, Sge};
 use zerocopy::IntoBytes;
@@ -202,9 +202,7 @@ struct Rig<'a> {
 
 fn rig(n: &DmaNode) -> Rig<'_> {
     let q = DmaQueues::new(&n.hca).unwrap();
-    let a = end(&q, 6, QpSizes::default());
-    let b = end(&q, 6, QpSizes::default());
-    connect(&q, &a, &q, &b);
+    let (a, b) = loopback_pair(&q);
     Rig { q, a, b }
 }
 

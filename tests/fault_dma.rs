@@ -7,17 +7,9 @@
 use mlx5_emulator::fault::Rule;
 use mlx5_prm::cmd::qp::QpState;
 use mlx5_prm::wqe::{vendor_synd as vs, CqeOpcode, CqeSyndrome};
-use mlx5_testbed::dma::{self, connect, end, next, DmaNode, End};
+use mlx5_testbed::dma::{self, loopback_pair, next, DmaNode, End};
 use mlx5_testbed::{init_tracing, Testbed};
-use mlx5vf::dma::{DmaQueues, QpSizes, SendWr, Sge};
-
-/// Two QPs of one function connected by loopback.
-fn pair(q: &DmaQueues<'_>) -> (End, End) {
-    let a = end(q, 6, QpSizes::default());
-    let b = end(q, 6, QpSizes::default());
-    connect(q, &a, q, &b);
-    (a, b)
-}
+use mlx5vf::dma::{DmaQueues, SendWr, Sge};
 
 /// Posts an RDMA_WRITE of `len` bytes from offset 0 to offset `to` of `n`'s buffer and
 /// rings it.
@@ -49,7 +41,7 @@ fn a_dma_write_fault_on_an_rdma_write_completes_with_a_remote_access_error() {
     let tb = Testbed::start(1);
     let n = dma::node(&tb.vf_socket(0), 2 << 20);
     let q = DmaQueues::new(&n.hca).unwrap();
-    let (mut a, _b) = pair(&q);
+    let (mut a, _b) = loopback_pair(&q);
     n.mem.write(0, b"payload!");
     n.mem.write(8192, b"original");
     tb.faults()
@@ -73,7 +65,7 @@ fn a_dma_write_fault_on_an_rdma_write_completes_with_a_remote_access_error() {
         "{log:?}"
     );
     // The rule fired once: a fresh pair moves the data.
-    let (mut c2, _d2) = pair(&q);
+    let (mut c2, _d2) = loopback_pair(&q);
     rdma_write(&n, &q, &mut c2, 8192, 8);
     assert!(next(&q, &mut c2).is_ok());
     assert_eq!(n.mem.read(8192, 8), b"payload!");
@@ -87,7 +79,7 @@ fn a_dma_read_fault_on_the_source_completes_with_a_local_access_error() {
     let tb = Testbed::start(1);
     let n = dma::node(&tb.vf_socket(0), 2 << 20);
     let q = DmaQueues::new(&n.hca).unwrap();
-    let (mut a, _b) = pair(&q);
+    let (mut a, _b) = loopback_pair(&q);
     n.mem.write(0, b"payload!");
     n.mem.write(8192, b"original");
     tb.faults()
