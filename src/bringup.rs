@@ -6,7 +6,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mlx5_prm::cmd::migration::{IN_VHCA_ID, SUSPEND_VHCA_IN_LEN, SUSPEND_VHCA_OUT_LEN};
+use mlx5_prm::cmd::hca::{
+    DISABLE_HCA_IN_LEN, DISABLE_HCA_OUT_LEN, ENABLE_HCA_IN_LEN, ENABLE_HCA_OUT_LEN,
+    QUERY_ISSI_IN_LEN, QUERY_ISSI_OUT_LEN,
+};
+use mlx5_prm::cmd::migration::{
+    ResumeOpMod, SuspendOpMod, IN_VHCA_ID, SUSPEND_VHCA_IN_LEN, SUSPEND_VHCA_OUT_LEN,
+};
 use mlx5_prm::ifc::set;
 use mlx5_prm::Opcode;
 use mlx5vf::cmdif::{new_input, ArenaConfig, CmdError, CmdIf, CmdIfConfig};
@@ -98,4 +104,60 @@ pub fn vhca_input(op: Opcode, op_mod: u16, len: usize, vhca_id: u16) -> Vec<u8> 
 pub fn suspend_resume(pf: &Hca, op: Opcode, op_mod: u16, vhca_id: u16) -> Result<(), CmdError> {
     let m = vhca_input(op, op_mod, SUSPEND_VHCA_IN_LEN, vhca_id);
     pf.cmd().exec(&m, SUSPEND_VHCA_OUT_LEN).map(drop)
+}
+
+/// SUSPEND_VHCA(`op_mod`) of `vhca_id` through `pf`.
+pub fn suspend_vhca(pf: &Hca, op_mod: SuspendOpMod, vhca_id: u16) -> Result<(), CmdError> {
+    suspend_resume(pf, Opcode::SuspendVhca, op_mod.into(), vhca_id)
+}
+
+/// RESUME_VHCA(`op_mod`) of `vhca_id` through `pf`.
+pub fn resume_vhca(pf: &Hca, op_mod: ResumeOpMod, vhca_id: u16) -> Result<(), CmdError> {
+    suspend_resume(pf, Opcode::ResumeVhca, op_mod.into(), vhca_id)
+}
+
+/// `vhca_id` suspended as VFIO's RUNNING -> RUNNING_P2P -> STOP does it: initiator,
+/// then responder. Panics if the firmware refuses either.
+pub fn stop_vhca(pf: &Hca, vhca_id: u16) {
+    for op_mod in [SuspendOpMod::Initiator, SuspendOpMod::Responder] {
+        suspend_vhca(pf, op_mod, vhca_id).unwrap_or_else(|e| panic!("suspend {op_mod:?}: {e}"));
+    }
+}
+
+/// `vhca_id` resumed as VFIO's STOP -> RUNNING_P2P -> RUNNING does it: responder,
+/// then initiator. Panics if the firmware refuses either.
+pub fn run_vhca(pf: &Hca, vhca_id: u16) {
+    for op_mod in [ResumeOpMod::Responder, ResumeOpMod::Initiator] {
+        resume_vhca(pf, op_mod, vhca_id).unwrap_or_else(|e| panic!("resume {op_mod:?}: {e}"));
+    }
+}
+
+/// The input of ENABLE_HCA of the function itself (function_id 0) and its output length.
+pub fn enable_hca_in() -> (Vec<u8>, usize) {
+    (
+        new_input(Opcode::EnableHca, 0, ENABLE_HCA_IN_LEN),
+        ENABLE_HCA_OUT_LEN,
+    )
+}
+
+/// The input of DISABLE_HCA of the function itself and its output length.
+pub fn disable_hca_in() -> (Vec<u8>, usize) {
+    (
+        new_input(Opcode::DisableHca, 0, DISABLE_HCA_IN_LEN),
+        DISABLE_HCA_OUT_LEN,
+    )
+}
+
+/// The input of QUERY_ISSI and its output length.
+pub fn query_issi_in() -> (Vec<u8>, usize) {
+    (
+        new_input(Opcode::QueryIssi, 0, QUERY_ISSI_IN_LEN),
+        QUERY_ISSI_OUT_LEN,
+    )
+}
+
+/// Runs a command given as (input, output length) on `cmd`, as the `*_in` builders
+/// above give it.
+pub fn exec(cmd: &CmdIf, (input, out_len): (Vec<u8>, usize)) -> Result<Vec<u8>, CmdError> {
+    cmd.exec(&input, out_len)
 }

@@ -10,6 +10,7 @@
 //! | [`dma`] | guest-side functions with a data mkey, QP pairs connected for RDMA |
 //! | [`devmem`] | device memory (BAR2): seeded patterns, reads, the VMM's mmap |
 //! | [`migrate`] | moving a VF with mlx5vf: stream pumps, whole migrations, stream records |
+//! | [`reply`] | vfio-user error replies: the errno a refused request got |
 //! | [`irq`] | MSI-X as a guest enables it, eventfds on vectors |
 //! | [`faults`] | every way a test makes the device fail, in one place |
 //! | [`child`] | child processes (`mlx5-emu`, scripts) killed and reaped on every way out |
@@ -28,6 +29,7 @@ pub mod irq;
 pub mod mem;
 pub mod migrate;
 pub mod rawq;
+pub mod reply;
 pub mod testbed;
 pub mod wait;
 

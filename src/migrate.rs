@@ -16,7 +16,7 @@ use mlx5vf::hca::Hca;
 use mlx5vf::migration::fsm::MigState;
 use mlx5vf::migration::{DataStream, MigError, MigrationDevice};
 
-use crate::bringup::{shared_pf_up, CMD_TIMEOUT};
+use crate::bringup::{exec, query_issi_in, shared_pf_up, CMD_TIMEOUT};
 use crate::devmem;
 use crate::testbed::Testbed;
 
@@ -192,9 +192,7 @@ pub fn keeps_working(arena: DmaArena, dst_vf: &Path) {
     let cmd = CmdIf::attach(client, arena, CMD_TIMEOUT).expect("attach");
     let m = new_input(Opcode::AllocPd, 0, 16);
     cmd.exec(&m, 16).expect("ALLOC_PD on the migrated function");
-    let m = new_input(Opcode::QueryIssi, 0, 16);
-    cmd.exec(&m, 0x70)
-        .expect("QUERY_ISSI on the migrated function");
+    exec(&cmd, query_issi_in()).expect("QUERY_ISSI on the migrated function");
 }
 
 /// An adapter with one VF, its PF brought up, and the VF's migration driver.

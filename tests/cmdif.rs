@@ -6,9 +6,8 @@ use std::time::{Duration, Instant};
 
 use mlx5_prm::cmd::caps::{CapMode, CapType, HCA_CAP_MSG_OFFSET, QUERY_HCA_CAP_OUT_LEN};
 use mlx5_prm::cmd::hca::{
-    DISABLE_HCA_IN_LEN, DISABLE_HCA_OUT_LEN, ENABLE_HCA_IN_LEN, ENABLE_HCA_OUT_LEN,
     INIT_HCA_IN_LEN, INIT_HCA_OUT_LEN, QUERY_ADAPTER_IN_LEN, QUERY_ADAPTER_OUT_LEN,
-    QUERY_ISSI_IN_LEN, QUERY_ISSI_OUT_LEN, QUERY_ISSI_OUT_SUPPORTED_ISSI_DW0,
+    QUERY_ISSI_OUT_LEN, QUERY_ISSI_OUT_SUPPORTED_ISSI_DW0,
 };
 use mlx5_prm::cmd::pages::{
     manage_pages_in_len, manage_pages_out_len, ManagePagesOpMod, QueryPagesOpMod,
@@ -18,7 +17,7 @@ use mlx5_prm::cmd::pages::{
 };
 use mlx5_prm::ifc::{get, hdr, set};
 use mlx5_prm::{CmdStatus, Opcode};
-use mlx5_testbed::bringup::{cmdif, up, ARENA};
+use mlx5_testbed::bringup::{cmdif, disable_hca_in, enable_hca_in, exec, query_issi_in, up, ARENA};
 use mlx5_testbed::{faults, init_tracing, run_cli, Function, Testbed};
 use mlx5vf::cmdif::{new_input, CmdError, Mode};
 use mlx5vf::hca::caps::query_hca_cap_in;
@@ -105,13 +104,7 @@ fn query_hca_cap_output_spans_eight_mailboxes_byte_exact() {
         assert_eq!(&out[HCA_CAP_MSG_OFFSET..], &want[..], "{t:?} {mode:?}");
     }
     // One output block: QUERY_ISSI (112 bytes).
-    let out = hca
-        .cmd()
-        .exec(
-            &new_input(Opcode::QueryIssi, 0, QUERY_ISSI_IN_LEN),
-            QUERY_ISSI_OUT_LEN,
-        )
-        .unwrap();
+    let out = exec(hca.cmd(), query_issi_in()).unwrap();
     assert_eq!(out.len(), QUERY_ISSI_OUT_LEN);
     assert_eq!(get(&out, QUERY_ISSI_OUT_SUPPORTED_ISSI_DW0), 0x3);
     // No block at all: QUERY_PAGES (16 bytes each way), num_pages 0 at run time.
@@ -174,21 +167,12 @@ fn manage_pages_with_many_pages_round_trips_byte_exact() {
     let vf = tb.vf(0);
     // The function is only enabled (no boot pages held), so TAKE can only return ours.
     let cmd = cmdif(tb.vf_client(0), ARENA);
-    cmd.exec(
-        &new_input(Opcode::EnableHca, 0, ENABLE_HCA_IN_LEN),
-        ENABLE_HCA_OUT_LEN,
-    )
-    .unwrap();
+    exec(&cmd, enable_hca_in()).unwrap();
     let mut hca = Hca::new(cmd);
     for n in [1usize, 63, 64, 65, 1000] {
         give_and_take_in_one_command(&mut hca, &vf, n);
     }
-    hca.cmd()
-        .exec(
-            &new_input(Opcode::DisableHca, 0, DISABLE_HCA_IN_LEN),
-            DISABLE_HCA_OUT_LEN,
-        )
-        .unwrap();
+    exec(hca.cmd(), disable_hca_in()).unwrap();
     assert_no_objects(&vf, "end");
 }
 
@@ -244,10 +228,7 @@ fn thirty_two_commands(vfs: u16) -> Vec<(Vec<u8>, usize)> {
             query_hca_cap_in(CapType::General2, CapMode::Cur, None),
             QUERY_HCA_CAP_OUT_LEN,
         ),
-        (
-            new_input(Opcode::QueryIssi, 0, QUERY_ISSI_IN_LEN),
-            QUERY_ISSI_OUT_LEN,
-        ),
+        query_issi_in(),
         (
             new_input(Opcode::QueryAdapter, 0, QUERY_ADAPTER_IN_LEN),
             QUERY_ADAPTER_OUT_LEN,
@@ -363,12 +344,7 @@ fn commands_complete_by_eqe_and_msix_eventfd() {
     let before = hca.cmd().stats();
     let n = 300; // more than the 256-entry ring: the owner phase flips
     for _ in 0..n {
-        hca.cmd()
-            .exec(
-                &new_input(Opcode::QueryIssi, 0, QUERY_ISSI_IN_LEN),
-                QUERY_ISSI_OUT_LEN,
-            )
-            .unwrap();
+        exec(hca.cmd(), query_issi_in()).unwrap();
     }
     let s = hca.cmd().stats();
     assert_eq!(s.completed_by_eqe - before.completed_by_eqe, n);
@@ -429,12 +405,7 @@ fn status_errors_map_to_the_kernel_errno_and_the_next_command_works() {
             }
             other => panic!("expected a status error, got {other:?}"),
         }
-        hca.cmd()
-            .exec(
-                &new_input(Opcode::QueryIssi, 0, QUERY_ISSI_IN_LEN),
-                QUERY_ISSI_OUT_LEN,
-            )
-            .expect("next command");
+        exec(hca.cmd(), query_issi_in()).expect("next command");
     }
     hca.down().unwrap();
     assert_no_objects(&tb.vf(0), "end");
@@ -450,12 +421,7 @@ fn a_command_the_device_never_completes_times_out_and_keeps_its_slot() {
     let stuck = faults::unreachable_cmdq(&tb.vf(0));
     cmd.set_timeout(Duration::from_millis(200));
     let t = Instant::now();
-    let e = cmd
-        .exec(
-            &new_input(Opcode::EnableHca, 0, ENABLE_HCA_IN_LEN),
-            ENABLE_HCA_OUT_LEN,
-        )
-        .unwrap_err();
+    let e = exec(&cmd, enable_hca_in()).unwrap_err();
     assert!(matches!(e, CmdError::Timeout { slot: 0, .. }), "{e}");
     assert_eq!(e.errno(), -libc::ETIMEDOUT);
     assert!(t.elapsed() >= Duration::from_millis(200));
@@ -463,16 +429,8 @@ fn a_command_the_device_never_completes_times_out_and_keeps_its_slot() {
     stuck.restore();
     cmd.set_timeout(Duration::from_secs(10));
     // The next command takes another slot and completes.
-    cmd.exec(
-        &new_input(Opcode::EnableHca, 0, ENABLE_HCA_IN_LEN),
-        ENABLE_HCA_OUT_LEN,
-    )
-    .expect("next command");
-    cmd.exec(
-        &new_input(Opcode::DisableHca, 0, DISABLE_HCA_IN_LEN),
-        DISABLE_HCA_OUT_LEN,
-    )
-    .unwrap();
+    exec(&cmd, enable_hca_in()).expect("next command");
+    exec(&cmd, disable_hca_in()).unwrap();
 }
 
 #[test]

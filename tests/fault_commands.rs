@@ -9,34 +9,17 @@ use std::time::{Duration, Instant};
 
 use mlx5_emulator::fault::{Plan, Rule};
 use mlx5_emulator::HcaState;
-use mlx5_prm::cmd::hca::{
-    ENABLE_HCA_IN_LEN, ENABLE_HCA_OUT_LEN, QUERY_ISSI_IN_LEN, QUERY_ISSI_OUT_LEN,
-};
 use mlx5_prm::cmdq::DeliveryStatus;
 use mlx5_prm::{CmdStatus, Opcode};
-use mlx5_testbed::bringup::{cmdif, ARENA};
+use mlx5_testbed::bringup::{cmdif, enable_hca_in, exec, query_issi_in, ARENA};
 use mlx5_testbed::{init_tracing, workspace_root, Testbed};
-use mlx5vf::cmdif::{new_input, CmdError, CmdIf};
+use mlx5vf::cmdif::CmdError;
 
 /// Commands expected never to complete.
 const SHORT: Duration = Duration::from_millis(250);
 
 fn testbed(rule: Rule) -> Testbed {
     Testbed::builder().faults(Plan::new(1).rule(rule)).start()
-}
-
-fn enable_hca(cmd: &CmdIf) -> Result<Vec<u8>, CmdError> {
-    cmd.exec(
-        &new_input(Opcode::EnableHca, 0, ENABLE_HCA_IN_LEN),
-        ENABLE_HCA_OUT_LEN,
-    )
-}
-
-fn query_issi(cmd: &CmdIf) -> Result<Vec<u8>, CmdError> {
-    cmd.exec(
-        &new_input(Opcode::QueryIssi, 0, QUERY_ISSI_IN_LEN),
-        QUERY_ISSI_OUT_LEN,
-    )
 }
 
 /// An injected status: the command completes with it (errno from the status) without
@@ -52,7 +35,7 @@ fn an_injected_status_completes_the_command_without_executing_it() {
             .status(CmdStatus::BadSysStateErr, 0x1234),
     );
     let cmd = cmdif(tb.vf_client(0), ARENA);
-    let e = enable_hca(&cmd).unwrap_err();
+    let e = exec(&cmd, enable_hca_in()).unwrap_err();
     assert!(
         matches!(
             e,
@@ -66,7 +49,7 @@ fn an_injected_status_completes_the_command_without_executing_it() {
     );
     assert_eq!(e.errno(), -libc::EIO, "{e}");
     assert_eq!(tb.vf(0).hca_state(), HcaState::Disabled, "it executed");
-    enable_hca(&cmd).expect("the rule fired once");
+    exec(&cmd, enable_hca_in()).expect("the rule fired once");
     assert_eq!(tb.vf(0).hca_state(), HcaState::Enabled);
     let log = tb.faults().log().lines();
     assert_eq!(log.len(), 1);
@@ -88,13 +71,13 @@ fn a_hung_command_times_out_and_the_next_one_completes() {
             .nth(1),
     );
     let cmd = cmdif(tb.vf_client(0), ARENA);
-    enable_hca(&cmd).unwrap();
+    exec(&cmd, enable_hca_in()).unwrap();
     cmd.set_timeout(SHORT);
-    let e = query_issi(&cmd).unwrap_err();
+    let e = exec(&cmd, query_issi_in()).unwrap_err();
     assert!(matches!(e, CmdError::Timeout { .. }), "{e:?}");
     assert_eq!(e.errno(), -libc::ETIMEDOUT);
     assert_eq!(cmd.stuck_slots(), 1);
-    query_issi(&cmd).expect("the next command");
+    exec(&cmd, query_issi_in()).expect("the next command");
 }
 
 /// A completion delayed by 300 ms: the command executes and completes with its
@@ -111,7 +94,7 @@ fn a_delayed_command_completes_late_with_its_result() {
     );
     let cmd = cmdif(tb.vf_client(0), ARENA);
     let t = Instant::now();
-    enable_hca(&cmd).expect("a late completion is a completion");
+    exec(&cmd, enable_hca_in()).expect("a late completion is a completion");
     assert!(t.elapsed() >= d, "completed after {:?}", t.elapsed());
     assert_eq!(tb.vf(0).hca_state(), HcaState::Enabled);
 }
@@ -128,7 +111,7 @@ fn a_delivery_error_is_reported_and_the_command_does_not_execute() {
             .delivery(DeliveryStatus::SignatureErr),
     );
     let cmd = cmdif(tb.vf_client(0), ARENA);
-    let e = enable_hca(&cmd).unwrap_err();
+    let e = exec(&cmd, enable_hca_in()).unwrap_err();
     assert!(
         matches!(
             e,
@@ -140,7 +123,7 @@ fn a_delivery_error_is_reported_and_the_command_does_not_execute() {
         "{e:?}"
     );
     assert_eq!(tb.vf(0).hca_state(), HcaState::Disabled);
-    enable_hca(&cmd).unwrap();
+    exec(&cmd, enable_hca_in()).unwrap();
 }
 
 /// An FLR arriving while ENABLE_HCA executes: nothing is written back (the driver
@@ -159,13 +142,13 @@ fn an_flr_during_a_command_writes_nothing_back_and_resets_the_function() {
     {
         let cmd = cmdif(tb.vf_client(0), ARENA);
         cmd.set_timeout(SHORT);
-        let e = enable_hca(&cmd).unwrap_err();
+        let e = exec(&cmd, enable_hca_in()).unwrap_err();
         assert!(matches!(e, CmdError::Timeout { .. }), "{e:?}");
     }
     assert_eq!(tb.vf(0).epoch(), epoch + 1, "no reset happened");
     assert_eq!(tb.vf(0).hca_state(), HcaState::Disabled);
     let cmd = cmdif(tb.vf_client(0), ARENA);
-    enable_hca(&cmd).expect("after the reset");
+    exec(&cmd, enable_hca_in()).expect("after the reset");
     assert_eq!(tb.vf(0).hca_state(), HcaState::Enabled);
 }
 
@@ -177,19 +160,19 @@ fn a_dma_read_fault_on_the_command_entry_leaves_the_command_uncompleted() {
     init_tracing();
     let tb = Testbed::start(1);
     let cmd = cmdif(tb.vf_client(0), ARENA);
-    enable_hca(&cmd).unwrap();
+    exec(&cmd, enable_hca_in()).unwrap();
     tb.faults()
         .add(&[Rule::new("entry", "dma_read_fault").vhca_id(1).nth(1)])
         .unwrap();
     cmd.set_timeout(SHORT);
-    let e = query_issi(&cmd).unwrap_err();
+    let e = exec(&cmd, query_issi_in()).unwrap_err();
     assert!(matches!(e, CmdError::Timeout { .. }), "{e:?}");
     let log = tb.faults().log().lines();
     assert!(
         log.len() == 1 && log[0].contains("\"effect\":\"dma_read_fault\""),
         "{log:?}"
     );
-    query_issi(&cmd).expect("the next command");
+    exec(&cmd, query_issi_in()).expect("the next command");
 }
 
 /// A DMA write fault on the command's output (the first DMA write after it executed:
@@ -199,11 +182,11 @@ fn a_dma_write_fault_on_the_output_completes_with_a_delivery_error() {
     init_tracing();
     let tb = Testbed::start(1);
     let cmd = cmdif(tb.vf_client(0), ARENA);
-    enable_hca(&cmd).unwrap();
+    exec(&cmd, enable_hca_in()).unwrap();
     tb.faults()
         .add(&[Rule::new("output", "dma_write_fault").vhca_id(1).nth(1)])
         .unwrap();
-    let e = query_issi(&cmd).unwrap_err();
+    let e = exec(&cmd, query_issi_in()).unwrap_err();
     assert!(
         matches!(
             e,
@@ -214,7 +197,7 @@ fn a_dma_write_fault_on_the_output_completes_with_a_delivery_error() {
         ),
         "{e:?}"
     );
-    query_issi(&cmd).expect("the next command");
+    exec(&cmd, query_issi_in()).expect("the next command");
 }
 
 /// Rules added and cleared while the adapter runs: a hang added for every QUERY_ISSI
@@ -224,19 +207,22 @@ fn rules_are_added_and_cleared_while_the_adapter_runs() {
     init_tracing();
     let tb = Testbed::start(1);
     let cmd = cmdif(tb.vf_client(0), ARENA);
-    enable_hca(&cmd).unwrap();
-    query_issi(&cmd).unwrap();
+    exec(&cmd, enable_hca_in()).unwrap();
+    exec(&cmd, query_issi_in()).unwrap();
     tb.faults()
         .add(&[Rule::new("issi", "hang").opcode(Opcode::QueryIssi)])
         .unwrap();
     cmd.set_timeout(SHORT);
     for _ in 0..2 {
-        assert!(matches!(query_issi(&cmd), Err(CmdError::Timeout { .. })));
+        assert!(matches!(
+            exec(&cmd, query_issi_in()),
+            Err(CmdError::Timeout { .. })
+        ));
     }
     let rules = tb.faults().rules();
     assert_eq!((rules.len(), rules[0].matches, rules[0].fired), (1, 2, 2));
     assert_eq!(tb.faults().clear(Some("issi")), 1);
-    query_issi(&cmd).expect("cleared");
+    exec(&cmd, query_issi_in()).expect("cleared");
     assert!(tb.faults().rules().is_empty());
 }
 

@@ -22,7 +22,7 @@ use mlx5_testbed::{init_tracing, run_cli, workspace_root, Testbed};
 use mlx5vf::migration::fsm::MigState;
 use mlx5vf::migration::MigError;
 
-fn rig(plan: Plan) -> Rig {
+fn faulty_rig(plan: Plan) -> Rig {
     Rig::on(Testbed::builder().faults(plan).start())
 }
 
@@ -43,12 +43,14 @@ fn assert_status(e: &MigError, status: CmdStatus, syndrome: u32) {
 #[test]
 fn a_refused_save_leaves_the_source_with_its_state_and_device_memory() {
     init_tracing();
-    let r = rig(Plan::new(1).rule(
-        Rule::new("save refused", "status")
-            .opcode(Opcode::SaveVhcaState)
-            .nth(1)
-            .status(CmdStatus::BadParamErr, 0x5a5a),
-    ));
+    let r = faulty_rig(
+        Plan::new(1).rule(
+            Rule::new("save refused", "status")
+                .opcode(Opcode::SaveVhcaState)
+                .nth(1)
+                .status(CmdStatus::BadParamErr, 0x5a5a),
+        ),
+    );
     let data = r.fill(11);
     let objects = r.vf().object_counts();
     let e = r.dev.set_state(MigState::StopCopy).unwrap_err();
@@ -102,7 +104,7 @@ fn assert_untouched(dst: &Rig, before: &[u8], objects: mlx5_emulator::ObjectCoun
 #[test]
 fn a_corrupted_save_image_is_refused_and_the_destination_is_unchanged() {
     init_tracing();
-    let src = rig(Plan::new(7).rule(Rule::new("flip", "corrupt_save").flips(3)));
+    let src = faulty_rig(Plan::new(7).rule(Rule::new("flip", "corrupt_save").flips(3)));
     let data = src.fill(12);
     let clean_len = {
         src.tb.faults().clear(None);
@@ -133,7 +135,7 @@ fn a_corrupted_save_image_is_refused_and_the_destination_is_unchanged() {
 #[test]
 fn a_truncated_save_image_is_refused_and_the_destination_is_unchanged() {
     init_tracing();
-    let src = rig(Plan::new(1).rule(Rule::new("short", "truncate_save").nth(1).keep(4096)));
+    let src = faulty_rig(Plan::new(1).rule(Rule::new("short", "truncate_save").nth(1).keep(4096)));
     let data = src.fill(13);
     let stream = src.capture();
     let dst = Rig::start();
@@ -158,7 +160,7 @@ fn a_load_failing_part_way_puts_the_destination_in_error_until_reset() {
     let src = Rig::start();
     let data = src.fill(14);
     let stream = src.capture();
-    let dst = rig(Plan::new(1).rule(Rule::new("load dies", "load_fail").nth(1)));
+    let dst = faulty_rig(Plan::new(1).rule(Rule::new("load dies", "load_fail").nth(1)));
     dst.fill(97);
     let mut w = dst
         .dev
@@ -186,11 +188,13 @@ fn a_load_failing_part_way_puts_the_destination_in_error_until_reset() {
 #[test]
 fn a_dma_write_fault_on_the_save_buffer_fails_the_save_and_the_source_runs_on() {
     init_tracing();
-    let r = rig(Plan::new(1).rule(
-        Rule::new("save buffer", "dma_write_fault")
-            .opcode(Opcode::SaveVhcaState)
-            .nth(1),
-    ));
+    let r = faulty_rig(
+        Plan::new(1).rule(
+            Rule::new("save buffer", "dma_write_fault")
+                .opcode(Opcode::SaveVhcaState)
+                .nth(1),
+        ),
+    );
     let data = r.fill(15);
     let e = r.dev.set_state(MigState::StopCopy).unwrap_err();
     assert_status(&e, CmdStatus::BadParamErr, mig_syndrome::DMA_FAULT);
@@ -213,11 +217,13 @@ fn a_dma_read_fault_on_the_load_buffer_changes_nothing() {
     let src = Rig::start();
     src.fill(16);
     let stream = src.capture();
-    let dst = rig(Plan::new(1).rule(
-        Rule::new("load buffer", "dma_read_fault")
-            .opcode(Opcode::LoadVhcaState)
-            .nth(1),
-    ));
+    let dst = faulty_rig(
+        Plan::new(1).rule(
+            Rule::new("load buffer", "dma_read_fault")
+                .opcode(Opcode::LoadVhcaState)
+                .nth(1),
+        ),
+    );
     let before = dst.fill(96);
     let objects = dst.vf().object_counts();
     let e = refused_load(&dst, &stream);
@@ -230,11 +236,13 @@ fn a_dma_read_fault_on_the_load_buffer_changes_nothing() {
 #[test]
 fn a_slow_initiator_drain_keeps_the_function_running_through_the_window() {
     init_tracing();
-    let r = rig(Plan::new(1).rule(
-        Rule::new("slow drain", "slow_drain")
-            .vhca_id(1)
-            .delay(Duration::from_millis(500)),
-    ));
+    let r = faulty_rig(
+        Plan::new(1).rule(
+            Rule::new("slow drain", "slow_drain")
+                .vhca_id(1)
+                .delay(Duration::from_millis(500)),
+        ),
+    );
     std::thread::scope(|s| {
         let t = s.spawn(|| r.dev.set_state(MigState::RunningP2p));
         assert!(

@@ -13,16 +13,12 @@ use std::time::{Duration, Instant};
 
 use mlx5_emulator::{CmdRecord, Function, MigState};
 use mlx5_prm::cmd::caps::{CapMode, CapType, QUERY_HCA_CAP_OUT_LEN};
-use mlx5_prm::cmd::hca::{
-    ENABLE_HCA_IN_LEN, ENABLE_HCA_OUT_LEN, QUERY_ISSI_IN_LEN, QUERY_ISSI_OUT_LEN,
-};
 use mlx5_prm::cmd::migration::*;
 use mlx5_prm::ifc::{get, hdr, set};
 use mlx5_prm::{CmdStatus, Opcode};
-use mlx5_testbed::bringup::{cmdif, pf_up, vhca_input, ARENA};
+use mlx5_testbed::bringup::{cmdif, enable_hca_in, exec, pf_up, query_issi_in, vhca_input, ARENA};
 use mlx5_testbed::mem::GuestMem;
 use mlx5_testbed::{devmem, faults, init_tracing, AdapterConfig, Testbed};
-use mlx5vf::cmdif::new_input;
 use mlx5vf::hca::caps::query_hca_cap_in;
 
 const VF_VHCA: u16 = 1;
@@ -36,10 +32,6 @@ const MKEY_LOG_PAGE: u8 = 30;
 
 /// A debug build SAVEs 256 MiB in seconds: the PF's command timeout for that test.
 const SAVE_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn query_issi() -> Vec<u8> {
-    new_input(Opcode::QueryIssi, 0, QUERY_ISSI_IN_LEN)
-}
 
 fn query_hca_cap() -> Vec<u8> {
     query_hca_cap_in(CapType::General, CapMode::Cur, None)
@@ -93,7 +85,8 @@ fn query_issi_completes_while_a_256_mib_save_runs_on_another_slot() {
         std::thread::sleep(Duration::from_millis(1));
     }
     let t1 = Instant::now();
-    let t_issi = pf.cmd().submit(&query_issi(), QUERY_ISSI_OUT_LEN).unwrap();
+    let (m, n) = query_issi_in();
+    let t_issi = pf.cmd().submit(&m, n).unwrap();
     assert_ne!(t_issi.slot(), t_save.slot());
     let out = pf.cmd().wait(t_issi).expect("QUERY_ISSI");
     let issi_took = t1.elapsed();
@@ -146,12 +139,8 @@ fn pf_answers_commands_while_a_vf_responder_suspend_waits_on_its_drain() {
     // The guest's ENABLE_HCA is held in the VF's firmware: admitted work in flight.
     let hold = Duration::from_secs(3);
     faults::delay_commands(&vf, Opcode::EnableHca, None, hold, 1);
-    let t_guest = guest
-        .submit(
-            &new_input(Opcode::EnableHca, 0, ENABLE_HCA_IN_LEN),
-            ENABLE_HCA_OUT_LEN,
-        )
-        .unwrap();
+    let (m, n) = enable_hca_in();
+    let t_guest = guest.submit(&m, n).unwrap();
     assert_eq!(vf.work_in_flight(), 1);
 
     pf.cmd()
@@ -178,7 +167,7 @@ fn pf_answers_commands_while_a_vf_responder_suspend_waits_on_its_drain() {
 
     // The suspend is draining: the PF still answers.
     let t1 = Instant::now();
-    ok_status(&pf.cmd().exec(&query_issi(), QUERY_ISSI_OUT_LEN).unwrap());
+    ok_status(&exec(pf.cmd(), query_issi_in()).unwrap());
     ok_status(
         &pf.cmd()
             .exec(&query_hca_cap(), QUERY_HCA_CAP_OUT_LEN)

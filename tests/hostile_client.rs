@@ -5,12 +5,12 @@
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use mlx5_prm::cmd::migration::{ResumeOpMod, SuspendOpMod};
-use mlx5_prm::Opcode;
-use mlx5_testbed::bringup::{pf_up, shared_pf_up, suspend_resume};
+use mlx5_prm::cmd::migration::ResumeOpMod;
+use mlx5_testbed::bringup::{pf_up, resume_vhca, shared_pf_up, stop_vhca};
 use mlx5_testbed::devmem::{Bar2Map, BAR2};
 use mlx5_testbed::mem::memfd;
 use mlx5_testbed::migrate::{capture, write_in_chunks};
+use mlx5_testbed::reply::remote_errno;
 use mlx5_testbed::wait::{bounded, wait_until};
 use mlx5_testbed::{init_tracing, Testbed};
 use mlx5vf::migration::MigrationDevice;
@@ -18,13 +18,6 @@ use vfu::uapi::*;
 use vfu::{Errno, VfuError};
 
 const RW: u32 = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
-
-fn remote_errno(r: Result<impl std::fmt::Debug, VfuError>) -> Errno {
-    match r {
-        Err(VfuError::Remote { errno, .. }) => errno,
-        other => panic!("expected an error reply, got {other:?}"),
-    }
-}
 
 /// Behind a vIOMMU QEMU unmaps whole address-space blocks: every window inside goes,
 /// and the device can no longer reach it.
@@ -289,9 +282,7 @@ fn stores_through_a_mapping_do_not_change_a_frozen_function() {
     map.write(0x1000, b"before the freeze");
     let pf = pf_up(&tb.pf_socket());
     let vhca = vf.id.vhca_id;
-    for op_mod in [SuspendOpMod::Initiator, SuspendOpMod::Responder] {
-        suspend_resume(&pf, Opcode::SuspendVhca, op_mod.into(), vhca).unwrap();
-    }
+    stop_vhca(&pf, vhca);
     assert!(vf.devmem().is_frozen());
     map.write(0x1000, b"while it is frozen");
     map.write(0x8000, b"new page");
@@ -307,7 +298,7 @@ fn stores_through_a_mapping_do_not_change_a_frozen_function() {
     // What a SAVE would carry is the frozen memory.
     assert_eq!(vf.devmem().count_nonzero(), 1);
 
-    suspend_resume(&pf, Opcode::ResumeVhca, ResumeOpMod::Responder.into(), vhca).unwrap();
+    resume_vhca(&pf, ResumeOpMod::Responder, vhca).unwrap();
     assert!(!vf.devmem().is_frozen());
     assert_eq!(
         map.read(0x1000, 18),

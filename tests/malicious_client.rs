@@ -38,7 +38,7 @@ fn open_fds() -> usize {
 
 /// A payload shaped like `cmd`'s fixed part, with values drawn to hit the edges, or
 /// (sometimes) noise.
-fn payload(rng: &mut StdRng, cmd: u16) -> Vec<u8> {
+fn hostile_payload(rng: &mut StdRng, cmd: u16) -> Vec<u8> {
     let edge = |rng: &mut StdRng| -> u64 {
         match rng.gen_range(0..6) {
             0 => 0,
@@ -186,7 +186,7 @@ fn seeded_hostile_messages_are_answered_and_leave_every_function_serving() {
             // Drop the connection mid-message and come back.
             1 => {
                 // A size that claims more than is sent (posted, so nothing waits).
-                let p = payload(&mut rng, 9);
+                let p = hostile_payload(&mut rng, 9);
                 let size = (HEADER_SIZE + p.len()) as u32 + rng.gen_range(1..4096);
                 let _ = c.send_with_size(9, FLAGS_NO_REPLY, size, &p, &[]);
                 drop(c);
@@ -226,7 +226,7 @@ fn seeded_hostile_messages_are_answered_and_leave_every_function_serving() {
             // client does not wait for what no peer owes it.
             flags |= FLAGS_TYPE_REPLY | FLAGS_NO_REPLY;
         }
-        let p = payload(&mut rng, cmd);
+        let p = hostile_payload(&mut rng, cmd);
         let keep = if rng.gen_range(0..6) == 0 {
             hostile_fds(rng.gen())
         } else {

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use mlx5_emulator::bar0::{UAR_END, UAR_START};
 use mlx5_emulator::limits::{CMDQ_SLOTS, VIOLATION_LOG_CAPACITY};
 use mlx5_prm::cmd::hca::QUERY_ISSI_OUT_LEN;
-use mlx5_prm::cmd::migration::{ResumeOpMod, SuspendOpMod};
+use mlx5_prm::cmd::migration::ResumeOpMod;
 use mlx5_prm::cmdq::*;
 use mlx5_prm::iseg::{CMDQ_ADDR_H_OFFSET, CMDQ_ADDR_L_SZ_OFFSET, CMD_DBELL_OFFSET};
 use mlx5_prm::Opcode;
-use mlx5_testbed::bringup::{pf_up, suspend_resume};
+use mlx5_testbed::bringup::{pf_up, resume_vhca, stop_vhca};
 use mlx5_testbed::rawq::{input, status, RawQueue};
 use mlx5_testbed::wait::wait_until;
 use mlx5_testbed::{init_tracing, seed, Testbed};
@@ -184,9 +184,7 @@ fn a_bulk_write_into_a_frozen_function_is_counted_and_bounded() {
     let mut q = RawQueue::new(tb.vf_client(0), IOVA, MEM_SIZE);
     let pf = pf_up(&tb.pf_socket());
     let vhca = vf.id.vhca_id;
-    for op_mod in [SuspendOpMod::Initiator, SuspendOpMod::Responder] {
-        suspend_resume(&pf, Opcode::SuspendVhca, op_mod.into(), vhca).unwrap();
-    }
+    stop_vhca(&pf, vhca);
     let before = vf.migration().violations_total();
     let len = 1usize << 20;
     assert!(UAR_START + len as u64 <= UAR_END);
@@ -197,7 +195,7 @@ fn a_bulk_write_into_a_frozen_function_is_counted_and_bounded() {
         vf.violations().len() <= VIOLATION_LOG_CAPACITY,
         "the log stays bounded"
     );
-    suspend_resume(&pf, Opcode::ResumeVhca, ResumeOpMod::Responder.into(), vhca).unwrap();
+    resume_vhca(&pf, ResumeOpMod::Responder, vhca).unwrap();
     let out = q.exec(0, &input(Opcode::EnableHca, 0, 16), 16);
     assert_eq!(status(&out), (0, 0));
     eprintln!("one 1 MiB write into a frozen function: {counted} refusals counted");

@@ -6,16 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mlx5_prm::migration_stream::{RecordHeader, FLAGS_TAG_OPTIONAL, RECORD_HEADER_LEN};
-use mlx5_prm::Opcode;
 use mlx5_testbed::bins::arg;
-use mlx5_testbed::bringup::{guest_up, shared_pf_up};
+use mlx5_testbed::bringup::{exec, guest_up, query_issi_in, shared_pf_up};
 use mlx5_testbed::child::ChildAdapter;
 use mlx5_testbed::devmem::{fill_bar2, read_bar2, BAR2};
 use mlx5_testbed::migrate::{
     capture, first_fw_data, keeps_working, load_in_chunks, migrate, write_in_chunks, Rig,
 };
 use mlx5_testbed::{init_tracing, run_cli, Sockets, Testbed};
-use mlx5vf::cmdif::new_input;
 use mlx5vf::migration::fsm::MigState;
 use mlx5vf::migration::MigrationDevice;
 use rand::{Rng, SeedableRng};
@@ -202,12 +200,7 @@ fn corrupted_streams_are_refused_and_leave_the_destination_unchanged() {
     let good = capture(src);
     // The source runs on after STOP_COPY -> STOP -> RUNNING.
     assert_eq!(src.state(), MigState::Running);
-    let m = new_input(Opcode::QueryIssi, 0, 16);
-    guest
-        .hca
-        .cmd()
-        .exec(&m, 0x70)
-        .expect("source keeps working");
+    exec(guest.hca.cmd(), query_issi_in()).expect("source keeps working");
     assert!(read_bar2(&mut guest.hca.cmd().client()) == pattern);
 
     let fw = first_fw_data(&good);

@@ -11,7 +11,7 @@ use mlx5_prm::cmd::migration::*;
 use mlx5_prm::ifc::{get, set};
 use mlx5_prm::migration_stream::RecordHeader;
 use mlx5_prm::Opcode;
-use mlx5_testbed::bringup::{pf_up, suspend_resume, up, vhca_input, ARENA};
+use mlx5_testbed::bringup::{pf_up, run_vhca, stop_vhca, up, vhca_input, ARENA};
 use mlx5_testbed::devmem::{dev_mem, pattern, Bar2Map, BAR2};
 use mlx5_testbed::{init_tracing, Function, Testbed};
 use mlx5vf::hca::Hca;
@@ -40,14 +40,6 @@ fn cmd(op: Opcode, op_mod: u16, len: usize) -> Vec<u8> {
 
 fn exec(pf: &mut Hca, m: &[u8], out: usize) -> Result<Vec<u8>, i32> {
     pf.cmd().exec(m, out).map_err(|e| e.errno())
-}
-
-fn suspend(pf: &mut Hca, op_mod: SuspendOpMod) {
-    suspend_resume(pf, Opcode::SuspendVhca, op_mod.into(), VF_VHCA).expect("suspend");
-}
-
-fn resume(pf: &mut Hca, op_mod: ResumeOpMod) {
-    suspend_resume(pf, Opcode::ResumeVhca, op_mod.into(), VF_VHCA).expect("resume");
 }
 
 #[test]
@@ -82,8 +74,7 @@ fn vf_state_and_device_memory_move_to_a_second_adapter() {
 
     // The PF of adapter A: suspend the VF (initiator, then responder), query, save.
     let mut pf = pf_up(&a.pf_socket());
-    suspend(&mut pf, SuspendOpMod::Initiator);
-    suspend(&mut pf, SuspendOpMod::Responder);
+    stop_vhca(&pf, VF_VHCA);
     // A write into the frozen VF's memory is refused and recorded.
     assert!(vf
         .cmd()
@@ -123,8 +114,7 @@ fn vf_state_and_device_memory_move_to_a_second_adapter() {
 
     // The destination: adapter B's PF loads it into its VF 0.
     let mut pf_b = pf_up(&b.pf_socket());
-    suspend(&mut pf_b, SuspendOpMod::Initiator);
-    suspend(&mut pf_b, SuspendOpMod::Responder);
+    stop_vhca(&pf_b, VF_VHCA);
     let pd_b = pf_b.alloc_pd().unwrap();
     let buf_b = mig_buf(&pf_b, pd_b, image_size);
     // A corrupted copy first: refused, and B's VF is unchanged.
@@ -141,8 +131,7 @@ fn vf_state_and_device_memory_move_to_a_second_adapter() {
     let t = Instant::now();
     exec(&mut pf_b, &m, 16).expect("load");
     let load_time = t.elapsed();
-    resume(&mut pf_b, ResumeOpMod::Responder);
-    resume(&mut pf_b, ResumeOpMod::Initiator);
+    run_vhca(&pf_b, VF_VHCA);
 
     assert!(dev_mem(&b_vf) == want, "device memory arrived");
     assert_eq!(b_vf.object_counts(), a_vf.object_counts());
@@ -162,8 +151,7 @@ fn vf_state_and_device_memory_move_to_a_second_adapter() {
     );
 
     // The source runs on after resume: its driver's commands work and tear it down.
-    resume(&mut pf, ResumeOpMod::Responder);
-    resume(&mut pf, ResumeOpMod::Initiator);
+    run_vhca(&pf, VF_VHCA);
     vf.destroy_mkey(vf_mkey).unwrap();
     vf.dealloc_pd(extra_pd).unwrap();
     vf.down().expect("source VF still answers its driver");

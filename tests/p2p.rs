@@ -18,7 +18,7 @@ use mlx5_emulator::{MigState, ViolationKind};
 use mlx5_prm::cmd::migration::*;
 use mlx5_prm::ifc::set;
 use mlx5_prm::Opcode;
-use mlx5_testbed::bringup::{pf_up, suspend_resume, vhca_input};
+use mlx5_testbed::bringup::{pf_up, run_vhca, stop_vhca, vhca_input};
 use mlx5_testbed::devmem::{dev_mem, pattern, write};
 use mlx5_testbed::{init_tracing, Testbed};
 use mlx5vf::cmdif::CmdError;
@@ -55,7 +55,7 @@ fn map_fdless(c: &mut vfu::Client, iova: u64, size: u64) {
 }
 
 /// SAVE_VHCA_STATE of `vhca_id` into the buffer behind `mkey` (va 0, `BUF` bytes).
-fn save(pf: &Hca, vhca_id: u16, mkey: u32) -> Result<u64, CmdError> {
+fn save_image(pf: &Hca, vhca_id: u16, mkey: u32) -> Result<u64, CmdError> {
     let mut m = vhca_input(Opcode::SaveVhcaState, 0, SAVE_VHCA_STATE_IN_LEN, vhca_id);
     set(&mut m, SAVE_VHCA_STATE_IN_VA, 0);
     set(&mut m, SAVE_VHCA_STATE_IN_MKEY, mkey.into());
@@ -65,20 +65,6 @@ fn save(pf: &Hca, vhca_id: u16, mkey: u32) -> Result<u64, CmdError> {
         &out,
         SAVE_VHCA_STATE_OUT_ACTUAL_IMAGE_SIZE,
     ))
-}
-
-/// Initiator then responder suspend of `vhca_id` (VFIO RUNNING_P2P, then STOP).
-fn stop(pf: &Hca, vhca_id: u16) {
-    for op_mod in [SuspendOpMod::Initiator, SuspendOpMod::Responder] {
-        suspend_resume(pf, Opcode::SuspendVhca, op_mod.into(), vhca_id).expect("suspend");
-    }
-}
-
-/// Resume of `vhca_id`, responder then initiator.
-fn run(pf: &Hca, vhca_id: u16) {
-    for op_mod in [ResumeOpMod::Responder, ResumeOpMod::Initiator] {
-        suspend_resume(pf, Opcode::ResumeVhca, op_mod.into(), vhca_id).expect("resume");
-    }
 }
 
 /// An mkey of the PF over `BUF` bytes at `iova` (4 KiB pages).
@@ -121,8 +107,8 @@ fn save_into_a_peers_bar2_memfd_lands_through_the_peer_and_a_frozen_peer_refuses
     let mkey = mkey_over(&pf, P2P_IOVA);
 
     // VF 1 running: the image lands in its device memory, through it.
-    stop(&pf, v0);
-    let size = save(&pf, v0, mkey).expect("save into a running peer");
+    stop_vhca(&pf, v0);
+    let size = save_image(&pf, v0, mkey).expect("save into a running peer");
     assert!(size > 0 && size <= BUF);
     let landed = dev_mem(&vf1);
     assert!(starts_like_an_image(&landed));
@@ -130,8 +116,8 @@ fn save_into_a_peers_bar2_memfd_lands_through_the_peer_and_a_frozen_peer_refuses
 
     // VF 1 frozen: the first write of the next SAVE is refused and recorded; SAVE fails
     // and VF 1's memory is what it was.
-    stop(&pf, v1);
-    let e = save(&pf, v0, mkey).expect_err("save into a frozen peer");
+    stop_vhca(&pf, v1);
+    let e = save_image(&pf, v0, mkey).expect_err("save into a frozen peer");
     assert_eq!(e.syndrome(), Some(mig_syndrome_dma_fault()), "{e}");
     assert_eq!(dev_mem(&vf1), landed, "a refused write changed nothing");
     let v = vf1.violations();
@@ -152,8 +138,8 @@ fn save_into_a_peers_bar2_memfd_lands_through_the_peer_and_a_frozen_peer_refuses
     assert_eq!(vf1.migration_state(), MigState::ResponderSuspended);
 
     // Thawed, the same SAVE lands again.
-    run(&pf, v1);
-    save(&pf, v0, mkey).expect("save after the peer resumed");
+    run_vhca(&pf, v1);
+    save_image(&pf, v0, mkey).expect("save after the peer resumed");
     assert_eq!(vf1.violations().len(), 1);
 }
 
@@ -185,13 +171,13 @@ fn fd_less_map_of_a_bar2_the_same_vmm_programmed_is_routed_through_that_function
     let desc = tb.pf().dma().describe(BAR2_GPA).unwrap();
     assert!(desc.contains(&format!("BAR2 of vhca {v1}")), "{desc}");
     let mkey = mkey_over(&pf, BAR2_GPA);
-    stop(&pf, v0);
-    save(&pf, v0, mkey).expect("save through the routed window");
+    stop_vhca(&pf, v0);
+    save_image(&pf, v0, mkey).expect("save through the routed window");
     assert!(starts_like_an_image(&dev_mem(&vf1)));
     // The freeze holds on this path too: it never reaches the client's own mapping.
-    stop(&pf, v1);
+    stop_vhca(&pf, v1);
     let before = dev_mem(&vf1);
-    save(&pf, v0, mkey).expect_err("refused by the frozen peer");
+    save_image(&pf, v0, mkey).expect_err("refused by the frozen peer");
     assert_eq!(dev_mem(&vf1), before);
     let v = vf1.violations();
     assert_eq!(v.len(), 1);

@@ -15,19 +15,13 @@ use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
 use mlx5_emulator::{HcaState, MigState, ViolationKind};
-use mlx5_prm::cmd::hca::{
-    DISABLE_HCA_IN_LEN, DISABLE_HCA_OUT_LEN, ENABLE_HCA_IN_LEN, ENABLE_HCA_OUT_LEN,
-};
 use mlx5_prm::cmd::migration::*;
 use mlx5_prm::cmdq::*;
 use mlx5_prm::iseg::{CMDQ_ADDR_H_OFFSET, CMDQ_ADDR_L_SZ_OFFSET, CMD_DBELL_OFFSET};
-use mlx5_prm::Opcode;
-use mlx5_testbed::bringup::{pf_up, suspend_resume};
+use mlx5_testbed::bringup::{disable_hca_in, enable_hca_in, pf_up, resume_vhca, suspend_vhca};
 use mlx5_testbed::faults;
 use mlx5_testbed::rawq::{self, RawQueue};
 use mlx5_testbed::{init_tracing, Testbed};
-use mlx5vf::cmdif::new_input;
-use mlx5vf::hca::Hca;
 
 /// IOVA of the VF's queue memfd.
 const IOVA: u64 = 0x1_0000_0000;
@@ -39,43 +33,19 @@ fn vf_queue(tb: &Testbed) -> RawQueue {
     RawQueue::new(tb.vf_client(0), IOVA, MEM_SIZE)
 }
 
-fn enable_hca() -> (Vec<u8>, usize) {
-    (
-        new_input(Opcode::EnableHca, 0, ENABLE_HCA_IN_LEN),
-        ENABLE_HCA_OUT_LEN,
-    )
-}
-
-fn disable_hca() -> (Vec<u8>, usize) {
-    (
-        new_input(Opcode::DisableHca, 0, DISABLE_HCA_IN_LEN),
-        DISABLE_HCA_OUT_LEN,
-    )
-}
-
-/// SUSPEND_VHCA of the VF through the PF; the errno on failure.
-fn suspend(pf: &mut Hca, op_mod: SuspendOpMod) -> Result<(), i32> {
-    suspend_resume(pf, Opcode::SuspendVhca, op_mod.into(), VF_VHCA).map_err(|e| e.errno())
-}
-
-/// RESUME_VHCA of the VF through the PF; the errno on failure.
-fn resume(pf: &mut Hca, op_mod: ResumeOpMod) -> Result<(), i32> {
-    suspend_resume(pf, Opcode::ResumeVhca, op_mod.into(), VF_VHCA).map_err(|e| e.errno())
-}
-
 #[test]
 fn command_work_queued_before_responder_suspend_completes_before_suspend_does() {
     init_tracing();
     let tb = Testbed::start(1);
     let vf = tb.vf(0);
     let mut q = vf_queue(&tb);
-    let mut pf = pf_up(&tb.pf_socket());
-    suspend(&mut pf, SuspendOpMod::Initiator).unwrap();
+    let pf = pf_up(&tb.pf_socket());
+    suspend_vhca(&pf, SuspendOpMod::Initiator, VF_VHCA).unwrap();
 
     // The guest posts ENABLE_HCA and rings. The firmware lock is held here, so the VF's
     // worker takes the work and blocks executing it: the work is queued, not done.
     let fw = faults::hold_firmware(&vf);
-    let (input, outlen) = enable_hca();
+    let (input, outlen) = enable_hca_in();
     q.post(0, &input, outlen);
     q.ring(1);
     assert_eq!(vf.work_in_flight(), 1, "the doorbell's work is in flight");
@@ -84,7 +54,7 @@ fn command_work_queued_before_responder_suspend_completes_before_suspend_does() 
     let vf2 = vf.clone();
     let mem = q.mem.try_clone();
     let suspender = std::thread::spawn(move || {
-        let r = suspend(&mut pf, SuspendOpMod::Responder);
+        let r = suspend_vhca(&pf, SuspendOpMod::Responder, VF_VHCA);
         // What the device looks like the moment SUSPEND has completed.
         tx.send((
             r,
@@ -122,9 +92,9 @@ fn command_work_queued_before_responder_suspend_completes_before_suspend_does() 
     assert_eq!(inflight, 0);
     assert!(vf.violations().is_empty(), "{:?}", vf.violations());
     assert_eq!(q.wait_status(0), (DeliveryStatus::Ok, 0));
-    let mut pf = suspender.join().unwrap();
-    resume(&mut pf, ResumeOpMod::Responder).unwrap();
-    resume(&mut pf, ResumeOpMod::Initiator).unwrap();
+    let pf = suspender.join().unwrap();
+    resume_vhca(&pf, ResumeOpMod::Responder, VF_VHCA).unwrap();
+    resume_vhca(&pf, ResumeOpMod::Initiator, VF_VHCA).unwrap();
     assert_eq!(vf.migration_state(), MigState::Running);
 }
 
@@ -134,19 +104,19 @@ fn doorbell_after_responder_suspend_is_a_violation_and_runs_after_resume_in_reve
     let tb = Testbed::start(1);
     let vf = tb.vf(0);
     let mut q = vf_queue(&tb);
-    let (input, outlen) = enable_hca();
+    let (input, outlen) = enable_hca_in();
     q.post(0, &input, outlen);
     q.ring(1);
     assert_eq!(q.wait_status(0), (DeliveryStatus::Ok, 0));
     assert_eq!(vf.hca_state(), HcaState::Enabled);
 
-    let mut pf = pf_up(&tb.pf_socket());
-    suspend(&mut pf, SuspendOpMod::Initiator).unwrap();
-    suspend(&mut pf, SuspendOpMod::Responder).unwrap();
+    let pf = pf_up(&tb.pf_socket());
+    suspend_vhca(&pf, SuspendOpMod::Initiator, VF_VHCA).unwrap();
+    suspend_vhca(&pf, SuspendOpMod::Responder, VF_VHCA).unwrap();
     let log_before = vf.command_log();
 
     // DISABLE_HCA would change the HCA state; the doorbell is refused and recorded.
-    let (input, outlen) = disable_hca();
+    let (input, outlen) = disable_hca_in();
     q.post(1, &input, outlen);
     let t0 = SystemTime::now();
     q.ring(1 << 1);
@@ -191,21 +161,21 @@ fn doorbell_after_responder_suspend_is_a_violation_and_runs_after_resume_in_reve
     assert_eq!(vf.work_in_flight(), 0);
 
     // Resume in the wrong order is refused and still runs nothing.
-    assert!(resume(&mut pf, ResumeOpMod::Initiator).is_err());
+    assert!(resume_vhca(&pf, ResumeOpMod::Initiator, VF_VHCA).is_err());
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(q.status_own(1) & CMD_OWNER_HW, CMD_OWNER_HW);
     assert_eq!(vf.hca_state(), HcaState::Enabled);
 
     // RESUME(responder) rings the refused doorbell: the command proceeds.
-    resume(&mut pf, ResumeOpMod::Responder).unwrap();
+    resume_vhca(&pf, ResumeOpMod::Responder, VF_VHCA).unwrap();
     assert_eq!(q.wait_status(1), (DeliveryStatus::Ok, 0));
     assert_eq!(vf.hca_state(), HcaState::Disabled);
-    resume(&mut pf, ResumeOpMod::Initiator).unwrap();
+    resume_vhca(&pf, ResumeOpMod::Initiator, VF_VHCA).unwrap();
     assert_eq!(vf.migration_state(), MigState::Running);
     assert_eq!(vf.violations().len(), 2, "resuming records nothing");
 
     // Running again: the queue works as before.
-    let (input, outlen) = enable_hca();
+    let (input, outlen) = enable_hca_in();
     q.post(2, &input, outlen);
     q.ring(1 << 2);
     assert_eq!(q.wait_status(2), (DeliveryStatus::Ok, 0));
@@ -218,9 +188,9 @@ fn initiator_suspended_function_still_runs_its_command_queue() {
     let tb = Testbed::start(1);
     let vf = tb.vf(0);
     let mut q = vf_queue(&tb);
-    let mut pf = pf_up(&tb.pf_socket());
-    suspend(&mut pf, SuspendOpMod::Initiator).unwrap();
-    let (input, outlen) = enable_hca();
+    let pf = pf_up(&tb.pf_socket());
+    suspend_vhca(&pf, SuspendOpMod::Initiator, VF_VHCA).unwrap();
+    let (input, outlen) = enable_hca_in();
     q.post(0, &input, outlen);
     q.ring(1);
     assert_eq!(q.wait_status(0), (DeliveryStatus::Ok, 0));
@@ -234,17 +204,17 @@ fn every_doorbell_rung_before_responder_suspend_has_completed_when_it_returns() 
     let tb = Testbed::start(1);
     let vf = tb.vf(0);
     let mut q = vf_queue(&tb);
-    let mut pf = pf_up(&tb.pf_socket());
-    suspend(&mut pf, SuspendOpMod::Initiator).unwrap();
+    let pf = pf_up(&tb.pf_socket());
+    suspend_vhca(&pf, SuspendOpMod::Initiator, VF_VHCA).unwrap();
     // One doorbell per slot (one work item each); the VF is disabled, so each completes
     // with BAD_SYS_STATE, which is still a completion written by the device.
     let slots = mlx5_emulator::cmdq::CMDQ_SLOTS as u8;
-    let (input, outlen) = disable_hca();
+    let (input, outlen) = disable_hca_in();
     for slot in 0..slots {
         q.post(slot, &input, outlen);
         q.ring(1 << slot);
     }
-    suspend(&mut pf, SuspendOpMod::Responder).unwrap();
+    suspend_vhca(&pf, SuspendOpMod::Responder, VF_VHCA).unwrap();
     for slot in 0..slots {
         assert_eq!(
             q.status_own(slot) & CMD_OWNER_HW,

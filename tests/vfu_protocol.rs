@@ -12,6 +12,7 @@ use mlx5_emulator::pci::INTERRUPT_LINE_OFFSET;
 use mlx5_prm::iseg::{CMDIF_REV, CMDIF_REV_FW_SUB_OFFSET, CMDIF_REV_SHIFT, CMDQ_ADDR_H_OFFSET};
 use mlx5_testbed::irq::{enable_msix, msix_eventfd};
 use mlx5_testbed::mem::memfd;
+use mlx5_testbed::reply::remote_errno;
 use mlx5_testbed::wait::wait_until;
 use mlx5_testbed::{init_tracing, Testbed};
 use vfu::proto::*;
@@ -22,13 +23,6 @@ use vmm_sys_util::eventfd::EventFd;
 const CONFIG: u32 = VFIO_PCI_CONFIG_REGION_INDEX;
 const BAR0: u32 = VFIO_PCI_BAR0_REGION_INDEX;
 const INTERRUPT_LINE: u64 = INTERRUPT_LINE_OFFSET as u64;
-
-fn remote_errno(r: Result<impl std::fmt::Debug, VfuError>) -> Errno {
-    match r {
-        Err(VfuError::Remote { errno, .. }) => errno,
-        other => panic!("expected an error reply, got {other:?}"),
-    }
-}
 
 fn raw_errno(c: &mut Client, cmd: u16, payload: &[u8], fds: &[RawFd]) -> Errno {
     match c.send_raw(cmd, 0, payload, fds).expect("transport") {

@@ -12,7 +12,7 @@ use vfu::uapi::VFIO_PCI_NUM_REGIONS;
 const MESSAGES: usize = 3000;
 
 /// A payload whose first fields look like the command's fixed part.
-fn payload(rng: &mut impl Rng, cmd: u16) -> Vec<u8> {
+fn random_payload(rng: &mut impl Rng, cmd: u16) -> Vec<u8> {
     let mut p = vec![0u8; rng.gen_range(0..96)];
     rng.fill(&mut p[..]);
     if rng.gen_bool(0.7) {
@@ -79,7 +79,7 @@ fn random_messages_get_answers_and_never_desynchronise_the_server() {
         } else {
             0
         };
-        let p = payload(&mut rng, cmd);
+        let p = random_payload(&mut rng, cmd);
         let r = c
             .send_raw(cmd, flags, &p, &[])
             .unwrap_or_else(|e| panic!("seed {seed} message {i} (command {cmd}): {e}"));
