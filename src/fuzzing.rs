@@ -461,50 +461,8 @@ fn fw_seeds() -> Vec<(&'static str, Vec<u8>)> {
 }
 
 fn state_seeds() -> Vec<(&'static str, Vec<u8>)> {
-    use mlx5_emulator::state::*;
-    let mut caps = vec![0u8; mlx5_prm::cmd::caps::HCA_CAP_SIZE];
-    caps[0x10] = 0x42;
-    let image = Image {
-        header: ImageHeader {
-            function: ImageFunction::Vf,
-            kind: ImageKind::Base,
-            session: 0x1122_3344_5566_7788,
-            seq: 1,
-            base_seq: 0,
-            dev_mem_size: 32 << 10,
-        },
-        hca: HcaImage {
-            life_cycle: LifeCycle::Initialized,
-            issi: 1,
-            caps: caps.into(),
-        },
-        iseg: IsegImage {
-            cmdq_address: 0x1_0000_1000,
-            nic_interface: 0,
-        },
-        objects: ObjectsImage {
-            uars: vec![3],
-            pds: vec![1],
-            cmd_eq: None,
-            eqs: vec![],
-            mkeys: vec![MkeyImage {
-                index: 1,
-                variant: 0x5a,
-                pd: 1,
-                start: 0,
-                len: 8192,
-                log_page_size: 12,
-                mtt: vec![0x20_0000, 0x30_0000],
-            }],
-            fw_pages: vec![0x1000, 0x2000],
-            cqs: vec![],
-            qps: vec![],
-        },
-        pages: vec![PageImage {
-            index: 2,
-            data: vec![7; 4096].into(),
-        }],
-    };
+    use mlx5_emulator::state::{sample_image, ImageKind};
+    let image = sample_image();
     let mut delta = image.clone();
     delta.header.kind = ImageKind::Delta;
     delta.header.seq = 2;

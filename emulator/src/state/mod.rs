@@ -37,6 +37,7 @@ mod hca;
 mod header;
 mod iseg;
 mod objects;
+mod sample;
 pub mod sum;
 
 use std::collections::BTreeSet;
@@ -54,6 +55,7 @@ use crate::devmem::{DEV_MEM_PAGE_SIZE, MAX_DEV_MEM_SIZE};
 use crate::firmware::checks::{CapsError, EqError, HcaError, PageError, PdMkeyError, UarError};
 use codec::W;
 pub use iseg::{CMDQ_ADDRESS_ALIGN_MASK, NIC_INTERFACE_MAX};
+pub use sample::sample_image;
 
 /// Bytes of one device-memory page entry: u32 index, u32 reserved, the page.
 pub const PAGE_ENTRY_LEN: usize = PAGE_ENTRY_HEAD_LEN + DEV_MEM_PAGE_SIZE as usize;

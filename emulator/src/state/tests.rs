@@ -5,101 +5,6 @@ fn le64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
 }
 
-pub(crate) fn sample() -> Image {
-    let mut caps = vec![0u8; HCA_CAP_SIZE];
-    caps[0x10] = 0x42;
-    Image {
-        header: ImageHeader {
-            function: ImageFunction::Vf,
-            kind: ImageKind::Base,
-            session: 0x1122_3344_5566_7788,
-            seq: 1,
-            base_seq: 0,
-            dev_mem_size: 32 << 10,
-        },
-        hca: HcaImage {
-            life_cycle: LifeCycle::Initialized,
-            issi: 1,
-            caps: caps.into(),
-        },
-        iseg: IsegImage {
-            cmdq_address: 0x1_0000_1000,
-            nic_interface: 0,
-        },
-        objects: ObjectsImage {
-            uars: vec![3, 4],
-            pds: vec![1],
-            cmd_eq: Some(1),
-            eqs: vec![EqImage {
-                eqn: 1,
-                uar: 3,
-                intr: 0,
-                log_size: 6,
-                page_size: 4096,
-                pas: vec![0x10_0000],
-                event_bitmask: [1 << 10, 0, 0, 0],
-                pi: 5,
-                written: 5,
-                ci: 4,
-                armed: true,
-            }],
-            mkeys: vec![MkeyImage {
-                index: 1,
-                variant: 0x5a,
-                pd: 1,
-                start: 0,
-                len: 8192,
-                log_page_size: 12,
-                mtt: vec![0x20_0000, 0x30_0000],
-            }],
-            fw_pages: (1..=8).map(|i| i * 0x1000).collect(),
-            cqs: vec![CqImage {
-                cqn: 1,
-                log_size: 6,
-                ring: crate::firmware::Ring {
-                    log_page_size: 0,
-                    pas: vec![0x40_0000],
-                },
-                uar: 4,
-                eqn: 1,
-                dbr: 0x41_0000,
-                pi: 9,
-                status: 0,
-            }],
-            qps: vec![QpImage {
-                qpn: 2,
-                state: mlx5_prm::cmd::qp::QpState::Rts,
-                pd: 1,
-                uar: 4,
-                log_msg_max: 20,
-                has_rq: true,
-                log_rq_size: 2,
-                log_rq_stride: 1,
-                has_sq: true,
-                log_sq_size: 3,
-                buf: crate::firmware::Ring {
-                    log_page_size: 0,
-                    pas: vec![0x42_0000],
-                },
-                cqn_snd: 1,
-                cqn_rcv: 1,
-                dbr: 0x41_0040,
-                rre: true,
-                rwe: true,
-                peer: Some(crate::firmware::QpPeer { vhca_id: 2, qpn: 3 }),
-                sq_ci: 5,
-                rq_ci: 1,
-            }],
-        },
-        pages: (0..3)
-            .map(|i| PageImage {
-                index: i * 2,
-                data: vec![i as u8 + 1; 4096].into(),
-            })
-            .collect(),
-    }
-}
-
 /// Recomputes the checksum after a deliberate edit, so deeper checks are reached.
 fn reseal(b: &mut [u8]) {
     let end = b.len() - CHECKSUM_LEN;
@@ -109,7 +14,7 @@ fn reseal(b: &mut [u8]) {
 
 #[test]
 fn image_round_trips_and_has_the_predicted_length() {
-    let img = sample();
+    let img = sample_image();
     let b = img.to_bytes();
     assert_eq!(b.len(), image_len(objects_len(&img.objects), 3));
     assert_eq!(&b[..8], b"MLX5VHCA");
@@ -118,7 +23,7 @@ fn image_round_trips_and_has_the_predicted_length() {
 
 #[test]
 fn every_single_bit_flip_is_refused() {
-    let b = sample().to_bytes();
+    let b = sample_image().to_bytes();
     // Every bit of the header, table and objects; a stride through the pages.
     let dense = HEADER_LEN
         + SECTIONS_WRITTEN.len() * SECTION_ENTRY_LEN
@@ -144,7 +49,7 @@ fn every_single_bit_flip_is_refused() {
 
 #[test]
 fn every_truncation_is_refused() {
-    let b = sample().to_bytes();
+    let b = sample_image().to_bytes();
     for len in (0..b.len()).rev().step_by(7).chain([b.len() - 1, 0, 71]) {
         assert!(validate(&b[..len]).is_err(), "truncation to {len} accepted");
         assert!(
@@ -161,10 +66,10 @@ fn every_truncation_is_refused() {
 
 #[test]
 fn wrong_magic_and_version_are_refused_before_the_checksum() {
-    let mut b = sample().to_bytes();
+    let mut b = sample_image().to_bytes();
     b[0] = b'X';
     assert!(matches!(validate(&b), Err(StateError::BadMagic { .. })));
-    let mut b = sample().to_bytes();
+    let mut b = sample_image().to_bytes();
     // A version-1 image (the xxh3-of-everything checksum) is refused by its number.
     b[8] = 1;
     reseal(&mut b);
@@ -206,14 +111,14 @@ fn stream(b: &[u8]) -> Result<(Staged, Vec<PageImage>), StateError> {
 
 #[test]
 fn an_image_read_in_pieces_decodes_as_the_whole() {
-    let img = sample();
+    let img = sample_image();
     let (s, pages) = stream(&img.to_bytes()).unwrap();
     assert_eq!(
         (s.header, &s.hca, s.iseg, &s.objects, &pages),
         (img.header, &img.hca, img.iseg, &img.objects, &img.pages)
     );
     // A large one: many runs of STREAM_RUN, a last one shorter.
-    let mut big = sample();
+    let mut big = sample_image();
     big.header.dev_mem_size = 4 << 20;
     big.pages = (0..200u32)
         .map(|i| PageImage {
@@ -238,7 +143,7 @@ fn an_image_read_in_pieces_decodes_as_the_whole() {
 
 /// Adds a 4th section of `len` bytes with `tag` and `flags` at the end of the payload.
 fn with_extra_section(tag_v: u16, flags: u16) -> Vec<u8> {
-    let img = sample();
+    let img = sample_image();
     let b = img.to_bytes();
     let body = &b[..b.len() - CHECKSUM_LEN];
     let payload = &body[HEADER_LEN + SECTIONS_WRITTEN.len() * SECTION_ENTRY_LEN..];
@@ -278,7 +183,7 @@ fn unknown_mandatory_section_is_refused_and_optional_one_skipped() {
         Err(StateError::UnknownMandatory { tag: 0x77 })
     );
     let b = with_extra_section(0x77, 0);
-    assert_eq!(validate(&b).unwrap(), sample());
+    assert_eq!(validate(&b).unwrap(), sample_image());
     let b = with_extra_section(SectionTag::Hca.into(), SECTION_MANDATORY);
     assert!(validate(&b).is_err(), "duplicate HCA section");
 }
@@ -286,7 +191,7 @@ fn unknown_mandatory_section_is_refused_and_optional_one_skipped() {
 #[test]
 fn oversized_lengths_and_counts_are_refused_without_allocating() {
     // A section length past the end.
-    let mut b = sample().to_bytes();
+    let mut b = sample_image().to_bytes();
     let at = HEADER_LEN + 2 * SECTION_ENTRY_LEN + 16;
     b[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
     reseal(&mut b);
@@ -295,20 +200,20 @@ fn oversized_lengths_and_counts_are_refused_without_allocating() {
         Err(StateError::SectionBounds { .. })
     ));
     // Overlapping sections.
-    let mut b = sample().to_bytes();
+    let mut b = sample_image().to_bytes();
     let at = HEADER_LEN + SECTION_ENTRY_LEN + 8;
     let off = le64(&b, at) - 4;
     b[at..at + 8].copy_from_slice(&off.to_le_bytes());
     reseal(&mut b);
     assert!(validate(&b).is_err());
     // The UAR count (first u32 of OBJECTS) claims 2^32 - 1 entries.
-    let mut b = sample().to_bytes();
+    let mut b = sample_image().to_bytes();
     let objects_at = le64(&b, HEADER_LEN + 2 * SECTION_ENTRY_LEN + 8) as usize;
     b[objects_at..objects_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
     reseal(&mut b);
     assert!(matches!(validate(&b), Err(StateError::Truncated { .. })));
     // total_len disagrees with what came.
-    let mut b = sample().to_bytes();
+    let mut b = sample_image().to_bytes();
     b[16..24].copy_from_slice(&(1u64 << 40).to_le_bytes());
     reseal(&mut b);
     assert!(matches!(
@@ -321,7 +226,7 @@ fn oversized_lengths_and_counts_are_refused_without_allocating() {
         Err(StateError::BadLength { .. })
     ));
     // Too many sections.
-    let mut b = sample().to_bytes();
+    let mut b = sample_image().to_bytes();
     b[12..14].copy_from_slice(&1000u16.to_le_bytes());
     reseal(&mut b);
     assert!(validate(&b).is_err());
@@ -329,13 +234,13 @@ fn oversized_lengths_and_counts_are_refused_without_allocating() {
 
 #[test]
 fn page_indices_are_checked() {
-    let mut img = sample();
+    let mut img = sample_image();
     img.pages[1].index = 8; // 32 KiB = pages 0..8
     assert!(validate(&img.to_bytes()).is_err());
-    let mut img = sample();
+    let mut img = sample_image();
     img.pages[1].index = 0;
     assert!(validate(&img.to_bytes()).is_err(), "duplicate page");
-    let mut img = sample();
+    let mut img = sample_image();
     img.header.kind = ImageKind::Delta;
     assert!(
         validate(&img.to_bytes()).is_err(),
@@ -348,7 +253,7 @@ fn page_indices_are_checked() {
 
 /// The image with one edit; `validate` must refuse it with `want`.
 fn refused(edit: impl FnOnce(&mut Image), want: StateError) {
-    let mut img = sample();
+    let mut img = sample_image();
     edit(&mut img);
     assert_eq!(validate(&img.to_bytes()), Err(want));
 }
@@ -478,7 +383,7 @@ fn objects_failing_a_live_validator_are_refused_with_the_live_reason() {
         |i| i.hca.issi = 7,
         StateError::Hca(check_issi(7).unwrap_err()),
     );
-    let mut caps = sample().hca.caps.to_vec();
+    let mut caps = sample_image().hca.caps.to_vec();
     mlx5_prm::ifc::set(&mut caps, mlx5_prm::cmd::caps::cmd_hca_cap::LOG_MAX_QP, 31);
     let reason = check_general_caps(&caps).unwrap_err();
     assert!(matches!(reason, CapsError::AboveMax { value: 31, .. }));
@@ -499,7 +404,7 @@ fn objects_the_firmware_could_not_hold_are_refused() {
             source: EqError::SecondCmdEq,
         },
     );
-    let mut img = sample();
+    let mut img = sample_image();
     img.objects.cmd_eq = None;
     assert!(matches!(
         validate(&img.to_bytes()),
@@ -520,7 +425,7 @@ fn objects_the_firmware_could_not_hold_are_refused() {
         |i| i.objects.eqs[0].page_size = 4096 * 3,
         |i| i.objects.eqs[0].ci = 1 << 24,
     ] {
-        let mut img = sample();
+        let mut img = sample_image();
         edit(&mut img);
         assert!(validate(&img.to_bytes()).is_err(), "{:?}", img.objects);
     }
