@@ -133,6 +133,30 @@ pub struct QpSizes {
     pub log_rq: u8,
     pub log_rq_stride: u8,
     pub log_msg_max: u8,
+    /// No send queue (`no_sq`): `log_sq` is ignored.
+    pub no_sq: bool,
+    /// A zero-size receive queue (`rq_type` ZERO_LEN): `log_rq` is ignored. With
+    /// `no_sq` the QP has no buffer and no doorbell record at all (a page tracker's
+    /// fw QP, on whose behalf the firmware sends).
+    pub zero_rq: bool,
+}
+
+impl QpSizes {
+    fn rq_bytes(&self) -> u64 {
+        if self.zero_rq {
+            0
+        } else {
+            (1u64 << self.log_rq) << (4 + self.log_rq_stride)
+        }
+    }
+
+    fn sq_bytes(&self) -> u64 {
+        if self.no_sq {
+            0
+        } else {
+            (1u64 << self.log_sq) * SEND_WQE_BB as u64
+        }
+    }
 }
 
 impl Default for QpSizes {
@@ -142,6 +166,8 @@ impl Default for QpSizes {
             log_rq: 6,
             log_rq_stride: 2,
             log_msg_max: 30,
+            no_sq: false,
+            zero_rq: false,
         }
     }
 }
@@ -169,11 +195,15 @@ pub struct Qp {
 
 impl Qp {
     fn rq_bytes(&self) -> u64 {
-        (1u64 << self.sizes.log_rq) << (4 + self.sizes.log_rq_stride)
+        self.sizes.rq_bytes()
     }
 
     fn sq_entries(&self) -> u32 {
-        1 << self.sizes.log_sq
+        if self.sizes.no_sq {
+            0
+        } else {
+            1 << self.sizes.log_sq
+        }
     }
 
     /// The send counter (basic blocks posted).
@@ -257,6 +287,13 @@ pub struct DmaQueues<'h> {
 impl<'h> DmaQueues<'h> {
     /// Creates the completion EQ on `hca`, which must be up.
     pub fn new(hca: &'h Hca) -> Result<Self, DmaQueueError> {
+        let pd = hca.info().ok_or(DmaQueueError::NotUp)?.pd;
+        Self::with_pd(hca, pd)
+    }
+
+    /// [`DmaQueues::new`] whose QPs go into `pd` (a PD the caller allocated, as mlx5vf
+    /// allocates one for its page tracker).
+    pub fn with_pd(hca: &'h Hca, pd: u32) -> Result<Self, DmaQueueError> {
         let info = hca.info().ok_or(DmaQueueError::NotUp)?;
         let mut eq = EventQueue::alloc(
             hca.cmd().arena(),
@@ -282,7 +319,7 @@ impl<'h> DmaQueues<'h> {
             eq: Some(eq),
             eqn,
             uar: info.uar,
-            pd: info.pd,
+            pd,
         })
     }
 
@@ -354,10 +391,12 @@ impl<'h> DmaQueues<'h> {
     /// CREATE_QP (RC, in the function's PD) with send completions on `scq` and
     /// receive completions on `rcq`.
     pub fn create_qp(&self, scq: &Cq, rcq: &Cq, sizes: QpSizes) -> Result<Qp, DmaQueueError> {
-        let rq_bytes = (1u64 << sizes.log_rq) << (4 + sizes.log_rq_stride);
-        let sq_bytes = (1u64 << sizes.log_sq) * SEND_WQE_BB as u64;
-        let buf = Pages::alloc(self.hca, rq_bytes + sq_bytes)?;
-        let dbr = Pages::alloc(self.hca, 8)?;
+        let bytes = sizes.rq_bytes() + sizes.sq_bytes();
+        let (buf, dbr) = if bytes == 0 {
+            (Pages(Vec::new()), Pages(Vec::new()))
+        } else {
+            (Pages::alloc(self.hca, bytes)?, Pages::alloc(self.hca, 8)?)
+        };
         let mut m = new_input(
             Opcode::CreateQp,
             0,
@@ -372,9 +411,19 @@ impl<'h> DmaQueues<'h> {
         s(&mut m, qpc::LOG_RQ_SIZE, sizes.log_rq.into());
         s(&mut m, qpc::LOG_RQ_STRIDE, sizes.log_rq_stride.into());
         s(&mut m, qpc::LOG_SQ_SIZE, sizes.log_sq.into());
-        s(&mut m, qpc::CQN_SND, scq.cqn.into());
-        s(&mut m, qpc::CQN_RCV, rcq.cqn.into());
-        s(&mut m, qpc::DBR_ADDR, dbr.0[0]);
+        if sizes.no_sq {
+            s(&mut m, qpc::NO_SQ, 1);
+        } else {
+            s(&mut m, qpc::CQN_SND, scq.cqn.into());
+        }
+        if sizes.zero_rq {
+            s(&mut m, qpc::RQ_TYPE, qp::RQ_TYPE_ZERO_SIZE.into());
+        } else {
+            s(&mut m, qpc::CQN_RCV, rcq.cqn.into());
+        }
+        if let Some(&d) = dbr.0.first() {
+            s(&mut m, qpc::DBR_ADDR, d);
+        }
         for (i, &p) in buf.0.iter().enumerate() {
             if let Some(f) = QP_PAS.nth(i) {
                 set(&mut m, f, p);

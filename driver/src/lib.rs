@@ -9,6 +9,7 @@
 //! module writes its locks and their order down where they are declared.
 
 pub mod cmdif;
+pub mod dirty;
 pub mod dma;
 pub mod hca;
 pub mod migration;

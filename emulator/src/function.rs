@@ -20,8 +20,8 @@ use crate::dma;
 use crate::fabric::Fabric;
 use crate::fault::{CmdFaults, CmdSite, DmaDir, Fatal, FaultTarget, Injector, StateFilter};
 use crate::firmware::{
-    Cmd, CmdRecord, Env, Firmware, FwCell, HcaState, MigCtl, MigState, ObjectCounts, P2pRefusal,
-    P2pSource, Peer, Violation, ViolationKind, LOG_BF_REG_SIZE,
+    Cmd, CmdRecord, DirtyLog, Env, Firmware, FwCell, HcaState, MigCtl, MigState, ObjectCounts,
+    P2pRefusal, P2pSource, Peer, Violation, ViolationKind, LOG_BF_REG_SIZE,
 };
 pub use crate::firmware::{FunctionId, SuspendError, DRAIN_TIMEOUT, MSIX_VECTORS};
 use crate::pci::{ConfigParams, ConfigSpace, PciError, INTERRUPT_PIN_NONE};
@@ -118,6 +118,10 @@ pub struct Function {
     engine: dma::Kicker,
     /// The DMA engine's initiator gate (closed by SUSPEND_VHCA(initiator); a leaf lock).
     gate: dma::Gate,
+    /// The pages of this function's DMA writes a PF's page tracker watches (a leaf).
+    dirty: DirtyLog,
+    /// The PF's page-tracker reporter (`None` on a VF: only the PF tracks).
+    reporter: std::sync::OnceLock<dma::Reporter>,
 }
 
 impl Function {
@@ -186,12 +190,20 @@ impl Function {
             reset_gate: RwLock::new(()),
             engine,
             gate: dma::Gate::default(),
+            dirty: DirtyLog::default(),
+            reporter: std::sync::OnceLock::new(),
         });
         let short = id.socket_name().trim_end_matches(".sock").to_string();
         let host: std::sync::Weak<dyn cmdq::Host> = Arc::downgrade(&f) as _;
         cmdq::spawn_worker(host, rx, format!("fw-{short}")).map_err(FunctionError::Worker)?;
         let host: std::sync::Weak<dyn dma::Host> = Arc::downgrade(&f) as _;
-        dma::spawn(host, engine_rx, format!("dma-{short}")).map_err(FunctionError::Worker)?;
+        dma::spawn(host.clone(), engine_rx, format!("dma-{short}"))
+            .map_err(FunctionError::Worker)?;
+        if id.kind == crate::pci::FunctionKind::Pf {
+            let r = dma::spawn_reporter(host, format!("pgtrack-{short}"))
+                .map_err(FunctionError::Worker)?;
+            let _ = f.reporter.set(r);
+        }
         let peer: Arc<dyn Peer> = Arc::clone(&f) as _;
         f.fabric.register(&peer);
         let target: Arc<dyn FaultTarget> = Arc::clone(&f) as _;
@@ -706,6 +718,7 @@ impl Function {
             return Err(injected_dma_fault(iova, data.len()));
         }
         self.dma.write_by(iova, data, qpn)?;
+        self.dirty.mark(iova, data.len());
         self.faults().dma_written(iova, data.len());
         Ok(())
     }
@@ -750,6 +763,10 @@ impl Env for Function {
 
     fn peer(&self, vhca_id: u16) -> Option<Arc<dyn Peer>> {
         self.fabric.by_vhca_id(vhca_id)
+    }
+
+    fn page_report(&self, job: crate::firmware::ReportJob) -> bool {
+        self.reporter.get().is_some_and(|r| r.submit(job))
     }
 }
 
@@ -903,6 +920,10 @@ impl Peer for Function {
             );
         }
         admitted
+    }
+
+    fn dirty_log(&self) -> Option<&DirtyLog> {
+        Some(&self.dirty)
     }
 
     fn end_dma(&self) {

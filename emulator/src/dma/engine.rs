@@ -130,7 +130,7 @@ fn step(h: &dyn Host, qpn: u32) -> Step {
         return Step::Idle;
     };
     let flushing = q.state == QpState::Err;
-    if !(flushing || q.can_send() && q.has_sq) {
+    if !(q.has_sq || q.has_rq) || !(flushing || q.can_send() && q.has_sq) {
         return Step::Idle;
     }
     let Some(_in_flight) = h.gate().enter(qpn) else {
@@ -460,7 +460,7 @@ fn execute(h: &dyn Host, q: &Qp, ctrl: &CtrlSeg, segs: &[u8]) -> Result<u32, Fai
                     imm: Some(imm),
                     scatter: false,
                 };
-                receive(&own, &local, &side, &tq, msg, q.qpn)?;
+                receive(Src::Runs(&own, &local), &side, &tq, msg, q.qpn)?;
             }
         }
         WqeOpcode::Send | WqeOpcode::SendImm => {
@@ -470,15 +470,13 @@ fn execute(h: &dyn Host, q: &Qp, ctrl: &CtrlSeg, segs: &[u8]) -> Result<u32, Fai
                 imm,
                 scatter: true,
             };
-            receive(&own, &local, &side, &tq, msg, q.qpn)?;
+            receive(Src::Runs(&own, &local), &side, &tq, msg, q.qpn)?;
         }
         WqeOpcode::Nop => {}
     }
     Ok(total.min(u64::from(u32::MAX)) as u32)
 }
 
-/// The responder's half of a SEND (scatter into the next receive WQE) or an
-/// RDMA_WRITE_IMM (`scatter` false: the WQE is consumed for its CQE only).
 /// A message arriving at a responder QP: its length, immediate data, and whether it is
 /// scattered into the receive WQE (SEND) or only completes it (RDMA_WRITE_IMM).
 struct Incoming {
@@ -487,9 +485,17 @@ struct Incoming {
     scatter: bool,
 }
 
+/// The responder's half of a SEND (scatter into the next receive WQE) or an
+/// RDMA_WRITE_IMM (`scatter` false: the WQE is consumed for its CQE only).
+/// Where the bytes of an incoming message come from: the requester's local runs, or
+/// a firmware buffer (a message the firmware sends on a QP's behalf).
+enum Src<'s, 'h> {
+    Runs(&'s Side<'h>, &'s [(u64, u64)]),
+    Bytes(&'s [u8]),
+}
+
 fn receive(
-    own: &Side<'_>,
-    local: &[(u64, u64)],
+    src: Src<'_, '_>,
     side: &Side<'_>,
     tq: &Qp,
     msg: Incoming,
@@ -555,7 +561,13 @@ fn receive(
                 CqeSyndrome::LocalProtErr,
             ))
         })?;
-        copy(own, local, side, &dst, total, qpn).map_err(|e| match e {
+        let copied = match src {
+            Src::Runs(own, local) => copy(own, local, side, &dst, total, qpn),
+            Src::Bytes(b) => Cursor::new(&dst)
+                .each(b.len(), |iova, r| write_for(side, qpn, iova, &b[r]))
+                .map_err(CopyError::Dst),
+        };
+        copied.map_err(|e| match e {
             CopyError::Src(_) => e.fail(true),
             CopyError::Dst(DmaError::Refused { .. }) => e.fail(true),
             CopyError::Dst(_) => fail_resp(responder(
@@ -789,4 +801,59 @@ fn post_cqe(side: &Side<'_>, cqn: u32, opcode: CqeOpcode, bytes: &[u8]) -> bool 
         }
     }
     written
+}
+
+/// Why a firmware-originated SEND did not land.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FwSendError {
+    /// The sending QP is not in RTS, or not connected to a ready QP of this function.
+    #[error("the sending QP is not connected to a ready QP of this function")]
+    NotReady,
+    /// The receiving QP has no receive WQE posted (an RNR NAK: try again later).
+    #[error("no receive WQE posted at the receiving QP")]
+    NoRecv,
+    /// The receive failed (its WQE completed with an error CQE, the QP went to ERR).
+    #[error("the receive failed: {0}")]
+    Failed(CqeSyndrome),
+}
+
+/// A SEND_IMM of `data` with immediate `imm` that the firmware makes on behalf of QP
+/// `qpn` of this function (a page tracker's report from its `reporting_qpn`): the
+/// next receive WQE of the QP `qpn` is connected to consumes it and completes with
+/// RESP_SEND_IMM, exactly as if the QP had posted it. The sending QP needs neither a
+/// send queue nor a CQ (nothing completes on its side). Its peer must be on this
+/// function (force loopback, as mlx5vf connects them).
+pub fn fw_send(h: &dyn Host, qpn: u32, data: &[u8], imm: u32) -> Result<(), FwSendError> {
+    let own_id = h.env().id().vhca_id;
+    let q = h
+        .firmware()
+        .lock()
+        .qp(qpn)
+        .filter(|q| q.can_send())
+        .cloned()
+        .ok_or(FwSendError::NotReady)?;
+    let peer = q
+        .peer
+        .filter(|p| p.vhca_id == own_id)
+        .ok_or(FwSendError::NotReady)?;
+    let me = QpPeer {
+        vhca_id: own_id,
+        qpn,
+    };
+    let tq = h
+        .firmware()
+        .lock()
+        .qp(peer.qpn)
+        .filter(|t| t.can_receive() && t.peer == Some(me))
+        .cloned()
+        .ok_or(FwSendError::NotReady)?;
+    let msg = Incoming {
+        total: data.len() as u64,
+        imm: Some(imm),
+        scatter: true,
+    };
+    receive(Src::Bytes(data), &Side::Own(h), &tq, msg, qpn).map_err(|f| match f.syndrome {
+        CqeSyndrome::RnrRetryExcErr => FwSendError::NoRecv,
+        s => FwSendError::Failed(s),
+    })
 }

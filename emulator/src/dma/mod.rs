@@ -24,6 +24,7 @@
 //! memory, their QP's counters in the firmware state, so a state image carries them.
 
 mod engine;
+mod report;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
@@ -35,7 +36,8 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use crate::firmware::Peer;
 use crate::firmware::{Env, FwCell};
 
-pub use engine::COPY_CHUNK;
+pub use engine::{fw_send, FwSendError, COPY_CHUNK};
+pub use report::{spawn_reporter, Reporter, REPORT_RNR_TIMEOUT};
 
 /// WQEs one QP runs before the engine turns to the next ready QP.
 pub const WQE_BUDGET: u32 = 16;

@@ -45,6 +45,12 @@ pub const DEVICE_FREQUENCY_KHZ: u64 = 1_000_000;
 pub fn general_max(id: FunctionId) -> Box<[u8]> {
     let mut p = general_limits();
     set(&mut p, cmd_hca_cap::VHCA_ID, u64::from(id.vhca_id));
+    // The PF tracks its VFs' DMA writes (PAGE_TRACK objects): what mlx5vf checks on
+    // the PF's mdev before it offers DMA logging. A VF does not advertise it, so the
+    // guest's mlx5_core never asks for the page.
+    if id.kind == FunctionKind::Pf {
+        set(&mut p, cmd_hca_cap::ADV_VIRTUALIZATION, 1);
+    }
     p
 }
 
@@ -167,6 +173,9 @@ impl Firmware {
             (CapType::General, CapMode::Cur) => self.general_cur.clone(),
             (CapType::General, CapMode::Max) => general_max(self.id),
             (CapType::General2, _) => general2(self.id),
+            (CapType::AdvVirtualization, _) if self.id.kind == FunctionKind::Pf => {
+                super::page_track::adv_virtualization_caps()
+            }
             _ => vec![0u8; HCA_CAP_SIZE].into_boxed_slice(),
         }
     }
@@ -432,9 +441,19 @@ mod tests {
             cmd_hca_cap::PCAM_REG,
             cmd_hca_cap::QCAM_REG,
             cmd_hca_cap::VHCA_STATE,
-            cmd_hca_cap::ADV_VIRTUALIZATION,
         ] {
             assert_eq!(get(&own, f), 0, "{f:?}");
         }
+        assert_eq!(
+            get(&own, cmd_hca_cap::ADV_VIRTUALIZATION),
+            1,
+            "the page tracker"
+        );
+        let vf = query(gen(CapMode::Max), Some(1));
+        assert_eq!(
+            get(&vf, cmd_hca_cap::ADV_VIRTUALIZATION),
+            0,
+            "a VF has none"
+        );
     }
 }

@@ -19,6 +19,7 @@ use std::time::Duration;
 use vfu::DmaError;
 
 use super::migration::{MigCtl, SuspendError};
+use super::page_track::{DirtyLog, ReportJob};
 use super::Firmware;
 use crate::devmem::DevMem;
 use crate::pci::FunctionKind;
@@ -121,6 +122,14 @@ pub trait Env: Sync {
     /// Another live function of the adapter by `vhca_id` (the PF naming a VF, a QP's
     /// peer on another function).
     fn peer(&self, vhca_id: u16) -> Option<Arc<dyn Peer>>;
+
+    /// Hands a page tracker's report to this function's reporter, which sends it from
+    /// the tracker's QP after the command completes. Returns at once; false if the
+    /// function has no reporter (the tracker then goes to ERROR).
+    fn page_report(&self, job: ReportJob) -> bool {
+        let _ = job;
+        false
+    }
 }
 
 /// Another function, as the PF's firmware acts on it.
@@ -213,4 +222,10 @@ pub trait Peer: Send + Sync {
 
     /// Ends an admission [`Peer::admit_dma`] granted.
     fn end_dma(&self);
+
+    /// The log a page tracker of the PF marks this function's DMA writes in (`None`:
+    /// the function cannot be tracked). A leaf lock.
+    fn dirty_log(&self) -> Option<&DirtyLog> {
+        None
+    }
 }

@@ -188,6 +188,19 @@ impl EqeSlot {
         set(&mut e, EQE_OWNER, u64::from(self.owner));
         e
     }
+
+    /// The 64-byte OBJECT_CHANGE EQE for general object `obj_id` of `obj_type`.
+    pub fn obj_change_eqe(&self, obj_type: u16, obj_id: u32) -> [u8; EQE_SIZE] {
+        use mlx5_prm::cmd::page_track::{
+            EQE_OBJ_CHANGE_OBJ_ID, EQE_OBJ_CHANGE_OBJ_TYPE, EVENT_TYPE_OBJECT_CHANGE,
+        };
+        let mut e = [0u8; EQE_SIZE];
+        set(&mut e, EQE_TYPE, u64::from(EVENT_TYPE_OBJECT_CHANGE));
+        set(&mut e, EQE_OBJ_CHANGE_OBJ_TYPE, u64::from(obj_type));
+        set(&mut e, EQE_OBJ_CHANGE_OBJ_ID, u64::from(obj_id));
+        set(&mut e, EQE_OWNER, u64::from(self.owner));
+        e
+    }
 }
 
 impl Firmware {
@@ -297,15 +310,21 @@ impl Firmware {
     /// its consumer index within the ring).
     pub fn reserve_cmd_eqe(&mut self) -> Option<EqeSlot> {
         let eqn = self.cmd_eq?;
+        self.reserve_eqe(eqn)
+    }
+
+    /// Reserves the next EQE of the first EQ whose event bitmask takes `event_type`
+    /// (an asynchronous event); `None` if none does, or it would overrun.
+    pub fn reserve_event_eqe(&mut self, event_type: u8) -> Option<EqeSlot> {
+        let eqn = self.eqs.values().find(|e| e.wants(event_type))?.eqn;
+        self.reserve_eqe(eqn)
+    }
+
+    fn reserve_eqe(&mut self, eqn: u8) -> Option<EqeSlot> {
         let eq = self.eqs.get_mut(&eqn)?;
         let outstanding = eq.pi.wrapping_sub(eq.ci) & EQ_DOORBELL_CI_MASK;
         if outstanding >= eq.entries() {
-            tracing::warn!(
-                eqn,
-                pi = eq.pi,
-                ci = eq.ci,
-                "command EQ overrun; EQE dropped"
-            );
+            tracing::warn!(eqn, pi = eq.pi, ci = eq.ci, "EQ overrun; EQE dropped");
             return None;
         }
         let addr = eq.eqe_address(eq.pi)?;

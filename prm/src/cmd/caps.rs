@@ -266,8 +266,9 @@ pub mod cmd_hca_cap {
     pub const NUM_OF_UARS_PER_PAGE: Field = Field::new(0x520, 32);
     /// ADV_RDMA caps.
     pub const ADV_RDMA: Field = Field::new(0x571, 1);
-    /// ADV_VIRTUALIZATION caps. mlx5-device.md §4.2 gives 0x579; kernel-mlx5vf.md
-    /// records it as not verified, so treat as sheet-only.
+    /// ADV_VIRTUALIZATION caps (the page tracker): `reserved_at_570[0x9]`,
+    /// `adv_virtualization` @0x579 [IFC "Introduce ifc bits for page tracker"].
+    /// mlx5_core then reads the ADV_VIRTUALIZATION page; mlx5vf offers DMA logging.
     pub const ADV_VIRTUALIZATION: Field = Field::new(0x579, 1);
     /// `num_vhca_ports`; SET mirrors MAX.
     pub const NUM_VHCA_PORTS: Field = Field::new(0x610, 8);

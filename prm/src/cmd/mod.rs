@@ -10,6 +10,7 @@ pub mod hca;
 pub mod header;
 pub mod migration;
 pub mod opcode;
+pub mod page_track;
 pub mod pages;
 pub mod pd_mkey;
 pub mod qp;
