@@ -171,7 +171,7 @@ pub fn check_start(ranges: &[(u64, u64)], page_size: u64) -> Result<Vec<(u64, u6
     v.sort_unstable();
     let mut prev_end = 0u64;
     for (i, &(iova, length)) in v.iter().enumerate() {
-        if length == 0 || iova % page_size != 0 || length % page_size != 0 {
+        if length == 0 || !iova.is_multiple_of(page_size) || !length.is_multiple_of(page_size) {
             return Err(DirtyError::Invalid(format!(
                 "range {iova:#x}+{length:#x} is empty or not aligned to the page size {page_size:#x}"
             )));
@@ -443,7 +443,7 @@ impl<'h> DirtyTracker<'h> {
         bitmap: &mut [u64],
     ) -> Result<(), DirtyError> {
         check_page_size(page_size)?;
-        if length == 0 || iova % page_size != 0 || length % page_size != 0 {
+        if length == 0 || !iova.is_multiple_of(page_size) || !length.is_multiple_of(page_size) {
             return Err(DirtyError::Invalid(format!(
                 "report range {iova:#x}+{length:#x} is empty or not aligned to {page_size:#x}"
             )));
@@ -711,15 +711,9 @@ mod tests {
     #[test]
     fn bits_cover_the_tracker_page_at_any_bitmap_page_size() {
         let mut b = [0u64; 2];
-        // A 2 MiB tracker page reported in a 4 KiB bitmap starting at 1 MiB.
-        set_bits(
-            &mut b,
-            0x10_0000,
-            0x10_0000 + 128 * 4096,
-            4096,
-            0x20_0000,
-            0x20_0000,
-        );
+        // A 2 MiB tracker page reported in a 4 KiB bitmap of 128 pages from 1.75 MiB:
+        // its second half.
+        set_bits(&mut b, 0x1c_0000, 0x24_0000, 4096, 0x20_0000, 0x20_0000);
         assert_eq!(b, [0, u64::MAX]);
         // A 4 KiB tracker page reported in a 2 MiB bitmap.
         let mut b = [0u64; 1];

@@ -21,12 +21,17 @@
 //! | state image | [`MAX_IMAGE_LEN`] (objects section [`MAX_OBJECTS_LEN`]) | LOAD: BAD_PARAM, `mig_syndrome::BAD_SIZE` |
 //! | drain at responder suspend | [`DRAIN_TIMEOUT`] | SUSPEND_VHCA: INT_ERR, back to initiator-suspended |
 //! | VFs per adapter | [`MAX_VFS`] | refused at start-up |
+//! | page trackers per PF, ranges per tracker | 2^[`LOG_MAX_PAGE_TRACKERS`], [`MAX_TRACK_RANGES`] | CREATE_GENERAL_OBJECT: NO_RESOURCES / BAD_PARAM |
+//! | dirty pages a tracked function's log holds | [`MAX_DIRTY_PAGES`] | the tracker goes to ERROR (pages lost) at its next report |
+//! | a report message waiting for a receive WQE | [`REPORT_RNR_TIMEOUT`] | the tracker goes to ERROR |
 
 pub use crate::adapter::MAX_VFS;
 pub use crate::bar0::MAX_ACCESS_LEN;
 pub use crate::cmdq::mailbox::{MAX_CMD_IN_LEN, MAX_CMD_OUT_LEN};
 pub use crate::cmdq::{CMDQ_SLOTS, DOORBELL_BACKLOG, SLOT_BACKLOG};
 pub use crate::devmem::MAX_DEV_MEM_SIZE;
+pub use crate::dma::REPORT_RNR_TIMEOUT;
+pub use crate::firmware::page_track::{LOG_MAX_PAGE_TRACKERS, MAX_DIRTY_PAGES, MAX_TRACK_RANGES};
 pub use crate::firmware::tables::*;
 pub use crate::firmware::{CMD_LOG_CAPACITY, DRAIN_TIMEOUT, VIOLATION_LOG_CAPACITY};
 pub use crate::state::{MAX_IMAGE_LEN, MAX_OBJECTS_LEN};
