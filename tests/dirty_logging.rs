@@ -335,3 +335,87 @@ fn hostile_tracker_objects_are_refused_with_status_and_syndrome() {
     assert!(t.report(DATA_IOVA, PAGE, 1000, &mut bm).is_err());
     t.stop().unwrap();
 }
+
+#[test]
+fn the_tracker_raises_object_change_on_an_eq_that_takes_it() {
+    use mlx5_prm::cmd::eq::{CREATE_EQ_OUT_EQ_NUMBER, CREATE_EQ_OUT_LEN};
+    use mlx5_prm::cmd::page_track::{
+        EQE_OBJ_CHANGE_OBJ_ID, EQE_OBJ_CHANGE_OBJ_TYPE, EVENT_TYPE_OBJECT_CHANGE,
+    };
+    use mlx5vf::cmdif::EventQueue;
+    let tb = Testbed::start(1);
+    let pf = bringup::pf_up(&tb.pf_socket());
+    let n = dma::node(&tb.vf_socket(0), DATA);
+    let q = DmaQueues::new(&n.hca).unwrap();
+    let (mut a, _b) = loopback_pair(&q);
+    let uar = pf.info().unwrap().uar;
+    let mut eq = EventQueue::alloc(pf.cmd().arena(), 6, uar, 2).unwrap();
+    let out = pf
+        .cmd()
+        .exec(
+            &eq.create_input(1 << EVENT_TYPE_OBJECT_CHANGE),
+            CREATE_EQ_OUT_LEN,
+        )
+        .expect("async EQ");
+    eq.set_eqn(mlx5_prm::ifc::get(&out, CREATE_EQ_OUT_EQ_NUMBER) as u8);
+    let mut t = DirtyTracker::start(&pf, n.vhca_id, &[(DATA_IOVA, DATA)], PAGE).unwrap();
+    let id = t.object_id().unwrap();
+    for round in 0..2u64 {
+        rdma_write(&n, &q, &mut a, SRC, (round + 1) << 20, 10);
+        assert_eq!(report(&mut t, DATA_IOVA, DATA, PAGE).len(), 1);
+        let deadline = std::time::Instant::now() + dma::CQE_WAIT;
+        let e = loop {
+            if let Some(e) = eq.next(pf.cmd().arena()).unwrap() {
+                break e;
+            }
+            assert!(std::time::Instant::now() < deadline, "no OBJECT_CHANGE EQE");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        assert_eq!(e.event_type(), EVENT_TYPE_OBJECT_CHANGE);
+        assert_eq!(mlx5_prm::ifc::get(&e.bytes, EQE_OBJ_CHANGE_OBJ_TYPE), 0x46);
+        assert_eq!(
+            mlx5_prm::ifc::get(&e.bytes, EQE_OBJ_CHANGE_OBJ_ID),
+            u64::from(id)
+        );
+    }
+    t.stop().unwrap();
+}
+
+#[test]
+fn a_report_that_cannot_be_delivered_leaves_the_tracker_in_error_until_restarted() {
+    use mlx5_prm::cmd::page_track::PageTrackState;
+    let tb = Testbed::start(1);
+    let pf = bringup::pf_up(&tb.pf_socket());
+    let n = dma::node(&tb.vf_socket(0), DATA);
+    let q = DmaQueues::new(&n.hca).unwrap();
+    let (mut a, _b) = loopback_pair(&q);
+    let mut t = DirtyTracker::start(&pf, n.vhca_id, &[(DATA_IOVA, DATA)], PAGE).unwrap();
+    let (host, _fw) = t.qpns().unwrap();
+    rdma_write(&n, &q, &mut a, SRC, 1 << 20, 10);
+    // The host QP is taken to ERR behind the driver's back: the report has nowhere to go.
+    let pq = DmaQueues::new(&pf).unwrap();
+    pq.modify(host, Opcode::Qp2ErrQp, |_| {}).unwrap();
+    let mut bm = vec![0u64; (DATA / PAGE / 64) as usize];
+    let e = t.report(DATA_IOVA, DATA, PAGE, &mut bm).unwrap_err();
+    assert_eq!(e.errno(), -5, "{e}");
+    let id = t.object_id().unwrap();
+    let deadline = std::time::Instant::now() + dma::CQE_WAIT;
+    while t.query_state(id).unwrap() != PageTrackState::Failed {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tracker never in ERROR"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let again = t.report(DATA_IOVA, DATA, PAGE, &mut bm).unwrap_err();
+    assert_eq!(again.errno(), -5, "later reports fail too: {again}");
+    t.stop().unwrap();
+    // Stop and start: a working tracker again.
+    let mut t = DirtyTracker::start(&pf, n.vhca_id, &[(DATA_IOVA, DATA)], PAGE).unwrap();
+    rdma_write(&n, &q, &mut a, SRC, 2 << 20, 10);
+    assert_eq!(
+        report(&mut t, DATA_IOVA, DATA, PAGE),
+        pages(2 << 20, 10, PAGE)
+    );
+    t.stop().unwrap();
+}

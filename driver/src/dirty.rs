@@ -431,6 +431,11 @@ impl<'h> DirtyTracker<'h> {
         self.obj_id
     }
 
+    /// The host QP the reports arrive on (and the fw QP they are sent from).
+    pub fn qpns(&self) -> Option<(u32, u32)> {
+        Some((self.host_qp.as_ref()?.qpn, self.fw_qp.as_ref()?.qpn))
+    }
+
     /// DMA_LOGGING_REPORT: sets in `bitmap` (bit i = the page of `page_size` bytes at
     /// `iova + i × page_size`, LSB first in each u64) every page of
     /// `iova..iova+length` the VF's DMA wrote since the last report, and clears them

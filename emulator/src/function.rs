@@ -692,7 +692,16 @@ impl Function {
     pub fn reset(&self) {
         let _gate = self.reset_gate.write().unwrap_or_else(|p| p.into_inner());
         self.epoch.fetch_add(1, Ordering::AcqRel);
+        // A PF's trackers go with its firmware: their VFs stop marking.
+        let tracked = self.firmware.lock().page_track_targets();
         self.firmware.reset();
+        for (vhca_id, obj_id) in tracked {
+            if let Some(log) = self.fabric.by_vhca_id(vhca_id) {
+                if let Some(l) = log.dirty_log() {
+                    l.stop(obj_id);
+                }
+            }
+        }
         {
             // One step under `mig`: a freeze or thaw is wholly before or after.
             let mut m = self.migration();

@@ -59,13 +59,17 @@ fn run(host: Weak<dyn Host>, rx: Receiver<ReportJob>) {
     }
 }
 
-/// Sends one message, waiting (bounded) for a receive WQE.
-fn send(h: &dyn Host, qpn: u32, data: &[u8], imm: u32) -> Result<(), FwSendError> {
+/// Sends one message, waiting (bounded) for a receive WQE, as long as tracker
+/// `obj_id` exists.
+fn send(h: &dyn Host, obj_id: u32, qpn: u32, data: &[u8], imm: u32) -> Result<(), FwSendError> {
     let deadline = Instant::now() + REPORT_RNR_TIMEOUT;
     let mut pause = Duration::from_micros(100);
     loop {
         match fw_send(h, qpn, data, imm) {
-            Err(FwSendError::NoRecv) if Instant::now() < deadline => {
+            Err(FwSendError::NoRecv)
+                if Instant::now() < deadline
+                    && h.firmware().lock().page_track(obj_id).is_some() =>
+            {
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_millis(5));
             }
@@ -104,7 +108,7 @@ pub fn report(h: &dyn Host, job: &ReportJob) {
         }
         let msg: Vec<u8> = c.iter().flat_map(|p| p.to_be_bytes()).collect();
         let state = if last { end } else { PageTrackState::Reporting };
-        if let Err(e) = send(h, job.qpn, &msg, report_imm(state)) {
+        if let Err(e) = send(h, job.obj_id, job.qpn, &msg, report_imm(state)) {
             tracing::warn!(
                 vhca_id = h.env().id().vhca_id,
                 obj_id = job.obj_id,

@@ -148,13 +148,31 @@ struct Tracking {
 /// The dirty pages of one tracked function: marked by its DMA path, taken by its
 /// tracker's reports. A leaf lock; a function no tracker watches pays one atomic load
 /// per DMA write.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct DirtyLog {
     active: AtomicBool,
     inner: Mutex<Option<Tracking>>,
+    /// Pages the log holds before it overflows ([`MAX_DIRTY_PAGES`]).
+    cap: usize,
+}
+
+impl Default for DirtyLog {
+    fn default() -> Self {
+        DirtyLog::with_capacity(MAX_DIRTY_PAGES)
+    }
 }
 
 impl DirtyLog {
+    /// A log that overflows past `cap` pages (tests; functions use
+    /// [`MAX_DIRTY_PAGES`]).
+    pub fn with_capacity(cap: usize) -> Self {
+        DirtyLog {
+            active: AtomicBool::new(false),
+            inner: Mutex::new(None),
+            cap,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Tracking>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -194,17 +212,18 @@ impl DirtyLog {
         let end = iova.saturating_add(len as u64);
         let mut g = self.lock();
         let Some(t) = g.as_mut() else { return };
+        let cap = self.cap;
         let page = 1u64 << t.log_page;
         for &(s, e) in &t.ranges {
             let lo = s.max(iova);
             let hi = e.min(end);
             let mut p = lo & !(page - 1);
             while p < hi {
-                if t.dirty.len() >= MAX_DIRTY_PAGES && !t.dirty.contains(&p) {
+                if t.dirty.len() >= cap && !t.dirty.contains(&p) {
                     if !t.overflow {
                         tracing::warn!(
                             obj_id = t.obj_id,
-                            max = MAX_DIRTY_PAGES,
+                            max = cap,
                             "dirty log full; tracker goes to ERROR at its next report"
                         );
                     }
@@ -296,6 +315,14 @@ impl Firmware {
             }
             None => false,
         }
+    }
+
+    /// (tracked `vhca_id`, object id) of every tracker (a reset stops their logs).
+    pub fn page_track_targets(&self) -> Vec<(u16, u32)> {
+        self.page_tracks
+            .values()
+            .map(|t| (t.vhca_id, t.id))
+            .collect()
     }
 
     fn obj_type(cmd: &Cmd<'_>) -> Result<(), CmdFail> {
@@ -610,6 +637,20 @@ mod tests {
         assert!(l.is_tracking());
         l.stop(1);
         assert!(!l.is_tracking());
+    }
+
+    #[test]
+    fn a_full_log_overflows_and_says_so_until_restarted() {
+        let l = DirtyLog::with_capacity(2);
+        l.start(1, 12, &[(0, 1 << 20)]);
+        l.mark(0, 2 * 4096);
+        l.mark(0, 1); // already marked: no overflow
+        assert!(l.take(1, 0, 4096).is_ok());
+        l.mark(0, 3 * 4096);
+        assert_eq!(l.take(1, 0, 1 << 20), Err(LogOverflow));
+        assert_eq!(l.take(1, 0, 1 << 20), Err(LogOverflow), "stays lost");
+        l.start(2, 12, &[(0, 1 << 20)]);
+        assert_eq!(l.take(2, 0, 1 << 20), Ok(vec![]));
     }
 
     #[test]
