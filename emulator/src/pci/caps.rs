@@ -1,6 +1,7 @@
-//! Capability structures: PCI Express (v2, endpoint) at 0x60, MSI-X at 0x9c, and the ARI
-//! extended capability at 0x100 (SR-IOV, on a PF, is in [`super::sriov`]). Register
-//! offsets are relative to each capability.
+//! Capability structures: PCI Express (v2, endpoint) at 0x60, MSI-X at 0x9c, the ARI
+//! extended capability at 0x100 and the ACS extended capability at 0x1c0, last in the
+//! extended chain (SR-IOV, on a PF, sits between them at 0x180: [`super::sriov`]).
+//! Register offsets are relative to each capability.
 
 use super::{ConfigParams, PciError, Reg, HEADER_SPACE_SIZE};
 
@@ -290,5 +291,47 @@ pub(super) fn ari_regs(next: u16) -> [Reg; 3] {
         ),
         Reg::ro(ARI_EXT_CAP_OFFSET + ARI_CAP_OFFSET, 2, 0),
         Reg::ro(ARI_EXT_CAP_OFFSET + ARI_CTRL_OFFSET, 2, 0),
+    ]
+}
+
+// ---- ACS extended capability, PCIe Base 4.0 §7.7.7 -----------------------------------
+
+/// Where the ACS extended capability lives, on every function: after the PF's SR-IOV
+/// capability (0x180..0x1c0), the last of the extended chain.
+pub const ACS_EXT_CAP_OFFSET: usize = 0x1c0;
+/// Access Control Services (PCI_EXT_CAP_ID_ACS).
+pub const EXT_CAP_ID_ACS: u16 = 0x000d;
+/// ACS capability structure version.
+pub const ACS_VERSION: u32 = 1;
+/// Length of the capability without an Egress Control Vector (PCI_ACS_EGRESS_CTL_V).
+pub const ACS_CAP_LEN: usize = 8;
+/// ACS Capability register (PCI_ACS_CAP).
+pub const ACS_CAP_OFFSET: usize = 0x04;
+/// ACS Control register (PCI_ACS_CTRL).
+pub const ACS_CTRL_OFFSET: usize = 0x06;
+
+const _: () = assert!(
+    super::sriov::SRIOV_EXT_CAP_OFFSET + super::sriov::SRIOV_CAP_LEN <= ACS_EXT_CAP_OFFSET
+        && ACS_EXT_CAP_OFFSET + ACS_CAP_LEN <= super::CONFIG_SPACE_SIZE
+);
+
+/// The ACS extended capability of a function of a multi-function adapter, as a ConnectX
+/// carries it: no ACS control is implemented (Capability and Control read-only zero),
+/// which the spec (§6.12.1.2) reads as "the function never forwards a request to
+/// another function of the device": the functions of the slot cannot reach each other
+/// by peer-to-peer, so each may be isolated on its own. Linux's `pci_acs_enabled` then
+/// counts every required ACS feature as hard-wired on (a feature the Capability
+/// register lacks is "assumed as hard-wired enabled"), and the IOMMU code gives each
+/// function its own group; without this capability the PF and its VFs in one slot
+/// share one group, and no VF can be handed to a VFIO user while the PF is bound.
+pub(super) fn acs_regs() -> [Reg; 3] {
+    [
+        Reg::ro(
+            ACS_EXT_CAP_OFFSET,
+            4,
+            u32::from(EXT_CAP_ID_ACS) | ACS_VERSION << EXT_CAP_VERSION_SHIFT,
+        ),
+        Reg::ro(ACS_EXT_CAP_OFFSET + ACS_CAP_OFFSET, 2, 0),
+        Reg::ro(ACS_EXT_CAP_OFFSET + ACS_CTRL_OFFSET, 2, 0),
     ]
 }

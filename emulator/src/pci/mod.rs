@@ -10,8 +10,9 @@
 //! as part of its FLR. Config space is little-endian. Nothing here does I/O.
 //!
 //! Layout: type 0 header (0x00..0x40), PCI Express capability at 0x60, MSI-X capability at
-//! 0x9c (end of the chain), ARI extended capability at 0x100, and on a PF built with VFs
-//! the SR-IOV extended capability at 0x180 (end of the extended chain; see [`sriov`]).
+//! 0x9c (end of the chain), ARI extended capability at 0x100, on a PF built with VFs
+//! the SR-IOV extended capability at 0x180 (see [`sriov`]), and ACS at 0x1c0 (end of the
+//! extended chain; each function its own IOMMU group, see [`caps::acs_regs`]).
 //! Names follow Linux `include/uapi/linux/pci_regs.h`; sections cite PCI Local Bus 3.0
 //! and PCI Express Base 4.0.
 
@@ -417,8 +418,9 @@ impl ConfigSpace {
                 params.bar2_size,
             ));
         } else {
-            layout.define(&caps::ari_regs(0));
+            layout.define(&caps::ari_regs(caps::ACS_EXT_CAP_OFFSET as u16));
         }
+        layout.define(&caps::acs_regs());
 
         Ok(Self {
             kind,

@@ -89,14 +89,16 @@ fn vf_bar64(offset: usize, size: u64) -> [Reg; 2] {
 }
 
 /// The SR-IOV capability registers for `total_vfs` VFs (≥ 1) whose BAR0 and BAR2 are
-/// `bar0_size` and `bar2_size` bytes; `next` is the next extended capability.
+/// `bar0_size` and `bar2_size` bytes; the ACS capability follows it.
 pub(super) fn sriov_regs(total_vfs: u16, bar0_size: u64, bar2_size: Option<u64>) -> Vec<Reg> {
     let at = |rel: usize| SRIOV_EXT_CAP_OFFSET + rel;
     let mut regs = vec![
         Reg::ro(
             SRIOV_EXT_CAP_OFFSET,
             4,
-            u32::from(EXT_CAP_ID_SRIOV) | SRIOV_VERSION << super::caps::EXT_CAP_VERSION_SHIFT,
+            u32::from(EXT_CAP_ID_SRIOV)
+                | SRIOV_VERSION << super::caps::EXT_CAP_VERSION_SHIFT
+                | (super::caps::ACS_EXT_CAP_OFFSET as u32) << super::caps::EXT_CAP_NEXT_SHIFT,
         ),
         Reg::ro(at(SRIOV_CAP_OFFSET), 4, 0),
         Reg::ro(at(SRIOV_CTRL_OFFSET), 2, 0).writable(SRIOV_CTRL_WRITABLE.into()),

@@ -250,7 +250,7 @@ fn capability_chain_terminates_with_pcie_and_msix() {
 
     let ext = r32(&cs, HEADER_SPACE_SIZE);
     assert_eq!(ext & 0xffff, u32::from(EXT_CAP_ID_ARI));
-    assert_eq!(ext >> EXT_CAP_NEXT_SHIFT, 0);
+    assert_eq!(ext >> EXT_CAP_NEXT_SHIFT, ACS_EXT_CAP_OFFSET as u32);
 }
 
 #[test]
@@ -383,7 +383,8 @@ fn pf_with_vfs_carries_an_sriov_capability_as_linux_sriov_init_reads_it() {
         ext_caps(&cs),
         [
             (EXT_CAP_ID_ARI, ARI_EXT_CAP_OFFSET, 1),
-            (EXT_CAP_ID_SRIOV, SRIOV_EXT_CAP_OFFSET, 1)
+            (EXT_CAP_ID_SRIOV, SRIOV_EXT_CAP_OFFSET, 1),
+            (EXT_CAP_ID_ACS, ACS_EXT_CAP_OFFSET, 1)
         ]
     );
     let at = |rel| SRIOV_EXT_CAP_OFFSET + rel;
@@ -411,7 +412,13 @@ fn pf_with_vfs_carries_an_sriov_capability_as_linux_sriov_init_reads_it() {
     assert_eq!(r32(&cs, at(SRIOV_BAR_OFFSET + 16)), 0, "no VF BAR4");
     // The VF and a PF built without VFs carry none.
     for cs in [space(FunctionKind::Vf), space(FunctionKind::Pf)] {
-        assert_eq!(ext_caps(&cs), [(EXT_CAP_ID_ARI, ARI_EXT_CAP_OFFSET, 1)]);
+        assert_eq!(
+            ext_caps(&cs),
+            [
+                (EXT_CAP_ID_ARI, ARI_EXT_CAP_OFFSET, 1),
+                (EXT_CAP_ID_ACS, ACS_EXT_CAP_OFFSET, 1)
+            ]
+        );
         assert_eq!(cs.sriov_control(), None);
     }
 }
@@ -499,4 +506,28 @@ fn sriov_parameters_are_validated() {
         },
     );
     assert_eq!(pf.unwrap_err(), PciError::TooManyVfs { got: 256, max: 255 });
+}
+
+/// Every function carries an ACS capability with no control implemented, read-only:
+/// Linux's `pci_acs_flags_enabled` masks the required flags (SV | RR | CR | UF) with
+/// the Capability register, 0, and finds Control satisfying them, so the functions of
+/// the slot get IOMMU groups of their own; a guest write cannot change that.
+#[test]
+fn every_function_has_a_read_only_acs_capability_isolating_it() {
+    for mut cs in [space(FunctionKind::Vf), space(FunctionKind::Pf), pf_with_vfs(2)] {
+        let caps = ext_caps(&cs);
+        assert_eq!(
+            caps.last(),
+            Some(&(EXT_CAP_ID_ACS, ACS_EXT_CAP_OFFSET, 1)),
+            "{caps:?}"
+        );
+        let cap = ACS_EXT_CAP_OFFSET + ACS_CAP_OFFSET;
+        let ctrl = ACS_EXT_CAP_OFFSET + ACS_CTRL_OFFSET;
+        // What pci_std_enable_acs writes when an IOMMU asked for ACS.
+        assert!(w16(&mut cs, ctrl, 0x001f).is_empty());
+        assert_eq!((r16(&cs, cap), r16(&cs, ctrl)), (0, 0));
+        // The capability survives a reset unchanged.
+        cs.reset();
+        assert_eq!(ext_caps(&cs).last().unwrap().0, EXT_CAP_ID_ACS);
+    }
 }
