@@ -10,23 +10,9 @@ use vfu::uapi::VFIO_PCI_BAR2_REGION_INDEX;
 /// BAR2: device memory.
 pub const BAR2: u32 = VFIO_PCI_BAR2_REGION_INDEX;
 
-/// `len` seeded bytes (xorshift64; a zero seed is replaced, it would give zeros).
-pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = if seed == 0 {
-        0x9e37_79b9_7f4a_7c15
-    } else {
-        seed
-    };
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
+/// `len` seeded bytes (xorshift64; a zero seed is replaced, it would give zeros):
+/// the pattern the guest-side migration tool writes too.
+pub use mlx5_kmig::codec::pattern;
 
 /// The size of BAR2 as the client sees it.
 pub fn bar2_size(c: &mut vfu::Client) -> usize {

@@ -25,6 +25,7 @@ pub mod devmem;
 pub mod dma;
 pub mod faults;
 pub mod fuzzing;
+pub mod guest;
 pub mod irq;
 pub mod mem;
 pub mod migrate;
