@@ -4,7 +4,7 @@
 //! (`MLX5_EMU_INITRD_EXTRA`; the kernel unpacks every archive of a concatenated
 //! initramfs in turn), so nothing of the cache is rebuilt for them.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use crate::bins::workspace_root;
@@ -22,7 +22,15 @@ pub fn kmig_static_binary() -> PathBuf {
         let target = "x86_64-unknown-linux-gnu";
         let dir = workspace_root().join("target/kmig");
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--quiet", "--release", "-p", "mlx5-kmig", "--bin", "mlx5-kmig"])
+            .args([
+                "build",
+                "--quiet",
+                "--release",
+                "-p",
+                "mlx5-kmig",
+                "--bin",
+                "mlx5-kmig",
+            ])
             .args(["--target", target, "--target-dir"])
             .arg(&dir)
             .env("RUSTFLAGS", "-C target-feature=+crt-static")
@@ -100,7 +108,13 @@ pub fn cpio_newc(files: &[GuestFile]) -> Vec<u8> {
             }
             at += i + 1;
         }
-        newc_entry(&mut out, ino, &f.path, 0o100_000 | (f.mode & 0o7777), &f.data);
+        newc_entry(
+            &mut out,
+            ino,
+            &f.path,
+            0o100_000 | (f.mode & 0o7777),
+            &f.data,
+        );
         ino += 1;
     }
     newc_entry(&mut out, 0, "TRAILER!!!", 0, &[]);
@@ -127,10 +141,16 @@ mod tests {
         ]);
         assert_eq!(a.len() % 4, 0);
         let text = String::from_utf8_lossy(&a);
-        let names: Vec<&str> = ["opt\0", "opt/x\0", "opt/x/tool\0", "opt/x/data\0", "TRAILER!!!\0"]
-            .into_iter()
-            .filter(|n| text.contains(n))
-            .collect();
+        let names: Vec<&str> = [
+            "opt\0",
+            "opt/x\0",
+            "opt/x/tool\0",
+            "opt/x/data\0",
+            "TRAILER!!!\0",
+        ]
+        .into_iter()
+        .filter(|n| text.contains(n))
+        .collect();
         assert_eq!(names.len(), 5, "{text:?}");
         assert_eq!(text.matches("070701").count(), 5);
         // The tool's header: mode 0100755, 3 bytes.

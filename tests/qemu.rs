@@ -388,6 +388,7 @@ fn boot_guest(
             .args(kernel_args)
             .env("MLX5_EMU_INITRD", &prepared.initrd)
             .env("MLX5_EMU_GUEST_TIMEOUT", guest_timeout_secs.to_string())
+            .envs(initrd_extra(&dir).map(|p| ("MLX5_EMU_INITRD_EXTRA", p)))
             .stdin(Stdio::null())
             .stdout(serial)
             .stderr(qemu_err),
@@ -429,6 +430,16 @@ fn boot_guest(
         serial,
         emu_log,
     }
+}
+
+/// The name of the archive a test leaves in its log directory (the sockets' directory)
+/// before [`boot_guest`] for run-guest.sh to unpack before the cached initramfs
+/// (`MLX5_EMU_INITRD_EXTRA`).
+const INITRD_EXTRA: &str = "initrd-extra.cpio";
+
+/// The extra archive of the guest whose sockets are in `dir`, if the test wrote one.
+fn initrd_extra(dir: &Path) -> Option<PathBuf> {
+    Some(dir.join(INITRD_EXTRA)).filter(|p| p.exists())
 }
 
 #[test]
@@ -1581,6 +1592,303 @@ fn guest_mlx5_vfio_pci_binds_the_vf_on_7_3() {
         "Linux {}: mlx5_vfio_pci bound the VF beside mlx5_core on the PF, {} commands all OK, in {:.1?}",
         prepared.release,
         cmds.len(),
+        started.elapsed()
+    );
+    drop(booted);
+}
+
+// ---- Linux's mlx5_vfio_pci migrates VF 0 into VF 1 (issue 16) -------------------------
+
+/// The pattern seed the guest tool writes into VF 0's BAR2 (`mlx5emu.seed`).
+const KMIG_SEED: u64 = 0x6b6d_6967;
+/// The pattern seed of the stream mlx5vf makes on the host for the guest to load.
+const KMIG_HOST_SEED: u64 = 0x686f_7374;
+/// The device memory of every function (the emulator's default, and the testbed's).
+const KMIG_DEV_MEM: usize = 1 << 20;
+/// What the kernel says beyond [`MLX5VFIO_EXPECTED_WARNINGS`]: vfio-pci resets a VF
+/// each time it is opened and closed, and on VFIO_DEVICE_RESET.
+const KMIG_EXPECTED_WARNING: &str = "resetting";
+
+/// The arcs the tool takes (`MLX5EMU-KMIG-ARC bdf from to fd`): on VF 0, RUNNING_P2P
+/// both ways, then pre-copy to stop-copy; on VF 1 the resume; VF 0 back to RUNNING;
+/// then the host stream's resume on VF 1. Multi-step requests (RUNNING -> STOP) are
+/// walked by the kernel.
+const KMIG_ARCS: &[(&str, &str, &str, &str)] = &[
+    ("0000:00:04.1", "RUNNING", "RUNNING_P2P", "0"),
+    ("0000:00:04.1", "RUNNING_P2P", "RUNNING", "0"),
+    ("0000:00:04.1", "RUNNING", "PRE_COPY", "1"),
+    ("0000:00:04.1", "PRE_COPY", "PRE_COPY_P2P", "0"),
+    ("0000:00:04.1", "PRE_COPY_P2P", "STOP_COPY", "0"),
+    ("0000:00:04.1", "STOP_COPY", "STOP", "0"),
+    ("0000:00:04.2", "RUNNING", "STOP", "0"),
+    ("0000:00:04.2", "STOP", "RESUMING", "1"),
+    ("0000:00:04.2", "RESUMING", "STOP", "0"),
+    ("0000:00:04.2", "STOP", "RUNNING", "0"),
+    ("0000:00:04.1", "STOP", "RUNNING", "0"),
+    ("0000:00:04.2", "RUNNING", "STOP", "0"),
+    ("0000:00:04.2", "STOP", "RESUMING", "1"),
+    ("0000:00:04.2", "RESUMING", "STOP", "0"),
+    ("0000:00:04.2", "STOP", "RUNNING", "0"),
+];
+
+/// What mlx5_vfio_pci sends through the PF about VF 0 (target vhca_id 1), in order:
+/// SUSPEND initiator / RESUME initiator (RUNNING_P2P both ways), QUERY and the tracked
+/// SAVE (RUNNING -> PRE_COPY), SUSPEND initiator and responder (-> PRE_COPY_P2P ->
+/// STOP_COPY), QUERY and the final SAVE, then RESUME responder and initiator
+/// (STOP -> RUNNING).
+const KMIG_VF0_COMMANDS: &[(&str, Option<u16>)] = &[
+    ("SUSPEND_VHCA", Some(0)),
+    ("RESUME_VHCA", Some(1)),
+    ("QUERY_VHCA_MIGRATION_STATE", Some(0)),
+    ("SAVE_VHCA_STATE", Some(0)),
+    ("SUSPEND_VHCA", Some(0)),
+    ("SUSPEND_VHCA", Some(1)),
+    ("QUERY_VHCA_MIGRATION_STATE", Some(0)),
+    ("SAVE_VHCA_STATE", Some(0)),
+    ("RESUME_VHCA", Some(0)),
+    ("RESUME_VHCA", Some(1)),
+];
+
+/// ... and about VF 1 (target vhca_id 2), twice (the kernel's stream, then the host's):
+/// SUSPEND initiator and responder (RUNNING -> STOP), LOAD per FW_DATA record (written
+/// in RESUMING), RESUME responder and initiator (STOP -> RUNNING).
+const KMIG_VF1_COMMANDS: &[(&str, Option<u16>)] = &[
+    ("SUSPEND_VHCA", Some(0)),
+    ("SUSPEND_VHCA", Some(1)),
+    ("LOAD_VHCA_STATE", Some(0)),
+    ("RESUME_VHCA", Some(0)),
+    ("RESUME_VHCA", Some(1)),
+    ("SUSPEND_VHCA", Some(0)),
+    ("SUSPEND_VHCA", Some(1)),
+    ("LOAD_VHCA_STATE", Some(0)),
+    ("RESUME_VHCA", Some(0)),
+    ("RESUME_VHCA", Some(1)),
+];
+
+/// The fields of the one `kind` marker with `key` = `value`.
+fn kmig_marker<'m>(markers: &'m [Marker], kind: &str, key: &str, value: &str) -> &'m Marker {
+    let found: Vec<&Marker> = markers
+        .iter()
+        .filter(|m| m.kind == kind && m.fields.get(key).map(String::as_str) == Some(value))
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "one MLX5EMU-{kind} {key}={value}: {found:?}"
+    );
+    found[0]
+}
+
+/// Linux's own mlx5_vfio_pci migrates VF 0's state into VF 1 inside a 7.3 vIOMMU
+/// guest, driven by our guest tool (mlx5-kmig): each function in an IOMMU group of its
+/// own (the ACS capability), both VFs offering STOP_COPY | P2P | PRE_COPY, VF 1's BAR2
+/// equal to the pattern written into VF 0's, and the kernel driver's SUSPEND / QUERY /
+/// SAVE / LOAD / RESUME_VHCA in the emulator's log, all OK. Cross-checks with our twin
+/// mlx5vf: the kernel's stream loads through mlx5vf on the host with device memory
+/// identical; mlx5vf's stream loads through the kernel driver in the guest with device
+/// memory identical; PRECOPY_INFO of the kernel (v1 semantics: the tool does not opt
+/// into PRECOPY_INFOv2) and of mlx5vf agree for the same device memory.
+#[test]
+fn guest_mlx5_vfio_pci_migrates_vf0_into_vf1_on_7_3() {
+    use mlx5_kmig::codec;
+    use mlx5_testbed::guest::{cpio_newc, kmig_static_binary, GuestFile, KMIG_GUEST_PATH};
+    use mlx5_testbed::migrate::Rig;
+    use mlx5vf::migration::fsm::MigState;
+
+    let guest = Guest {
+        with: &["mlx5vfio"],
+        viommu: true,
+        ..Guest::on("7.3")
+    };
+    let started = Instant::now();
+    let want = mlx5_testbed::devmem::pattern(KMIG_DEV_MEM, KMIG_SEED);
+    let host_want = mlx5_testbed::devmem::pattern(KMIG_DEV_MEM, KMIG_HOST_SEED);
+
+    // On the host, our twin on an adapter of its own: PRECOPY_INFO for VF 0 holding the
+    // pattern the guest writes, and a stop-copy stream of the host pattern.
+    let rig = Rig::start();
+    rig.fill(KMIG_SEED);
+    let twin_info = {
+        let s = rig
+            .dev
+            .set_state(MigState::PreCopy)
+            .expect("twin PRE_COPY")
+            .expect("saving stream");
+        let info = s.precopy_info().expect("twin PRECOPY_INFO");
+        rig.dev.set_state(MigState::Running).expect("twin RUNNING");
+        info
+    };
+    rig.fill(KMIG_HOST_SEED);
+    let host_stream = rig.capture();
+
+    let mut logs = Logs::new();
+    let extra = cpio_newc(&[
+        GuestFile {
+            path: KMIG_GUEST_PATH.into(),
+            data: fs::read(kmig_static_binary()).expect("read mlx5-kmig"),
+            mode: 0o755,
+        },
+        GuestFile {
+            path: "opt/mlx5emu/host-stream".into(),
+            data: host_stream.clone(),
+            mode: 0o644,
+        },
+    ]);
+    fs::write(logs.path().join(INITRD_EXTRA), extra).expect("write the extra archive");
+    let seed_arg = format!("mlx5emu.seed={KMIG_SEED}");
+    let booted = boot_guest(
+        &mut logs,
+        &guest,
+        &["--vfs", "2", "--log", "mlx5_emulator=debug"],
+        &["pf.sock", "vf0.sock", "vf1.sock"],
+        &["mlx5emu.step=mlx5vfio,kmig", "mlx5emu.vfs=2", &seed_arg],
+        GUEST_TIMEOUT_SECS,
+    );
+    let markers = &booted.markers;
+    assert_guest_kernel(markers, &booted.prepared, &guest);
+
+    // Item 1: each function its own IOMMU group, both VFs migratable with all flags.
+    let drivers: Vec<(&str, &str, &str)> = markers
+        .iter()
+        .filter(|m| m.kind == "DRIVER")
+        .map(|m| (m.get("slot"), m.get("driver"), m.get("iommu_group")))
+        .collect();
+    assert_eq!(
+        drivers.iter().map(|d| (d.0, d.1)).collect::<Vec<_>>(),
+        [
+            ("0000:00:04.0", "mlx5_core"),
+            ("0000:00:04.1", "mlx5_vfio_pci"),
+            ("0000:00:04.2", "mlx5_vfio_pci")
+        ]
+    );
+    let mut groups: Vec<&str> = drivers.iter().map(|d| d.2).collect();
+    groups.sort();
+    groups.dedup();
+    assert!(
+        groups.len() == 3 && !groups.contains(&"none"),
+        "each function in an IOMMU group of its own: {drivers:?}"
+    );
+    for m in markers.iter().filter(|m| m.kind == "KMIG-DEVICE") {
+        assert_eq!(
+            (m.get("flags"), m.get("names")),
+            ("0x7", "STOP_COPY|P2P|PRE_COPY"),
+            "VFIO_DEVICE_FEATURE MIGRATION of {}",
+            m.get("bdf")
+        );
+        assert_eq!(m.get("state"), "RUNNING");
+    }
+    assert_eq!(
+        markers.iter().filter(|m| m.kind == "KMIG-DEVICE").count(),
+        3,
+        "both VFs opened by migrate, VF 1 again by load"
+    );
+
+    // Item 3: the arcs, the pattern and the comparison.
+    let arcs: Vec<(&str, &str, &str, &str)> = markers
+        .iter()
+        .filter(|m| m.kind == "KMIG-ARC")
+        .map(|m| (m.get("bdf"), m.get("from"), m.get("to"), m.get("fd")))
+        .collect();
+    assert_eq!(arcs, KMIG_ARCS, "the arcs the tool took");
+    let hex = |d: &[u8]| format!("{:016x}", codec::digest(d));
+    assert_eq!(
+        kmig_marker(markers, "KMIG-BAR2", "what", "pattern").get("digest"),
+        hex(&want),
+        "VF 0's BAR2 holds the pattern"
+    );
+    assert_eq!(
+        kmig_marker(markers, "KMIG-BAR2", "what", "destination").get("digest"),
+        hex(&want),
+        "VF 1's BAR2 after the kernel's migration"
+    );
+    assert_eq!(
+        kmig_marker(markers, "KMIG-COMPARE", "equal", "1").kind,
+        "KMIG-COMPARE"
+    );
+    assert_eq!(
+        markers
+            .iter()
+            .filter(|m| m.kind == "KMIG-RESET")
+            .map(|m| m.get("state"))
+            .collect::<Vec<_>>(),
+        ["RUNNING", "RUNNING"]
+    );
+    assert_eq!(markers.iter().filter(|m| m.kind == "KMIG-OK").count(), 2);
+    let mut expected = MLX5VFIO_EXPECTED_WARNINGS.to_vec();
+    expected.push(KMIG_EXPECTED_WARNING);
+    assert_no_mlx5_trouble(&booted.serial, &expected);
+
+    let cmds = emulator_commands_all_ok(&booted.emu_log);
+    let from_pf: Vec<&FwCmd> = cmds.iter().filter(|c| c.vhca_id == 0).collect();
+    for (vhca, want_cmds) in [(1u16, KMIG_VF0_COMMANDS), (2, KMIG_VF1_COMMANDS)] {
+        let about: Vec<FwCmd> = from_pf
+            .iter()
+            .filter(|c| c.target == Some(vhca) && c.opcode.contains("VHCA"))
+            .map(|c| (*c).clone())
+            .collect();
+        find_subsequence(&about, want_cmds).unwrap_or_else(|e| {
+            panic!(
+                "the PF's migration commands about vhca_id {vhca}: {e}; they were:\n  {}",
+                about
+                    .iter()
+                    .map(FwCmd::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n  ")
+            )
+        });
+    }
+
+    // Item 4: the kernel's stream through our twin; the twin's stream through the
+    // kernel; PRECOPY_INFO.
+    let kernel_stream = codec::from_console(&booted.serial, "kernel-stream")
+        .expect("the kernel's stream on the console")
+        .expect("no kernel-stream on the console");
+    let stream_marker = kmig_marker(markers, "KMIG-STREAM", "name", "kernel-stream");
+    assert_eq!(stream_marker.get("bytes"), kernel_stream.len().to_string());
+    assert_eq!(stream_marker.get("digest"), hex(&kernel_stream));
+    let kernel_records = codec::records(&kernel_stream).expect("the kernel's stream parses");
+    let host_records = codec::records(&host_stream).expect("mlx5vf's stream parses");
+    rig.load(&kernel_stream);
+    assert!(
+        rig.dev_mem() == want,
+        "the kernel's stream loaded through mlx5vf: device memory differs from the pattern"
+    );
+    assert_eq!(
+        kmig_marker(markers, "KMIG-BAR2", "what", "loaded").get("digest"),
+        hex(&host_want),
+        "mlx5vf's stream loaded through the kernel driver: VF 1's BAR2"
+    );
+    let kernel_initial: u64 = kmig_marker(markers, "KMIG-PRECOPY", "when", "start")
+        .get("initial")
+        .parse()
+        .expect("initial bytes");
+    let kernel_dirty: u64 = kmig_marker(markers, "KMIG-PRECOPY", "when", "start")
+        .get("dirty")
+        .parse()
+        .expect("dirty bytes");
+    assert_eq!(
+        (kernel_initial, kernel_dirty),
+        (twin_info.initial_bytes, twin_info.dirty_bytes),
+        "PRECOPY_INFO after RUNNING -> PRE_COPY: the kernel's (left) and mlx5vf's (right)"
+    );
+    eprintln!(
+        "Linux {}: mlx5_vfio_pci migrated VF 0 into VF 1, {} commands all OK; kernel stream \
+         {} bytes ({}), mlx5vf stream {} bytes ({}); PRECOPY_INFO initial {kernel_initial} \
+         on both; in {:.1?}",
+        booted.prepared.release,
+        cmds.len(),
+        kernel_stream.len(),
+        kernel_records
+            .iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        host_stream.len(),
+        host_records
+            .iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
         started.elapsed()
     );
     drop(booted);

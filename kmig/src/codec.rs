@@ -8,16 +8,10 @@
 
 use std::fmt;
 
-/// Bytes of an mlx5 migration record header: le64 size, le32 flags, le32 tag
-/// (`struct mlx5_vf_migration_header`).
-pub const RECORD_HEADER_LEN: usize = 16;
-/// Tag of a record carrying a firmware image (`MLX5_MIGF_HEADER_TAG_FW_DATA`).
-pub const TAG_FW_DATA: u32 = 0;
-/// Tag of the record carrying the stop-copy buffer size (`..._TAG_STOP_COPY_SIZE`).
-pub const TAG_STOP_COPY_SIZE: u32 = 1;
-/// The record's flag: a reader that does not know the tag may skip it
-/// (`MLX5_MIGF_HEADER_FLAGS_TAG_OPTIONAL`).
-pub const FLAG_OPTIONAL: u32 = 1;
+pub use mlx5_prm::migration_stream::{
+    RecordHeader, FLAGS_TAG_OPTIONAL as FLAG_OPTIONAL, RECORD_HEADER_LEN, TAG_FW_DATA,
+    TAG_STOP_COPY_SIZE,
+};
 
 /// One record of an mlx5 migration stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,16 +108,15 @@ pub fn records(stream: &[u8]) -> Result<Vec<Record>, CodecError> {
     let mut at = 0usize;
     while at < stream.len() {
         let left = stream.len() - at;
-        let Some(h) = stream.get(at..at + RECORD_HEADER_LEN) else {
+        let Some(h) = RecordHeader::parse(&stream[at..]) else {
             return Err(CodecError::ShortHeader { offset: at, left });
         };
-        let le32 = |o: usize| u32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
-        let size = u64::from_le_bytes(h[..8].try_into().expect("8 bytes"));
+        let size = h.record_size.get();
         let record = Record {
             offset: at,
             size,
-            flags: le32(8),
-            tag: le32(12),
+            flags: h.flags.get(),
+            tag: h.tag.get(),
         };
         let after = left - RECORD_HEADER_LEN;
         if size > after as u64 {
@@ -132,9 +125,7 @@ pub fn records(stream: &[u8]) -> Result<Vec<Record>, CodecError> {
                 left: after,
             });
         }
-        if !matches!(record.tag, TAG_FW_DATA | TAG_STOP_COPY_SIZE)
-            && record.flags & FLAG_OPTIONAL == 0
-        {
+        if !matches!(record.tag, TAG_FW_DATA | TAG_STOP_COPY_SIZE) && !h.is_optional() {
             return Err(CodecError::UnknownMandatory(record));
         }
         out.push(record);
@@ -238,7 +229,11 @@ pub fn from_console(text: &str, name: &str) -> Result<Option<Vec<u8>>, CodecErro
         if get("name") != Some(name) {
             continue;
         }
-        let num = |k: &str| get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(u64::MAX);
+        let num = |k: &str| {
+            get(k)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(u64::MAX)
+        };
         if kind == DATA_MARKER {
             let got = num("seq");
             if got != want {
@@ -297,9 +292,7 @@ mod tests {
     use super::*;
 
     fn rec(size: u64, flags: u32, tag: u32) -> Vec<u8> {
-        let mut v = size.to_le_bytes().to_vec();
-        v.extend(flags.to_le_bytes());
-        v.extend(tag.to_le_bytes());
+        let mut v = RecordHeader::new(size, flags, tag).to_bytes().to_vec();
         v.extend(std::iter::repeat_n(0xa5, size as usize));
         v
     }
@@ -312,7 +305,9 @@ mod tests {
         s.extend(rec(0, 0, TAG_FW_DATA));
         let r = records(&s).unwrap();
         assert_eq!(
-            r.iter().map(|r| (r.offset, r.size, r.tag)).collect::<Vec<_>>(),
+            r.iter()
+                .map(|r| (r.offset, r.size, r.tag))
+                .collect::<Vec<_>>(),
             [(0, 8, 1), (24, 100, 0), (140, 3, 0x40), (159, 0, 0)]
         );
         assert_eq!(records(&[]).unwrap(), []);
@@ -324,7 +319,10 @@ mod tests {
         let s = rec(100, 0, TAG_FW_DATA);
         assert_eq!(
             records(&s[..10]),
-            Err(CodecError::ShortHeader { offset: 0, left: 10 })
+            Err(CodecError::ShortHeader {
+                offset: 0,
+                left: 10
+            })
         );
         assert!(matches!(
             records(&s[..50]),
@@ -337,7 +335,10 @@ mod tests {
         // A size near u64::MAX neither overflows nor allocates.
         let mut huge = u64::MAX.to_le_bytes().to_vec();
         huge.extend([0; 8]);
-        assert!(matches!(records(&huge), Err(CodecError::ShortPayload { .. })));
+        assert!(matches!(
+            records(&huge),
+            Err(CodecError::ShortPayload { .. })
+        ));
     }
 
     #[test]
@@ -371,13 +372,24 @@ mod tests {
         assert_eq!(from_console(&text, "missing").unwrap(), None);
         // A lost line is named.
         let lines = console_lines("s", &d);
-        let lossy: Vec<&str> = lines.iter().map(String::as_str).filter(|l| !l.contains("seq=1 ")).collect();
+        let lossy: Vec<&str> = lines
+            .iter()
+            .map(String::as_str)
+            .filter(|l| !l.contains("seq=1 "))
+            .collect();
         assert_eq!(
             from_console(&lossy.join("\n"), "s"),
-            Err(CodecError::Sequence { name: "s".into(), want: 1, got: 2 })
+            Err(CodecError::Sequence {
+                name: "s".into(),
+                want: 1,
+                got: 2
+            })
         );
         assert!(console_lines("e", b"").len() == 1);
-        assert_eq!(from_console(&console_lines("e", b"").join("\n"), "e").unwrap(), Some(vec![]));
+        assert_eq!(
+            from_console(&console_lines("e", b"").join("\n"), "e").unwrap(),
+            Some(vec![])
+        );
     }
 
     #[test]

@@ -205,7 +205,9 @@ fn migrate(src: &str, dst: &str, seed: u64, piece: usize, dump: bool) -> Result<
     let mut d = Dev::open(dst, &mut container)?;
     for dev in [&s, &d] {
         let flags = dev.dev.migration_flags()?;
-        let want = mlx5_kmig::MIGRATION_STOP_COPY | mlx5_kmig::MIGRATION_P2P | mlx5_kmig::MIGRATION_PRE_COPY;
+        let want = mlx5_kmig::MIGRATION_STOP_COPY
+            | mlx5_kmig::MIGRATION_P2P
+            | mlx5_kmig::MIGRATION_PRE_COPY;
         if flags & want != want {
             return Err(Error::check(format!(
                 "{}: migration flags {} lack some of {}",
@@ -254,10 +256,7 @@ fn migrate(src: &str, dst: &str, seed: u64, piece: usize, dump: bool) -> Result<
         )));
     }
     let precopy_bytes = stream.len();
-    marker(
-        "PRECOPY-READ",
-        &[("bytes", precopy_bytes.to_string())],
-    );
+    marker("PRECOPY-READ", &[("bytes", precopy_bytes.to_string())]);
     if (precopy_bytes as u64) < initial {
         return Err(Error::check(format!(
             "{src}: pre-copy gave {precopy_bytes} bytes before ENOMSG, fewer than initial_bytes {initial}"
@@ -470,7 +469,16 @@ mod tests {
             parse(&args("flags a b")),
             Ok(Cmd::Flags(vec!["a".into(), "b".into()]))
         );
-        for bad in ["", "flags", "migrate a", "load a", "migrate a b --seed", "migrate a b --seed x", "load a b --piece 0", "x --what"] {
+        for bad in [
+            "",
+            "flags",
+            "migrate a",
+            "load a",
+            "migrate a b --seed",
+            "migrate a b --seed x",
+            "load a b --piece 0",
+            "x --what",
+        ] {
             assert!(parse(&args(bad)).is_err(), "{bad:?} parsed");
         }
     }

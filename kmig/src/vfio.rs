@@ -211,9 +211,7 @@ impl DataFd {
         while got < limit {
             let want = buf.len().min(limit - got);
             // SAFETY: `buf` is valid for `want` bytes of writes.
-            let n = unsafe {
-                libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), want)
-            };
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), want) };
             if n < 0 {
                 let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
                 if errno == libc::ENOMSG {
@@ -297,13 +295,7 @@ impl Device {
         let group = Group::open(Group::number_of(bdf)?, container)?;
         let name = CString::new(bdf).map_err(|_| Error::check(format!("{bdf:?} has a NUL")))?;
         // SAFETY: the request takes a NUL-terminated device name, which `name` is.
-        let fd = unsafe {
-            libc::ioctl(
-                group.fd.as_raw_fd(),
-                GROUP_GET_DEVICE_FD,
-                name.as_ptr(),
-            )
-        };
+        let fd = unsafe { libc::ioctl(group.fd.as_raw_fd(), GROUP_GET_DEVICE_FD, name.as_ptr()) };
         if fd < 0 {
             return Err(Error::last_os(
                 "VFIO_GROUP_GET_DEVICE_FD",
@@ -320,13 +312,20 @@ impl Device {
     }
 
     /// VFIO_DEVICE_FEATURE with `flags` and `payload` (in and out).
-    fn feature(&self, flags: u32, payload: &mut [u8], what: &str, state: Option<State>) -> Result<()> {
+    fn feature(
+        &self,
+        flags: u32,
+        payload: &mut [u8],
+        what: &str,
+        state: Option<State>,
+    ) -> Result<()> {
         // u64 words keep the payload 8-byte aligned, as the uAPI structs need.
         let mut buf = vec![0u64; 1 + payload.len().div_ceil(8)];
         let argsz = (8 + payload.len()) as u32;
         let bytes_len = buf.len() * 8;
         // SAFETY: `buf` is `bytes_len` bytes of initialised memory we own exclusively.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), bytes_len) };
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), bytes_len) };
         bytes[..4].copy_from_slice(&argsz.to_ne_bytes());
         bytes[4..8].copy_from_slice(&flags.to_ne_bytes());
         bytes[8..8 + payload.len()].copy_from_slice(payload);
@@ -364,7 +363,10 @@ impl Device {
         )?;
         let raw = u32::from_ne_bytes(p[..4].try_into().expect("4 bytes"));
         State::from_raw(raw).ok_or_else(|| {
-            Error::check(format!("{}: the kernel reports migration state {raw}, not a uAPI state", self.bdf))
+            Error::check(format!(
+                "{}: the kernel reports migration state {raw}, not a uAPI state",
+                self.bdf
+            ))
         })
     }
 
@@ -436,9 +438,7 @@ impl Device {
     pub fn region_read(&self, region: &Region, at: u64, out: &mut [u8]) -> Result<()> {
         self.region_io(region, at, out.len(), |fd, pos, done| {
             // SAFETY: `out[done..]` is valid for writes of its length.
-            unsafe {
-                libc::pread(fd, out[done..].as_mut_ptr().cast(), out.len() - done, pos)
-            }
+            unsafe { libc::pread(fd, out[done..].as_mut_ptr().cast(), out.len() - done, pos) }
         })
     }
 
@@ -457,7 +457,10 @@ impl Device {
         len: usize,
         mut op: impl FnMut(RawFd, libc::off_t, usize) -> isize,
     ) -> Result<()> {
-        if at.checked_add(len as u64).is_none_or(|end| end > region.size) {
+        if at
+            .checked_add(len as u64)
+            .is_none_or(|end| end > region.size)
+        {
             return Err(Error::check(format!(
                 "{}: {len} bytes at {at:#x} do not fit the region of {:#x} bytes",
                 self.bdf, region.size
@@ -501,7 +504,10 @@ mod tests {
     fn a_missing_device_names_the_sysfs_path() {
         let e = Group::number_of("0000:ff:1f.7").unwrap_err();
         let s = e.to_string();
-        assert!(s.contains("/sys/bus/pci/devices/0000:ff:1f.7/iommu_group"), "{s}");
+        assert!(
+            s.contains("/sys/bus/pci/devices/0000:ff:1f.7/iommu_group"),
+            "{s}"
+        );
         assert!(s.contains("ENOENT"), "{s}");
     }
 }

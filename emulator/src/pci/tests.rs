@@ -514,7 +514,11 @@ fn sriov_parameters_are_validated() {
 /// the slot get IOMMU groups of their own; a guest write cannot change that.
 #[test]
 fn every_function_has_a_read_only_acs_capability_isolating_it() {
-    for mut cs in [space(FunctionKind::Vf), space(FunctionKind::Pf), pf_with_vfs(2)] {
+    for mut cs in [
+        space(FunctionKind::Vf),
+        space(FunctionKind::Pf),
+        pf_with_vfs(2),
+    ] {
         let caps = ext_caps(&cs);
         assert_eq!(
             caps.last(),
