@@ -157,7 +157,7 @@ pub fn base64_encode(data: &[u8]) -> String {
 /// Decodes [`base64_encode`]'s output (padding required, no whitespace).
 pub fn base64_decode(text: &str) -> Result<Vec<u8>, CodecError> {
     let b = text.as_bytes();
-    if b.len() % 4 != 0 {
+    if !b.len().is_multiple_of(4) {
         return Err(CodecError::Base64 { at: b.len() });
     }
     let mut out = Vec::with_capacity(b.len() / 4 * 3);

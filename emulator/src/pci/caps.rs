@@ -297,7 +297,9 @@ pub(super) fn ari_regs(next: u16) -> [Reg; 3] {
 // ---- ACS extended capability, PCIe Base 4.0 §7.7.7 -----------------------------------
 
 /// Where the ACS extended capability lives, on every function: after the PF's SR-IOV
-/// capability (0x180..0x1c0), the last of the extended chain.
+/// capability (0x180..0x1c0), the last of the extended chain. No ACS control is
+/// implemented, so the functions of the slot get IOMMU groups of their own (see
+/// `acs_regs`).
 pub const ACS_EXT_CAP_OFFSET: usize = 0x1c0;
 /// Access Control Services (PCI_EXT_CAP_ID_ACS).
 pub const EXT_CAP_ID_ACS: u16 = 0x000d;
@@ -310,10 +312,7 @@ pub const ACS_CAP_OFFSET: usize = 0x04;
 /// ACS Control register (PCI_ACS_CTRL).
 pub const ACS_CTRL_OFFSET: usize = 0x06;
 
-const _: () = assert!(
-    super::sriov::SRIOV_EXT_CAP_OFFSET + super::sriov::SRIOV_CAP_LEN <= ACS_EXT_CAP_OFFSET
-        && ACS_EXT_CAP_OFFSET + ACS_CAP_LEN <= super::CONFIG_SPACE_SIZE
-);
+const _: () = assert!(ACS_EXT_CAP_OFFSET + ACS_CAP_LEN <= super::CONFIG_SPACE_SIZE);
 
 /// The ACS extended capability of a function of a multi-function adapter, as a ConnectX
 /// carries it: no ACS control is implemented (Capability and Control read-only zero),

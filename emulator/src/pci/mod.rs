@@ -12,7 +12,7 @@
 //! Layout: type 0 header (0x00..0x40), PCI Express capability at 0x60, MSI-X capability at
 //! 0x9c (end of the chain), ARI extended capability at 0x100, on a PF built with VFs
 //! the SR-IOV extended capability at 0x180 (see [`sriov`]), and ACS at 0x1c0 (end of the
-//! extended chain; each function its own IOMMU group, see [`caps::acs_regs`]).
+//! extended chain; each function its own IOMMU group, see [`caps::ACS_EXT_CAP_OFFSET`]).
 //! Names follow Linux `include/uapi/linux/pci_regs.h`; sections cite PCI Local Bus 3.0
 //! and PCI Express Base 4.0.
 

@@ -13,7 +13,7 @@
 //! address bits. The emulator serves every VF socket whatever the guest writes here:
 //! a VMM decides which functions its guest sees.
 
-use super::{Reg, CONFIG_SPACE_SIZE, DEVICE_ID_VF};
+use super::{Reg, DEVICE_ID_VF};
 
 /// Where the SR-IOV capability lives: after ARI (0x100), at the offset a ConnectX-6 Dx
 /// uses.
@@ -75,7 +75,7 @@ pub const SRIOV_SYS_PGSIZE_4K: u32 = 0x1;
 /// Most VFs a PF offers here: the routing IDs of one bus after the PF's (with ARI).
 pub const SRIOV_MAX_VFS: u16 = 255;
 
-const _: () = assert!(SRIOV_EXT_CAP_OFFSET + SRIOV_CAP_LEN <= CONFIG_SPACE_SIZE);
+const _: () = assert!(SRIOV_EXT_CAP_OFFSET + SRIOV_CAP_LEN <= super::caps::ACS_EXT_CAP_OFFSET);
 
 /// A 64-bit prefetchable VF BAR at `offset` of `size` bytes per VF (as [`super`]'s
 /// own BARs: address bits below the size read-only zero).
