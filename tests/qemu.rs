@@ -1690,6 +1690,11 @@ fn kmig_marker<'m>(markers: &'m [Marker], kind: &str, key: &str, value: &str) ->
 /// into PRECOPY_INFOv2) and of mlx5vf agree for the same device memory.
 #[test]
 fn guest_mlx5_vfio_pci_migrates_vf0_into_vf1_on_7_3() {
+    mlx5_vfio_pci_migrates_vf0_into_vf1("7.3");
+}
+
+/// [`guest_mlx5_vfio_pci_migrates_vf0_into_vf1_on_7_3`] on the guest kernel `kernel`.
+fn mlx5_vfio_pci_migrates_vf0_into_vf1(kernel: &'static str) {
     use mlx5_kmig::codec;
     use mlx5_testbed::guest::{cpio_newc, kmig_static_binary, GuestFile, KMIG_GUEST_PATH};
     use mlx5_testbed::migrate::Rig;
@@ -1698,7 +1703,7 @@ fn guest_mlx5_vfio_pci_migrates_vf0_into_vf1_on_7_3() {
     let guest = Guest {
         with: &["mlx5vfio"],
         viommu: true,
-        ..Guest::on("7.3")
+        ..Guest::on(kernel)
     };
     let started = Instant::now();
     let want = mlx5_testbed::devmem::pattern(KMIG_DEV_MEM, KMIG_SEED);
