@@ -31,8 +31,12 @@ pub const DEV_MEM_PAGE_SIZE: u64 = 4096;
 pub const DEFAULT_DEV_MEM_SIZE: u64 = 1 << 20;
 /// Smallest device memory: one page.
 pub const MIN_DEV_MEM_SIZE: u64 = DEV_MEM_PAGE_SIZE;
-/// Largest device memory a function may have (256 MiB): bounds images and scans.
-pub const MAX_DEV_MEM_SIZE: u64 = 256 << 20;
+/// Largest device memory a function may have (16 GiB, BAR2 a 64-bit prefetchable BAR).
+/// The memfd is sparse: untouched pages hold no memory, and nothing here faults them
+/// in (scans, digests, saves and copies walk only its data extents, SEEK_DATA /
+/// SEEK_HOLE). An image of more than 4 GiB (the PRM's sizes are 32 bits) can only be
+/// fetched in chunk mode.
+pub const MAX_DEV_MEM_SIZE: u64 = 16 << 30;
 
 /// Why device memory could not be built or accessed.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +89,10 @@ struct Track {
     /// Digest of each page as the destination has it after the last save, or `None`
     /// when no save session is open.
     baseline: Option<Vec<u64>>,
+    /// A frozen function's chunked image: the pages still to carry (a list, and where
+    /// in it the next chunk starts). Dropped by anything that changes device memory
+    /// or its freeze.
+    rest: Option<(Vec<u32>, usize)>,
 }
 
 /// One memfd of device memory and the emulator's own mapping of it.
@@ -118,11 +126,22 @@ impl Backing {
     /// again); false if the file cannot.
     fn punch(&self, off: usize, len: usize) -> bool {
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        // Offsets inside the mapping, at most MAX_DEV_MEM_SIZE: they fit an off_t.
+        // Offsets inside the mapping, at most MAX_DEV_MEM_SIZE (16 GiB): they fit an off_t.
         let (off, len) = (off as libc::off_t, len as libc::off_t);
         // SAFETY: fallocate on an fd we own; punching a hole keeps the size, so our
         // mapping stays valid (the pages read as zeros).
         unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, len) == 0 }
+    }
+
+    /// Writes zeros over every page in a data extent (holes read as zeros already).
+    fn zero_data(&self) {
+        let data = self.data_pages();
+        for i in 0..self.pages() {
+            if data[i / 64] & (1 << (i % 64)) != 0 {
+                // SAFETY: page `i` lies inside our mapping (`page_ptr`).
+                unsafe { std::ptr::write_bytes(self.page_ptr(i), 0, DEV_MEM_PAGE_SIZE as usize) };
+            }
+        }
     }
 
     /// Gives all the pages back to the kernel (they read as zeros again).
@@ -192,6 +211,29 @@ impl Backing {
         let n =
             unsafe { libc::pwrite(self.file.as_raw_fd(), data.as_ptr().cast(), data.len(), off) };
         n == data.len() as isize
+    }
+
+    /// Writes consecutive pages from `first` through the file in one call (see
+    /// [`Backing::write_page_through_file`]): one system call for the lot, instead of a
+    /// fault (allocation and zeroing) per page through the mapping. False if the file
+    /// did not take them all.
+    fn write_pages_through_file(&self, first: usize, pages: &[&[u8]]) -> bool {
+        let iov: Vec<libc::iovec> = pages
+            .iter()
+            .map(|p| libc::iovec {
+                iov_base: p.as_ptr().cast_mut().cast(),
+                iov_len: p.len(),
+            })
+            .collect();
+        let want: usize = pages.iter().map(|p| p.len()).sum();
+        let off = (first as u64 * DEV_MEM_PAGE_SIZE) as libc::off_t;
+        let Ok(count) = libc::c_int::try_from(iov.len()) else {
+            return false;
+        };
+        // SAFETY: pwritev from live slices (the iovecs only read them) to an fd we
+        // own; `count` iovecs at `iov`.
+        let n = unsafe { libc::pwritev(self.file.as_raw_fd(), iov.as_ptr(), count, off) };
+        n == want as isize
     }
 
     /// Copies all of `from` into `self` (same size), extent by extent: a hole of
@@ -336,6 +378,7 @@ impl DevMem {
             track: Mutex::new(Track {
                 written: vec![0; pages.div_ceil(64)],
                 baseline: None,
+                rest: None,
             }),
         })
     }
@@ -393,6 +436,7 @@ impl DevMem {
         }
         m.copy.copy_from(&m.shared);
         m.frozen = true;
+        self.track().rest = None;
     }
 
     /// The function thawed: the device's copy goes back into the client's memfd and
@@ -404,6 +448,7 @@ impl DevMem {
             return 0;
         }
         m.frozen = false;
+        self.track().rest = None;
         let changed = m.shared.sync_from(&m.copy);
         m.copy.release();
         changed
@@ -477,6 +522,7 @@ impl DevMem {
             let first = off / DEV_MEM_PAGE_SIZE as usize;
             let last = (off + len - 1) / DEV_MEM_PAGE_SIZE as usize;
             let mut t = self.track();
+            t.rest = None;
             for p in first..=last {
                 if let Some(w) = t.written.get_mut(p / 64) {
                     *w |= 1 << (p % 64);
@@ -521,6 +567,57 @@ impl DevMem {
         // the duration of `f` and never outlives the borrow.
         let bytes = unsafe { std::slice::from_raw_parts(b.ptr().add(index * page), page) };
         f(bytes)
+    }
+
+    /// The pages a SAVE carries now, as indices in page order, and where in the list
+    /// it starts: a base image's (the pages not all zeros) or a delta's (the dirty
+    /// pages, [`DevMem::dirty_pages`]). For a delta of a `frozen` function (the
+    /// caller knows: the function's migration state), what the last chunk left
+    /// ([`DevMem::keep_rest`]) as it is: nothing changed since (any change, freeze or
+    /// thaw drops it), so no pass over device memory is made per chunk.
+    pub fn save_list(&self, base: bool, frozen: bool) -> (Vec<u32>, usize) {
+        let rest = self.track().rest.take();
+        if let Some(r) = rest.filter(|_| !base && frozen) {
+            return r;
+        }
+        let b = self.device();
+        let list = if base {
+            Self::nonzero(&b).map(|i| i as u32).collect()
+        } else {
+            self.dirty_indices(&b)
+        };
+        (list, 0)
+    }
+
+    /// A chunk of a frozen function's image carried `list[..from]`: the next chunk's
+    /// [`DevMem::save_list`] takes the rest.
+    pub fn keep_rest(&self, list: Vec<u32>, from: usize) {
+        if from < list.len() {
+            self.track().rest = Some((list, from));
+        }
+    }
+
+    /// Runs `f` on pages `indices`, in place, as (index, bytes) pairs: nothing copied.
+    /// As with `with_page`, the bytes may change under `f` (the client's mapping, while
+    /// the function runs); whoever copies them must digest its copy. An index past the
+    /// end is left out.
+    pub fn with_pages<T>(&self, indices: &[u32], f: impl FnOnce(&[(u32, &[u8])]) -> T) -> T {
+        let page = DEV_MEM_PAGE_SIZE as usize;
+        let b = self.device();
+        let pages: Vec<(u32, &[u8])> = indices
+            .iter()
+            .filter(|&&i| (i as usize) < b.pages())
+            .map(|&i| {
+                // SAFETY: as in `with_page`: page `i` lies inside the mapping `b`
+                // holds (checked by the filter), which outlives the slices (they live
+                // only for this call).
+                let p = unsafe {
+                    std::slice::from_raw_parts(b.page_ptr(i as usize).cast_const(), page)
+                };
+                (i, p)
+            })
+            .collect();
+        f(&pages)
     }
 
     /// Runs `f` on the pages that are not all zeros (what a base image carries), in
@@ -588,27 +685,6 @@ impl DevMem {
             .collect()
     }
 
-    /// Runs `f` on the dirty pages (what a delta carries, see [`DevMem::dirty_pages`])
-    /// in place, as (index, bytes) pairs: nothing copied. As with `with_nonzero`, the
-    /// bytes may change under `f`; whoever copies them must digest its copy.
-    pub fn with_dirty<T>(&self, f: impl FnOnce(&[(u32, &[u8])]) -> T) -> T {
-        let page = DEV_MEM_PAGE_SIZE as usize;
-        let b = self.device();
-        let pages: Vec<(u32, &[u8])> = self
-            .dirty_indices(&b)
-            .into_iter()
-            .map(|i| {
-                // SAFETY: as in `with_page`: page `i` lies inside the mapping `b`
-                // holds, which outlives the slices (they live only for this call).
-                let p = unsafe {
-                    std::slice::from_raw_parts(b.page_ptr(i as usize).cast_const(), page)
-                };
-                (i, p)
-            })
-            .collect();
-        f(&pages)
-    }
-
     /// Whether a save session (a baseline) is open.
     pub fn tracking(&self) -> bool {
         self.track().baseline.is_some()
@@ -639,7 +715,9 @@ impl DevMem {
     /// `pages` are (index, digest) pairs.
     pub fn commit(&self, pages: impl IntoIterator<Item = (u32, u64)>) {
         let mut t = self.track();
-        let Track { written, baseline } = &mut *t;
+        let Track {
+            written, baseline, ..
+        } = &mut *t;
         for (index, digest) in pages {
             let i = index as usize;
             if let Some(w) = written.get_mut(i / 64) {
@@ -688,12 +766,11 @@ impl DevMem {
     pub fn zero(&self) -> Result<(), DevMemError> {
         let b = self.device();
         if !b.punch(0, b.region.len()) {
-            let zero = vec![0u8; DEV_MEM_PAGE_SIZE as usize];
-            for i in 0..self.pages() as u64 {
-                self.write(i * DEV_MEM_PAGE_SIZE, &zero)?;
-            }
+            b.zero_data();
         }
-        self.track().written.iter_mut().for_each(|w| *w = !0);
+        let mut t = self.track();
+        t.rest = None;
+        t.written.iter_mut().for_each(|w| *w = !0);
         Ok(())
     }
 
@@ -706,11 +783,15 @@ impl DevMem {
                 m.copy.release();
             }
             let b = &m.shared;
-            // SAFETY: the whole mapping of the shared memfd, alive while `m` is held.
-            unsafe { std::ptr::write_bytes(b.ptr(), 0, b.region.len()) };
+            // Holes again (nothing faulted in: device memory may be 16 GiB, mostly
+            // holes); where the file cannot punch, zeros written over the data extents.
+            if !b.punch(0, b.region.len()) {
+                b.zero_data();
+            }
         }
         let mut t = self.track();
         t.baseline = None;
+        t.rest = None;
         t.written.iter_mut().for_each(|w| *w = 0);
     }
 }
@@ -783,6 +864,48 @@ impl Staging<'_> {
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.b.page_ptr(i), page) };
     }
 
+    /// [`Staging::put`] of every page of `pages`, in order; runs of consecutive pages
+    /// that land in holes are written through the file together (one `pwritev` each:
+    /// the kernel allocates their memory without faulting or zeroing it).
+    pub fn put_all(&mut self, pages: &[(u32, &[u8])]) {
+        let page = DEV_MEM_PAGE_SIZE as usize;
+        let mut i = 0;
+        while i < pages.len() {
+            let hole = |&(index, data): &(u32, &[u8])| {
+                let x = index as usize;
+                x < self.mem.pages()
+                    && data.len() == page
+                    && (self.carried[x / 64] | self.data[x / 64]) & (1 << (x % 64)) == 0
+            };
+            let mut j = i;
+            while j < pages.len() && hole(&pages[j]) && (j == i || pages[j].0 == pages[j - 1].0 + 1)
+            {
+                j += 1;
+            }
+            if j - i < 2 {
+                self.put(pages[i].0, pages[i].1);
+                i += 1;
+                continue;
+            }
+            let run: Vec<&[u8]> = pages[i..j].iter().map(|p| p.1).collect();
+            let through_file = self.b.write_pages_through_file(pages[i].0 as usize, &run);
+            for &(index, data) in &pages[i..j] {
+                let x = index as usize;
+                self.carried[x / 64] |= 1 << (x % 64);
+                // Holes before: undoing turns them to zeros again, whatever landed.
+                self.changed[x / 64] |= 1 << (x % 64);
+                if !through_file {
+                    // SAFETY: page `x` lies inside our mapping of the size-sealed
+                    // memfd (checked by `hole`); `data` is the image, other memory.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(data.as_ptr(), self.b.page_ptr(x), page)
+                    };
+                }
+            }
+            i = j;
+        }
+    }
+
     /// Drops what was put without restoring what it overwrote: the pages put turn to
     /// zeros (a reset came meanwhile and zeroed the rest; the old bytes must not come
     /// back).
@@ -805,6 +928,7 @@ impl Staging<'_> {
         let page = DEV_MEM_PAGE_SIZE as usize;
         let mem = self.mem;
         let mut t = mem.track();
+        t.rest = None;
         for (w, c) in t.written.iter_mut().zip(&self.carried) {
             *w |= c;
         }

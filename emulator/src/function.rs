@@ -750,6 +750,19 @@ impl Env for Function {
         self.dma.check_writable(iova, len)
     }
 
+    fn dma_direct(
+        &self,
+        iova: u64,
+        len: usize,
+        write: bool,
+    ) -> Result<Option<vfu::Direct>, DmaError> {
+        // A fault plan counts and hits DMAs one call at a time: keep its calls.
+        if self.faults().armed() {
+            return Ok(None);
+        }
+        self.dma.direct(iova, len, write)
+    }
+
     fn dma_write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
         self.write_dma(iova, data, None)
     }

@@ -20,7 +20,8 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     vfs: u16,
     /// Device memory (BAR2) per function in bytes: a power of two from 4096 up to
-    /// 256 MiB; a K, M or G suffix is accepted (e.g. 1M).
+    /// 16 GiB (16G: a sparse memfd, untouched pages hold no memory); a K, M or G suffix
+    /// is accepted (e.g. 1M).
     #[arg(long, default_value = "1M", value_parser = parse_dev_mem)]
     dev_mem: u64,
     /// Accept DMA maps of files that cannot be sealed against shrinking, such as

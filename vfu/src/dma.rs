@@ -564,6 +564,36 @@ impl Dma {
         Ok(())
     }
 
+    /// The piece of `iova..iova + len` up to the end of the window holding `iova`,
+    /// for the device to access in place (see [`Direct`]), when that window is memory
+    /// the client shared with `write` (or read) permission; `Ok(None)` when it is a
+    /// routed window (a peer's memory or the client's own: those take
+    /// [`Dma::read`] / [`Dma::write`]). Errors as those do for an unmapped or
+    /// unpermitted IOVA.
+    pub fn direct(&self, iova: u64, len: usize, write: bool) -> Result<Option<Direct>, DmaError> {
+        let need = if write {
+            VFIO_DMA_MAP_FLAG_WRITE
+        } else {
+            VFIO_DMA_MAP_FLAG_READ
+        };
+        let first = self.pieces(iova, len.min(1), need)?;
+        let Some(p) = first.into_iter().next() else {
+            return Ok(None);
+        };
+        if !matches!(p.m.backing, Backing::Mem(_)) {
+            return Ok(None);
+        }
+        // The window's mapping is `m.size` bytes (a usize: it was mapped).
+        let n = ((p.m.size - p.off) as usize).min(len);
+        Ok(Some(Direct {
+            off: p.off as usize,
+            len: n,
+            written: false,
+            observer: if write { self.observer() } else { None },
+            m: p.m,
+        }))
+    }
+
     /// Device write into guest memory, by the device's firmware.
     pub fn write(&self, iova: u64, buf: &[u8]) -> Result<(), DmaError> {
         self.write_by(iova, buf, None)
@@ -593,6 +623,146 @@ impl Dma {
         }
         Ok(())
     }
+}
+
+/// A piece of one window the client shared, held for the device to access in place
+/// (SAVE encodes its image straight into it, LOAD sums and applies its image from it):
+/// no bounce buffer, no copy but the one the device makes. Held, it keeps the window
+/// mapped here (an unmap waits for it to be dropped, as for any access in flight), so
+/// hold one for a bounded piece at a time. Dropping it after writes orders them
+/// (`sfence` after the non-temporal stores) and tells the write observer.
+///
+/// The memory is shared with the client, which may change it at any time: it is only
+/// ever copied into or out of, or summed, never taken for Rust data.
+pub struct Direct {
+    m: Arc<Mapping>,
+    /// Offset of the piece inside the window.
+    off: usize,
+    len: usize,
+    written: bool,
+    observer: Option<WriteObserver>,
+}
+
+impl std::fmt::Debug for Direct {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Direct({:#x}+{:#x})",
+            self.m.iova + self.off as u64,
+            self.len
+        )
+    }
+}
+
+impl Direct {
+    /// Bytes of the piece (from the IOVA asked for to the window's end, at most the
+    /// length asked for).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn ptr(&self) -> *mut u8 {
+        let Backing::Mem(r) = &self.m.backing else {
+            unreachable!("a Direct is made of memory windows only")
+        };
+        // SAFETY: `off + len` lies inside the window's mapping (checked by
+        // `Dma::direct`), which lives as long as `self.m`.
+        unsafe { r.as_ptr().add(self.off) }
+    }
+
+    /// Copies `src` to offset `at` of the piece with stores that bypass the cache (the
+    /// consumer is the client, and a cache full of image would only evict the next
+    /// source bytes). Panics if it does not fit.
+    pub fn write(&mut self, at: usize, src: &[u8]) {
+        assert!(
+            at.checked_add(src.len()).is_some_and(|e| e <= self.len),
+            "write {at:#x}+{:#x} outside a {:#x}-byte piece",
+            src.len(),
+            self.len
+        );
+        self.written = true;
+        // SAFETY: checked just above: `at..at + src.len()` lies inside the piece;
+        // `src` is our own memory, the piece the client's, so they do not overlap.
+        unsafe { stream_copy(self.ptr().add(at), src) };
+    }
+
+    /// Runs `f` on bytes `at..at + n` of the piece, in place. The client may change
+    /// them meanwhile: `f` must only copy or sum them, and take nothing it uses for a
+    /// decision from them without checking its own copy. Panics if out of the piece.
+    pub fn with<T>(&self, at: usize, n: usize, f: impl FnOnce(&[u8]) -> T) -> T {
+        assert!(
+            at.checked_add(n).is_some_and(|e| e <= self.len),
+            "read {at:#x}+{n:#x} outside a {:#x}-byte piece",
+            self.len
+        );
+        // SAFETY: in bounds (checked above) of a live mapping; the slice does not
+        // outlive `f`. The bytes are shared memory another process may store into;
+        // they are only read as plain bytes (any value is valid).
+        let b = unsafe { std::slice::from_raw_parts(self.ptr().add(at).cast_const(), n) };
+        f(b)
+    }
+}
+
+impl Drop for Direct {
+    fn drop(&mut self) {
+        if !self.written {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: SSE2 is part of x86_64; a store fence has no other effect.
+        unsafe {
+            std::arch::x86_64::_mm_sfence()
+        };
+        if let Some(o) = &self.observer {
+            o(self.m.iova + self.off as u64, self.len as u64);
+        }
+    }
+}
+
+/// Copies `src` to `dst` with non-temporal stores where the CPU has them (x86_64:
+/// 16-byte `movntdq` once `dst` is aligned), a plain copy otherwise.
+///
+/// # Safety
+/// `dst..dst + src.len()` must be writable and must not overlap `src`.
+unsafe fn stream_copy(dst: *mut u8, src: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
+        let n = src.len();
+        let head = dst.align_offset(16).min(n);
+        // SAFETY: the caller's contract (writable, not overlapping); every offset
+        // stays below `n`, and the streaming stores are to 16-byte aligned addresses.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), dst, head);
+            let mut i = head;
+            while i + 64 <= n {
+                let s = src.as_ptr().add(i).cast::<__m128i>();
+                let d = dst.add(i).cast::<__m128i>();
+                let (a, b) = (_mm_loadu_si128(s), _mm_loadu_si128(s.add(1)));
+                let (c, e) = (_mm_loadu_si128(s.add(2)), _mm_loadu_si128(s.add(3)));
+                _mm_stream_si128(d, a);
+                _mm_stream_si128(d.add(1), b);
+                _mm_stream_si128(d.add(2), c);
+                _mm_stream_si128(d.add(3), e);
+                i += 64;
+            }
+            while i + 16 <= n {
+                let s = src.as_ptr().add(i).cast::<__m128i>();
+                _mm_stream_si128(dst.add(i).cast::<__m128i>(), _mm_loadu_si128(s));
+                i += 16;
+            }
+            std::ptr::copy_nonoverlapping(src.as_ptr().add(i), dst.add(i), n - i);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    // SAFETY: the caller's contract.
+    unsafe {
+        std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len())
+    };
 }
 
 /// One window's share of an access.
@@ -697,6 +867,48 @@ mod tests {
         assert_eq!(dma.unmap(0x10000, 0x2000).unwrap().len(), 1);
         assert!(matches!(
             dma.read(0x10000, &mut b),
+            Err(DmaError::NotMapped { .. })
+        ));
+    }
+
+    #[test]
+    fn direct_pieces_end_at_their_window_and_tell_the_observer() {
+        let dma = Dma::default();
+        let f = memfd("t", 0x4000).unwrap();
+        dma.map(0x10000, 0x2000, f.try_clone().unwrap(), 0, rw())
+            .unwrap();
+        dma.map(
+            0x12000,
+            0x1000,
+            f.try_clone().unwrap(),
+            0x3000,
+            VFIO_DMA_MAP_FLAG_READ,
+        )
+        .unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = Arc::clone(&seen);
+        dma.set_write_observer(Some(Arc::new(move |iova, len| {
+            s2.lock().unwrap().push((iova, len))
+        })));
+        let mut d = dma.direct(0x10ff0, 0x4000, true).unwrap().unwrap();
+        assert_eq!(d.len(), 0x1010, "to the window's end");
+        let data: Vec<u8> = (0..0x1010u32).map(|i| (i * 7) as u8).collect();
+        d.write(3, &data[..0x1000]);
+        d.write(0x1003, &data[..13]);
+        assert_eq!(d.with(3, 4, |b| b.to_vec()), data[..4]);
+        drop(d);
+        assert_eq!(*seen.lock().unwrap(), [(0x10ff0, 0x1010)]);
+        let mut back = vec![0u8; 0x1000];
+        dma.read(0x10ff3, &mut back).unwrap();
+        assert_eq!(back, data[..0x1000]);
+        // Read-only: no piece to write, one to read; unmapped: the access's error.
+        assert!(matches!(
+            dma.direct(0x12000, 16, true),
+            Err(DmaError::Permission { .. })
+        ));
+        assert_eq!(dma.direct(0x12000, 16, false).unwrap().unwrap().len(), 16);
+        assert!(matches!(
+            dma.direct(0x20000, 16, false),
             Err(DmaError::NotMapped { .. })
         ));
     }

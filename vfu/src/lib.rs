@@ -17,7 +17,9 @@ pub mod ratelimit;
 pub mod server;
 
 pub use client::{Client, DmaHandler, DmaRequest, RegionInfo};
-pub use dma::{Dma, DmaError, DmaRoute, DmaWindow, Initiator, UnsealedFiles, WriteObserver};
+pub use dma::{
+    Direct, Dma, DmaError, DmaRoute, DmaWindow, Initiator, UnsealedFiles, WriteObserver,
+};
 pub use error::{errno_name, Errno, VfuError};
 pub use irq::{IrqAction, IrqData, IrqIndexShape, IrqTable, SetIrqs};
 pub use server::{

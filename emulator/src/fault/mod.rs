@@ -417,7 +417,8 @@ impl Injector {
             .collect()
     }
 
-    fn armed(&self) -> bool {
+    /// Whether any rule is in the plan (every site asks this first).
+    pub fn armed(&self) -> bool {
         self.armed.load(Ordering::Acquire) != 0
     }
 

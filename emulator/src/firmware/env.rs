@@ -94,6 +94,21 @@ pub trait Env: Sync {
     /// Writes guest memory through this function's IOVA space.
     fn dma_write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError>;
 
+    /// The piece of `iova..iova + len` (up to its window's end) for a transfer to
+    /// access in place, without a bounce buffer ([`vfu::Direct`]): SAVE encodes into
+    /// it, LOAD reads from it. `Ok(None)` when the transfer must go through
+    /// [`Env::dma_read`] / [`Env::dma_write`] instead: a routed window (a peer's
+    /// device memory, the client's own memory), or a fault plan that may hit the
+    /// transfer's DMAs. An environment without a mapping of its own says `None`.
+    fn dma_direct(
+        &self,
+        _iova: u64,
+        _len: usize,
+        _write: bool,
+    ) -> Result<Option<vfu::Direct>, DmaError> {
+        Ok(None)
+    }
+
     /// Whether all of `iova..iova+len` could be written now, touching nothing (what
     /// the queue checks of an entry and its output chain before a command runs). An
     /// environment without an IOVA space of its own says yes.

@@ -750,44 +750,43 @@ pub(super) fn save_vhca_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> Cm
         base_seq,
         dev_mem_size: f.devmem().size(),
     };
-    // Encodes `pages` (as many as fit) straight into the buffer, run by run through
-    // the MTT; returns (image length, pages sent, pages left).
-    let encode = |pages: &[(u32, &[u8])], digests: Option<&mut Vec<(u32, u64)>>| {
-        let fit = ((size - fixed) / state::PAGE_ENTRY_LEN).min(pages.len());
-        let remaining = pages.len() - fit;
-        if remaining > 0 && !keeps_track && !chunk_mode {
-            return Err(bad(mig_syndrome::BUFFER_TOO_SMALL));
-        }
+    // The pages this image carries, in page order, from `from`: a frozen function's
+    // next chunk takes what the last chunk left, without another pass over device
+    // memory (nothing can change it meanwhile).
+    let frozen = f.migration().state == MigState::ResponderSuspended;
+    let (list, from) = f.devmem().save_list(kind == ImageKind::Base, frozen);
+    let want = list.len() - from;
+    let fit = ((size - fixed) / state::PAGE_ENTRY_LEN).min(want);
+    let remaining = want - fit;
+    if remaining > 0 && !keeps_track && !chunk_mode {
+        return Err(bad(mig_syndrome::BUFFER_TOO_SMALL));
+    }
+    // The digests of the pages as sent become the session's baseline. A save after
+    // which the session ends (stop-copy, all of it fitting) needs none, and neither
+    // does a frozen function's chunk (the next chunk takes the list's rest).
+    let mut sent = Vec::new();
+    let digests = keeps_track || (remaining > 0 && !frozen);
+    // In place from device memory: each page copied once, into the buffer's run,
+    // straight through the MTT, and digested when the session goes on.
+    let image_len = f.devmem().with_pages(&list[from..from + fit], |pages| {
         let parts = state::ImageParts {
             header: &header,
             hca: &hca,
             iseg: &iseg,
             objects: &objects,
-            pages: &pages[..fit],
+            pages,
         };
-        let mut sink = RunSink {
-            env,
-            runs: &runs,
-            run: 0,
-            off: 0,
+        let mut sink = RunSink::new(env, &runs);
+        let run = if sink.in_place() {
+            state::DIRECT_RUN
+        } else {
+            state::ENCODE_RUN
         };
-        let len = state::encode_into(&parts, digests, |b| sink.put(b))?;
-        Ok((len, fit, remaining))
-    };
-    // The digests of the pages as sent become the session's baseline; a save after
-    // which the session ends (stop-copy, all of it fitting) needs none.
-    let all_fit = |n: usize| (size - fixed) / state::PAGE_ENTRY_LEN >= n;
-    let mut sent = Vec::new();
-    // In place from device memory: each page copied once, into the buffer's run, and
-    // digested there when the session goes on.
-    let save = |p: &[(u32, &[u8])]| {
-        let want = keeps_track || !all_fit(p.len());
-        encode(p, want.then_some(&mut sent))
-    };
-    let (image_len, fit, remaining) = match plan {
-        SavePlan::Base { .. } => f.devmem().with_nonzero(save)?,
-        _ => f.devmem().with_dirty(save)?,
-    };
+        state::encode_into(&parts, digests.then_some(&mut sent), run, |b| sink.put(b))
+    })?;
+    if frozen && remaining > 0 {
+        f.devmem().keep_rest(list, from + fit);
+    }
     // The image is in the buffer: now the session moves on, unless the function was
     // reset while the image was built (its session is gone, and so is what was sent).
     if f.epoch() != epoch {
@@ -867,13 +866,13 @@ pub(super) fn load_vhca_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> Cm
     let runs = cell.lock().mig_runs(va, size, key)?;
     let len = size as usize; // at most MAX_IMAGE_LEN
     let mut src = RunSource::new(env, &runs);
-    let mut read = |at: usize, buf: &mut [u8]| src.read(at, buf);
     let id = f.id();
     let refused = |e: &StateError| {
         tracing::info!(vhca_id = id.vhca_id, error = %e, "LOAD_VHCA_STATE: image refused");
         image_fail(e)
     };
-    let staged = state::Staged::open(len, &mut read).map_err(|e| stream_fail(id, e))?;
+    let staged = state::Staged::open(len, &mut |at: usize, buf: &mut [u8]| src.read(at, buf))
+        .map_err(|e| stream_fail(id, e))?;
     let h = staged.header;
     let new_fw = check_compatible(id, f.devmem().size(), &h)
         .and_then(|()| Firmware::from_image(env, id, &staged.hca, &staged.objects))
@@ -918,11 +917,10 @@ pub(super) fn load_vhca_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> Cm
     };
     let mut seen = 0usize;
     let pages = staged
-        .pages(&mut read, |index, data| {
-            if seen < keep {
-                staging.put(index, data);
-            }
-            seen += 1;
+        .pages(&mut src, |batch| {
+            let n = keep.saturating_sub(seen).min(batch.len());
+            staging.put_all(&batch[..n]);
+            seen += batch.len();
         })
         .map_err(|e| stream_fail(id, e))?;
     if f.epoch() != epoch {
@@ -1061,27 +1059,74 @@ fn check_compatible(id: FunctionId, dev_mem_size: u64, h: &ImageHeader) -> Resul
     Ok(())
 }
 
-/// Writes an image in order across the IOVA runs of its buffer.
+/// Bytes of the buffer a SAVE holds mapped at a time while it writes in place (a
+/// [`vfu::Direct`] piece; an unmap of the window waits for it).
+const DIRECT_PIECE: usize = 1 << 20;
+
+/// Writes an image in order across the IOVA runs of its buffer: in place into the
+/// client's mapping where the buffer is memory the client shared (non-temporal stores,
+/// no bounce copy), through [`Env::dma_write`] elsewhere.
 struct RunSink<'a> {
     env: &'a dyn Env,
     runs: &'a [(u64, u64)],
     /// The run being filled, and the bytes of it already written.
     run: usize,
     off: u64,
+    /// The piece of the buffer being written in place, and the bytes of it written.
+    piece: Option<(vfu::Direct, usize)>,
 }
 
-impl RunSink<'_> {
+impl<'a> RunSink<'a> {
+    fn new(env: &'a dyn Env, runs: &'a [(u64, u64)]) -> Self {
+        RunSink {
+            env,
+            runs,
+            run: 0,
+            off: 0,
+            piece: None,
+        }
+    }
+
+    /// Whether the buffer's first bytes can be written in place (then the image is
+    /// encoded in [`state::DIRECT_RUN`] runs, else in [`state::ENCODE_RUN`] ones).
+    fn in_place(&self) -> bool {
+        self.runs
+            .first()
+            .is_some_and(|&(iova, _)| matches!(self.env.dma_direct(iova, 1, true), Ok(Some(_))))
+    }
+
+    fn fault(at: u64, e: &vfu::DmaError) -> CmdFail {
+        tracing::info!(iova = at, error = %e, "SAVE_VHCA_STATE: buffer write faulted");
+        bad(mig_syndrome::DMA_FAULT)
+    }
+
     fn put(&mut self, mut b: &[u8]) -> Result<(), CmdFail> {
         while !b.is_empty() {
             let Some(&(iova, len)) = self.runs.get(self.run) else {
                 return Err(bad(mig_syndrome::BUFFER_TOO_SMALL));
             };
-            let n = ((len - self.off) as usize).min(b.len());
             let at = iova + self.off;
-            self.env.dma_write(at, &b[..n]).map_err(|e| {
-                tracing::info!(iova = at, error = %e, "SAVE_VHCA_STATE: buffer write faulted");
-                bad(mig_syndrome::DMA_FAULT)
-            })?;
+            let left = (len - self.off) as usize;
+            if self.piece.as_ref().is_none_or(|(d, used)| *used == d.len()) {
+                self.piece = None;
+                let d = self.env.dma_direct(at, left.min(DIRECT_PIECE), true);
+                self.piece = d.map_err(|e| Self::fault(at, &e))?.map(|d| (d, 0));
+            }
+            let n = match &mut self.piece {
+                Some((d, used)) => {
+                    let n = (d.len() - *used).min(b.len());
+                    d.write(*used, &b[..n]);
+                    *used += n;
+                    n
+                }
+                None => {
+                    let n = left.min(b.len());
+                    self.env
+                        .dma_write(at, &b[..n])
+                        .map_err(|e| Self::fault(at, &e))?;
+                    n
+                }
+            };
             b = &b[n..];
             self.off += n as u64;
             if self.off == len {
@@ -1115,6 +1160,47 @@ impl<'a> RunSource<'a> {
         RunSource { env, runs, starts }
     }
 
+    /// The run holding image offset `at`: its IOVA and length, and `at`'s offset in it.
+    fn run_at(&self, at: u64) -> Option<(u64, u64, u64)> {
+        let r = self.starts.partition_point(|&s| s <= at).checked_sub(1)?;
+        let (&(iova, len), &start) = (self.runs.get(r)?, self.starts.get(r)?);
+        (at - start < len).then_some((iova, len, at - start))
+    }
+}
+
+impl state::ImageSource for RunSource<'_> {
+    type Error = CmdFail;
+
+    fn read(&mut self, at: usize, buf: &mut [u8]) -> Result<(), CmdFail> {
+        RunSource::read(self, at, buf)
+    }
+
+    /// In place when the `n` bytes lie in one run and one window the client shared.
+    fn view<T>(
+        &mut self,
+        at: usize,
+        n: usize,
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> Result<Option<T>, CmdFail> {
+        let Some((iova, len, off)) = self.run_at(at as u64) else {
+            return Ok(None);
+        };
+        if off + n as u64 > len {
+            return Ok(None);
+        }
+        let from = iova + off;
+        match self.env.dma_direct(from, n, false) {
+            Ok(Some(d)) if d.len() == n => Ok(Some(d.with(0, n, f))),
+            Ok(_) => Ok(None),
+            Err(e) => {
+                tracing::info!(iova = from, error = %e, "LOAD_VHCA_STATE: buffer read faulted");
+                Err(bad(mig_syndrome::DMA_FAULT))
+            }
+        }
+    }
+}
+
+impl RunSource<'_> {
     /// Reads `buf.len()` bytes of the image at offset `at`.
     fn read(&mut self, at: usize, buf: &mut [u8]) -> Result<(), CmdFail> {
         let mut at = at as u64;

@@ -106,6 +106,15 @@ fn bar2_only_when_configured_and_other_bars_read_zero() {
     assert_eq!(r32(&cs, BAR2_OFFSET + 4), 0xffff_ffff);
     assert_eq!([r32(&cs, 0x20), r32(&cs, 0x24)], [0, 0]);
     assert_eq!(r32(&cs, ROM_ADDRESS_OFFSET), 0);
+    // The largest device memory (16 GiB): the size lies in the upper dword alone.
+    let mut p = params(16);
+    p.bar2_size = Some(crate::devmem::MAX_DEV_MEM_SIZE);
+    let mut cs = ConfigSpace::new(FunctionKind::Vf, p).unwrap();
+    w32(&mut cs, BAR2_OFFSET, 0xffff_ffff);
+    w32(&mut cs, BAR2_OFFSET + 4, 0xffff_ffff);
+    assert_eq!(r32(&cs, BAR2_OFFSET), flags);
+    let mask = u64::from(r32(&cs, BAR2_OFFSET + 4)) << 32 | u64::from(r32(&cs, BAR2_OFFSET) & !0xf);
+    assert_eq!(!mask + 1, 16 << 30);
 
     let mut cs = space(FunctionKind::Vf);
     for off in (BAR2_OFFSET..=0x24).step_by(4) {

@@ -1,6 +1,6 @@
 //! The DEV_MEM section: device-memory pages, each an index and 4 KiB.
 
-use mlx5_prm::state_image::{DevMemHead, PageEntryHead, DEV_MEM_HEAD_LEN};
+use mlx5_prm::state_image::{DevMemHead, PageEntryHead, DEV_MEM_HEAD_LEN, PAGE_ENTRY_HEAD_LEN};
 use zerocopy::FromZeros;
 
 use super::codec::{bad, zeroed, R, W};
@@ -16,11 +16,13 @@ pub(super) fn encode_head(w: &mut W, count: usize) {
     w.put(&head);
 }
 
-/// Appends one page entry to `w`.
-pub(super) fn encode_page(w: &mut W, index: u32, data: &[u8]) {
+/// The head of page `index`'s entry (its 4 KiB follow it).
+pub(super) fn entry_head(index: u32) -> [u8; PAGE_ENTRY_HEAD_LEN] {
     let mut e = PageEntryHead::new_zeroed();
     e.index.set(index);
-    w.put(&e).bytes(data);
+    let mut b = [0u8; PAGE_ENTRY_HEAD_LEN];
+    b.copy_from_slice(zerocopy::IntoBytes::as_bytes(&e));
+    b
 }
 
 /// Decodes the section's head: the page size, and the page count, which must fill the

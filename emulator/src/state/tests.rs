@@ -97,11 +97,13 @@ fn stream(b: &[u8]) -> Result<(Staged, Vec<PageImage>), StateError> {
     let staged = Staged::open(b.len(), &mut read).map_err(unwrap)?;
     let mut pages = Vec::new();
     let n = staged
-        .pages(&mut read, |index, data| {
-            pages.push(PageImage {
-                index,
-                data: data.into(),
-            })
+        .pages(&mut read, |batch| {
+            for &(index, data) in batch {
+                pages.push(PageImage {
+                    index,
+                    data: data.into(),
+                })
+            }
         })
         .map_err(unwrap)?;
     assert_eq!(n, pages.len());
