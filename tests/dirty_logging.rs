@@ -10,13 +10,15 @@ use std::collections::BTreeSet;
 
 use mlx5_emulator::firmware::page_track::pt_syndrome;
 use mlx5_prm::cmd::page_track::{
-    create_in_len, ctx, in_msg, range_length, range_start, GENERAL_OBJ_IN_OBJ_TYPE,
-    GENERAL_OBJ_OUT_HDR_LEN, OBJ_TYPE_PAGE_TRACK,
+    create_in_len, ctx, in_msg, range_length, range_start, GENERAL_OBJ_IN_OBJ_ID,
+    GENERAL_OBJ_IN_OBJ_TYPE, GENERAL_OBJ_OUT_HDR_LEN, OBJ_TYPE_PAGE_TRACK,
 };
 use mlx5_prm::ifc::set;
 use mlx5_prm::{CmdStatus, Opcode};
 use mlx5_testbed::bringup;
-use mlx5_testbed::dma::{self, loopback_pair, next, pattern, DmaNode, End, DATA_IOVA};
+use mlx5_testbed::dma::{
+    self, connect, end, loopback_pair, next, pattern, DmaNode, End, DATA_IOVA,
+};
 use mlx5_testbed::Testbed;
 use mlx5vf::cmdif::{new_input, CmdError};
 use mlx5vf::dirty::DirtyTracker;
@@ -183,12 +185,15 @@ fn pages_outside_the_ranges_and_the_guests_own_stores_are_not_reported() {
     }
     // The guest's own stores (its CPU, not the device) into a tracked page.
     n.mem.write(2 * mib + 9 * PAGE, &[1; 64]);
-    // And a store into the VF's device memory (BAR2), through the region.
+    // And stores into the VF's device memory (BAR2), through the region and through
+    // the client's mmap of it.
     n.hca
         .cmd()
         .client()
         .region_write(vfu::uapi::VFIO_PCI_BAR2_REGION_INDEX, 0, &[0xab; 64])
         .unwrap();
+    let bar2 = mlx5_testbed::devmem::Bar2Map::new(&mut n.hca.cmd().client());
+    bar2.write(4096, &[0xcd; 64]);
     let got = report(&mut t, DATA_IOVA, DATA, PAGE);
     let want: BTreeSet<u64> = [DATA_IOVA + 2 * mib, DATA_IOVA + 5 * mib + PAGE].into();
     assert_eq!(got, want);
@@ -325,6 +330,67 @@ fn hostile_tracker_objects_are_refused_with_status_and_syndrome() {
     let m = create_input(vhca, qpn, |_| {});
     refused(m, CmdStatus::ResBusy, pt_syndrome::ALREADY_TRACKED);
     assert!(report(&mut t, DATA_IOVA, DATA, PAGE).is_empty());
+    // Hostile MODIFY / QUERY / DESTROY of it.
+    let id = t.object_id().unwrap();
+    let modify = |edit: &dyn Fn(&mut Vec<u8>)| {
+        let mut m = new_input(Opcode::ModifyGeneralObject, 0, create_in_len(0));
+        set(&mut m, GENERAL_OBJ_IN_OBJ_TYPE, OBJ_TYPE_PAGE_TRACK.into());
+        set(&mut m, GENERAL_OBJ_IN_OBJ_ID, id.into());
+        set(&mut m, in_msg(ctx::MODIFY_FIELD_SELECT), 3);
+        set(&mut m, in_msg(ctx::STATE), 1);
+        set(&mut m, in_msg(ctx::RANGE_START_ADDRESS), DATA_IOVA);
+        set(&mut m, in_msg(ctx::LENGTH), DATA);
+        edit(&mut m);
+        m
+    };
+    refused(
+        modify(&|m| set(m, GENERAL_OBJ_IN_OBJ_ID, 0x99)),
+        CmdStatus::BadResErr,
+        mlx5_emulator::firmware::syndrome::NO_SUCH_OBJECT,
+    );
+    refused(
+        modify(&|m| set(m, in_msg(ctx::MODIFY_FIELD_SELECT), 0x2)),
+        bad,
+        pt_syndrome::BAD_FIELD_SELECT,
+    );
+    refused(
+        modify(&|m| set(m, in_msg(ctx::MODIFY_FIELD_SELECT), 0x7)),
+        bad,
+        pt_syndrome::BAD_FIELD_SELECT,
+    );
+    refused(
+        modify(&|m| set(m, in_msg(ctx::STATE), 0)),
+        CmdStatus::BadResStateErr,
+        pt_syndrome::BAD_STATE,
+    );
+    refused(
+        modify(&|m| set(m, in_msg(ctx::STATE), 9)),
+        bad,
+        pt_syndrome::BAD_STATE,
+    );
+    refused(
+        modify(&|m| set(m, in_msg(ctx::LENGTH), 0)),
+        bad,
+        pt_syndrome::BAD_RANGE,
+    );
+    refused(
+        modify(&|m| set(m, in_msg(ctx::RANGE_START_ADDRESS), u64::MAX)),
+        bad,
+        pt_syndrome::BAD_RANGE,
+    );
+    refused(
+        modify(&|m| set(m, GENERAL_OBJ_IN_OBJ_TYPE, 0x13)),
+        bad,
+        pt_syndrome::UNKNOWN_OBJ_TYPE,
+    );
+    let mut m = new_input(Opcode::DestroyGeneralObject, 0, 16);
+    set(&mut m, GENERAL_OBJ_IN_OBJ_TYPE, OBJ_TYPE_PAGE_TRACK.into());
+    set(&mut m, GENERAL_OBJ_IN_OBJ_ID, (id + 1).into());
+    refused(
+        m,
+        CmdStatus::BadResErr,
+        mlx5_emulator::firmware::syndrome::NO_SUCH_OBJECT,
+    );
     // Bad reports: nothing reaches the device.
     let mut bm = [0u64; 1];
     assert!(t.report(DATA_IOVA + 1, PAGE, PAGE, &mut bm).is_err());
@@ -417,5 +483,54 @@ fn a_report_that_cannot_be_delivered_leaves_the_tracker_in_error_until_restarted
         report(&mut t, DATA_IOVA, DATA, PAGE),
         pages(2 << 20, 10, PAGE)
     );
+    t.stop().unwrap();
+}
+
+#[test]
+fn a_peers_writes_into_the_tracked_vf_are_its_dma_and_are_reported() {
+    let tb = Testbed::start(2);
+    let pf = bringup::pf_up(&tb.pf_socket());
+    let n0 = dma::node(&tb.vf_socket(0), DATA);
+    let n1 = dma::node(&tb.vf_socket(1), DATA);
+    let (q0, q1) = (
+        DmaQueues::new(&n0.hca).unwrap(),
+        DmaQueues::new(&n1.hca).unwrap(),
+    );
+    let sizes = mlx5vf::dma::QpSizes::default();
+    let (mut e0, mut e1) = (end(&q0, 6, sizes), end(&q1, 6, sizes));
+    connect(&q0, &e0, &q1, &e1);
+    let mut t = DirtyTracker::start(&pf, n0.vhca_id, &[(DATA_IOVA, DATA)], PAGE).unwrap();
+    // VF1 writes into VF0 (VF0's memory is written by VF0's side of the fabric) ...
+    n1.mem.write(SRC, &pattern(9, 3 * 4096));
+    q1.post_send(
+        &mut e1.qp,
+        &SendWr::RdmaWrite {
+            sges: vec![sge(&n1, SRC, 3 * 4096)],
+            raddr: 6 << 20,
+            rkey: n0.key,
+            imm: None,
+        },
+        true,
+    )
+    .unwrap();
+    q1.ring(&mut e1.qp).unwrap();
+    assert!(next(&q1, &mut e1).is_ok());
+    // ... and VF0 reads from VF1 (VF1's memory is only read: VF0's local pages are written).
+    q0.post_send(
+        &mut e0.qp,
+        &SendWr::RdmaRead {
+            sges: vec![sge(&n0, 9 << 20, 4096)],
+            raddr: SRC,
+            rkey: n1.key,
+        },
+        true,
+    )
+    .unwrap();
+    q0.ring(&mut e0.qp).unwrap();
+    assert!(next(&q0, &mut e0).is_ok());
+    let mut want = pages(6 << 20, 3 * 4096, PAGE);
+    want.extend(pages(9 << 20, 4096, PAGE));
+    assert_eq!(report(&mut t, DATA_IOVA, DATA, PAGE), want);
+    assert_eq!(n0.mem.read(6 << 20, 3 * 4096), pattern(9, 3 * 4096));
     t.stop().unwrap();
 }
