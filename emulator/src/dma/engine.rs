@@ -485,8 +485,6 @@ struct Incoming {
     scatter: bool,
 }
 
-/// The responder's half of a SEND (scatter into the next receive WQE) or an
-/// RDMA_WRITE_IMM (`scatter` false: the WQE is consumed for its CQE only).
 /// Where the bytes of an incoming message come from: the requester's local runs, or
 /// a firmware buffer (a message the firmware sends on a QP's behalf).
 enum Src<'s, 'h> {
@@ -494,6 +492,8 @@ enum Src<'s, 'h> {
     Bytes(&'s [u8]),
 }
 
+/// The responder's half of a SEND (scatter into the next receive WQE) or an
+/// RDMA_WRITE_IMM (`scatter` false: the WQE is consumed for its CQE only).
 fn receive(
     src: Src<'_, '_>,
     side: &Side<'_>,
