@@ -20,8 +20,9 @@ use crate::dma;
 use crate::fabric::Fabric;
 use crate::fault::{CmdFaults, CmdSite, DmaDir, Fatal, FaultTarget, Injector, StateFilter};
 use crate::firmware::{
-    Cmd, CmdRecord, DirtyLog, Env, Firmware, FwCell, HcaState, MigCtl, MigState, ObjectCounts,
-    P2pRefusal, P2pSource, Peer, Violation, ViolationKind, LOG_BF_REG_SIZE,
+    comp_eqe, Cmd, CmdRecord, DirtyLog, Env, Firmware, FwCell, HcaState, MigCtl, MigState,
+    ObjectCounts, P2pRefusal, P2pSource, Peer, UarAction, UarRefusal, Violation, ViolationKind,
+    LOG_BF_REG_SIZE,
 };
 pub use crate::firmware::{FunctionId, SuspendError, DRAIN_TIMEOUT, MSIX_VECTORS};
 use crate::pci::{ConfigParams, ConfigSpace, PciError, INTERRUPT_PIN_NONE};
@@ -612,10 +613,11 @@ impl Function {
         }
     }
 
-    /// A 4-byte write to UAR page `page`: EQ arm / consumer-index doorbells, and the send
-    /// doorbell of a QP (the second word of a doorbell / BlueFlame register, which
-    /// carries `qpn << 8 | ds`): the QP is handed to the DMA engine, which reads how far
-    /// to go from the QP's doorbell record.
+    /// A 4-byte write to UAR page `page`: EQ arm / consumer-index doorbells, the CQ arm
+    /// doorbell, and the send doorbell of a QP (the second word of a doorbell /
+    /// BlueFlame register, which carries `qpn << 8 | ds`): the QP is handed to the DMA
+    /// engine, which reads how far to go from the QP's doorbell record. The other words
+    /// of the doorbell / BlueFlame registers carry nothing the device needs.
     pub fn uar_write(&self, page: u32, offset: u32, value: u32) {
         let address = u64::from(page) * crate::bar0::UAR_PAGE_SIZE + u64::from(offset);
         let Some(_admitted) = self.admit(ViolationKind::UarDoorbell, address, 4) else {
@@ -623,35 +625,31 @@ impl Function {
         };
         let bf_size = 1u32 << LOG_BF_REG_SIZE;
         let bf = mlx5_prm::wqe::UAR_BF_OFFSET;
-        if (bf..bf + 2 * bf_size).contains(&offset) && (offset - bf) % bf_size == 4 {
+        if (bf..bf + 2 * bf_size).contains(&offset) {
+            if (offset - bf) % bf_size != 4 {
+                return;
+            }
             let qpn = value >> 8;
-            let ours = self.firmware().qp(qpn).is_some_and(|q| q.uar == page);
-            if ours {
+            let mut fw = self.firmware();
+            if fw.qp(qpn).is_some_and(|q| q.uar == page) {
+                drop(fw);
                 self.engine.kick(qpn);
+            } else if !fw.has_uar(page) {
+                fw.refuse_uar_write(page, offset, value, UarRefusal::NoUar { page });
             } else {
-                tracing::debug!(
-                    vhca_id = self.id.vhca_id,
-                    page,
-                    qpn,
-                    "send doorbell for no QP of this UAR"
-                );
+                fw.refuse_uar_write(page, offset, value, UarRefusal::NoQp { qpn, page });
             }
             return;
         }
-        let fire = {
-            let mut fw = self.firmware();
-            if !fw.has_uar(page) {
-                tracing::trace!(
-                    vhca_id = self.id.vhca_id,
-                    page,
-                    "write to an unallocated UAR page"
-                );
-                return;
+        let action = self.firmware().uar_write(page, offset, value);
+        match action {
+            Some(UarAction::Raise(v)) => {
+                self.raise_msix(v);
             }
-            fw.uar_write(page, offset, value)
-        };
-        if let Some(v) = fire {
-            self.raise_msix(v);
+            Some(UarAction::CqEvent { eqn, cqn }) => {
+                self.firmware.post_eqe(self, eqn, comp_eqe(cqn));
+            }
+            None => {}
         }
     }
 
@@ -813,6 +811,10 @@ impl Peer for Function {
 
     fn firmware(&self) -> MutexGuard<'_, Firmware> {
         self.firmware.lock()
+    }
+
+    fn post_eqe(&self, eqn: u8, eqe: [u8; mlx5_prm::cmd::eq::EQE_SIZE]) -> bool {
+        self.firmware.post_eqe(self, eqn, eqe)
     }
 
     fn install_firmware(&self, fw: Firmware) {

@@ -22,6 +22,9 @@ pub const MAX_WQE_DS: usize = 64;
 pub const CTRL_CE_MASK: u8 = 0x0c;
 /// `MLX5_WQE_CTRL_CQ_UPDATE`: this WQE completes with a CQE.
 pub const CTRL_CQ_UPDATE: u8 = 0x08;
+/// `MLX5_WQE_CTRL_SOLICITED`: the message's receive completion is solicited (it fires
+/// a CQ armed with ARM_SOLICITED).
+pub const CTRL_SOLICITED: u8 = 0x02;
 /// `MLX5_INLINE_SEG`: a data segment with this bit in `byte_count` is inline data.
 pub const INLINE_SEG: u32 = 0x8000_0000;
 /// UAR page offset of the first BlueFlame / doorbell register (`MLX5_BF_OFFSET`): the
@@ -116,6 +119,11 @@ impl CtrlSeg {
     /// Whether the WQE asks for a CQE.
     pub fn signaled(&self) -> bool {
         self.fm_ce_se & CTRL_CE_MASK == CTRL_CQ_UPDATE
+    }
+
+    /// Whether the solicited-event bit is set.
+    pub fn solicited(&self) -> bool {
+        self.fm_ce_se & CTRL_SOLICITED != 0
     }
 }
 

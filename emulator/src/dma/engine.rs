@@ -12,8 +12,13 @@ use mlx5_prm::wqe::{
 use vfu::DmaError;
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
+use mlx5_prm::cmd::cq::{CQ_ERROR_ACCESS_VIOLATION, CQ_ERROR_OVERRUN};
+use mlx5_prm::cmd::eq::{EQE_SIZE, EVENT_TYPE_CQ_ERROR, EVENT_TYPE_WQ_CATAS_ERROR};
+
 use super::Host;
-use crate::firmware::{Firmware, P2pSource, Peer, Qp, QpPeer};
+use crate::firmware::{
+    comp_eqe, cq_error_eqe, qp_event_eqe, Firmware, P2pSource, Peer, Qp, QpPeer,
+};
 
 /// Bytes moved per DMA read/write pair: a request is copied through a bounce buffer of
 /// at most this size.
@@ -59,6 +64,30 @@ impl Side<'_> {
         match self {
             Side::Own(h) => h.env().dma_kick(qpn),
             Side::Peer(p) => p.dma_kick(qpn),
+        }
+    }
+
+    /// Posts `eqe` on EQ `eqn` of this side's function (and raises its vector if the
+    /// EQ is armed). Called holding no lock.
+    fn post_eqe(&self, eqn: u8, eqe: [u8; EQE_SIZE]) {
+        let posted = match self {
+            Side::Own(h) => h.firmware().post_eqe(h.env(), eqn, eqe),
+            Side::Peer(p) => p.post_eqe(eqn, eqe),
+        };
+        if !posted {
+            tracing::debug!(
+                eqn,
+                event_type = eqe[1],
+                "event EQE not posted (EQ gone or full)"
+            );
+        }
+    }
+
+    /// Posts an asynchronous event on the EQ that subscribed to `event_type`, if any.
+    fn async_event(&self, event_type: u8, eqe: [u8; EQE_SIZE]) {
+        let eqn = self.fw().async_eq(event_type);
+        if let Some(eqn) = eqn {
+            self.post_eqe(eqn, eqe);
         }
     }
 }
@@ -142,6 +171,11 @@ fn step(h: &dyn Host, qpn: u32) -> Step {
         Err(e) => {
             tracing::warn!(qpn, error = %e, "QP doorbell record unreadable; QP to ERR");
             to_err(&own, qpn);
+            // No CQE can report it: a catastrophic work queue error event.
+            own.async_event(
+                EVENT_TYPE_WQ_CATAS_ERROR,
+                qp_event_eqe(EVENT_TYPE_WQ_CATAS_ERROR, qpn),
+            );
             return if flushing { Step::Idle } else { Step::Did };
         }
     };
@@ -459,6 +493,7 @@ fn execute(h: &dyn Host, q: &Qp, ctrl: &CtrlSeg, segs: &[u8]) -> Result<u32, Fai
                     total,
                     imm: Some(imm),
                     scatter: false,
+                    solicited: ctrl.solicited(),
                 };
                 receive(Src::Runs(&own, &local), &side, &tq, msg, q.qpn)?;
             }
@@ -469,6 +504,7 @@ fn execute(h: &dyn Host, q: &Qp, ctrl: &CtrlSeg, segs: &[u8]) -> Result<u32, Fai
                 total,
                 imm,
                 scatter: true,
+                solicited: ctrl.solicited(),
             };
             receive(Src::Runs(&own, &local), &side, &tq, msg, q.qpn)?;
         }
@@ -483,6 +519,8 @@ struct Incoming {
     total: u64,
     imm: Option<u32>,
     scatter: bool,
+    /// Sent with the solicited-event bit: its receive CQE fires ARM_SOLICITED.
+    solicited: bool,
 }
 
 /// Where the bytes of an incoming message come from: the requester's local runs, or
@@ -505,6 +543,7 @@ fn receive(
         total,
         imm,
         scatter,
+        solicited,
     } = msg;
     let responder = |syndrome, vendor, resp| Fail {
         syndrome,
@@ -598,7 +637,7 @@ fn receive(
     cqe.byte_cnt.set(total.min(u64::from(u32::MAX)) as u32);
     cqe.sop_drop_qpn.set(tq.qpn);
     cqe.wqe_counter.set(wqe_counter);
-    post_cqe(side, cqn, opcode, cqe.as_bytes());
+    post_cqe(side, cqn, opcode, cqe.as_bytes(), solicited);
     Ok(())
 }
 
@@ -617,6 +656,7 @@ fn responder_error(side: &Side<'_>, qpn: u32, wqe_counter: u16, syndrome: CqeSyn
         cqn,
         CqeOpcode::RespErr,
         err_cqe(qpn, 0, wqe_counter, syndrome, vs::FLUSHED).as_bytes(),
+        false,
     );
     side.kick(qpn);
 }
@@ -671,7 +711,7 @@ fn complete(
                 cqe.byte_cnt.set(bytes);
                 cqe.sop_drop_qpn.set(q.qpn);
                 cqe.wqe_counter.set(start);
-                if !post_cqe(&own, cqn, CqeOpcode::Req, cqe.as_bytes()) {
+                if !post_cqe(&own, cqn, CqeOpcode::Req, cqe.as_bytes(), false) {
                     to_err(&own, q.qpn);
                 }
             }
@@ -687,7 +727,7 @@ fn complete(
                 "WQE failed; QP to ERR"
             );
             let e = err_cqe(q.qpn, opcode, start, f.syndrome, f.vendor);
-            post_cqe(&own, cqn, CqeOpcode::ReqErr, e.as_bytes());
+            post_cqe(&own, cqn, CqeOpcode::ReqErr, e.as_bytes(), false);
             h.env().dma_kick(q.qpn);
         }
     }
@@ -721,7 +761,7 @@ fn flush_one(h: &dyn Host, q: &Qp, rq_pi: u16, sq_pi: u16) -> Step {
             cur.cqn_snd
         };
         let e = err_cqe(q.qpn, opcode, q.sq_ci, CqeSyndrome::WrFlushErr, vs::FLUSHED);
-        post_cqe(&own, cqn, CqeOpcode::ReqErr, e.as_bytes());
+        post_cqe(&own, cqn, CqeOpcode::ReqErr, e.as_bytes(), false);
         return Step::Did;
     }
     if q.has_rq && rq_pi != q.rq_ci as u16 {
@@ -745,7 +785,7 @@ fn flush_one(h: &dyn Host, q: &Qp, rq_pi: u16, sq_pi: u16) -> Step {
             CqeSyndrome::WrFlushErr,
             vs::FLUSHED,
         );
-        post_cqe(&own, cqn, CqeOpcode::RespErr, e.as_bytes());
+        post_cqe(&own, cqn, CqeOpcode::RespErr, e.as_bytes(), false);
         return Step::Did;
     }
     Step::Idle
@@ -753,16 +793,21 @@ fn flush_one(h: &dyn Host, q: &Qp, rq_pi: u16, sq_pi: u16) -> Step {
 
 /// Writes a CQE (`bytes` with `op_own` filled in) at the producer index of CQ `cqn` of
 /// `side`; false if the CQ is gone, in error or full (it then goes to overflow, as
-/// hardware reports a CQ overrun). The CQE's last byte, holding the owner bit, is
-/// written after the rest, so software never sees a CQE it owns half-written.
-fn post_cqe(side: &Side<'_>, cqn: u32, opcode: CqeOpcode, bytes: &[u8]) -> bool {
+/// hardware reports a CQ overrun, with a CQ error event). The CQE's last byte, holding
+/// the owner bit, is written after the rest, so software never sees a CQE it owns
+/// half-written; then, if the CQ is armed and the CQE qualifies (any CQE for ARM_NEXT;
+/// a `solicited` or error CQE for ARM_SOLICITED), its completion EQE goes to the CQ's
+/// EQ.
+fn post_cqe(side: &Side<'_>, cqn: u32, opcode: CqeOpcode, bytes: &[u8], solicited: bool) -> bool {
     let Some(dbr) = side.fw().cq(cqn).map(|c| c.dbr) else {
         return false;
     };
     let mut ci = [0u8; 4];
     let ci_ok = side.read(dbr, &mut ci).is_ok();
     let ci = be32(&ci) & 0x00ff_ffff;
-    let (iova, own_byte) = {
+    let cq_error =
+        |syndrome: u8| side.async_event(EVENT_TYPE_CQ_ERROR, cq_error_eqe(cqn, syndrome));
+    let reserved = {
         let mut fw = side.fw();
         let Some(c) = fw.cq_mut(cqn) else {
             return false;
@@ -772,21 +817,29 @@ fn post_cqe(side: &Side<'_>, cqn: u32, opcode: CqeOpcode, bytes: &[u8]) -> bool 
         }
         if !ci_ok {
             c.status = CQ_STATUS_WRITE_FAIL;
-            return false;
-        }
-        if c.pi.wrapping_sub(ci) & 0x00ff_ffff >= c.entries() {
+            None
+        } else if c.pi.wrapping_sub(ci) & 0x00ff_ffff >= c.entries() {
             tracing::warn!(cqn, pi = c.pi, ci, "CQ overrun; CQ to overflow");
             c.status = CQ_STATUS_OVERFLOW;
-            return false;
+            None
+        } else {
+            let pi = c.pi;
+            c.pi = pi.wrapping_add(1) & 0x00ff_ffff;
+            let off = u64::from(pi % c.entries()) * CQE_LEN as u64;
+            let Some(runs) = c.ring.runs(off, CQE_LEN as u64) else {
+                return false;
+            };
+            // 64 bytes inside one page: a single run.
+            Some((runs[0].0, op_own(opcode, pi, c.log_size), pi))
         }
-        let pi = c.pi;
-        c.pi = pi.wrapping_add(1) & 0x00ff_ffff;
-        let off = u64::from(pi % c.entries()) * CQE_LEN as u64;
-        let Some(runs) = c.ring.runs(off, CQE_LEN as u64) else {
-            return false;
-        };
-        // 64 bytes inside one page: a single run.
-        (runs[0].0, op_own(opcode, pi, c.log_size))
+    };
+    let Some((iova, own_byte, pi)) = reserved else {
+        cq_error(if ci_ok {
+            CQ_ERROR_OVERRUN
+        } else {
+            CQ_ERROR_ACCESS_VIOLATION
+        });
+        return false;
     };
     let mut cqe = [0u8; CQE_LEN];
     cqe.copy_from_slice(&bytes[..CQE_LEN]);
@@ -799,8 +852,18 @@ fn post_cqe(side: &Side<'_>, cqn: u32, opcode: CqeOpcode, bytes: &[u8]) -> bool 
         if let Some(c) = side.fw().cq_mut(cqn) {
             c.status = CQ_STATUS_WRITE_FAIL;
         }
+        cq_error(CQ_ERROR_ACCESS_VIOLATION);
+        return false;
     }
-    written
+    let solicited = solicited || matches!(opcode, CqeOpcode::ReqErr | CqeOpcode::RespErr);
+    let fired = side
+        .fw()
+        .cq_mut(cqn)
+        .and_then(|c| c.cqe_written(pi, solicited));
+    if let Some(eqn) = fired {
+        side.post_eqe(eqn, comp_eqe(cqn));
+    }
+    true
 }
 
 /// Why a firmware-originated SEND did not land.
@@ -851,6 +914,7 @@ pub fn fw_send(h: &dyn Host, qpn: u32, data: &[u8], imm: u32) -> Result<(), FwSe
         total: data.len() as u64,
         imm: Some(imm),
         scatter: true,
+        solicited: false,
     };
     receive(Src::Bytes(data), &Side::Own(h), &tq, msg, qpn).map_err(|f| match f.syndrome {
         CqeSyndrome::RnrRetryExcErr => FwSendError::NoRecv,

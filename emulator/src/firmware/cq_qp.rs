@@ -17,7 +17,7 @@ use mlx5_prm::ifc::{set, Field};
 use mlx5_prm::CmdStatus;
 
 use super::caps::{LOG_MAX_CQ, LOG_MAX_CQ_SZ, LOG_MAX_MSG, LOG_MAX_QP, LOG_MAX_QP_SZ};
-use super::{first_free, syndrome, Cmd, CmdFail, CmdResult, Env, Firmware};
+use super::{first_free, syndrome, Cmd, CmdFail, CmdResult, CqArm, Env, Firmware};
 
 /// CQs one function may hold (`log_max_cq`).
 pub const MAX_CQS: u32 = 1 << LOG_MAX_CQ;
@@ -50,6 +50,8 @@ pub enum QueueError {
     NoUar { uar: u32 },
     #[error("EQ {eqn} does not exist")]
     NoEq { eqn: u64 },
+    #[error("EQ {eqn} takes asynchronous events (event_bitmask) and cannot take a CQ's completion events; name a completion EQ (created with an empty event_bitmask)")]
+    NotCompletionEq { eqn: u8 },
     #[error("PD {pd} is not allocated")]
     NoPd { pd: u32 },
     #[error("CQ {cqn:#x} does not exist")]
@@ -99,6 +101,9 @@ impl QueueError {
                 CmdFail::new(CmdStatus::BadQpStateErr, syndrome::WRONG_STATE)
             }
             QueueError::InUse { .. } => CmdFail::new(CmdStatus::ResBusy, syndrome::BUSY),
+            QueueError::NotCompletionEq { .. } => {
+                CmdFail::new(CmdStatus::BadParamErr, syndrome::NOT_COMPLETION_EQ)
+            }
             _ => CmdFail::bad_param(),
         }
     }
@@ -169,6 +174,16 @@ pub struct Cq {
     pub pi: u32,
     /// `status`: OK, or overflow once a CQE found the ring full.
     pub status: u8,
+    /// Arm state (cqc `st`).
+    pub arm: CqArm,
+    /// Arm sequence number (2 bits): advanced by every completion event; an arm
+    /// request must carry it.
+    pub arm_sn: u8,
+    /// CQEs fully in guest memory (24 bits, wrapping): equal to `pi` whenever no CQE is
+    /// being written.
+    pub written: u32,
+    /// Index of the last solicited or error CQE written.
+    pub last_solicited: Option<u32>,
 }
 
 impl Cq {
@@ -321,14 +336,18 @@ pub fn check_dbr(addr: u64) -> Result<(), QueueError> {
     Ok(())
 }
 
-/// A CQ as CREATE_CQ would have created it (numbers in range, UAR and EQ present).
-pub fn check_cq(c: &Cq, uars: &BTreeSet<u32>, eqs: &BTreeSet<u8>) -> Result<(), QueueError> {
+/// A CQ as CREATE_CQ would have created it (numbers in range, UAR and a completion EQ
+/// present). `eqs` maps every EQ number to whether it takes completion events
+/// ([`mlx5_prm::cmd::eq::is_completion_eq`]).
+pub fn check_cq(c: &Cq, uars: &BTreeSet<u32>, eqs: &BTreeMap<u8, bool>) -> Result<(), QueueError> {
     too_big("log_cq_size", c.log_size.into(), LOG_MAX_CQ_SZ)?;
     if !uars.contains(&c.uar) {
         return Err(QueueError::NoUar { uar: c.uar });
     }
-    if !eqs.contains(&c.eqn) {
-        return Err(QueueError::NoEq { eqn: c.eqn.into() });
+    match eqs.get(&c.eqn) {
+        None => return Err(QueueError::NoEq { eqn: c.eqn.into() }),
+        Some(false) => return Err(QueueError::NotCompletionEq { eqn: c.eqn }),
+        Some(true) => {}
     }
     check_dbr(c.dbr)?;
     check_ring("CQ", &c.ring, u64::from(c.entries()) * CQE_SIZE as u64)
@@ -428,8 +447,12 @@ impl Firmware {
         self.qps.keys().copied().collect()
     }
 
-    fn eq_numbers(&self) -> BTreeSet<u8> {
-        self.eqs.keys().copied().collect()
+    /// Every EQ, with whether it takes completion events.
+    fn eq_kinds(&self) -> BTreeMap<u8, bool> {
+        self.eqs
+            .iter()
+            .map(|(&n, e)| (n, mlx5_prm::cmd::eq::is_completion_eq(&e.event_bitmask)))
+            .collect()
     }
 
     pub(super) fn create_cq(&mut self, env: &dyn Env, cmd: &Cmd<'_>) -> CmdResult {
@@ -468,8 +491,12 @@ impl Firmware {
             dbr: g(cqc::DBR_ADDR),
             pi: 0,
             status: CQ_STATUS_OK,
+            arm: CqArm::Idle,
+            arm_sn: 0,
+            written: 0,
+            last_solicited: None,
         };
-        check_cq(&c, &self.uars, &self.eq_numbers()).map_err(&r)?;
+        check_cq(&c, &self.uars, &self.eq_kinds()).map_err(&r)?;
         probe(env, "CQ", &c.ring, c.dbr).map_err(&r)?;
         let cqn = first_free(self.cqs.keys(), 1, MAX_CQS).ok_or_else(CmdFail::no_resources)?;
         self.cqs.insert(cqn, Cq { cqn, ..c });
@@ -510,6 +537,7 @@ impl Firmware {
         let mut out = vec![0u8; len.min(cmd.outlen.max(cq::QUERY_CQ_OUT_LEN))];
         let mut s = |f, v: u64| set(&mut out, cq::in_msg(f), v);
         s(cqc::STATUS, c.status.into());
+        s(cqc::ST, c.arm.st().into());
         s(cqc::LOG_CQ_SIZE, c.log_size.into());
         s(cqc::UAR_PAGE, c.uar.into());
         s(cqc::C_EQN, c.eqn.into());
@@ -897,6 +925,108 @@ mod tests {
             CmdStatus::BadResErr,
             syndrome::NO_SUCH_OBJECT,
         );
+    }
+
+    #[test]
+    fn create_cq_needs_a_completion_eq_and_the_eq_outlives_its_cqs() {
+        use mlx5_prm::cmd::eq::{DESTROY_EQ_IN_EQ_NUMBER, EVENT_TYPE_CMD};
+        let mut b = bench();
+        // EQ 2 takes command events: no CQ may report to it.
+        let mut cmd_eq = b.fw.eqs[&1].clone();
+        cmd_eq.eqn = 2;
+        cmd_eq.event_bitmask[0] = 1 << EVENT_TYPE_CMD;
+        b.fw.eqs.insert(2, cmd_eq);
+        let r = create_cq(&mut b, 6, |m| set(m, cq::in_msg(cqc::C_EQN), 2));
+        fails(&r, CmdStatus::BadParamErr, syndrome::NOT_COMPLETION_EQ);
+        let r = create_cq(&mut b, 6, |_| {});
+        ok(&r);
+        let cqn = get(&r.out, CQ_CQN) as u32;
+        // The CQ's EQ cannot go first.
+        let destroy_eq = |b: &mut Bench| {
+            b.run(Opcode::DestroyEq, 0, 16, 16, |m| {
+                set(m, DESTROY_EQ_IN_EQ_NUMBER, 1)
+            })
+        };
+        fails(&destroy_eq(&mut b), CmdStatus::ResBusy, syndrome::BUSY);
+        ok(&b.run(Opcode::DestroyCq, 0, 16, 16, |m| set(m, CQ_CQN, cqn.into())));
+        ok(&destroy_eq(&mut b));
+    }
+
+    #[test]
+    fn uar_cq_doorbell_arms_reports_st_and_refuses_bad_writes() {
+        use crate::firmware::{UarAction, UarRefusal};
+        use mlx5_prm::cmd::cq::{
+            cq_arm_word, CqArmCmd, CQC_ST_ARMED, CQC_ST_FIRED, CQ_DOORBELL_CQN_OFFSET,
+            CQ_DOORBELL_OFFSET,
+        };
+        let mut b = bench();
+        let cqn = get(&create_cq(&mut b, 6, |_| {}).out, CQ_CQN) as u32;
+        let st = |b: &mut Bench| {
+            let q = b.run(Opcode::QueryCq, 0, 16, 0x200, |m| {
+                set(m, CQ_CQN, cqn.into())
+            });
+            get(&q.out, cq::in_msg(cqc::ST)) as u8
+        };
+        assert_eq!(st(&mut b), 0);
+        // Arm word, then cqn word: armed, nothing pending.
+        let arm = cq_arm_word(0, CqArmCmd::Next, 0);
+        assert_eq!(b.fw.uar_write(3, CQ_DOORBELL_OFFSET, arm), None);
+        assert_eq!(b.fw.uar_write(3, CQ_DOORBELL_CQN_OFFSET, cqn), None);
+        assert_eq!(st(&mut b), CQC_ST_ARMED);
+        // A CQE lands: the arm fires towards EQ 1.
+        assert_eq!(b.fw.cq_mut(cqn).unwrap().cqe_written(0, false), Some(1));
+        assert_eq!(st(&mut b), CQC_ST_FIRED);
+        // Re-armed with the next number at ci 0: CQE 0 is pending, fires at once.
+        b.fw.uar_write(3, CQ_DOORBELL_OFFSET, cq_arm_word(1, CqArmCmd::Next, 0));
+        assert_eq!(
+            b.fw.uar_write(3, CQ_DOORBELL_CQN_OFFSET, cqn),
+            Some(UarAction::CqEvent { eqn: 1, cqn })
+        );
+        assert_eq!(b.fw.uar_log().total(), 0);
+        // Bad writes change nothing and are recorded.
+        let bad = [
+            (
+                3,
+                CQ_DOORBELL_CQN_OFFSET,
+                cqn,
+                UarRefusal::CqnWithoutArm { value: cqn },
+            ),
+            (9, CQ_DOORBELL_OFFSET, arm, UarRefusal::NoUar { page: 9 }),
+            (3, 0x10, 0, UarRefusal::NoRegister { offset: 0x10 }),
+        ];
+        for (page, off, v, why) in bad {
+            assert_eq!(b.fw.uar_write(page, off, v), None);
+            assert_eq!(b.fw.uar_log().recent().last().unwrap().why, why);
+        }
+        for (word, cqn_word, why) in [
+            (
+                0xc000_0000,
+                cqn,
+                UarRefusal::ArmReserved { word: 0xc000_0000 },
+            ),
+            (
+                0x0200_0000,
+                cqn,
+                UarRefusal::ArmCmd {
+                    word: 0x0200_0000,
+                    cmd: 2,
+                },
+            ),
+            (
+                0x2000_0000,
+                0x100_0000 | cqn,
+                UarRefusal::CqnReserved {
+                    value: 0x100_0000 | cqn,
+                },
+            ),
+            (0x2000_0000, 77, UarRefusal::NoCq { cqn: 77, page: 3 }),
+        ] {
+            b.fw.uar_write(3, CQ_DOORBELL_OFFSET, word);
+            assert_eq!(b.fw.uar_write(3, CQ_DOORBELL_CQN_OFFSET, cqn_word), None);
+            assert_eq!(b.fw.uar_log().recent().last().unwrap().why, why);
+        }
+        assert_eq!(b.fw.uar_log().total(), 7);
+        assert_eq!(st(&mut b), CQC_ST_FIRED, "no bad write armed the CQ");
     }
 
     #[test]

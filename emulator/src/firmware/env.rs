@@ -162,6 +162,12 @@ pub trait Peer: Send + Sync {
     /// Replaces its firmware state with `fw` (LOAD). The command log is kept.
     fn install_firmware(&self, fw: Firmware);
 
+    /// Posts `eqe` on its EQ `eqn` and raises that EQ's MSI-X vector if it is armed
+    /// (a DMA engine completing into this function's CQ; see `FwCell::post_eqe`).
+    /// Takes its EQE and firmware locks: call it holding none of its locks. False if
+    /// the EQ is gone or full.
+    fn post_eqe(&self, eqn: u8, eqe: [u8; mlx5_prm::cmd::eq::EQE_SIZE]) -> bool;
+
     /// Its migration control (a leaf lock).
     fn migration(&self) -> MutexGuard<'_, MigCtl>;
 

@@ -17,7 +17,7 @@ use mlx5_prm::CmdStatus;
 
 use super::caps::{LOG_MAX_EQ_SZ, MAX_NUM_EQS};
 use super::MSIX_VECTORS;
-use super::{first_free, syndrome, Cmd, CmdFail, CmdResult, Env, Firmware};
+use super::{first_free, syndrome, Cmd, CmdFail, CmdResult, Env, Firmware, UarAction, UarRefusal};
 
 /// Largest eqc `log_page_size` accepted (EQ pages of up to 256 MiB).
 pub const MAX_EQ_LOG_PAGE_SIZE: u64 = 16;
@@ -182,10 +182,16 @@ pub struct EqeSlot {
 impl EqeSlot {
     /// The 64-byte command-completion EQE for completed slots `vector`.
     pub fn cmd_eqe(&self, vector: u32) -> [u8; EQE_SIZE] {
+        let mut e = Self::cmd_eqe_body(vector);
+        set(&mut e, EQE_OWNER, u64::from(self.owner));
+        e
+    }
+
+    /// The command-completion EQE for `vector` without its owner byte.
+    pub fn cmd_eqe_body(vector: u32) -> [u8; EQE_SIZE] {
         let mut e = [0u8; EQE_SIZE];
         set(&mut e, EQE_TYPE, u64::from(EVENT_TYPE_CMD));
         set(&mut e, EQE_CMD_VECTOR, u64::from(vector));
-        set(&mut e, EQE_OWNER, u64::from(self.owner));
         e
     }
 
@@ -271,43 +277,73 @@ impl Firmware {
     pub(super) fn destroy_eq(&mut self, cmd: &Cmd<'_>) -> CmdResult {
         let out = cmd.lengths(DESTROY_EQ_IN_LEN, DESTROY_EQ_OUT_LEN)?;
         let eqn = cmd.get(DESTROY_EQ_IN_EQ_NUMBER) as u8;
-        self.eqs.remove(&eqn).ok_or_else(CmdFail::no_such_object)?;
+        if !self.eqs.contains_key(&eqn) {
+            return Err(CmdFail::no_such_object());
+        }
+        // A CQ's events name its EQ: the CQ goes first (and an image never holds a CQ
+        // without its EQ).
+        if let Some(c) = self.cqs.values().find(|c| c.eqn == eqn) {
+            tracing::info!(
+                eqn,
+                cqn = c.cqn,
+                "DESTROY_EQ refused: CQ still reports to it"
+            );
+            return Err(CmdFail::new(CmdStatus::ResBusy, syndrome::BUSY));
+        }
+        self.eqs.remove(&eqn);
         if self.cmd_eq == Some(eqn) {
             self.cmd_eq = None;
         }
         Ok(out)
     }
 
-    /// A 4-byte write to UAR page `uar` at `offset`. Returns the MSI-X vector to raise
-    /// (after the caller drops the lock), if the write armed an EQ with unconsumed EQEs.
-    pub fn uar_write(&mut self, uar: u32, offset: u32, value: u32) -> Option<u16> {
-        let arm = match offset {
-            EQ_DOORBELL_ARM_OFFSET => true,
-            EQ_DOORBELL_NOARM_OFFSET => false,
-            _ => {
-                tracing::trace!(uar, offset, value, "UAR write outside the EQ doorbells");
-                return None;
+    /// A 4-byte write to UAR page `uar` at `offset` (other than a send doorbell): the EQ
+    /// doorbells, the CQ arm doorbell. Returns what to do once the firmware lock is
+    /// dropped; a write the device cannot take is recorded ([`Firmware::uar_log`]).
+    pub fn uar_write(&mut self, uar: u32, offset: u32, value: u32) -> Option<UarAction> {
+        use mlx5_prm::cmd::cq::{CQ_DOORBELL_CQN_OFFSET, CQ_DOORBELL_OFFSET};
+        let r = if !self.uars.contains(&uar) {
+            Err(UarRefusal::NoUar { page: uar })
+        } else {
+            match offset {
+                EQ_DOORBELL_ARM_OFFSET | EQ_DOORBELL_NOARM_OFFSET => self
+                    .eq_doorbell(uar, offset == EQ_DOORBELL_ARM_OFFSET, value)
+                    .map(|v| v.map(UarAction::Raise)),
+                CQ_DOORBELL_OFFSET => {
+                    self.cq_arm_words.insert(uar, value);
+                    Ok(None)
+                }
+                CQ_DOORBELL_CQN_OFFSET => self.cq_doorbell(uar, value),
+                _ => Err(UarRefusal::NoRegister { offset }),
             }
         };
+        r.unwrap_or_else(|why| {
+            self.refuse_uar_write(uar, offset, value, why);
+            None
+        })
+    }
+
+    /// The EQ doorbell: consumer index update, and arm if `arm`. Returns the MSI-X
+    /// vector to raise if the write armed an EQ with unconsumed EQEs.
+    fn eq_doorbell(&mut self, uar: u32, arm: bool, value: u32) -> Result<Option<u16>, UarRefusal> {
         let (eqn, ci) = split_eq_doorbell(value);
-        let Some(eq) = self.eqs.get_mut(&eqn).filter(|eq| eq.uar == uar) else {
-            tracing::debug!(uar, eqn, "EQ doorbell for no EQ of this UAR");
-            return None;
-        };
+        let eq = self
+            .eqs
+            .get_mut(&eqn)
+            .filter(|eq| eq.uar == uar)
+            .ok_or(UarRefusal::NoEq { eqn, page: uar })?;
         eq.ci = ci;
         if arm {
             eq.armed = true;
         }
         if eq.armed && eq.unconsumed() {
             eq.armed = false;
-            return Some(eq.intr);
+            return Ok(Some(eq.intr));
         }
-        None
+        Ok(None)
     }
 
-    /// Reserves the next EQE of the command EQ. `None` if there is no command EQ, or it
-    /// would overrun (the EQE is then dropped with a warning, as the driver must keep
-    /// its consumer index within the ring).
+    /// Reserves the next EQE of the command EQ (see [`Firmware::reserve_eqe`]).
     pub fn reserve_cmd_eqe(&mut self) -> Option<EqeSlot> {
         let eqn = self.cmd_eq?;
         self.reserve_eqe(eqn)
@@ -316,12 +352,18 @@ impl Firmware {
     /// Reserves the next EQE of the first EQ whose event bitmask takes `event_type`
     /// (an asynchronous event); `None` if none does, or it would overrun.
     pub fn reserve_event_eqe(&mut self, event_type: u8) -> Option<EqeSlot> {
-        let eqn = self.eqs.values().find(|e| e.wants(event_type))?.eqn;
+        let eqn = self.async_eq(event_type)?;
         self.reserve_eqe(eqn)
     }
 
-    fn reserve_eqe(&mut self, eqn: u8) -> Option<EqeSlot> {
-        let eq = self.eqs.get_mut(&eqn)?;
+    /// Reserves the next EQE of EQ `eqn`. `None` if there is no such EQ, or it would
+    /// overrun (the EQE is then dropped with a warning, as the driver must keep its
+    /// consumer index within the ring).
+    pub fn reserve_eqe(&mut self, eqn: u8) -> Option<EqeSlot> {
+        let Some(eq) = self.eqs.get_mut(&eqn) else {
+            tracing::debug!(eqn, "EQE for no EQ dropped");
+            return None;
+        };
         let outstanding = eq.pi.wrapping_sub(eq.ci) & EQ_DOORBELL_CI_MASK;
         if outstanding >= eq.entries() {
             tracing::warn!(eqn, pi = eq.pi, ci = eq.ci, "EQ overrun; EQE dropped");
@@ -395,7 +437,7 @@ mod tests {
         // Arming with an unconsumed EQE fires at once and disarms.
         assert_eq!(
             b.fw.uar_write(3, EQ_DOORBELL_ARM_OFFSET, eq_doorbell_value(eqn, 0)),
-            Some(2)
+            Some(UarAction::Raise(2))
         );
         assert!(!b.fw.eq(eqn).unwrap().armed);
         // Consumed and armed: the next EQE fires.
@@ -412,7 +454,7 @@ mod tests {
         );
         let s = b.fw.reserve_cmd_eqe().unwrap();
         assert_eq!(b.fw.commit_eqe(&s), None);
-        // Wrong UAR or EQ number: ignored.
+        // Wrong UAR or EQ number: ignored and recorded.
         assert_eq!(
             b.fw.uar_write(4, EQ_DOORBELL_ARM_OFFSET, eq_doorbell_value(eqn, 0)),
             None
@@ -421,6 +463,10 @@ mod tests {
             b.fw.uar_write(3, EQ_DOORBELL_ARM_OFFSET, eq_doorbell_value(9, 0)),
             None
         );
+        let log = b.fw.uar_log().recent();
+        assert_eq!(log.len(), 2);
+        assert_eq!(log[0].why, UarRefusal::NoUar { page: 4 });
+        assert_eq!(log[1].why, UarRefusal::NoEq { eqn: 9, page: 3 });
         // Walk the ring: EQE 64 sits on the second page; after 128 the owner flips.
         for i in 3..200u32 {
             b.fw.uar_write(3, EQ_DOORBELL_NOARM_OFFSET, eq_doorbell_value(eqn, i));

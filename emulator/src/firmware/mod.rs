@@ -30,6 +30,7 @@
 
 mod access_reg;
 mod caps;
+mod cq_event;
 mod cq_qp;
 pub mod env;
 mod eq;
@@ -49,6 +50,10 @@ use mlx5_prm::ifc::{self, hdr, Field};
 use mlx5_prm::{CmdStatus, Opcode};
 
 pub use caps::LOG_BF_REG_SIZE;
+pub use cq_event::{
+    comp_eqe, cq_error_eqe, qp_event_eqe, CqArm, UarAction, UarLog, UarRefusal, UarWrite,
+    UAR_LOG_CAPACITY,
+};
 pub use cq_qp::{Cq, Qp, QpPeer, QueueError, Ring};
 pub use env::{Env, FunctionId, P2pRefusal, P2pSource, Peer, MSIX_VECTORS};
 pub use eq::{EqState, EqeSlot};
@@ -120,6 +125,8 @@ pub mod syndrome {
     pub const BUSY: u32 = 0x4657_000c;
     /// ACCESS_REG named a register this device does not implement.
     pub const UNSUPPORTED_REGISTER: u32 = 0x4657_000d;
+    /// CREATE_CQ named an EQ that takes asynchronous events, not completions.
+    pub const NOT_COMPLETION_EQ: u32 = 0x4657_000e;
 }
 
 /// The HCA life-cycle state of a function (Disabled, Enabled, Initialized). A state
@@ -361,8 +368,10 @@ impl FwCell {
     pub fn install(&self, new: Firmware) {
         let mut fw = self.lock();
         let log = std::mem::take(&mut fw.log);
+        let uar_log = std::mem::take(&mut fw.uar_log);
         *fw = new;
         fw.log = log;
+        fw.uar_log = uar_log;
         self.refresh(&fw);
     }
 
@@ -398,18 +407,43 @@ impl FwCell {
         reply(env.id(), cmd, result)
     }
 
-    /// Posts a command-completion EQE for `vector` on the command EQ, then raises its
-    /// MSI-X vector if the EQ was armed. The EQE is written outside the firmware lock
-    /// and committed after, so an interrupt never announces an EQE not yet in memory;
-    /// the vector is raised with no lock held.
+    /// Posts a command-completion EQE for `vector` on the command EQ (see
+    /// [`FwCell::post_eqe`]).
     pub fn post_cmd_eqe(&self, env: &dyn Env, vector: u32) {
+        let Some(eqn) = self.lock().cmd_eq() else {
+            return;
+        };
+        self.post_eqe(env, eqn, EqeSlot::cmd_eqe_body(vector));
+    }
+
+    /// Posts `eqe` (its owner byte filled in here) at the producer index of EQ `eqn`,
+    /// then raises the EQ's MSI-X vector if it was armed (and disarms it). The EQE is
+    /// written outside the firmware lock, its owner byte last, and committed after, so
+    /// an interrupt never announces an EQE not yet in memory; the vector is raised with
+    /// no lock held. False if there is no such EQ or it would overrun (the EQE is then
+    /// dropped with a warning).
+    pub fn post_eqe(
+        &self,
+        env: &dyn Env,
+        eqn: u8,
+        mut eqe: [u8; mlx5_prm::cmd::eq::EQE_SIZE],
+    ) -> bool {
+        use mlx5_prm::cmd::eq::EQE_OWNER_OFFSET;
         let fire = {
             let _order = self.eqe.lock().unwrap_or_else(|p| p.into_inner());
-            let Some(slot) = self.lock().reserve_cmd_eqe() else {
-                return;
+            let Some(slot) = self.lock().reserve_eqe(eqn) else {
+                return false;
             };
-            let eqe = slot.cmd_eqe(vector);
-            if let Err(e) = env.dma_write(slot.addr, &eqe) {
+            eqe[EQE_OWNER_OFFSET] = slot.owner;
+            let written = env
+                .dma_write(slot.addr, &eqe[..EQE_OWNER_OFFSET])
+                .and_then(|()| {
+                    env.dma_write(
+                        slot.addr + EQE_OWNER_OFFSET as u64,
+                        &eqe[EQE_OWNER_OFFSET..],
+                    )
+                });
+            if let Err(e) = written {
                 tracing::warn!(vhca_id = env.id().vhca_id, eqn = slot.eqn, error = %e, "cannot write EQE");
             }
             self.lock().commit_eqe(&slot)
@@ -417,6 +451,7 @@ impl FwCell {
         if let Some(v) = fire {
             env.raise_msix(v);
         }
+        true
     }
 }
 
@@ -531,6 +566,12 @@ pub struct Firmware {
     /// HOST_ENDIANNESS `he` as the PF's driver wrote it (ACCESS_REG).
     host_endianness: u8,
     log: VecDeque<CmdRecord>,
+    /// The first word of the CQ doorbell (UAR + 0x20) by UAR page, until its `cqn` word
+    /// (UAR + 0x24) arrives.
+    cq_arm_words: BTreeMap<u32, u32>,
+    /// The UAR writes refused (kept, like the command log, across reset and LOAD).
+    uar_log: UarLog,
+    uar_warnings: vfu::ratelimit::RateLimit,
 }
 
 impl Firmware {
@@ -552,6 +593,9 @@ impl Firmware {
             page_tracks: BTreeMap::new(),
             host_endianness: 0,
             log: VecDeque::new(),
+            cq_arm_words: BTreeMap::new(),
+            uar_log: UarLog::default(),
+            uar_warnings: vfu::ratelimit::RateLimit::per_second(),
         }
     }
 
@@ -559,8 +603,10 @@ impl Firmware {
     /// (it is a test observation point, not device state).
     pub fn reset(&mut self) {
         let log = std::mem::take(&mut self.log);
+        let uar_log = std::mem::take(&mut self.uar_log);
         *self = Firmware::new(self.id);
         self.log = log;
+        self.uar_log = uar_log;
     }
 
     pub fn state(&self) -> HcaState {
@@ -869,6 +915,10 @@ pub(crate) mod test_support {
 
         fn firmware(&self) -> MutexGuard<'_, Firmware> {
             self.fw.lock()
+        }
+
+        fn post_eqe(&self, _eqn: u8, _eqe: [u8; mlx5_prm::cmd::eq::EQE_SIZE]) -> bool {
+            false
         }
 
         fn install_firmware(&self, fw: Firmware) {

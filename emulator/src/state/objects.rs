@@ -19,7 +19,7 @@ use zerocopy::FromZeros;
 use super::codec::{bad, flag, zeroed, R, W};
 use super::{CqImage, EqImage, MkeyImage, ObjectsImage, QpImage, StateError};
 use crate::firmware::checks::*;
-use crate::firmware::{QpPeer, Ring};
+use crate::firmware::{CqArm, QpPeer, Ring};
 
 fn list<T: Copy>(w: &mut W, items: &[T], mut put: impl FnMut(&mut W, T)) {
     w.count(items.len());
@@ -154,6 +154,10 @@ fn decode_queues(r: &mut R<'_>) -> Result<(Vec<CqImage>, Vec<QpImage>), StateErr
             dbr: h.dbr.get(),
             pi: h.pi.get(),
             status: h.status,
+            arm: CqArm::Idle,
+            arm_sn: 0,
+            written: h.pi.get(),
+            last_solicited: None,
         });
     }
     let nqp = r.count(QP_ENTRY_MIN, "QP list")?;
@@ -312,11 +316,12 @@ pub(super) fn check(o: &ObjectsImage) -> Result<(), StateError> {
     for &pa in &o.fw_pages {
         check_fw_page(&BTreeSet::new(), &mut pages, pa).map_err(StateError::FwPage)?;
     }
-    let mut eqns = BTreeSet::new();
+    let mut eqns = std::collections::BTreeMap::new();
     let mut cmd_eq = None;
     for e in &o.eqs {
         check_eq(e, &uars, cmd_eq)?;
-        if !eqns.insert(e.eqn) {
+        let completion = mlx5_prm::cmd::eq::is_completion_eq(&e.event_bitmask);
+        if eqns.insert(e.eqn, completion).is_some() {
             return Err(bad("EQ number", e.eqn.into(), "each EQ once"));
         }
         if e.wants(EVENT_TYPE_CMD) {
@@ -343,7 +348,7 @@ fn check_queues(
     o: &ObjectsImage,
     uars: &BTreeSet<u32>,
     pds: &BTreeSet<u32>,
-    eqns: &BTreeSet<u8>,
+    eqns: &std::collections::BTreeMap<u8, bool>,
 ) -> Result<(), StateError> {
     let mut cqs = std::collections::BTreeMap::new();
     for c in &o.cqs {

@@ -5,10 +5,10 @@ use mlx5_prm::cmd::caps::HCA_CAP_SIZE;
 use mlx5_prm::cmd::qp::QpState;
 
 use super::*;
-use crate::firmware::{QpPeer, Ring};
+use crate::firmware::{CqArm, QpPeer, Ring};
 
-/// An image of a VF with 32 KiB of device memory (three pages written), one EQ (the
-/// command EQ, armed), a PD, two UARs, an mkey over two pages, a CQ and a connected
+/// An image of a VF with 32 KiB of device memory (three pages written), two EQs (the
+/// command EQ and a completion EQ, armed), a PD, two UARs, an mkey over two pages, a CQ and a connected
 /// RTS QP, and eight firmware pages.
 pub fn sample_image() -> Image {
     let mut caps = vec![0u8; HCA_CAP_SIZE];
@@ -35,19 +35,34 @@ pub fn sample_image() -> Image {
             uars: vec![3, 4],
             pds: vec![1],
             cmd_eq: Some(1),
-            eqs: vec![EqImage {
-                eqn: 1,
-                uar: 3,
-                intr: 0,
-                log_size: 6,
-                page_size: 4096,
-                pas: vec![0x10_0000],
-                event_bitmask: [1 << 10, 0, 0, 0],
-                pi: 5,
-                written: 5,
-                ci: 4,
-                armed: true,
-            }],
+            eqs: vec![
+                EqImage {
+                    eqn: 1,
+                    uar: 3,
+                    intr: 0,
+                    log_size: 6,
+                    page_size: 4096,
+                    pas: vec![0x10_0000],
+                    event_bitmask: [1 << 10, 0, 0, 0],
+                    pi: 5,
+                    written: 5,
+                    ci: 4,
+                    armed: true,
+                },
+                EqImage {
+                    eqn: 2,
+                    uar: 3,
+                    intr: 1,
+                    log_size: 6,
+                    page_size: 4096,
+                    pas: vec![0x11_0000],
+                    event_bitmask: [0; 4],
+                    pi: 0,
+                    written: 0,
+                    ci: 0,
+                    armed: true,
+                },
+            ],
             mkeys: vec![MkeyImage {
                 index: 1,
                 variant: 0x5a,
@@ -66,10 +81,14 @@ pub fn sample_image() -> Image {
                     pas: vec![0x40_0000],
                 },
                 uar: 4,
-                eqn: 1,
+                eqn: 2,
                 dbr: 0x41_0000,
                 pi: 9,
                 status: 0,
+                arm: CqArm::Idle,
+                arm_sn: 0,
+                written: 9,
+                last_solicited: None,
             }],
             qps: vec![QpImage {
                 qpn: 2,

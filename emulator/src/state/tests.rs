@@ -346,14 +346,23 @@ fn objects_failing_a_live_validator_are_refused_with_the_live_reason() {
         |i| i.objects.fw_pages.truncate(4),
         StateError::FwPage(check_startup_pages(4).unwrap_err()),
     );
-    // CREATE_CQ: an EQ that does not exist; CREATE_QP: a CQ that does not exist, a PAS
-    // list shorter than the buffer; a connected QP without its peer.
+    // CREATE_CQ: an EQ that does not exist, one that takes no completions; CREATE_QP: a
+    // CQ that does not exist, a PAS list shorter than the buffer; a connected QP
+    // without its peer.
     refused(
-        |i| i.objects.cqs[0].eqn = 2,
+        |i| i.objects.cqs[0].eqn = 3,
         StateError::Queue {
             what: "CQ",
             id: 1,
-            source: crate::firmware::QueueError::NoEq { eqn: 2 },
+            source: crate::firmware::QueueError::NoEq { eqn: 3 },
+        },
+    );
+    refused(
+        |i| i.objects.cqs[0].eqn = 1,
+        StateError::Queue {
+            what: "CQ",
+            id: 1,
+            source: crate::firmware::QueueError::NotCompletionEq { eqn: 1 },
         },
     );
     refused(

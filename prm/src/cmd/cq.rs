@@ -88,6 +88,94 @@ pub const CQE_SIZE: usize = 64;
 /// Bytes of a CQ doorbell record: `set_ci_db` (24-bit consumer index) then `arm_db`.
 pub const CQ_DBR_LEN: usize = 8;
 
+/// Byte offset in the CQ doorbell record of `set_ci_db`: be32, the consumer index
+/// (bits 23:0) software has polled up to (rdma-core `MLX5_CQ_SET_CI` = word 0).
+pub const CQ_DBR_SET_CI_OFFSET: usize = 0;
+/// Byte offset in the CQ doorbell record of `arm_db`: be32, the last arm request in
+/// the same format as the UAR doorbell's first word (rdma-core `MLX5_CQ_ARM_DB` = word
+/// 1). Software writes it before ringing the UAR doorbell.
+pub const CQ_DBR_ARM_OFFSET: usize = 4;
+
+/// Offset in a UAR page of the CQ arm doorbell (`MLX5_CQ_DOORBELL`): an 8-byte register
+/// written as two be32 words, `arm_sn << 28 | cmd << 24 | ci` at 0x20 and `cqn` at
+/// 0x24 (`mlx5_cq_arm`). On a 64-bit store both words arrive together; a driver that
+/// writes them one at a time writes 0x20 first.
+pub const CQ_DOORBELL_OFFSET: u32 = 0x20;
+/// Offset of the doorbell's second word (`cqn`, bits 23:0).
+pub const CQ_DOORBELL_CQN_OFFSET: u32 = CQ_DOORBELL_OFFSET + 4;
+/// Doorbell word 0: `cmd_sn` (the CQ's arm sequence number, 2 bits) at bits 29:28.
+pub const CQ_DB_SN_SHIFT: u32 = 28;
+/// Mask of `cmd_sn` after the shift.
+pub const CQ_DB_SN_MASK: u32 = 0x3;
+/// Doorbell word 0: `cmd` at bits 27:24 ([`CqArmCmd`]).
+pub const CQ_DB_CMD_SHIFT: u32 = 24;
+/// Mask of `cmd` after the shift.
+pub const CQ_DB_CMD_MASK: u32 = 0xf;
+/// Doorbell word 0: the consumer index, bits 23:0.
+pub const CQ_DB_CI_MASK: u32 = 0x00ff_ffff;
+/// Doorbell word 0: bits 31:30 are reserved (0).
+pub const CQ_DB_RESERVED_MASK: u32 = 0xc000_0000;
+/// Doorbell word 1: the CQ number, bits 23:0 (bits 31:24 reserved).
+pub const CQ_DB_CQN_MASK: u32 = 0x00ff_ffff;
+
+/// `cmd` of a CQ arm request (`MLX5_CQ_DB_REQ_NOT` = 0 << 24, `MLX5_CQ_DB_REQ_NOT_SOL`
+/// = 1 << 24).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CqArmCmd {
+    /// ARM_NEXT: an event for the next CQE of any kind.
+    Next = 0,
+    /// ARM_SOLICITED: an event for the next solicited CQE (a receive completion of a
+    /// message sent with the solicited-event bit) or error CQE.
+    Solicited = 1,
+}
+
+impl TryFrom<u32> for CqArmCmd {
+    type Error = u32;
+    fn try_from(v: u32) -> Result<Self, u32> {
+        match v {
+            0 => Ok(CqArmCmd::Next),
+            1 => Ok(CqArmCmd::Solicited),
+            other => Err(other),
+        }
+    }
+}
+
+/// The first doorbell word (and the doorbell record's `arm_db`) for an arm request.
+pub const fn cq_arm_word(sn: u32, cmd: CqArmCmd, ci: u32) -> u32 {
+    ((sn & CQ_DB_SN_MASK) << CQ_DB_SN_SHIFT)
+        | ((cmd as u32) << CQ_DB_CMD_SHIFT)
+        | (ci & CQ_DB_CI_MASK)
+}
+
+/// An arm request as the device decodes the doorbell's first word: (`cmd_sn`, raw
+/// `cmd`, `ci`, reserved bits).
+pub const fn split_cq_arm_word(w: u32) -> (u32, u32, u32, u32) {
+    (
+        (w >> CQ_DB_SN_SHIFT) & CQ_DB_SN_MASK,
+        (w >> CQ_DB_CMD_SHIFT) & CQ_DB_CMD_MASK,
+        w & CQ_DB_CI_MASK,
+        w & CQ_DB_RESERVED_MASK,
+    )
+}
+
+/// cqc `st` of a CQ armed for solicited completions
+/// (`MLX5_CQC_ST_SOLICITED_NOTIFICATION_REQUEST_ARMED`).
+pub const CQC_ST_SOLICITED_ARMED: u8 = 0x6;
+/// cqc `st` of a CQ armed for its next completion
+/// (`MLX5_CQC_ST_NOTIFICATION_REQUEST_ARMED`).
+pub const CQC_ST_ARMED: u8 = 0x9;
+/// cqc `st` of a CQ whose arm fired and was not renewed (`MLX5_CQC_ST_FIRED`).
+pub const CQC_ST_FIRED: u8 = 0xa;
+
+/// CQ error event syndrome: a CQE found the ring full (`MLX5_CQ_ERROR_CQ_OVERRUN`).
+pub const CQ_ERROR_OVERRUN: u8 = 0x1;
+/// CQ error event syndrome: the CQ's ring or doorbell record could not be accessed
+/// (`MLX5_CQ_ERROR_CQ_ACCESS_VIOLATION`).
+pub const CQ_ERROR_ACCESS_VIOLATION: u8 = 0x2;
+
+// The CQ doorbell lies inside its UAR page, below the EQ doorbells.
+const _: () = assert!(CQ_DOORBELL_CQN_OFFSET + 4 <= super::eq::EQ_DOORBELL_ARM_OFFSET);
+
 /// Input length of CREATE_CQ with `npages` PAS entries, or `None` on overflow.
 pub fn create_cq_in_len(npages: usize) -> Option<usize> {
     npages.checked_mul(8)?.checked_add(CREATE_CQ_IN_LEN)
@@ -120,5 +208,17 @@ mod tests {
         set(&mut m, in_msg(cqc::PRODUCER_COUNTER), 0xab_cdef);
         assert_eq!(&m[0x10 + 0x2c..0x10 + 0x30], &[0, 0xab, 0xcd, 0xef]);
         assert_eq!(create_cq_in_len(usize::MAX), None);
+    }
+
+    #[test]
+    fn arm_doorbell_words_are_mlx5_cq_arms() {
+        // mlx5_cq_arm: sn << 28 | cmd | ci, cmd REQ_NOT = 0 << 24, REQ_NOT_SOL = 1 << 24.
+        assert_eq!(cq_arm_word(1, CqArmCmd::Next, 5), 0x1000_0005);
+        assert_eq!(cq_arm_word(7, CqArmCmd::Solicited, 0x1ff_ffff), 0x31ff_ffff);
+        assert_eq!(split_cq_arm_word(0x31ff_ffff), (3, 1, 0xff_ffff, 0));
+        assert_eq!(split_cq_arm_word(0xc200_0001), (0, 2, 1, 0xc000_0000));
+        assert_eq!(CqArmCmd::try_from(2), Err(2));
+        assert_eq!((CQ_DOORBELL_OFFSET, CQ_DOORBELL_CQN_OFFSET), (0x20, 0x24));
+        assert_eq!((CQ_DBR_SET_CI_OFFSET, CQ_DBR_ARM_OFFSET), (0, 4));
     }
 }

@@ -111,6 +111,39 @@ pub const EQE_OWNER: Field = Field::new(0x1f8, 8);
 /// Byte offset of the EQE owner byte.
 pub const EQE_OWNER_OFFSET: usize = 63;
 
+/// `MLX5_EVENT_TYPE_COMP`: a completion on an armed CQ (`data.comp.cqn`). Completion
+/// events go to the EQ the CQ names (`c_eqn`), not by `event_bitmask`: mlx5_core creates
+/// its completion EQs with an all-zero bitmask.
+pub const EVENT_TYPE_COMP: u8 = 0x00;
+/// `MLX5_EVENT_TYPE_CQ_ERROR`: a CQ overrun or access violation (`data.cq_err`).
+pub const EVENT_TYPE_CQ_ERROR: u8 = 0x04;
+/// `MLX5_EVENT_TYPE_WQ_CATAS_ERROR`: a QP went to error in a way no CQE reports
+/// (`data.qp_srq`).
+pub const EVENT_TYPE_WQ_CATAS_ERROR: u8 = 0x05;
+/// `MLX5_EVENT_QUEUE_TYPE_QP`: `data.qp_srq.type` of a QP.
+pub const EVENT_QUEUE_TYPE_QP: u8 = 0;
+/// `data.comp.cqn`: be32 at byte 56 (after six reserved words), bits 23:0.
+pub const EQE_COMP_CQN: Field = Field::new(0x1c8, 24);
+/// `data.cq_err.cqn`: be32 at byte 32, bits 23:0.
+pub const EQE_CQ_ERR_CQN: Field = Field::new(0x108, 24);
+/// `data.cq_err.syndrome`: byte 43 (`MLX5_CQ_ERROR_*`).
+pub const EQE_CQ_ERR_SYNDROME: Field = Field::new(0x158, 8);
+/// `data.qp_srq.type`: byte 52.
+pub const EQE_QP_SRQ_TYPE: Field = Field::new(0x1a0, 8);
+/// `data.qp_srq.qp_srq_n`: be32 at byte 56, bits 23:0.
+pub const EQE_QP_SRQ_N: Field = Field::new(0x1c8, 24);
+
+/// Whether an EQ with `event_bitmask` may be named as a CQ's `c_eqn`: it takes no
+/// asynchronous events (bit 0, `EVENT_TYPE_COMP`, may be set or not). mlx5_core's
+/// completion EQs have an empty bitmask; its command, pages and async EQs subscribe to
+/// asynchronous events and never carry a CQ's completions.
+pub fn is_completion_eq(event_bitmask: &[u64]) -> bool {
+    event_bitmask
+        .iter()
+        .enumerate()
+        .all(|(i, &w)| if i == 0 { w & !1 == 0 } else { w == 0 })
+}
+
 /// `MLX5_EVENT_TYPE_CMD`: command completion.
 pub const EVENT_TYPE_CMD: u8 = 0x0a;
 /// `MLX5_EVENT_TYPE_PAGE_REQUEST`: the firmware wants pages given or taken.
@@ -206,6 +239,27 @@ mod tests {
         assert_eq!(eqe_owner(32, 5), 1);
         assert_eq!(eqe_owner(64, 5), 0);
         assert_eq!(eqe_owner(u32::MAX, 40), 0);
+    }
+
+    #[test]
+    fn completion_and_error_eqes_sit_where_mlx5_eqe_puts_them() {
+        let mut e = [0u8; EQE_SIZE];
+        set(&mut e, EQE_COMP_CQN, 0xab_cdef);
+        assert_eq!(&e[56..60], &[0, 0xab, 0xcd, 0xef]);
+        let mut e = [0u8; EQE_SIZE];
+        set(&mut e, EQE_CQ_ERR_CQN, 0x12_3456);
+        set(&mut e, EQE_CQ_ERR_SYNDROME, 2);
+        assert_eq!(&e[32..36], &[0, 0x12, 0x34, 0x56]);
+        assert_eq!(e[43], 2);
+        let mut e = [0u8; EQE_SIZE];
+        set(&mut e, EQE_QP_SRQ_TYPE, 6);
+        set(&mut e, EQE_QP_SRQ_N, 0x42);
+        assert_eq!(e[52], 6);
+        assert_eq!(&e[56..60], &[0, 0, 0, 0x42]);
+        assert!(is_completion_eq(&[0, 0, 0, 0]));
+        assert!(is_completion_eq(&[1, 0, 0, 0]));
+        assert!(!is_completion_eq(&[1 << EVENT_TYPE_CMD, 0, 0, 0]));
+        assert!(!is_completion_eq(&[0, 0, 1, 0]));
     }
 
     #[test]
