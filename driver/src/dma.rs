@@ -9,12 +9,24 @@
 //! doorbell) and [`DmaQueues::poll`]. Data buffers are the caller's: register them with
 //! [`crate::hca::Hca::create_mkey`] and name them by key and address in a [`Sge`].
 //!
+//! Completions are polled ([`DmaQueues::poll`], [`DmaQueues::poll_wait`]) or waited for
+//! by event: [`DmaQueues::enable_events`] gives the completion EQ's MSI-X vector an
+//! eventfd and arms the EQ; [`DmaQueues::arm_cq`] arms a CQ (its doorbell record's arm
+//! word, then the UAR CQ doorbell at 0x20, as `mlx5_cq_arm` does);
+//! [`DmaQueues::take_events`] reads the completion EQEs and re-arms the EQ;
+//! [`DmaQueues::wait_event`] does all of it around a wait on the eventfd.
+//!
 //! Work queue and CQ buffers, and the doorbell records, are pages of the function's DMA
 //! arena.
 
+use std::os::fd::AsRawFd;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use mlx5_prm::cmd::cq::{self, cqc, CQ_CQN, CQ_PAS};
+use mlx5_prm::cmd::cq::{
+    self, cq_arm_word, cqc, CqArmCmd, CQ_CQN, CQ_DBR_ARM_OFFSET, CQ_DOORBELL_OFFSET, CQ_PAS,
+};
+use mlx5_prm::cmd::eq::{EQE_COMP_CQN, EVENT_TYPE_COMP};
 use mlx5_prm::cmd::qp::{self, ads, qpc, QpState, QP_PAS, QP_QPN, SEND_WQE_BB};
 use mlx5_prm::ifc::{get, set};
 use mlx5_prm::wqe::{
@@ -22,10 +34,11 @@ use mlx5_prm::wqe::{
     CQE_INIT_OP_OWN, CQE_LEN, CQE_OP_OWN_OFFSET, DS_PER_BB, INVALID_LKEY, UAR_BF_OFFSET, WQE_DS,
 };
 use mlx5_prm::Opcode;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::cmdif::{new_input, ArenaError, CmdError, EqError, EventQueue, BAR0};
-use crate::hca::Hca;
+use crate::hca::{Hca, HcaError};
 
 /// Bytes of an arena page.
 const PAGE: u64 = 4096;
@@ -65,6 +78,12 @@ pub enum DmaQueueError {
     Doorbell(String),
     #[error("no completion on CQ {cqn:#x} within {waited:?}")]
     Timeout { cqn: u32, waited: Duration },
+    #[error("completion events: {0}")]
+    Irq(#[from] HcaError),
+    #[error("completion events are not enabled; call DmaQueues::enable_events first")]
+    NoEvents,
+    #[error("waiting on the completion vector's eventfd: {0}")]
+    Wait(std::io::Error),
 }
 
 fn cmd(what: &'static str) -> impl FnOnce(CmdError) -> DmaQueueError {
@@ -116,6 +135,9 @@ pub struct Cq {
     ring: Pages,
     dbr: Pages,
     ci: u32,
+    /// Arm sequence number: advanced on every completion event of this CQ, carried by
+    /// every arm (`cq->arm_sn` of mlx5_core).
+    arm_sn: u32,
 }
 
 impl Cq {
@@ -123,6 +145,37 @@ impl Cq {
     pub fn entries(&self) -> u32 {
         1 << self.log_size
     }
+
+    /// The consumer index (CQEs polled, 24 bits).
+    pub fn ci(&self) -> u32 {
+        self.ci
+    }
+
+    /// The arm sequence number the next arm carries.
+    pub fn arm_sn(&self) -> u32 {
+        self.arm_sn
+    }
+
+    /// A completion event of this CQ was taken: the next arm carries the next number.
+    pub fn event(&mut self) {
+        self.arm_sn = self.arm_sn.wrapping_add(1);
+    }
+}
+
+/// An EQE of the completion EQ, as [`DmaQueues::take_events`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A completion event (type 0x00) of CQ `cqn`.
+    Completion { cqn: u32 },
+    /// Any other event type.
+    Other { event_type: u8 },
+}
+
+/// The interrupt side of the completion EQ, once [`DmaQueues::enable_events`] ran.
+struct Events {
+    eventfd: EventFd,
+    /// Completion events read for CQs other than the one being waited for.
+    unclaimed: Vec<u32>,
 }
 
 /// Sizes of a new QP (log2 of entries; the receive WQE stride as log2 of 16-byte
@@ -278,10 +331,20 @@ pub struct QpAddr {
 /// The DMA queues of one function: its completion EQ, UAR and PD.
 pub struct DmaQueues<'h> {
     hca: &'h Hca,
-    eq: Option<EventQueue>,
+    eq: Mutex<Option<EventQueue>>,
     eqn: u8,
     uar: u32,
     pd: u32,
+    events: Mutex<Option<Events>>,
+    /// QPs and CQs created here and not destroyed: dropping the queues destroys them
+    /// before the EQ (which the firmware keeps while a CQ names it).
+    live: Mutex<Live>,
+}
+
+#[derive(Debug, Default)]
+struct Live {
+    qps: std::collections::BTreeSet<u32>,
+    cqs: std::collections::BTreeSet<u32>,
 }
 
 impl<'h> DmaQueues<'h> {
@@ -316,11 +379,214 @@ impl<'h> DmaQueues<'h> {
         eq.set_eqn(eqn);
         Ok(DmaQueues {
             hca,
-            eq: Some(eq),
+            eq: Mutex::new(Some(eq)),
             eqn,
             uar: info.uar,
             pd,
+            events: Mutex::new(None),
+            live: Mutex::new(Live::default()),
         })
+    }
+
+    /// The completion EQ's number (every CQ of these queues names it as `c_eqn`).
+    pub fn eqn(&self) -> u8 {
+        self.eqn
+    }
+
+    fn eq(&self) -> MutexGuard<'_, Option<EventQueue>> {
+        self.eq.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn live(&self) -> MutexGuard<'_, Live> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn events(&self) -> MutexGuard<'_, Option<Events>> {
+        self.events.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Completion by event: the completion EQ's MSI-X vector gets an eventfd (MSI-X
+    /// enabled, the vector unmasked) and the EQ is armed. Idempotent.
+    pub fn enable_events(&self) -> Result<(), DmaQueueError> {
+        let mut ev = self.events();
+        if ev.is_some() {
+            return Ok(());
+        }
+        let eventfd = EventFd::new(EFD_NONBLOCK).map_err(DmaQueueError::Wait)?;
+        self.hca.attach_msix(COMP_EQ_VECTOR, &eventfd)?;
+        self.arm_eq()?;
+        *ev = Some(Events {
+            eventfd,
+            unclaimed: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// The EQ doorbell at UAR + 0x40: consumer index, and arm.
+    fn arm_eq(&self) -> Result<(), DmaQueueError> {
+        let (off, v) = match self.eq().as_ref() {
+            Some(eq) => eq.doorbell(true),
+            None => return Err(DmaQueueError::NoEvents),
+        };
+        self.uar_write(off, &v)
+    }
+
+    fn uar_write(&self, off: u64, bytes: &[u8]) -> Result<(), DmaQueueError> {
+        self.hca
+            .cmd()
+            .client()
+            .region_write(BAR0, off, bytes)
+            .map_err(|e| DmaQueueError::Doorbell(e.to_string()))
+    }
+
+    /// Arms `c` for its next CQE (`solicited`: its next solicited or error CQE), as
+    /// `mlx5_cq_arm` does: the arm word `arm_sn << 28 | cmd << 24 | ci` into the doorbell
+    /// record's `arm_db`, then that word and the CQ number as one 8-byte write to the
+    /// UAR CQ doorbell (0x20). CQEs already past the consumer index fire at once.
+    pub fn arm_cq(&self, c: &Cq, solicited: bool) -> Result<(), DmaQueueError> {
+        let cmd = if solicited {
+            CqArmCmd::Solicited
+        } else {
+            CqArmCmd::Next
+        };
+        let word = cq_arm_word(c.arm_sn, cmd, c.ci);
+        self.hca
+            .cmd()
+            .arena()
+            .write(c.dbr.0[0] + CQ_DBR_ARM_OFFSET as u64, &word.to_be_bytes())?;
+        let mut db = [0u8; 8];
+        db[..4].copy_from_slice(&word.to_be_bytes());
+        db[4..].copy_from_slice(&c.cqn.to_be_bytes());
+        let off = u64::from(self.uar) * PAGE + u64::from(CQ_DOORBELL_OFFSET);
+        self.uar_write(off, &db)
+    }
+
+    /// Interrupts delivered on the completion vector since the last call (the
+    /// eventfd's counter, read and cleared; 0 if none).
+    pub fn interrupts(&self) -> Result<u64, DmaQueueError> {
+        let ev = self.events();
+        let ev = ev.as_ref().ok_or(DmaQueueError::NoEvents)?;
+        match ev.eventfd.read() {
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) => Err(DmaQueueError::Wait(e)),
+        }
+    }
+
+    /// Waits at most `timeout` for an interrupt on the completion vector; returns the
+    /// interrupts counted (consumed), 0 if none came.
+    pub fn wait_interrupt(&self, timeout: Duration) -> Result<u64, DmaQueueError> {
+        let fd = {
+            let ev = self.events();
+            ev.as_ref()
+                .ok_or(DmaQueueError::NoEvents)?
+                .eventfd
+                .as_raw_fd()
+        };
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: `p` is one valid pollfd for the duration of the call; the eventfd it
+        // names lives in `self.events` until `self` is dropped, which this borrow
+        // outlasts.
+        let n = unsafe { libc::poll(&mut p, 1, ms) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                return Ok(0);
+            }
+            return Err(DmaQueueError::Wait(e));
+        }
+        if n == 0 {
+            return Ok(0);
+        }
+        self.interrupts()
+    }
+
+    /// Reads the EQEs the device wrote on the completion EQ, then updates its consumer
+    /// index and arms it again. Each completion event of a CQ in `cqs` advances its arm
+    /// sequence number ([`Cq::event`]), as `mlx5_eq_comp_int` does; completion events
+    /// of other CQs are returned all the same.
+    pub fn take_events(&self, cqs: &mut [&mut Cq]) -> Result<Vec<Event>, DmaQueueError> {
+        let arena = self.hca.cmd().arena();
+        let mut doorbells = Vec::new();
+        let eqes = {
+            let mut eq = self.eq();
+            let eq = eq.as_mut().ok_or(DmaQueueError::NoEvents)?;
+            eq.drain(arena, |off, v| doorbells.push((off, v)))?
+        };
+        for (off, v) in doorbells {
+            self.uar_write(off, &v)?;
+        }
+        let mut out = Vec::with_capacity(eqes.len());
+        for e in eqes {
+            let ev = if e.event_type() == EVENT_TYPE_COMP {
+                let cqn = get(&e.bytes, EQE_COMP_CQN) as u32;
+                if let Some(c) = cqs.iter_mut().find(|c| c.cqn == cqn) {
+                    c.event();
+                }
+                Event::Completion { cqn }
+            } else {
+                Event::Other {
+                    event_type: e.event_type(),
+                }
+            };
+            out.push(ev);
+        }
+        self.arm_eq()?;
+        Ok(out)
+    }
+
+    /// The next CQE of `c`, waiting by event: poll; if empty, arm `c` and wait (at most
+    /// until `timeout` has passed in all) for the completion vector's interrupt, take
+    /// the EQEs, poll again. Needs [`DmaQueues::enable_events`].
+    pub fn wait_event(
+        &self,
+        c: &mut Cq,
+        mut q: Option<&mut Qp>,
+        timeout: Duration,
+    ) -> Result<Completion, DmaQueueError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(done) = self.poll(c, q.as_deref_mut())? {
+                return Ok(done);
+            }
+            // An event taken earlier for this CQ: its arm is spent; re-arm with the
+            // next number.
+            let claimed = {
+                let mut ev = self.events();
+                let ev = ev.as_mut().ok_or(DmaQueueError::NoEvents)?;
+                let before = ev.unclaimed.len();
+                ev.unclaimed.retain(|&n| n != c.cqn);
+                before - ev.unclaimed.len()
+            };
+            for _ in 0..claimed {
+                c.event();
+            }
+            self.arm_cq(c, false)?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(DmaQueueError::Timeout {
+                    cqn: c.cqn,
+                    waited: timeout,
+                });
+            }
+            self.wait_interrupt(left)?;
+            let events = self.take_events(&mut [&mut *c])?;
+            let mut ev = self.events();
+            if let Some(ev) = ev.as_mut() {
+                for e in events {
+                    if let Event::Completion { cqn } = e {
+                        if cqn != c.cqn {
+                            ev.unclaimed.push(cqn);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// The function's PD (QPs are created in it; register data buffers with
@@ -361,11 +627,16 @@ impl<'h> DmaQueues<'h> {
         }
         match self.hca.cmd().exec(&m, cq::CREATE_CQ_OUT_LEN) {
             Ok(out) => Ok(Cq {
-                cqn: get(&out, CQ_CQN) as u32,
+                cqn: {
+                    let cqn = get(&out, CQ_CQN) as u32;
+                    self.live().cqs.insert(cqn);
+                    cqn
+                },
                 log_size,
                 ring,
                 dbr,
                 ci: 0,
+                arm_sn: 0,
             }),
             Err(e) => {
                 ring.free(self.hca);
@@ -377,14 +648,31 @@ impl<'h> DmaQueues<'h> {
 
     /// DESTROY_CQ; its pages go back to the arena.
     pub fn destroy_cq(&self, c: Cq) -> Result<(), DmaQueueError> {
+        self.destroy_cqn(c.cqn)?;
+        c.ring.free(self.hca);
+        c.dbr.free(self.hca);
+        Ok(())
+    }
+
+    fn destroy_cqn(&self, cqn: u32) -> Result<(), DmaQueueError> {
         let mut m = new_input(Opcode::DestroyCq, 0, cq::DESTROY_CQ_IN_LEN);
-        set(&mut m, CQ_CQN, c.cqn.into());
+        set(&mut m, CQ_CQN, cqn.into());
         self.hca
             .cmd()
             .exec(&m, cq::DESTROY_CQ_OUT_LEN)
             .map_err(cmd("destroy CQ"))?;
-        c.ring.free(self.hca);
-        c.dbr.free(self.hca);
+        self.live().cqs.remove(&cqn);
+        Ok(())
+    }
+
+    fn destroy_qpn(&self, qpn: u32) -> Result<(), DmaQueueError> {
+        let mut m = new_input(Opcode::DestroyQp, 0, qp::QP_SHORT_IN_LEN);
+        set(&mut m, QP_QPN, qpn.into());
+        self.hca
+            .cmd()
+            .exec(&m, qp::QP_SHORT_OUT_LEN)
+            .map_err(cmd("destroy QP"))?;
+        self.live().qps.remove(&qpn);
         Ok(())
     }
 
@@ -431,7 +719,11 @@ impl<'h> DmaQueues<'h> {
         }
         match self.hca.cmd().exec(&m, qp::CREATE_QP_OUT_LEN) {
             Ok(out) => Ok(Qp {
-                qpn: get(&out, QP_QPN) as u32,
+                qpn: {
+                    let qpn = get(&out, QP_QPN) as u32;
+                    self.live().qps.insert(qpn);
+                    qpn
+                },
                 sizes,
                 buf,
                 dbr,
@@ -452,12 +744,7 @@ impl<'h> DmaQueues<'h> {
 
     /// DESTROY_QP; its pages go back to the arena.
     pub fn destroy_qp(&self, q: Qp) -> Result<(), DmaQueueError> {
-        let mut m = new_input(Opcode::DestroyQp, 0, qp::QP_SHORT_IN_LEN);
-        set(&mut m, QP_QPN, q.qpn.into());
-        self.hca
-            .cmd()
-            .exec(&m, qp::QP_SHORT_OUT_LEN)
-            .map_err(cmd("destroy QP"))?;
+        self.destroy_qpn(q.qpn)?;
         q.buf.free(self.hca);
         q.dbr.free(self.hca);
         Ok(())
@@ -535,6 +822,27 @@ impl<'h> DmaQueues<'h> {
     /// Writes a send WQE at the send counter (not rung yet: see [`DmaQueues::ring`]).
     /// Returns its WQE index (the `wqe_counter` its CQE will carry).
     pub fn post_send(&self, q: &mut Qp, wr: &SendWr, signaled: bool) -> Result<u16, DmaQueueError> {
+        self.post_send_with(q, wr, signaled, false)
+    }
+
+    /// [`DmaQueues::post_send`] with the solicited-event bit set: the receive CQE of
+    /// the message fires the peer's CQ armed for solicited completions.
+    pub fn post_send_solicited(
+        &self,
+        q: &mut Qp,
+        wr: &SendWr,
+        signaled: bool,
+    ) -> Result<u16, DmaQueueError> {
+        self.post_send_with(q, wr, signaled, true)
+    }
+
+    fn post_send_with(
+        &self,
+        q: &mut Qp,
+        wr: &SendWr,
+        signaled: bool,
+        solicited: bool,
+    ) -> Result<u16, DmaQueueError> {
         let mut segs: Vec<u8> = Vec::new();
         let (op, sges, raddr) = match wr {
             SendWr::Nop => (WqeOpcode::Nop, &[][..], None),
@@ -579,6 +887,9 @@ impl<'h> DmaQueues<'h> {
         }
         let mut ctrl = CtrlSeg::new(op, q.sq_pi, q.qpn, ds as u8, signaled);
         ctrl.imm.set(imm);
+        if solicited {
+            ctrl.fm_ce_se |= mlx5_prm::wqe::CTRL_SOLICITED;
+        }
         segs.extend_from_slice(ctrl.as_bytes());
         if let Some((addr, rkey)) = raddr {
             let mut r = RaddrSeg::default();
@@ -759,15 +1070,31 @@ impl<'h> DmaQueues<'h> {
         }
     }
 
-    /// Destroys the completion EQ (after every CQ).
+    /// Destroys the QPs and CQs created here that are still alive (their buffers stay
+    /// with the [`Qp`] and [`Cq`] values, whose pages the arena keeps), then the
+    /// completion EQ.
     pub fn close(mut self) -> Result<(), DmaQueueError> {
         self.destroy_eq()
     }
 
     fn destroy_eq(&mut self) -> Result<(), DmaQueueError> {
-        let Some(eq) = self.eq.take() else {
+        let Some(eq) = self.eq().take() else {
             return Ok(());
         };
+        let (qps, cqs) = {
+            let l = self.live();
+            (l.qps.clone(), l.cqs.clone())
+        };
+        for qpn in qps {
+            if let Err(e) = self.destroy_qpn(qpn) {
+                tracing::warn!(qpn, error = %e, "QP left behind");
+            }
+        }
+        for cqn in cqs {
+            if let Err(e) = self.destroy_cqn(cqn) {
+                tracing::warn!(cqn, error = %e, "CQ left behind");
+            }
+        }
         let mut m = new_input(Opcode::DestroyEq, 0, mlx5_prm::cmd::eq::DESTROY_EQ_IN_LEN);
         set(
             &mut m,

@@ -16,6 +16,7 @@
 //! | command input / output | [`MAX_CMD_IN_LEN`] / [`MAX_CMD_OUT_LEN`] | delivery status IN/OUT_LENGTH_ERR, the command does not run |
 //! | BAR0 access | [`MAX_ACCESS_LEN`] | `EINVAL` |
 //! | command log | [`CMD_LOG_CAPACITY`] records | the oldest are dropped |
+//! | refused-UAR-write log | [`UAR_LOG_CAPACITY`] records per function | the oldest are dropped; the total keeps counting; the warning is rate-limited |
 //! | violation log | [`VIOLATION_LOG_CAPACITY`] records | the oldest are dropped; the total keeps counting; the warning is rate-limited ([`vfu::ratelimit`]) |
 //! | device memory | [`MAX_DEV_MEM_SIZE`] | `--dev-mem` refused at start-up |
 //! | state image | [`MAX_IMAGE_LEN`] (objects section [`MAX_OBJECTS_LEN`]) | LOAD: BAD_PARAM, `mig_syndrome::BAD_SIZE` |
@@ -33,5 +34,7 @@ pub use crate::devmem::MAX_DEV_MEM_SIZE;
 pub use crate::dma::REPORT_RNR_TIMEOUT;
 pub use crate::firmware::page_track::{LOG_MAX_PAGE_TRACKERS, MAX_DIRTY_PAGES, MAX_TRACK_RANGES};
 pub use crate::firmware::tables::*;
-pub use crate::firmware::{CMD_LOG_CAPACITY, DRAIN_TIMEOUT, VIOLATION_LOG_CAPACITY};
+pub use crate::firmware::{
+    CMD_LOG_CAPACITY, DRAIN_TIMEOUT, UAR_LOG_CAPACITY, VIOLATION_LOG_CAPACITY,
+};
 pub use crate::state::{MAX_IMAGE_LEN, MAX_OBJECTS_LEN};

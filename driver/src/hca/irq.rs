@@ -32,8 +32,9 @@ const CONFIG: u32 = VFIO_PCI_CONFIG_REGION_INDEX;
 /// The MSI-X vector of the command EQ (the kernel's `MLX5_IRQ_VEC_COMP_BASE` - 1 = 0).
 pub const CMD_EQ_VECTOR: u16 = 0;
 
+/// Where MSI-X was set up (its capability), to tear it down.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct MsixSetup {
+pub struct MsixSetup {
     cap: u64,
 }
 
@@ -74,6 +75,13 @@ impl Hca {
     /// SET_IRQS (MSI-X, vector 0 → `eventfd`), unmask vector 0 in the table and set
     /// MSI-X enable in config space.
     fn enable_msix(&self, eventfd: &EventFd) -> Result<MsixSetup, HcaError> {
+        self.attach_msix(CMD_EQ_VECTOR, eventfd)
+    }
+
+    /// Delivers MSI-X `vector` to `eventfd`: SET_IRQS for that one vector, its table
+    /// entry unmasked, MSI-X enabled (and the function unmasked) in config space. The
+    /// vectors already assigned keep their eventfds.
+    pub fn attach_msix(&self, vector: u16, eventfd: &EventFd) -> Result<MsixSetup, HcaError> {
         const STEP: &str = "MSI-X setup failed";
         let vfu = |source| HcaError::Vfu { step: STEP, source };
         let mut c = self.cmd.client();
@@ -88,11 +96,11 @@ impl Hca {
             });
         }
         let entry =
-            u64::from(table & !PCI_MSIX_TABLE_BIR) + u64::from(CMD_EQ_VECTOR) * PCI_MSIX_ENTRY_SIZE;
+            u64::from(table & !PCI_MSIX_TABLE_BIR) + u64::from(vector) * PCI_MSIX_ENTRY_SIZE;
         c.set_irqs(
             VFIO_PCI_MSIX_IRQ_INDEX,
             VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-            u32::from(CMD_EQ_VECTOR),
+            u32::from(vector),
             1,
             &[],
             &[eventfd.as_raw_fd()],

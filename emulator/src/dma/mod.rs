@@ -7,6 +7,10 @@
 //! looks at the others again, so a long ring never starves a short one, and what a
 //! doorbell sets off is bounded by the ring the QP was created with.
 //!
+//! Every CQE goes through the CQ's arm state: a CQ armed through its UAR doorbell
+//! fires one completion EQE on its EQ and the EQ's MSI-X vector (see
+//! `crate::firmware::Cq::cqe_written` and `FwCell::post_eqe`).
+//!
 //! Every byte the engine moves goes through a function's DMA path ([`Env::dma_read`] /
 //! [`Env::dma_write`] for its own function, [`Peer::dma_read`] / [`Peer::dma_write`]
 //! for the function the QP's peer is on), never straight into memory, so routing,
