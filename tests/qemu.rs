@@ -1693,6 +1693,13 @@ fn guest_mlx5_vfio_pci_migrates_vf0_into_vf1_on_7_3() {
     mlx5_vfio_pci_migrates_vf0_into_vf1("7.3");
 }
 
+/// The same on Debian's 6.12: its mlx5_vfio_pci (from linux-source-6.12) has no
+/// PRECOPY_INFOv2 and no migration_state capability.
+#[test]
+fn guest_mlx5_vfio_pci_migrates_vf0_into_vf1_on_6_12() {
+    mlx5_vfio_pci_migrates_vf0_into_vf1("6.12");
+}
+
 /// [`guest_mlx5_vfio_pci_migrates_vf0_into_vf1_on_7_3`] on the guest kernel `kernel`.
 fn mlx5_vfio_pci_migrates_vf0_into_vf1(kernel: &'static str) {
     use mlx5_kmig::codec;
