@@ -26,6 +26,12 @@
 //! quiet CQ, QUERY_GENERAL_OBJECT for an ERROR.)
 //!
 //! [`DirtyTracker::stop`] destroys the object, the QPs, the buffer, the CQ and the PD.
+//!
+//! Unlike the kernel, which puts the tracker's CQ on one of mlx5_core's completion
+//! EQs, each tracker here brings its own completion EQ ([`DmaQueues::with_pd`]), so a
+//! PF runs as many trackers at once as it has EQs left (`max_num_eqs` less the command
+//! EQ: 7), fewer than the 16 the capability page allows; the next start fails with
+//! the CREATE_EQ's NO_RESOURCES.
 
 use std::time::{Duration, Instant};
 
