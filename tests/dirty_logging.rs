@@ -534,3 +534,106 @@ fn a_peers_writes_into_the_tracked_vf_are_its_dma_and_are_reported() {
     assert_eq!(n0.mem.read(6 << 20, 3 * 4096), pattern(9, 3 * 4096));
     t.stop().unwrap();
 }
+
+#[test]
+fn a_report_nobody_receives_ends_in_error_instead_of_waiting_forever() {
+    use mlx5_prm::cmd::page_track::{imm_state, PageTrackState, GENERAL_OBJ_OUT_OBJ_ID};
+    use mlx5_prm::wqe::CqeOpcode;
+    use mlx5vf::dma::{QpAddr, QpSizes};
+    let tb = Testbed::start(1);
+    let pf = bringup::pf_up(&tb.pf_socket());
+    let n = dma::node(&tb.vf_socket(0), DATA);
+    let q = DmaQueues::new(&n.hca).unwrap();
+    let (mut a, _b) = loopback_pair(&q);
+    // A host QP with a single receive posted, and the queueless fw QP, by hand.
+    let pq = DmaQueues::new(&pf).unwrap();
+    let mut cq = pq.create_cq(4).unwrap();
+    let host_sizes = QpSizes {
+        log_rq: 2,
+        log_rq_stride: 0,
+        no_sq: true,
+        ..QpSizes::default()
+    };
+    let mut host = pq.create_qp(&cq, &cq, host_sizes).unwrap();
+    let fw_sizes = QpSizes {
+        no_sq: true,
+        zero_rq: true,
+        ..QpSizes::default()
+    };
+    let fw = pq.create_qp(&cq, &cq, fw_sizes).unwrap();
+    let fl = |qpn| QpAddr {
+        vhca_id: 0,
+        qpn,
+        loopback: true,
+    };
+    pq.connect(&host, fl(fw.qpn)).unwrap();
+    pq.connect(&fw, fl(host.qpn)).unwrap();
+    let page = pf.cmd().arena().alloc_page().unwrap();
+    let key = pf.create_mkey(&[page], 12, 4096, 3).unwrap();
+    pq.post_recv(
+        &mut host,
+        &[Sge {
+            lkey: key,
+            addr: 0,
+            len: 4096,
+        }],
+    )
+    .unwrap();
+    let out = pf
+        .cmd()
+        .exec(
+            &create_input(n.vhca_id, fw.qpn, |_| {}),
+            GENERAL_OBJ_OUT_HDR_LEN,
+        )
+        .expect("create");
+    let id = mlx5_prm::ifc::get(&out, GENERAL_OBJ_OUT_OBJ_ID) as u32;
+    // 2048 dirty pages: four messages, room for one.
+    rdma_write(&n, &q, &mut a, SRC, 8 << 20, 8 << 20);
+    let mut m = new_input(Opcode::ModifyGeneralObject, 0, create_in_len(0));
+    set(&mut m, GENERAL_OBJ_IN_OBJ_TYPE, OBJ_TYPE_PAGE_TRACK.into());
+    set(&mut m, GENERAL_OBJ_IN_OBJ_ID, id.into());
+    set(&mut m, in_msg(ctx::MODIFY_FIELD_SELECT), 3);
+    set(&mut m, in_msg(ctx::STATE), 1);
+    set(&mut m, in_msg(ctx::RANGE_START_ADDRESS), DATA_IOVA);
+    set(&mut m, in_msg(ctx::LENGTH), DATA);
+    pf.cmd().exec(&m, GENERAL_OBJ_OUT_HDR_LEN).expect("modify");
+    let c = pq
+        .poll_wait(&mut cq, Some(&mut host), dma::CQE_WAIT)
+        .unwrap();
+    assert_eq!(c.opcode, CqeOpcode::RespSendImm);
+    assert_eq!(c.byte_cnt, 4096, "a full message of 512 entries");
+    assert_eq!(imm_state(c.imm), PageTrackState::Reporting as u8);
+    // The rest waits for receives that never come, then the tracker gives up.
+    let query = || {
+        let mut m = new_input(Opcode::QueryGeneralObject, 0, 16);
+        set(&mut m, GENERAL_OBJ_IN_OBJ_TYPE, OBJ_TYPE_PAGE_TRACK.into());
+        set(&mut m, GENERAL_OBJ_IN_OBJ_ID, id.into());
+        let out = pf
+            .cmd()
+            .exec(&m, mlx5_prm::cmd::page_track::QUERY_PAGE_TRACK_OUT_LEN)
+            .unwrap();
+        mlx5_prm::ifc::get(&out, in_msg(ctx::STATE)) as u8
+    };
+    let deadline = std::time::Instant::now() + 3 * mlx5_emulator::dma::REPORT_RNR_TIMEOUT;
+    while query() != PageTrackState::Failed as u8 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tracker still waiting"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        pq.poll(&mut cq, Some(&mut host)).unwrap().is_none(),
+        "nothing more sent"
+    );
+    // A tracker in ERROR refuses to report again; it can still be destroyed.
+    let r = pf.cmd().exec(&m, GENERAL_OBJ_OUT_HDR_LEN);
+    assert!(
+        matches!(r, Err(CmdError::Status { syndrome, .. }) if syndrome == pt_syndrome::BAD_STATE),
+        "{r:?}"
+    );
+    let mut d = new_input(Opcode::DestroyGeneralObject, 0, 16);
+    set(&mut d, GENERAL_OBJ_IN_OBJ_TYPE, OBJ_TYPE_PAGE_TRACK.into());
+    set(&mut d, GENERAL_OBJ_IN_OBJ_ID, id.into());
+    pf.cmd().exec(&d, GENERAL_OBJ_OUT_HDR_LEN).expect("destroy");
+}
