@@ -17,6 +17,7 @@
 //! | [`wait`] | bounded waits: a hang fails the test instead of stalling the run |
 //! | [`bins`] | the workspace's binaries, built on demand, and the `mlx5vf` CLI |
 //! | [`fuzzing`] | the fuzz targets' bodies, shared by `fuzz/` and the corpus replay test |
+//! | [`guest`] | what the QEMU guest gets beyond its cache: the static `mlx5-kmig`, an extra initramfs archive |
 
 pub mod bins;
 pub mod bringup;
