@@ -60,12 +60,12 @@ pub(crate) fn step(
             fw.resume(ResumeOpMod::Initiator).map(|_| None)
         }
         (Stop, StopCopy) => {
-            let f = SaveFile::open(&fw, false)?;
+            let f = SaveFile::open(&fw, pf.clone(), false)?;
             inner.saving = Some(f);
             Ok(Some(Opened::Saving))
         }
         (Running, PreCopy) | (RunningP2p, PreCopyP2p) => {
-            let f = SaveFile::open(&fw, true)?;
+            let f = SaveFile::open(&fw, pf.clone(), true)?;
             inner.saving = Some(f);
             Ok(Some(Opened::Saving))
         }

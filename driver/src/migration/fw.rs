@@ -126,6 +126,17 @@ impl Fw<'_> {
 
     /// SAVE_VHCA_STATE into `buf` (va 0, the buffer's mkey, its whole size).
     pub fn save(&self, buf: &MigBuf, incremental: bool, track: bool) -> Result<SaveOut, MigError> {
+        self.save_into(buf.target(), incremental, track)
+    }
+
+    /// SAVE_VHCA_STATE into the buffer `target` names (what a SAVE running on another
+    /// thread holds while the buffer itself stays with its file).
+    pub fn save_into(
+        &self,
+        buf: SaveTarget,
+        incremental: bool,
+        track: bool,
+    ) -> Result<SaveOut, MigError> {
         let mut m = self.input(Opcode::SaveVhcaState, 0, SAVE_VHCA_STATE_IN_LEN);
         set(&mut m, SAVE_VHCA_STATE_IN_INCREMENTAL, incremental.into());
         set(&mut m, SAVE_VHCA_STATE_IN_SET_TRACK, track.into());
@@ -176,6 +187,19 @@ impl Fw<'_> {
         if let Err(e) = self.hca.dealloc_pd(pd) {
             tracing::warn!(pd, error = %e, "dealloc of a migration file PD failed");
         }
+    }
+}
+
+/// What a SAVE needs of its buffer: the mkey and the size (va 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SaveTarget {
+    mkey: u32,
+    size: u64,
+}
+
+impl SaveTarget {
+    fn size(&self) -> u64 {
+        self.size
     }
 }
 
@@ -261,8 +285,18 @@ impl MigBuf {
         self.mkey
     }
 
-    /// Walks `off..off + len` page by page: (arena IOVA, position in the caller's slice, length).
-    fn spans(&self, off: u64, len: usize) -> Result<Vec<(u64, usize, usize)>, MigError> {
+    /// The buffer as a SAVE names it.
+    pub fn target(&self) -> SaveTarget {
+        SaveTarget {
+            mkey: self.mkey,
+            size: self.size(),
+        }
+    }
+
+    /// Walks `off..off + len` in runs of pages that are contiguous in the arena:
+    /// (arena IOVA, position in the caller's slice, length). The arena hands out pages
+    /// in order, so a buffer is usually one run or a few.
+    pub fn runs(&self, off: u64, len: usize) -> Result<Vec<(u64, usize, usize)>, MigError> {
         let range = MigError::BufferRange {
             offset: off,
             len: len as u64,
@@ -272,7 +306,7 @@ impl MigBuf {
             Some(end) if end <= self.size() => {}
             _ => return Err(range),
         }
-        let mut v = Vec::new();
+        let mut v: Vec<(u64, usize, usize)> = Vec::new();
         let mut done = 0usize;
         while done < len {
             let at = off + done as u64;
@@ -283,7 +317,11 @@ impl MigBuf {
             let Some(&base) = self.pages.get(page) else {
                 return Err(range);
             };
-            v.push((base + in_page, done, n));
+            let iova = base + in_page;
+            match v.last_mut() {
+                Some((last, _, l)) if *last + *l as u64 == iova => *l += n,
+                _ => v.push((iova, done, n)),
+            }
             done += n;
         }
         Ok(v)
@@ -291,7 +329,7 @@ impl MigBuf {
 
     /// Reads `out.len()` bytes at buffer offset `off`.
     pub fn read(&self, arena: &DmaArena, off: u64, out: &mut [u8]) -> Result<(), MigError> {
-        for (iova, at, n) in self.spans(off, out.len())? {
+        for (iova, at, n) in self.runs(off, out.len())? {
             arena
                 .read(iova, &mut out[at..at + n])
                 .map_err(|source| MigError::BufferAccess { source })?;
@@ -301,7 +339,7 @@ impl MigBuf {
 
     /// Writes `data` at buffer offset `off`.
     pub fn write(&self, arena: &DmaArena, off: u64, data: &[u8]) -> Result<(), MigError> {
-        for (iova, at, n) in self.spans(off, data.len())? {
+        for (iova, at, n) in self.runs(off, data.len())? {
             arena
                 .write(iova, &data[at..at + n])
                 .map_err(|source| MigError::BufferAccess { source })?;

@@ -73,8 +73,8 @@ use arcs::Opened;
 use fsm::{FsmError, MigFlags, MigState};
 use fw::Fw;
 pub use group::{GroupError, MigrationGroup};
-use precopy::SaveFile;
 pub use precopy::{PrecopyInfo, SaveState, SaveStats};
+use precopy::{ReadStep, SaveFile};
 use resume::ResumeFile;
 pub use stream::StreamError;
 
@@ -728,14 +728,82 @@ impl DataStream {
     }
 
     /// Reads the saving stream: ENOMSG at the pre-copy temporary end, 0 at the end of
-    /// STOP_COPY, ENODEV once closed or failed.
+    /// STOP_COPY, ENODEV once closed or failed. Image bytes are copied once, from the
+    /// DMA buffer the SAVE wrote straight into `buf`, with no lock held
+    /// ([`precopy`]'s "Reads and chunk mode"); a read that finds a chunk SAVE still
+    /// running waits for it.
     pub fn read_data(&mut self, buf: &mut [u8]) -> Result<usize, MigError> {
-        self.stream_io(Opened::Saving, "read", |fw, inner| {
-            match inner.saving.as_mut() {
-                Some(f) => f.read(fw, buf),
-                None => Err(MigError::NoDev),
+        if self.dir != Opened::Saving {
+            return Err(MigError::WrongDirection {
+                op: "read",
+                dir: self.dir,
+            });
+        }
+        let mut done = 0usize;
+        for _ in 0..precopy::MAX_READ_STEPS {
+            let (step, pf) = {
+                let mut g = self.lock_saving()?;
+                let r = g.fw_call(|fw, inner| match inner.saving.as_mut() {
+                    Some(f) => f.read_step(fw, &mut buf[done..], done),
+                    None => Err(MigError::NoDev),
+                });
+                match r {
+                    Ok(step) => (step, g.pf.clone()),
+                    Err(e) => {
+                        g.note_failure(&e);
+                        return Err(e);
+                    }
+                }
+            };
+            match step {
+                ReadStep::Copied(n) => done += n,
+                ReadStep::Wait(save) => save.wait(),
+                ReadStep::End => break,
+                ReadStep::Arena { seq, runs, len } => {
+                    let out = &mut buf[done..done + len];
+                    let copied = runs.iter().try_for_each(|&(iova, at, n)| {
+                        pf.cmd()
+                            .arena()
+                            .read(iova, &mut out[at..at + n])
+                            .map_err(|source| MigError::BufferAccess { source })
+                    });
+                    let mut g = self.lock_saving()?;
+                    let r = copied.and_then(|()| {
+                        g.fw_call(|fw, inner| match inner.saving.as_mut() {
+                            Some(f) => f.commit(fw, seq, len),
+                            None => Err(MigError::NoDev),
+                        })
+                    });
+                    match r {
+                        Ok(()) => done += len,
+                        Err(e) => {
+                            g.note_failure(&e);
+                            return Err(e);
+                        }
+                    }
+                }
             }
-        })
+            if done == buf.len() {
+                break;
+            }
+        }
+        if done > 0 || buf.is_empty() {
+            return Ok(done);
+        }
+        let g = self.lock_saving()?;
+        match g.saving.as_ref() {
+            Some(f) => f.end_of_data(),
+            None => Err(MigError::NoDev),
+        }
+    }
+
+    /// The state lock, if this saving stream's session is still open (else ENODEV).
+    fn lock_saving(&self) -> Result<Guard<'_>, MigError> {
+        let g = self.lock();
+        if g.generation != self.generation || g.saving.is_none() {
+            return Err(MigError::NoDev);
+        }
+        Ok(g)
     }
 
     /// Writes any part of the resuming stream; one LOAD per complete FW_DATA record.
