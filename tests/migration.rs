@@ -16,6 +16,7 @@ use mlx5_testbed::migrate::{
 use mlx5_testbed::{init_tracing, run_cli, Sockets, Testbed};
 use mlx5vf::migration::fsm::MigState;
 use mlx5vf::migration::MigrationDevice;
+use mlx5vf::report;
 use rand::{Rng, SeedableRng};
 
 #[test]
@@ -263,6 +264,7 @@ fn cli_migrate_round_trip_and_state() {
     let (ok, out, err) = run_cli(&["state", "--pf", &arg(&a.pf_socket()), "--vf", "0"]);
     assert!(ok, "{out}{err}");
     assert!(out.contains("state: RUNNING"), "{out}");
+    let svg_path = a.dir().join("timeline.svg");
     let (ok, out, err) = run_cli(&[
         "migrate",
         "--from",
@@ -271,6 +273,8 @@ fn cli_migrate_round_trip_and_state() {
         &arg(b.dir()),
         "--vf",
         "0",
+        "--report",
+        &arg(&svg_path),
     ]);
     assert!(ok, "{out}{err}");
     eprintln!("{out}");
@@ -278,6 +282,28 @@ fn cli_migrate_round_trip_and_state() {
         out.contains("migrated vf 0") && out.contains("downtime"),
         "{out}"
     );
+    // stdout is a pipe here: no progress bar anywhere.
+    assert!(!err.contains("pre-copy ["), "{err}");
+    let rounds: usize = out
+        .split(" pre-copy rounds")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no round count in {out}"));
+    assert!(rounds >= 1, "{out}");
+    let svg = std::fs::read_to_string(&svg_path).expect("the timeline was written");
+    let doc = roxmltree::Document::parse(&svg).expect("the timeline parses as XML");
+    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    let marks = |tag: &str, c| {
+        let fill = report::fill(c);
+        doc.descendants()
+            .filter(|n| n.has_tag_name(tag) && n.attribute("fill") == Some(&fill[..]))
+            .count()
+    };
+    // One bar and one dirty dot per round, and one of each in the legend.
+    assert_eq!(marks("rect", report::ROUND_COLOR), rounds + 1, "{svg}");
+    assert_eq!(marks("circle", report::DIRTY_COLOR), rounds + 1, "{svg}");
+    assert_eq!(marks("rect", report::STOP_COPY_COLOR), 2, "{svg}");
     let mut c = vfu::Client::connect(&b.vf_socket(0)).unwrap();
     assert!(
         read_bar2(&mut c) == pattern,

@@ -8,7 +8,10 @@
 //! in directory A to VF 0 of the one in B, through each adapter's PF: pre-copy rounds
 //! until the dirty bytes fall below `--threshold`, then STOP_COPY, the rest of the
 //! stream into B's RESUMING, and B to RUNNING. It prints a summary line (bytes, rounds,
-//! downtime: from the source leaving PRE_COPY to the destination reaching RUNNING).
+//! downtime: from the source leaving PRE_COPY to the destination reaching RUNNING);
+//! the loop is the library's (`migration::live`). `--report FILE.svg` draws the
+//! migration's timeline (`mlx5vf::report`); a progress bar shows on stderr while
+//! stdout is a terminal.
 //! `--vf 0,1` migrates several VFs as one group (`migration::group`): pre-copy on each,
 //! then all to PRE_COPY_P2P before any stops (STOP_COPY), and on the destination all
 //! loaded (STOP), then all to RUNNING_P2P, then all to RUNNING, so that no VF is stopped
@@ -36,6 +39,7 @@ use mlx5vf::cmdif::{errno_name, ArenaConfig, CmdIf, CmdIfConfig};
 use mlx5vf::hca::{Hca, HcaError, HcaOptions, MigrationCaps};
 use mlx5vf::migration::fsm::MigState;
 use mlx5vf::migration::fw::Fw;
+use mlx5vf::migration::live::{self, LiveError};
 use mlx5vf::migration::{DataStream, GroupError, MigError, MigrationDevice, MigrationGroup};
 
 #[derive(Parser, Debug)]
@@ -93,6 +97,10 @@ enum Cmd {
         /// Per-command timeout in milliseconds.
         #[arg(long, default_value_t = 60_000)]
         timeout_ms: u64,
+        /// Draw the migration's timeline into this SVG file: bytes and dirty bytes per
+        /// pre-copy round, stop-copy bytes, downtime (one VF only).
+        #[arg(long, value_name = "FILE.svg")]
+        report: Option<PathBuf>,
     },
     /// Report (or set) a VF's migration state as the firmware sees it, through the PF.
     State {
@@ -267,43 +275,53 @@ struct MigrateArgs {
     max_rounds: u32,
     arena_mib: u64,
     timeout: Duration,
+    report: Option<PathBuf>,
 }
 
-/// Most reads one transfer phase makes (1 TiB in 256 KiB reads).
-const MAX_PUMP_READS: u64 = 1 << 22;
-const PUMP_CHUNK: usize = 256 << 10;
+/// Feeds a migration's progress to a bar.
+struct Bar(indicatif::ProgressBar);
 
-/// Copies the saving stream into the resuming one until the temporary end (ENOMSG,
-/// pre-copy) or the end (0, stop-copy). Returns the bytes moved.
-fn pump(
-    src: &mut DataStream,
-    dst: &mut DataStream,
-    bar: &indicatif::ProgressBar,
-) -> Result<u64, CliError> {
-    let mut buf = vec![0u8; PUMP_CHUNK];
-    let mut moved = 0u64;
-    for _ in 0..MAX_PUMP_READS {
-        let n = match src.read_data(&mut buf) {
-            Ok(0) | Err(MigError::NoMsg) => return Ok(moved),
-            Ok(n) => n,
-            Err(e) => return Err(mig("reading the source stream")(e)),
-        };
-        let mut off = 0;
-        while off < n {
-            let w = dst
-                .write_data(&buf[off..n])
-                .map_err(mig("writing the destination stream"))?;
-            if w == 0 {
-                return Err(CliError::Usage("destination accepted no bytes".into()));
-            }
-            off += w;
-        }
-        moved += n as u64;
-        bar.inc(n as u64);
+impl live::Observer for Bar {
+    fn moved(&mut self, n: u64) {
+        self.0.inc(n);
     }
-    Err(CliError::Usage(
-        "stream longer than the transfer bound".into(),
-    ))
+
+    fn round(&mut self, r: &live::Round) {
+        let want = self.0.position() + r.initial_bytes + r.dirty_bytes;
+        if self.0.length().is_some_and(|l| l < want) {
+            self.0.set_length(want);
+        }
+    }
+
+    fn stop_copy(&mut self) {
+        self.0.set_message("stop-copy");
+    }
+}
+
+/// A progress bar (on stderr) when stdout is a terminal, for a long migration; none
+/// otherwise (a script reading the summary line sees only that).
+fn progress_bar(estimate: u64) -> indicatif::ProgressBar {
+    if !std::io::stdout().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(estimate);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg:>10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
+    ) {
+        b.set_style(style.progress_chars("=> "));
+    }
+    b.set_message("pre-copy");
+    b
+}
+
+fn live_err(e: LiveError) -> CliError {
+    match e {
+        LiveError::Mig { what, source } => CliError::Mig {
+            what: what.to_string(),
+            source: Box::new(source),
+        },
+        other => CliError::Usage(other.to_string()),
+    }
 }
 
 fn migrate(a: &MigrateArgs) -> Result<(), CliError> {
@@ -332,6 +350,13 @@ fn migrate_between(a: &MigrateArgs, src_pf: &Arc<Hca>, dst_pf: &Arc<Hca>) -> Res
         )));
     }
     if a.vf.len() > 1 {
+        if let Some(path) = &a.report {
+            return Err(CliError::Usage(format!(
+                "--report {} draws one VF's migration; --vf {:?} migrates a group (drop --report or pass one VF)",
+                path.display(),
+                a.vf
+            )));
+        }
         return migrate_group(a, src_pf, dst_pf);
     }
     let vf = a.vf[0];
@@ -356,68 +381,31 @@ fn run_migration(
     src: &MigrationDevice,
     dst: &MigrationDevice,
 ) -> Result<(), CliError> {
-    let start = Instant::now();
     let estimate = src.data_size().map_err(mig("MIG_DATA_SIZE"))?;
-    let bar = if std::io::stderr().is_terminal() {
-        let b = indicatif::ProgressBar::new(estimate);
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{msg:>10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
-        ) {
-            b.set_style(style.progress_chars("=> "));
-        }
-        b
-    } else {
-        indicatif::ProgressBar::hidden()
+    let mut bar = Bar(progress_bar(estimate));
+    let opts = live::LiveOptions {
+        threshold: a.threshold,
+        max_rounds: a.max_rounds,
+        ..Default::default()
     };
-    let mut out = dst
-        .set_state(MigState::Resuming)
-        .map_err(mig("destination to RESUMING"))?
-        .ok_or_else(|| CliError::Usage("RESUMING opened no stream".into()))?;
-    let mut input = src
-        .set_state(MigState::PreCopy)
-        .map_err(mig("source to PRE_COPY"))?
-        .ok_or_else(|| CliError::Usage("PRE_COPY opened no stream".into()))?;
-    let mut bytes = 0u64;
-    let mut rounds = 0u32;
-    bar.set_message("pre-copy");
-    loop {
-        bytes += pump(&mut input, &mut out, &bar)?;
-        rounds += 1;
-        let info = input.precopy_info().map_err(mig("PRECOPY_INFO"))?;
-        tracing::info!(
-            rounds,
-            initial = info.initial_bytes,
-            dirty = info.dirty_bytes,
-            "pre-copy round"
-        );
-        if info.dirty_bytes > 0 && bar.length().is_some_and(|l| l < bytes + info.dirty_bytes) {
-            bar.set_length(bytes + info.dirty_bytes);
-        }
-        if (info.initial_bytes == 0 && info.dirty_bytes <= a.threshold) || rounds >= a.max_rounds {
-            break;
-        }
-    }
-    let stop = Instant::now();
-    bar.set_message("stop-copy");
-    src.set_state(MigState::StopCopy)
-        .map_err(mig("source to STOP_COPY"))?;
-    bytes += pump(&mut input, &mut out, &bar)?;
-    dst.set_state(MigState::Running)
-        .map_err(mig("destination to RUNNING"))?;
-    let downtime = stop.elapsed();
-    src.set_state(MigState::Stop)
-        .map_err(mig("source to STOP"))?;
-    bar.finish_and_clear();
+    let r = live::migrate(src, dst, &opts, &mut bar).map_err(live_err);
+    bar.0.finish_and_clear();
+    let r = r?;
     println!(
         "migrated vf {} (vhca_id {} -> {}): {} bytes, {} pre-copy rounds, downtime {:.3} ms, total {:.3} ms",
         src.info().vf,
         src.info().vhca_id,
         dst.info().vhca_id,
-        bytes,
-        rounds,
-        downtime.as_secs_f64() * 1e3,
-        start.elapsed().as_secs_f64() * 1e3
+        r.bytes,
+        r.rounds.len(),
+        r.downtime.as_secs_f64() * 1e3,
+        r.total.as_secs_f64() * 1e3
     );
+    if let Some(path) = &a.report {
+        mlx5vf::report::write_timeline(path, &r)
+            .map_err(|e| CliError::Usage(format!("{e} (the migration itself succeeded)")))?;
+        println!("timeline written to {}", path.display());
+    }
     Ok(())
 }
 
@@ -472,7 +460,7 @@ fn run_group_migration(
     dst: &MigrationGroup,
 ) -> Result<(), CliError> {
     let start = Instant::now();
-    let bar = indicatif::ProgressBar::hidden();
+    let mut buf = vec![0u8; live::LiveOptions::default().chunk];
     let mut outs = dst.resuming().map_err(group("destinations to RESUMING"))?;
     let mut ins: Vec<DataStream> = src
         .walk(&[MigState::PreCopy])
@@ -489,7 +477,7 @@ fn run_group_migration(
         rounds += 1;
         let mut converged = true;
         for (i, (input, out)) in ins.iter_mut().zip(outs.iter_mut()).enumerate() {
-            bytes[i] += pump(input, out, &bar)?;
+            bytes[i] += live::pump(input, out, &mut buf, &mut ()).map_err(live_err)?;
             let info = input.precopy_info().map_err(mig("PRECOPY_INFO"))?;
             converged &= info.initial_bytes == 0 && info.dirty_bytes <= a.threshold;
         }
@@ -500,7 +488,7 @@ fn run_group_migration(
     let stop = Instant::now();
     src.stop_copy().map_err(group("sources to STOP_COPY"))?;
     for (i, (input, out)) in ins.iter_mut().zip(outs.iter_mut()).enumerate() {
-        bytes[i] += pump(input, out, &bar)?;
+        bytes[i] += live::pump(input, out, &mut buf, &mut ()).map_err(live_err)?;
     }
     dst.start().map_err(group("destinations to RUNNING"))?;
     let downtime = stop.elapsed();
@@ -620,6 +608,7 @@ fn main() -> ExitCode {
             max_rounds,
             arena_mib,
             timeout_ms,
+            report,
         } => migrate(&MigrateArgs {
             from,
             to,
@@ -628,6 +617,7 @@ fn main() -> ExitCode {
             max_rounds,
             arena_mib,
             timeout: Duration::from_millis(timeout_ms),
+            report,
         }),
         Cmd::State {
             pf,

@@ -58,6 +58,7 @@ pub mod arcs;
 pub mod fsm;
 pub mod fw;
 pub mod group;
+pub mod live;
 pub mod precopy;
 pub mod resume;
 pub mod stream;
