@@ -2,7 +2,12 @@
 //! a vfio-user round trip beside a bare unix-socket round trip of the same size, and
 //! device DMA through the IOVA space beside a plain memcpy, and SAVE/LOAD_VHCA_STATE of
 //! device memory beside a memcpy of the same size, and RDMA_WRITE between QPs on two
-//! VFs beside a memcpy of the same size.
+//! VFs beside a memcpy of the same size, and a whole migration between two adapters
+//! beside a memcpy and a unix-socket stream of the device memory's size.
+//!
+//! `cargo test --benches` runs each bench once at its small sizes; `cargo bench`
+//! measures the large ones too (`MLX5_BENCH_MIGRATE_MIB=64,256` picks the `migrate`
+//! sizes).
 
 use std::cell::Cell;
 use std::io::{Read, Write};
@@ -15,6 +20,7 @@ use mlx5_testbed::mem::GuestMem;
 use mlx5_testbed::{bringup, devmem, AdapterConfig, Testbed};
 use mlx5vf::cmdif::CmdIf;
 use mlx5vf::hca::{Hca, HcaOptions};
+use mlx5vf::migration::fsm::MigState;
 use mlx5vf::migration::fw::{Fw, MigBuf};
 use vfu::uapi::{VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX};
 
@@ -450,6 +456,238 @@ fn checksum(c: &mut Criterion) {
     }
 }
 
+/// The `migrate` sizes: `MLX5_BENCH_MIGRATE_MIB` (comma-separated MiB, up to 256),
+/// else 256 MiB when measuring and 1 MiB once-through.
+fn migrate_sizes() -> Vec<u64> {
+    if let Ok(v) = std::env::var("MLX5_BENCH_MIGRATE_MIB") {
+        let sizes: Vec<u64> = v
+            .split(',')
+            .filter_map(|s| s.trim().parse::<u64>().ok())
+            .filter(|m| m.is_power_of_two() && *m <= 256)
+            .map(|m| m << 20)
+            .collect();
+        if !sizes.is_empty() {
+            return sizes;
+        }
+        eprintln!("MLX5_BENCH_MIGRATE_MIB={v:?}: expected powers of two up to 256 (MiB); using the defaults");
+    }
+    if measuring() {
+        vec![256 << 20]
+    } else {
+        vec![1 << 20]
+    }
+}
+
+/// Dirties `pct` % of a function's device-memory pages each time the pre-copy loop
+/// drains a round (between the drain and PRECOPY_INFO), on a writer thread of its own;
+/// the loop waits for the round's writes to land.
+struct Dirtier {
+    go: std::sync::mpsc::Sender<u32>,
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+impl Dirtier {
+    fn start(
+        vf: std::sync::Arc<mlx5_emulator::Function>,
+        pct: u64,
+    ) -> (Dirtier, std::thread::JoinHandle<()>) {
+        use rand::{Rng, SeedableRng};
+        let (go, rx) = std::sync::mpsc::channel::<u32>();
+        let (tx, done) = std::sync::mpsc::channel();
+        let writer = std::thread::spawn(move || {
+            let pages = vf.devmem().size() / 4096;
+            let per_round = pages * pct / 100;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(0xd1e7 ^ pct);
+            let mut page = [0u8; 4096];
+            for round in rx {
+                for i in 0..per_round {
+                    rng.fill(&mut page[..]);
+                    page[..8].copy_from_slice(&(u64::from(round) << 32 | i).to_le_bytes());
+                    let at = rng.gen_range(0..pages) * 4096;
+                    devmem::write(&vf, at, &page);
+                }
+                if tx.send(()).is_err() {
+                    break;
+                }
+            }
+        });
+        (Dirtier { go, done }, writer)
+    }
+}
+
+impl mlx5vf::migration::live::Observer for Dirtier {
+    fn round_drained(&mut self, round: u32) {
+        self.go.send(round).expect("writer thread");
+        self.done.recv().expect("writer thread");
+    }
+}
+
+/// A PF with a DMA arena large enough for the SAVE and LOAD buffers of a whole
+/// `size`-byte image in chunk mode (pre-copy's buffer plus two stop-copy chunks).
+fn migration_pf(tb: &Testbed, size: u64) -> std::sync::Arc<Hca> {
+    let arena = (3 * size + size / 4 + (32 << 20)).min(mlx5vf::cmdif::arena::MAX_ARENA_SIZE);
+    let mut cfg = bringup::config(arena);
+    cfg.arena.mailbox_blocks = 4096;
+    let pf = Hca::new(CmdIf::new(tb.pf_client(), cfg).expect("command interface"));
+    pf.up(&HcaOptions {
+        events: true,
+        ..Default::default()
+    })
+    .expect("bring-up");
+    std::sync::Arc::new(pf)
+}
+
+/// A whole migration of a VF with `size` bytes of random device memory from one
+/// adapter to another (each its own vfio-user server, the driver on both PFs), through
+/// the driver's streams (`migration::live`): stop-copy alone, and pre-copy with 0, 1
+/// and 10 % of the pages dirtied per round by a writer thread (at most 3 rounds, then
+/// stop-copy). Beside a memcpy of `size` bytes and a unix-socket stream of `size`
+/// bytes between two threads. A summary line per size gives the migration's ratio to
+/// the memcpy and to the socket stream, and each pre-copy downtime's ratio to the
+/// downtime without pre-copy.
+fn migrate(c: &mut Criterion) {
+    use mlx5vf::migration::live::{self, LiveOptions};
+    use mlx5vf::migration::MigrationDevice;
+    let mut g = c.benchmark_group("migrate");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(200))
+        .measurement_time(Duration::from_secs(5));
+    let mut summary = Vec::new();
+    for size in migrate_sizes() {
+        let cfg = || AdapterConfig {
+            vfs: 1,
+            dev_mem: size,
+            ..AdapterConfig::default()
+        };
+        let (a, b) = (Testbed::start_with(cfg()), Testbed::start_with(cfg()));
+        devmem::fill(&a.vf(0), 0x319 ^ size);
+        let src = MigrationDevice::new(migration_pf(&a, size), 0).expect("source VF");
+        let dst = MigrationDevice::new(migration_pf(&b, size), 0).expect("destination VF");
+        let len = size as usize;
+        let from = devmem::pattern(len, size);
+        let mut to = vec![1u8; len];
+        let id = |what: &str| BenchmarkId::new(what, format!("{}MiB", size >> 20));
+        g.throughput(Throughput::Bytes(size));
+        let copy = Cell::default();
+        g.bench_function(id("memcpy"), |bch| {
+            bch.iter_custom(|n| timed(&copy, n, || to.copy_from_slice(black_box(&from))))
+        });
+        let sock = Cell::default();
+        let (mut tx, mut rx) = UnixStream::pair().unwrap();
+        let (go, went) = std::sync::mpsc::channel::<()>();
+        let sender = std::thread::spawn(move || {
+            let piece = vec![0x5au8; 1 << 20];
+            for () in went {
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(piece.len());
+                    tx.write_all(&piece[..n]).expect("socket stream");
+                    left -= n;
+                }
+            }
+        });
+        let mut piece = vec![0u8; 1 << 20];
+        g.bench_function(id("unix_socket_stream"), |bch| {
+            bch.iter_custom(|n| {
+                timed(&sock, n, || {
+                    go.send(()).expect("sender");
+                    let mut left = len;
+                    while left > 0 {
+                        let k = left.min(piece.len());
+                        rx.read_exact(&mut piece[..k]).expect("socket stream");
+                        left -= k;
+                    }
+                })
+            })
+        });
+        drop(go);
+        sender.join().expect("sender");
+        // (name, pre-copy, % dirtied per round): total and downtime per iteration.
+        let runs: [(&str, bool, u64); 4] = [
+            ("stop_copy", false, 0),
+            ("pre_copy_0pct", true, 0),
+            ("pre_copy_1pct", true, 1),
+            ("pre_copy_10pct", true, 10),
+        ];
+        let mut figures = Vec::new();
+        for (name, pre_copy, pct) in runs {
+            let opts = LiveOptions {
+                pre_copy,
+                threshold: 64 << 10,
+                max_rounds: 3,
+                ..LiveOptions::default()
+            };
+            let (mut dirtier, writer) = Dirtier::start(a.vf(0), pct);
+            let (total, down) = (Cell::default(), Cell::default());
+            let rounds = Cell::new(0usize);
+            let bytes = Cell::new(0u64);
+            g.bench_function(id(name), |bch| {
+                bch.iter_custom(|n| {
+                    let mut e = Duration::ZERO;
+                    for _ in 0..n {
+                        let r = live::migrate(&src, &dst, &opts, &mut dirtier).expect("migration");
+                        e += r.total;
+                        let (k, d) = down.get();
+                        down.set((k + 1, d + r.downtime));
+                        rounds.set(r.rounds.len());
+                        bytes.set(r.bytes);
+                        src.set_state(MigState::Running)
+                            .expect("source back to RUNNING");
+                    }
+                    let (k, t) = total.get();
+                    total.set((k + n, t + e));
+                    e
+                })
+            });
+            drop(dirtier);
+            writer.join().expect("writer");
+            figures.push((
+                name,
+                pct,
+                mean(&total),
+                mean(&down),
+                rounds.get(),
+                bytes.get(),
+            ));
+        }
+        let (m, s) = (mean(&copy), mean(&sock));
+        let Some(&(_, _, whole, base_down, _, whole_bytes)) = figures.first() else {
+            continue;
+        };
+        if m.is_zero() || s.is_zero() || whole.is_zero() {
+            continue;
+        }
+        summary.push(format!(
+            "migrate {:>4} MiB: memcpy {m:?}, unix-socket stream {s:?} ({:.2}x memcpy); \
+             stop-copy migration {whole:?} ({} stream bytes, {:.0} MiB/s) = {:.3}x memcpy, \
+             {:.3}x the socket stream; downtime {base_down:?}",
+            size >> 20,
+            m.as_secs_f64() / s.as_secs_f64(),
+            whole_bytes,
+            size as f64 / whole.as_secs_f64() / f64::from(1u32 << 20),
+            m.as_secs_f64() / whole.as_secs_f64(),
+            s.as_secs_f64() / whole.as_secs_f64(),
+        ));
+        for &(name, pct, t, d, rounds, bytes) in &figures[1..] {
+            if t.is_zero() || base_down.is_zero() {
+                continue;
+            }
+            summary.push(format!(
+                "migrate {:>4} MiB {name} ({pct}% of pages dirtied per round): total {t:?} \
+                 ({rounds} rounds, {bytes} stream bytes) = {:.3}x memcpy; downtime {d:?} = \
+                 {:.3}x the downtime without pre-copy ({base_down:?})",
+                size >> 20,
+                m.as_secs_f64() / t.as_secs_f64(),
+                d.as_secs_f64() / base_down.as_secs_f64(),
+            ));
+        }
+    }
+    g.finish();
+    for line in summary {
+        println!("{line}");
+    }
+}
+
 criterion_group!(
     benches,
     bare_round_trip,
@@ -457,6 +695,7 @@ criterion_group!(
     save_restore,
     rdma_write,
     command,
-    checksum
+    checksum,
+    migrate
 );
 criterion_main!(benches);
