@@ -21,8 +21,8 @@
 //! with ENODEV (the file was closed meanwhile).
 //!
 //! Stop-copy chunks after the first are saved as mlx5vf's callback queues them, on a
-//! thread of their own ([`InFlight`]): the next chunk's SAVE runs while the reader
-//! drains the previous one, at most one SAVE in flight and [`MAX_NUM_CHUNKS`] chunks
+//! thread of their own (`InFlight`): the next chunk's SAVE runs while the reader
+//! drains the previous one, at most one SAVE in flight and `MAX_NUM_CHUNKS` (2) chunks
 //! unread. A reader that finds nothing queued while that SAVE runs waits for it
 //! (outside the lock); a failure of the SAVE is returned by the read that finds it,
 //! and every later read gets ENODEV.
