@@ -16,7 +16,8 @@
 //! `guest_mlx5_core_probes_the_vf_on_*` load each kernel's own mlx5_core, unbind and
 //! bind it twice, and check the guest's kernel log and the emulator's command log;
 //! `guest_vfio_selftests_pass_behind_a_viommu` runs Linux 7.3's VFIO selftests against
-//! the VF behind QEMU's intel-iommu (fixtures/qemu/README.md says how).
+//! the VF behind QEMU's intel-iommu (fixtures/qemu/README.md says how), among them
+//! `vfio_pci_driver_test` with our mlx5 driver (fixtures/qemu/selftest-driver).
 //! `guest_mlx5_core_reports_a_firmware_fatal_injected_at_run_time` kills the VF's
 //! firmware through the fault control socket and finds the guest's health report.
 //!
@@ -1047,7 +1048,9 @@ fn mlx5_core_probes_the_pf(guest: Guest) {
 /// step_vfio_selftests, says how each picks its IOMMU mode): three choose the mode by
 /// their fixture variants (the type1 variants are selected with the harness's `-v`);
 /// `vfio_pci_device_test` has no option and opens libvfio's default mode (iommufd), so
-/// prepare.sh builds it once more per type1 mode.
+/// prepare.sh builds it once more per type1 mode. `vfio_pci_driver_test` runs by
+/// variant too, but its main() first opens the device in the default mode to find a
+/// driver: `vfio_pci_driver_test-type1` is the same test opening it in type1v2 there.
 const SELFTESTS: &[&str] = &[
     "vfio_dma_mapping_test",
     "vfio_dma_mapping_mmio_test",
@@ -1055,6 +1058,19 @@ const SELFTESTS: &[&str] = &[
     "vfio_pci_device_test-vfio_type1_iommu",
     "vfio_pci_device_test-vfio_type1v2_iommu",
     "vfio_pci_device_init_perf_test",
+    "vfio_pci_driver_test",
+    "vfio_pci_driver_test-type1",
+];
+/// `vfio_pci_driver_test`'s cases: each must pass in every type1 mode with our mlx5
+/// driver (fixtures/qemu/selftest-driver) moving the data through the VF's DMA engine.
+const DRIVER_TEST_CASES: &[&str] = &[
+    "init_remove",
+    "memcpy_success",
+    "memcpy_from_unmapped_iova",
+    "memcpy_to_unmapped_iova",
+    "send_msi",
+    "mix_and_match",
+    "memcpy_storm",
 ];
 /// The type1 IOMMU modes of libvfio; every selftest must pass in each.
 const TYPE1_MODES: &[&str] = &["vfio_type1_iommu", "vfio_type1v2_iommu"];
@@ -1174,6 +1190,10 @@ fn guest_vfio_selftests_pass_behind_a_viommu() {
             "hugepages=1",
             "hugepagesz=2M",
             "hugepages=4",
+            // vfio_pci_driver_test maps 1 GiB of shared anonymous memory: in 2 MiB
+            // pages the guest's IOMMU maps it (and QEMU forwards it) as 512 DMA_MAPs
+            // instead of 262144.
+            "transparent_hugepage_shmem=always",
         ],
         SELFTEST_GUEST_TIMEOUT_SECS,
     );
@@ -1300,6 +1320,20 @@ fn guest_vfio_selftests_pass_behind_a_viommu() {
                     .iter()
                     .any(|c| c.name == name && c.outcome == KstOutcome::Passed),
                 "{name} did not pass"
+            );
+        }
+    }
+    // Our mlx5 selftest driver: every case of vfio_pci_driver_test passed in every
+    // type1 mode (memcpy by RDMA_WRITE on the VF's DMA engine, the MSI-X of a
+    // completion event).
+    for &mode in TYPE1_MODES {
+        for case in DRIVER_TEST_CASES {
+            let name = format!("vfio_pci_driver_test.{mode}.{case}");
+            assert!(
+                cases.iter().any(|c| c.test == "vfio_pci_driver_test-type1"
+                    && c.name == name
+                    && c.outcome == KstOutcome::Passed),
+                "{name} did not pass with the mlx5 selftest driver"
             );
         }
     }
