@@ -195,8 +195,9 @@ impl EqeSlot {
         e
     }
 
-    /// The 64-byte OBJECT_CHANGE EQE for general object `obj_id` of `obj_type`.
-    pub fn obj_change_eqe(&self, obj_type: u16, obj_id: u32) -> [u8; EQE_SIZE] {
+    /// The OBJECT_CHANGE EQE for general object `obj_id` of `obj_type`, without its
+    /// owner byte.
+    pub fn obj_change_eqe_body(obj_type: u16, obj_id: u32) -> [u8; EQE_SIZE] {
         use mlx5_prm::cmd::page_track::{
             EQE_OBJ_CHANGE_OBJ_ID, EQE_OBJ_CHANGE_OBJ_TYPE, EVENT_TYPE_OBJECT_CHANGE,
         };
@@ -204,7 +205,6 @@ impl EqeSlot {
         set(&mut e, EQE_TYPE, u64::from(EVENT_TYPE_OBJECT_CHANGE));
         set(&mut e, EQE_OBJ_CHANGE_OBJ_TYPE, u64::from(obj_type));
         set(&mut e, EQE_OBJ_CHANGE_OBJ_ID, u64::from(obj_id));
-        set(&mut e, EQE_OWNER, u64::from(self.owner));
         e
     }
 }
@@ -346,13 +346,6 @@ impl Firmware {
     /// Reserves the next EQE of the command EQ (see [`Firmware::reserve_eqe`]).
     pub fn reserve_cmd_eqe(&mut self) -> Option<EqeSlot> {
         let eqn = self.cmd_eq?;
-        self.reserve_eqe(eqn)
-    }
-
-    /// Reserves the next EQE of the first EQ whose event bitmask takes `event_type`
-    /// (an asynchronous event); `None` if none does, or it would overrun.
-    pub fn reserve_event_eqe(&mut self, event_type: u8) -> Option<EqeSlot> {
-        let eqn = self.async_eq(event_type)?;
         self.reserve_eqe(eqn)
     }
 

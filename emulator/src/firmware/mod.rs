@@ -457,24 +457,13 @@ impl FwCell {
 
 impl FwCell {
     /// Posts an OBJECT_CHANGE EQE for general object `obj_id` on the first EQ that
-    /// takes the event (none: nothing is posted), then raises its vector if armed; as
-    /// [`FwCell::post_cmd_eqe`], written outside the firmware lock.
+    /// takes the event (none: nothing is posted), as [`FwCell::post_eqe`] posts every EQE.
     pub fn post_obj_change_eqe(&self, env: &dyn Env, obj_type: u16, obj_id: u32) {
-        let fire = {
-            let _order = self.eqe.lock().unwrap_or_else(|p| p.into_inner());
-            let event = mlx5_prm::cmd::page_track::EVENT_TYPE_OBJECT_CHANGE;
-            let Some(slot) = self.lock().reserve_event_eqe(event) else {
-                return;
-            };
-            let eqe = slot.obj_change_eqe(obj_type, obj_id);
-            if let Err(e) = env.dma_write(slot.addr, &eqe) {
-                tracing::warn!(vhca_id = env.id().vhca_id, eqn = slot.eqn, error = %e, "cannot write EQE");
-            }
-            self.lock().commit_eqe(&slot)
+        let event = mlx5_prm::cmd::page_track::EVENT_TYPE_OBJECT_CHANGE;
+        let Some(eqn) = self.lock().async_eq(event) else {
+            return;
         };
-        if let Some(v) = fire {
-            env.raise_msix(v);
-        }
+        self.post_eqe(env, eqn, EqeSlot::obj_change_eqe_body(obj_type, obj_id));
     }
 }
 
