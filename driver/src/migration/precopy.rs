@@ -25,6 +25,7 @@
 //! drains the previous one, at most one SAVE in flight and `MAX_NUM_CHUNKS` (2) chunks
 //! unread. A reader that finds nothing queued while that SAVE runs waits for it
 //! (outside the lock); a failure of the SAVE is returned by the read that finds it,
+//! bytes still queued or not (mlx5vf's ERROR state drops them: the stream is broken),
 //! and every later read gets ENODEV.
 
 use std::collections::VecDeque;
