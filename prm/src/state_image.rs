@@ -28,6 +28,14 @@
 //! xxh3-64 of them. Version 1 took xxh3-64 of the whole body; a version-1 image is
 //! refused by its version number.
 //!
+//! The DEV_MEM section (version 3): [`DevMemHead`], then `count` [`PageEntryHead`]s
+//! (the page table: each page's index), then zeros up to the next image offset that is
+//! a multiple of 4096, then the `count` pages' bytes in the table's order. So every
+//! page lies on a 4 KiB boundary of the image, is one checksum block by itself, and is
+//! copied and summed straight from device memory into an aligned place of the buffer.
+//! Version 2 put each page right after its head (4104-byte entries, no page aligned);
+//! a version-2 image is refused by its version number.
+//!
 //! The OBJECTS section: the UAR list, the PD list (each a le32 count and le32 values),
 //! [`CmdEqField`], the EQs (a count, then per EQ an [`EqEntryHead`], its event bitmask
 //! and its PAS list), the mkeys (a count, then per mkey an [`MkeyEntryHead`] and its
@@ -43,8 +51,8 @@ use crate::PrmError;
 
 /// `magic`: "MLX5VHCA".
 pub const MAGIC: [u8; 8] = *b"MLX5VHCA";
-/// The image format version written and read (2: the checksum of block CRCs).
-pub const VERSION: u16 = 2;
+/// The image format version written and read (3: block CRCs, pages 4 KiB aligned).
+pub const VERSION: u16 = 3;
 /// Bytes of [`ImageHeader`].
 pub const HEADER_LEN: usize = 64;
 /// Bytes of one [`SectionEntry`].
@@ -60,9 +68,9 @@ pub const SECTION_MANDATORY: u16 = 1 << 0;
 pub const ISEG_SECTION_LEN: usize = 16;
 /// Bytes of [`HcaSectionHead`] (the capability page follows it).
 pub const HCA_SECTION_HEAD_LEN: usize = 8;
-/// Bytes of [`DevMemHead`] (the page entries follow it).
+/// Bytes of [`DevMemHead`] (the page table follows it).
 pub const DEV_MEM_HEAD_LEN: usize = 8;
-/// Bytes of [`PageEntryHead`] (the page follows it).
+/// Bytes of [`PageEntryHead`] (one entry of the page table).
 pub const PAGE_ENTRY_HEAD_LEN: usize = 8;
 /// Bytes of [`CmdEqField`].
 pub const CMD_EQ_FIELD_LEN: usize = 4;
@@ -204,7 +212,8 @@ pub struct HcaSectionHead {
     pub caps_len: U32<LittleEndian>,
 }
 
-/// The head of the DEV_MEM section; `count` page entries follow.
+/// The head of the DEV_MEM section; the page table (`count` [`PageEntryHead`]s), the
+/// padding to a 4 KiB image offset and the pages follow.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
 )]
@@ -216,7 +225,8 @@ pub struct DevMemHead {
     pub count: U32<LittleEndian>,
 }
 
-/// The head of one device-memory page entry; `page_size` bytes of the page follow.
+/// One entry of the DEV_MEM page table: which page of device memory the table's
+/// `k`-th page of bytes is.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
 )]

@@ -690,6 +690,22 @@ impl Direct {
         unsafe { stream_copy(self.ptr().add(at), src) };
     }
 
+    /// The address of bytes `at..at + n` of the piece, for a writer that stores into
+    /// them itself (a copy fused with a checksum); counts as a write (the store fence
+    /// and the observer at drop). Writing through it is the caller's `unsafe`: only
+    /// those `n` bytes, only while the piece is held, and with nothing else borrowed
+    /// over them. Panics if out of the piece.
+    pub fn dst_ptr(&mut self, at: usize, n: usize) -> *mut u8 {
+        assert!(
+            at.checked_add(n).is_some_and(|e| e <= self.len),
+            "write {at:#x}+{n:#x} outside a {:#x}-byte piece",
+            self.len
+        );
+        self.written = true;
+        // SAFETY: in bounds (checked above) of a live mapping (pointer arithmetic only).
+        unsafe { self.ptr().add(at) }
+    }
+
     /// Runs `f` on bytes `at..at + n` of the piece, in place. The client may change
     /// them meanwhile: `f` must only copy or sum them, and take nothing it uses for a
     /// decision from them without checking its own copy. Panics if out of the piece.

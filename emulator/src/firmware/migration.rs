@@ -756,7 +756,7 @@ pub(super) fn save_vhca_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> Cm
     let frozen = f.migration().state == MigState::ResponderSuspended;
     let (list, from) = f.devmem().save_list(kind == ImageKind::Base, frozen);
     let want = list.len() - from;
-    let fit = ((size - fixed) / state::PAGE_ENTRY_LEN).min(want);
+    let fit = state::pages_fitting(objects_len, size).min(want);
     let remaining = want - fit;
     if remaining > 0 && !keeps_track && !chunk_mode {
         return Err(bad(mig_syndrome::BUFFER_TOO_SMALL));
@@ -782,7 +782,7 @@ pub(super) fn save_vhca_state(cell: &FwCell, env: &dyn Env, cmd: &Cmd<'_>) -> Cm
         } else {
             state::ENCODE_RUN
         };
-        state::encode_into(&parts, digests.then_some(&mut sent), run, |b| sink.put(b))
+        state::encode_into(&parts, digests.then_some(&mut sent), run, &mut sink)
     })?;
     if frozen && remaining > 0 {
         f.devmem().keep_rest(list, from + fit);
@@ -1135,6 +1135,55 @@ impl<'a> RunSink<'a> {
             }
         }
         Ok(())
+    }
+}
+
+impl state::ImageSink for RunSink<'_> {
+    type Error = CmdFail;
+
+    fn put(&mut self, b: &[u8]) -> Result<(), CmdFail> {
+        RunSink::put(self, b)
+    }
+
+    /// In place when the next 12 KiB lie in one run the client shared, 32-byte
+    /// aligned (a page-aligned buffer: the pages start on 4 KiB image offsets).
+    fn put_pages3(&mut self, pages: [&[u8]; 3]) -> Result<Option<[u32; 3]>, CmdFail> {
+        let n = 3 * state::sum::BLOCK;
+        if !state::sum::can_copy3() {
+            return Ok(None);
+        }
+        let Some(&(iova, len)) = self.runs.get(self.run) else {
+            return Err(bad(mig_syndrome::BUFFER_TOO_SMALL));
+        };
+        let at = iova + self.off;
+        let left = (len - self.off) as usize;
+        if left < n || !at.is_multiple_of(32) {
+            return Ok(None);
+        }
+        if self.piece.as_ref().is_none_or(|(d, used)| d.len() - *used < n) {
+            self.piece = None;
+            let d = self.env.dma_direct(at, left.min(DIRECT_PIECE), true);
+            self.piece = d.map_err(|e| Self::fault(at, &e))?.map(|d| (d, 0));
+        }
+        let Some((d, used)) = &mut self.piece else {
+            return Ok(None);
+        };
+        if d.len() - *used < n {
+            return Ok(None);
+        }
+        let dst = d.dst_ptr(*used, n);
+        // SAFETY: `dst` is `n` bytes of the piece (`dst_ptr` checked them), held for
+        // this call; the pages are device memory, another mapping, so they do not overlap.
+        let Some(crcs) = (unsafe { state::sum::copy3(dst, pages) }) else {
+            return Ok(None);
+        };
+        *used += n;
+        self.off += n as u64;
+        if self.off == len {
+            self.run += 1;
+            self.off = 0;
+        }
+        Ok(Some(crcs))
     }
 }
 

@@ -19,6 +19,8 @@ pub(super) struct Section<'a> {
     /// The raw tag (an unknown optional tag is legal).
     pub tag: u16,
     pub mandatory: bool,
+    /// Image offset of the section's first byte.
+    pub start: usize,
     pub bytes: &'a [u8],
 }
 
@@ -115,6 +117,7 @@ pub(super) fn check(bytes: &[u8]) -> Result<(ImageHeader, Vec<Section<'_>>), Sta
         .map(|s| Section {
             tag: s.tag,
             mandatory: s.mandatory,
+            start: s.start,
             bytes: &bytes[s.start..s.start + s.len],
         })
         .collect();

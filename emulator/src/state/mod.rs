@@ -22,7 +22,8 @@
 //! ISEG (the init-segment state the driver programmed: command queue address and
 //! `nic_interface`, so the guest's queue keeps working after the move),
 //! OBJECTS (UARs, PDs, EQs with their PAS lists and indices, the command EQ, mkeys with
-//! their MTT lists, firmware pages), DEV_MEM (pages: index + 4 KiB). A section flagged
+//! their MTT lists, firmware pages), DEV_MEM (the page table of indices, zeros to a
+//! 4 KiB image offset, then the pages, each on a 4 KiB boundary). A section flagged
 //! mandatory that this version does not know refuses the image; an optional one is
 //! skipped.
 //!
@@ -57,7 +58,8 @@ use codec::W;
 pub use iseg::{CMDQ_ADDRESS_ALIGN_MASK, NIC_INTERFACE_MAX};
 pub use sample::sample_image;
 
-/// Bytes of one device-memory page entry: u32 index, u32 reserved, the page.
+/// Bytes one device-memory page adds to an image: its page-table entry (u32 index, u32
+/// reserved) and its 4 KiB (the DEV_MEM section also has up to 4 KiB of padding).
 pub const PAGE_ENTRY_LEN: usize = PAGE_ENTRY_HEAD_LEN + DEV_MEM_PAGE_SIZE as usize;
 /// Largest objects section accepted (bounds every count below).
 pub const MAX_OBJECTS_LEN: usize = 16 << 20;
@@ -69,6 +71,7 @@ pub const MAX_IMAGE_LEN: usize = HEADER_LEN
     + MAX_OBJECTS_LEN
     + DEV_MEM_SECTION_FIXED
     + (MAX_DEV_MEM_SIZE / DEV_MEM_PAGE_SIZE) as usize * PAGE_ENTRY_LEN
+    + DEV_MEM_PAGE_SIZE as usize
     + CHECKSUM_LEN;
 /// Bytes of the HCA section.
 pub const HCA_SECTION_LEN: usize = HCA_SECTION_HEAD_LEN + HCA_CAP_SIZE;
@@ -241,14 +244,28 @@ pub struct Image {
 /// Bytes of an image whose objects section is `objects_len` bytes and that carries
 /// `pages` device-memory pages.
 pub fn image_len(objects_len: usize, pages: usize) -> usize {
-    HEADER_LEN
+    let dev_start = HEADER_LEN
         + SECTIONS_WRITTEN.len() * SECTION_ENTRY_LEN
         + HCA_SECTION_LEN
         + ISEG_SECTION_LEN
-        + objects_len
-        + DEV_MEM_SECTION_FIXED
-        + pages * PAGE_ENTRY_LEN
-        + CHECKSUM_LEN
+        + objects_len;
+    dev_mem::layout(dev_start, pages).2 + CHECKSUM_LEN
+}
+
+/// The most pages an image whose objects section is `objects_len` bytes can carry in
+/// `size` bytes (0 when not even the image without pages fits).
+pub fn pages_fitting(objects_len: usize, size: usize) -> usize {
+    let fixed = image_len(objects_len, 0);
+    if size < fixed {
+        return 0;
+    }
+    // Each page adds PAGE_ENTRY_LEN bytes, the padding moves by less than a page: the
+    // answer is within one of this estimate.
+    let mut n = (size - fixed) / PAGE_ENTRY_LEN + 1;
+    while n > 0 && image_len(objects_len, n) > size {
+        n -= 1;
+    }
+    n
 }
 
 /// A digest of the function state an image carries besides its pages (the HCA,
@@ -288,9 +305,34 @@ pub struct ImageParts<'a> {
     pub pages: &'a [(u32, &'a [u8])],
 }
 
+/// Where [`encode_into`] writes an image, in order.
+pub trait ImageSink {
+    type Error;
+
+    /// Writes the next `b.len()` bytes of the image.
+    fn put(&mut self, b: &[u8]) -> Result<(), Self::Error>;
+
+    /// Writes the next three pages of the image (each [`sum::BLOCK`] bytes, the first
+    /// on a 4 KiB image offset) in place, summing them as they are copied
+    /// ([`sum::copy3`]), and returns their block CRCs; `Ok(None)` (nothing written)
+    /// where it cannot: then they are [`put`](ImageSink::put).
+    fn put_pages3(&mut self, pages: [&[u8]; 3]) -> Result<Option<[u32; 3]>, Self::Error> {
+        let _ = pages;
+        Ok(None)
+    }
+}
+
+/// A plain write function is a sink that takes bytes only.
+impl<E, F: FnMut(&[u8]) -> Result<(), E>> ImageSink for F {
+    type Error = E;
+    fn put(&mut self, b: &[u8]) -> Result<(), E> {
+        self(b)
+    }
+}
+
 /// The image as it is encoded: bytes gathered into runs of exactly `run` bytes (the
 /// last one shorter), each summed and handed to the sink in turn.
-struct Runs<'s, E, S: FnMut(&[u8]) -> Result<(), E>> {
+struct Runs<'s, S: ImageSink> {
     buf: Vec<u8>,
     run: usize,
     sum: sum::Sum,
@@ -298,52 +340,86 @@ struct Runs<'s, E, S: FnMut(&[u8]) -> Result<(), E>> {
     sink: &'s mut S,
 }
 
-impl<E, S: FnMut(&[u8]) -> Result<(), E>> Runs<'_, E, S> {
-    fn put(&mut self, mut b: &[u8]) -> Result<(), E> {
+impl<S: ImageSink> Runs<'_, S> {
+    fn put(&mut self, mut b: &[u8]) -> Result<(), S::Error> {
         while !b.is_empty() {
             let n = (self.run - self.buf.len()).min(b.len());
             self.buf.extend_from_slice(&b[..n]);
             b = &b[n..];
             if self.buf.len() == self.run {
-                self.sum.update(&self.buf);
-                (self.sink)(&self.buf)?;
-                self.done += self.buf.len();
-                self.buf.clear();
+                self.flush()?;
             }
         }
         Ok(())
     }
 
+    /// Sums and hands on what is gathered (a run cut short: what follows goes to the
+    /// sink in place).
+    fn flush(&mut self) -> Result<(), S::Error> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        self.sum.update(&self.buf);
+        self.sink.put(&self.buf)?;
+        self.done += self.buf.len();
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Three pages written and summed in place by the sink, if it can (whatever was
+    /// gathered goes out first); else gathered.
+    fn pages3(&mut self, pages: [&[u8]; 3]) -> Result<(), S::Error> {
+        self.flush()?;
+        if let Some(crcs) = self.sink.put_pages3(pages)? {
+            self.sum.blocks(&crcs);
+            self.done += 3 * sum::BLOCK;
+            return Ok(());
+        }
+        for p in pages {
+            self.put(p)?;
+        }
+        Ok(())
+    }
+
     /// The last run, with the checksum after it; the image's length.
-    fn finish(mut self) -> Result<usize, E> {
+    fn finish(mut self) -> Result<usize, S::Error> {
         self.sum.update(&self.buf);
         let sum = std::mem::take(&mut self.sum).finish();
         self.buf.extend_from_slice(&sum.to_le_bytes());
-        (self.sink)(&self.buf)?;
+        self.sink.put(&self.buf)?;
         Ok(self.done + self.buf.len())
     }
 }
 
-/// Encodes an image straight into `sink`, in order, in runs of exactly `run` bytes
-/// (the last one shorter; [`ENCODE_RUN`] or [`DIRECT_RUN`]), the checksum computed in
-/// the same pass (block CRCs over each run before it goes out, [`sum`]): no buffer of
-/// the whole image, no allocation per page. Returns the image's length, which is
+/// Encodes an image straight into `sink`, in order, the checksum computed in the same
+/// pass ([`sum`]): no buffer of the whole image, no allocation per page. The framing,
+/// the small sections and the page table go out in runs of exactly `run` bytes
+/// ([`ENCODE_RUN`] or [`DIRECT_RUN`]), each summed before it goes out; the pages, which
+/// start on a 4 KiB image offset, go three at a time from device memory straight into
+/// the sink where it writes in place ([`ImageSink::put_pages3`]: copied and summed in
+/// one pass), else through the runs too. Returns the image's length, which is
 /// [`image_len`] of the objects' length and the page count.
 ///
 /// With `digests`, each page's xxh3-64 is taken of the bytes as they went out (a copy,
 /// not the source, which may change meanwhile) and pushed there.
-pub fn encode_into<E>(
+pub fn encode_into<S: ImageSink>(
     parts: &ImageParts<'_>,
     mut digests: Option<&mut Vec<(u32, u64)>>,
     run: usize,
-    mut sink: impl FnMut(&[u8]) -> Result<(), E>,
-) -> Result<usize, E> {
+    sink: &mut S,
+) -> Result<usize, S::Error> {
     let hca = hca::encode(parts.hca);
     let iseg = iseg::encode(parts.iseg);
     let objects = objects::encode(parts.objects);
     let total = image_len(objects.len(), parts.pages.len());
-    let dev_len = DEV_MEM_SECTION_FIXED + parts.pages.len() * PAGE_ENTRY_LEN;
-    let mut w = W(Vec::with_capacity(4096 + objects.len()));
+    let dev_start = HEADER_LEN
+        + SECTIONS_WRITTEN.len() * SECTION_ENTRY_LEN
+        + hca.len()
+        + iseg.len()
+        + objects.len();
+    let (_, data_start, dev_end) = dev_mem::layout(dev_start, parts.pages.len());
+    let dev_len = dev_end - dev_start;
+    let mut w = W(Vec::with_capacity(data_start));
     w.put(&header::encode(parts.header, SECTIONS_WRITTEN.len(), total));
     let mut at = (HEADER_LEN + SECTIONS_WRITTEN.len() * SECTION_ENTRY_LEN) as u64;
     let lens = [hca.len(), iseg.len(), objects.len(), dev_len];
@@ -352,21 +428,30 @@ pub fn encode_into<E>(
         at += len as u64;
     }
     w.bytes(&hca).bytes(&iseg).bytes(&objects);
-    dev_mem::encode_head(&mut w, parts.pages.len());
+    dev_mem::encode_head(&mut w, parts.pages.iter().map(|p| p.0));
+    debug_assert_eq!(w.0.len(), data_start);
     let run = run.max(sum::BLOCK);
     let mut out = Runs {
         buf: Vec::with_capacity(run + CHECKSUM_LEN),
         run,
         sum: sum::Sum::new(),
         done: 0,
-        sink: &mut sink,
+        sink,
     };
     out.put(&w.0)?;
-    let mut copy = digests
-        .is_some()
-        .then(|| vec![0u8; DEV_MEM_PAGE_SIZE as usize]);
-    for &(index, data) in parts.pages {
-        out.put(&dev_mem::entry_head(index))?;
+    let page = DEV_MEM_PAGE_SIZE as usize;
+    let mut copy = digests.is_some().then(|| vec![0u8; page]);
+    let mut rest = parts.pages;
+    if copy.is_none() {
+        while let [a, b, c, more @ ..] = rest {
+            if a.1.len() != page || b.1.len() != page || c.1.len() != page {
+                break;
+            }
+            out.pages3([a.1, b.1, c.1])?;
+            rest = more;
+        }
+    }
+    for &(index, data) in rest {
         match (&mut copy, digests.as_deref_mut()) {
             (Some(c), Some(d)) if c.len() == data.len() => {
                 c.copy_from_slice(data);
@@ -393,10 +478,11 @@ impl Image {
             objects: &self.objects,
             pages: &pages,
         };
-        let done = encode_into::<std::convert::Infallible>(&parts, None, ENCODE_RUN, |b| {
+        let mut sink = |b: &[u8]| {
             out.extend_from_slice(b);
-            Ok(())
-        });
+            Ok::<(), std::convert::Infallible>(())
+        };
+        let done = encode_into(&parts, None, ENCODE_RUN, &mut sink);
         debug_assert_eq!(done.ok(), Some(out.len()));
         out
     }
@@ -429,7 +515,9 @@ pub fn validate(bytes: &[u8]) -> Result<Image, StateError> {
                 }
                 objects = Some(objects::decode(s.bytes)?)
             }
-            Ok(SectionTag::DevMem) => pages = Some(dev_mem::decode(s.bytes, header.dev_mem_size)?),
+            Ok(SectionTag::DevMem) => {
+                pages = Some(dev_mem::decode(s.bytes, s.start, header.dev_mem_size)?)
+            }
             Err(_) if s.mandatory => return Err(StateError::UnknownMandatory { tag: s.tag }),
             Err(_) => {}
         }
@@ -463,9 +551,9 @@ impl<E> From<StateError> for StreamError<E> {
     }
 }
 
-/// Bytes [`Staged::pages`] reads at a time: a whole number of page entries, about
-/// 256 KiB (the piece is summed and its pages handed on while it is still in cache).
-pub const STREAM_RUN: usize = 64 * PAGE_ENTRY_LEN;
+/// Bytes [`Staged::pages`] reads at a time: 64 pages, 256 KiB (the piece is summed
+/// and its pages handed on while it is still in cache).
+pub const STREAM_RUN: usize = 64 * DEV_MEM_PAGE_SIZE as usize;
 
 /// An image read in pieces (LOAD reads it from the buffer behind the mkey, without a
 /// copy of the whole image): [`Staged::open`] reads the framing and the small sections
@@ -530,7 +618,7 @@ impl Staged {
                 }
                 Ok(SectionTag::DevMem) => {
                     let head = fetch(s.start, s.len.min(DEV_MEM_SECTION_FIXED))?;
-                    dev = Some((s.start, s.len, dev_mem::head(&head, s.len)?));
+                    dev = Some((s.start, s.len, dev_mem::head(&head, s.start, s.len)?));
                 }
                 Err(_) if s.mandatory => {
                     return Err(StateError::UnknownMandatory { tag: s.tag }.into())
@@ -591,37 +679,56 @@ impl Staged {
             }
             Ok::<(), StreamError<S::Error>>(())
         };
-        let entries = self.dev_start + DEV_MEM_SECTION_FIXED;
-        let dev_end = self.dev_start + self.dev_len;
-        pass(src, &mut sum, &mut buf, 0, entries)?;
+        let page = DEV_MEM_PAGE_SIZE as usize;
+        let table = self.dev_start + DEV_MEM_SECTION_FIXED;
+        let (table_end, data, dev_end) = dev_mem::layout(self.dev_start, self.pages);
+        // `open` checked that the table, padding and pages fill the section exactly.
+        debug_assert_eq!(dev_end, self.dev_start + self.dev_len);
+        pass(src, &mut sum, &mut buf, 0, table)?;
+        // The page table, copied (at most 8 bytes a page of a 32-bit image: 8 MiB),
+        // summed and checked; what is used is the copy that was summed and checked.
+        let mut tab = vec![0u8; table_end - table];
+        src.read(table, &mut tab).map_err(StreamError::Read)?;
+        sum.update(&tab);
         let mut seen = dev_mem::Seen::new(self.header.dev_mem_size);
-        let mut piece = |b: &[u8], sum: &mut sum::Sum| -> Result<usize, StateError> {
+        let mut indices = Vec::with_capacity(self.pages);
+        for e in tab.chunks_exact(PAGE_ENTRY_HEAD_LEN) {
+            let Ok(head) = mlx5_prm::state_image::PageEntryHead::read_from_bytes(e) else {
+                return Err(codec::bad("page table entry", 0, "8 bytes").into());
+            };
+            indices.push(seen.entry(&head)?);
+        }
+        drop(tab);
+        let pad = &mut buf[..data - table_end];
+        src.read(table_end, pad).map_err(StreamError::Read)?;
+        dev_mem::padding(pad)?;
+        sum.update(pad);
+        // The pages, 4 KiB aligned: each piece summed (three blocks interleaved) and
+        // handed on while it is in cache, in place where the source shows it so.
+        let mut piece = |b: &[u8], first: usize, sum: &mut sum::Sum| {
             sum.update(b);
-            // One list per piece (64 entries), not an allocation per page.
-            let mut list: Vec<(u32, &[u8])> = Vec::with_capacity(b.len() / PAGE_ENTRY_LEN);
-            for e in b.chunks_exact(PAGE_ENTRY_LEN) {
-                let (head, data) = e.split_at(PAGE_ENTRY_HEAD_LEN);
-                let Ok(head) = mlx5_prm::state_image::PageEntryHead::read_from_bytes(head) else {
-                    return Err(codec::bad("page entry", 0, "8-byte head"));
-                };
-                list.push((seen.entry(&head)?, data));
-            }
+            // One list per piece (64 pages), not an allocation per page.
+            let list: Vec<(u32, &[u8])> = indices[first..]
+                .iter()
+                .copied()
+                .zip(b.chunks_exact(page))
+                .collect();
             pages(&list);
-            Ok(list.len())
+            list.len()
         };
-        let mut at = entries;
+        let mut at = data;
         let mut count = 0usize;
         while at < dev_end {
-            // `open` checked that the entries fill the section exactly.
             let n = (dev_end - at).min(STREAM_RUN);
+            let first = (at - data) / page;
             let done = match src
-                .view(at, n, |b| piece(b, &mut sum))
+                .view(at, n, |b| piece(b, first, &mut sum))
                 .map_err(StreamError::Read)?
             {
-                Some(r) => r?,
+                Some(k) => k,
                 None => {
                     src.read(at, &mut buf[..n]).map_err(StreamError::Read)?;
-                    piece(&buf[..n], &mut sum)?
+                    piece(&buf[..n], first, &mut sum)
                 }
             };
             count += done;

@@ -83,6 +83,29 @@ impl Sum {
         self.fill = rest.len();
     }
 
+    /// Adds the CRCs of whole blocks that come next, summed elsewhere ([`copy3`]). The
+    /// body so far must be a whole number of blocks (the pages of an image start on a
+    /// block boundary).
+    pub fn blocks(&mut self, crcs: &[u32]) {
+        assert_eq!(self.fill, 0, "block CRCs added in the middle of a block");
+        for &c in crcs {
+            self.push(c);
+        }
+    }
+
+    /// The block CRCs of three whole blocks (summed here, three interleaved).
+    pub fn crc3(&self, a: &[u8], b: &[u8], c: &[u8]) -> [u32; 3] {
+        if a.len() == BLOCK && b.len() == BLOCK && c.len() == BLOCK {
+            #[cfg(target_arch = "x86_64")]
+            if self.hw {
+                // SAFETY: `hw` is true only when the CPU has SSE4.2 (`self::hw`).
+                let (x, y, z) = unsafe { x86::crc_hw_3(a, b, c) };
+                return [!x, !y, !z];
+            }
+        }
+        [crc32c(self.hw, a), crc32c(self.hw, b), crc32c(self.hw, c)]
+    }
+
     fn push(&mut self, crc: u32) {
         self.crcs[self.ncrcs] = crc;
         self.ncrcs += 1;
@@ -108,6 +131,46 @@ impl Sum {
         }
         self.flush();
         self.fold.digest()
+    }
+}
+
+/// Whether [`copy3`] can run here (x86_64 with SSE4.2 and AVX2).
+pub fn can_copy3() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("sse4.2") && std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Copies three blocks of [`BLOCK`] bytes, `src`, to `dst`, `dst + BLOCK` and
+/// `dst + 2 × BLOCK` and returns their block CRCs, in one pass: each 32 bytes are
+/// loaded once, stored past the cache (non-temporal: the consumer is the client) and
+/// summed, the three blocks interleaved so the CRC unit and the memory system both
+/// stay busy. Returns `None` (nothing done) where [`can_copy3`] is false, `dst` is not
+/// 32-byte aligned or a block is not [`BLOCK`] bytes.
+///
+/// # Safety
+/// `dst .. dst + 3 × BLOCK` must be writable and must not overlap the sources.
+pub unsafe fn copy3(dst: *mut u8, src: [&[u8]; 3]) -> Option<[u32; 3]> {
+    if !can_copy3() || !(dst as usize).is_multiple_of(32) || src.iter().any(|b| b.len() != BLOCK)
+    {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: the CPU has SSE4.2 and AVX2 (checked above); the caller's contract
+        // covers `dst`; the sources are whole blocks (checked above).
+        let (x, y, z) = unsafe { x86::copy_crc_3(dst, src[0], src[1], src[2]) };
+        Some([!x, !y, !z])
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = dst;
+        None
     }
 }
 
@@ -183,7 +246,44 @@ fn crc_table(mut c: u32, b: &[u8]) -> u32 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use std::arch::x86_64::{_mm_crc32_u64, _mm_crc32_u8};
+    use std::arch::x86_64::{
+        __m256i, _mm256_loadu_si256, _mm256_stream_si256, _mm_crc32_u64, _mm_crc32_u8,
+    };
+
+    /// Copies three [`super::BLOCK`]-byte blocks to `dst` (32-byte aligned), one after
+    /// the other, with non-temporal stores, and returns their CRC32C updates (from all
+    /// ones, no post inversion), in one pass.
+    ///
+    /// # Safety
+    /// The CPU must have SSE4.2 and AVX2; `dst .. dst + 3 × BLOCK` writable, 32-byte
+    /// aligned and not overlapping the blocks, each of which is `BLOCK` bytes.
+    #[target_feature(enable = "sse4.2,avx2")]
+    pub(super) unsafe fn copy_crc_3(dst: *mut u8, a: &[u8], b: &[u8], c: &[u8]) -> (u32, u32, u32) {
+        const B: usize = super::BLOCK;
+        debug_assert!(a.len() == B && b.len() == B && c.len() == B);
+        let (mut x, mut y, mut z) = (u64::from(!0u32), u64::from(!0u32), u64::from(!0u32));
+        let (pa, pb, pc) = (a.as_ptr(), b.as_ptr(), c.as_ptr());
+        let mut i = 0;
+        while i < B {
+            // SAFETY: `i + 32 <= B`, inside each block and inside `dst`'s three blocks
+            // (the caller's contract); unaligned loads, aligned streaming stores.
+            unsafe {
+                let va = _mm256_loadu_si256(pa.add(i).cast::<__m256i>());
+                let vb = _mm256_loadu_si256(pb.add(i).cast::<__m256i>());
+                let vc = _mm256_loadu_si256(pc.add(i).cast::<__m256i>());
+                _mm256_stream_si256(dst.add(i).cast::<__m256i>(), va);
+                _mm256_stream_si256(dst.add(B + i).cast::<__m256i>(), vb);
+                _mm256_stream_si256(dst.add(2 * B + i).cast::<__m256i>(), vc);
+                for k in (0..32).step_by(8) {
+                    x = _mm_crc32_u64(x, pa.add(i + k).cast::<u64>().read_unaligned());
+                    y = _mm_crc32_u64(y, pb.add(i + k).cast::<u64>().read_unaligned());
+                    z = _mm_crc32_u64(z, pc.add(i + k).cast::<u64>().read_unaligned());
+                }
+            }
+            i += 32;
+        }
+        (x as u32, y as u32, z as u32)
+    }
 
     fn word(b: &[u8]) -> u64 {
         let mut w = [0u8; 8];
@@ -288,5 +388,19 @@ mod tests {
         assert_ne!(checksum(&flip), whole);
         assert_ne!(checksum(&data[..data.len() - 1]), whole);
         assert_ne!(checksum(&[]), checksum(&[0]));
+        // The fused copy: the same bytes land, the same CRCs come out.
+        if can_copy3() {
+            #[repr(align(32))]
+            struct Dst([u8; 3 * BLOCK]);
+            let mut dst = Box::new(Dst([0; 3 * BLOCK]));
+            let src = [&data[1..=BLOCK], &data[BLOCK..2 * BLOCK], &data[7..BLOCK + 7]];
+            // SAFETY: `dst` is 3 blocks of our own, 32-byte aligned, apart from `data`.
+            let crcs = unsafe { copy3(dst.0.as_mut_ptr(), src) }.unwrap();
+            assert_eq!(crcs, [crc32c(false, src[0]), crc32c(false, src[1]), crc32c(false, src[2])]);
+            assert_eq!(&dst.0[..BLOCK], src[0]);
+            assert_eq!(&dst.0[2 * BLOCK..], src[2]);
+            // SAFETY: as above; a misaligned destination is refused, nothing written.
+            assert!(unsafe { copy3(dst.0.as_mut_ptr().add(8), src) }.is_none());
+        }
     }
 }

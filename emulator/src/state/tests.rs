@@ -19,6 +19,12 @@ fn image_round_trips_and_has_the_predicted_length() {
     assert_eq!(b.len(), image_len(objects_len(&img.objects), 3));
     assert_eq!(&b[..8], b"MLX5VHCA");
     assert_eq!(validate(&b).unwrap(), img);
+    // Every page on a 4 KiB image offset: the last ones end right before the checksum.
+    let end = b.len() - CHECKSUM_LEN;
+    assert_eq!(end % 4096, 0);
+    for (k, p) in img.pages.iter().rev().enumerate() {
+        assert_eq!(&b[end - (k + 1) * 4096..end - k * 4096], &p.data[..]);
+    }
 }
 
 #[test]
@@ -70,12 +76,13 @@ fn wrong_magic_and_version_are_refused_before_the_checksum() {
     b[0] = b'X';
     assert!(matches!(validate(&b), Err(StateError::BadMagic { .. })));
     let mut b = sample_image().to_bytes();
-    // A version-1 image (the xxh3-of-everything checksum) is refused by its number.
-    b[8] = 1;
+    // A version-2 image (pages right after their heads, none aligned) is refused by
+    // its number.
+    b[8] = 2;
     reseal(&mut b);
     assert_eq!(
         validate(&b),
-        Err(StateError::BadVersion { got: 1, want: 2 })
+        Err(StateError::BadVersion { got: 2, want: 3 })
     );
     assert!(stream(&b).unwrap_err().to_string().contains("same release"));
 }
@@ -152,7 +159,9 @@ fn with_extra_section(tag_v: u16, flags: u16) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(&body[..HEADER_LEN]);
     out[12..14].copy_from_slice(&(SECTIONS_WRITTEN.len() as u16 + 1).to_le_bytes());
-    let shift = SECTION_ENTRY_LEN as u64;
+    // The sections move by a whole page (the table's new entry, then zeros), so the
+    // pages stay on 4 KiB image offsets.
+    let shift = 4096u64;
     for i in 0..SECTIONS_WRITTEN.len() {
         let at = HEADER_LEN + i * SECTION_ENTRY_LEN;
         let mut e = body[at..at + SECTION_ENTRY_LEN].to_vec();
@@ -161,13 +170,14 @@ fn with_extra_section(tag_v: u16, flags: u16) -> Vec<u8> {
         out.extend_from_slice(&e);
     }
     let extra_off =
-        (HEADER_LEN + (SECTIONS_WRITTEN.len() + 1) * SECTION_ENTRY_LEN + payload.len()) as u64;
+        (HEADER_LEN + SECTIONS_WRITTEN.len() * SECTION_ENTRY_LEN + 4096 + payload.len()) as u64;
     let mut e = SectionEntry::new_zeroed();
     e.tag.set(tag_v);
     e.flags.set(flags);
     e.offset.set(extra_off);
     e.length.set(4);
     out.extend_from_slice(e.as_bytes());
+    out.resize(out.len() + 4096 - SECTION_ENTRY_LEN, 0);
     out.extend_from_slice(payload);
     out.extend_from_slice(&[1, 2, 3, 4]);
     let total = (out.len() + CHECKSUM_LEN) as u64;

@@ -380,7 +380,7 @@ fn precopy_rounds_carry_only_changed_pages_and_multi_load_applies_them_in_order(
     assert!(src.vf.devmem().tracking());
     // Nothing changed since: nothing to send (an idle function converges).
     assert_eq!(src.query(true, false).0, 0);
-    let inc0 = state::image_len(state::objects_len(&src.vf.firmware().image_objects()), 0);
+    let objects_len = state::objects_len(&src.vf.firmware().image_objects());
     // The guest writes two pages: one through REGION_WRITE, one through its mmap.
     src.vf.devmem().write(3 * 4096 + 5, &[0xee; 10]).unwrap();
     let other = vm_memory::mmap::MmapRegion::<()>::from_file(
@@ -403,7 +403,7 @@ fn precopy_rounds_carry_only_changed_pages_and_multi_load_applies_them_in_order(
         .unwrap()
         .copy_from(&[1u8, 2, 3, 4]);
     let (inc1, _) = src.query(true, false);
-    assert_eq!(inc1 as usize, inc0 + 2 * state::PAGE_ENTRY_LEN);
+    assert_eq!(inc1 as usize, state::image_len(objects_len, 2));
     let (rep, d1) = src.save(true, true, inc1);
     ok(&rep);
     let parsed = state::validate(&d1).unwrap();
