@@ -7,7 +7,7 @@
 //!
 //! `cargo test --benches` runs each bench once at its small sizes; `cargo bench`
 //! measures the large ones too (`MLX5_BENCH_MIGRATE_MIB=64,256` picks the `migrate`
-//! sizes).
+//! sizes, `MLX5_BENCH_SAVE_1GIB=1` adds 1 GiB to `save_restore`).
 
 use std::cell::Cell;
 use std::io::{Read, Write};
@@ -123,29 +123,59 @@ fn timed(acc: &Cell<(u64, Duration)>, iters: u64, mut f: impl FnMut()) -> Durati
     e
 }
 
-/// SAVE_VHCA_STATE and LOAD_VHCA_STATE (stop-copy, one base image, non-chunk mode) of a
-/// VF whose device memory is filled with seeded random data, beside a memcpy of the
-/// device memory's size; a summary line per size gives each ratio to the memcpy.
-fn save_restore(c: &mut Criterion) {
-    let sizes: &[u64] = if measuring() {
-        &[1 << 20, 64 << 20, 256 << 20]
+/// The `save_restore` sizes: 1 MiB once-through; 1, 64 and 256 MiB when measuring, and
+/// 1 GiB too with `MLX5_BENCH_SAVE_1GIB=1`.
+fn save_restore_sizes() -> Vec<u64> {
+    if !measuring() {
+        return vec![1 << 20];
+    }
+    let mut v = vec![1 << 20, 64 << 20, 256 << 20];
+    if std::env::var("MLX5_BENCH_SAVE_1GIB").is_ok_and(|v| v == "1") {
+        v.push(1 << 30);
+    }
+    v
+}
+
+/// The ratio of `base` to `t` (how many times the baseline's speed), "-" unmeasured.
+fn ratio(base: Duration, t: Duration) -> String {
+    if base.is_zero() || t.is_zero() {
+        "-".into()
     } else {
-        &[1 << 20]
-    };
+        format!("{:.2}x", base.as_secs_f64() / t.as_secs_f64())
+    }
+}
+
+/// SAVE_VHCA_STATE and LOAD_VHCA_STATE of the stop-copy image of a VF whose device
+/// memory is filled with seeded random data, beside a memcpy of the device memory's
+/// size: in non-chunk mode (one base image in one buffer; up to 256 MiB, the largest
+/// buffer the PF's 1 GiB arena holds beside the chunks) and in chunk mode (QUERY's
+/// `chunk`: a base image and deltas of at most MAX_CHUNK_SIZE each, as mlx5vf fetches
+/// a large image). LOAD goes into a destination whose device memory was never written,
+/// as a migration's is, and is also given against a memcpy into freshly allocated
+/// memory. A summary line per size gives each ratio to the memcpy.
+fn save_restore(c: &mut Criterion) {
     let mut g = c.benchmark_group("save_restore");
     g.sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3));
     let mut summary = Vec::new();
-    for &size in sizes {
+    for size in save_restore_sizes() {
         let tb = Testbed::start_with(AdapterConfig {
             vfs: 1,
             dev_mem: size,
             ..AdapterConfig::default()
         });
         devmem::fill(&tb.vf(0), 0x5eed ^ size);
+        // Non-chunk mode needs one buffer of the whole image; chunk mode one per chunk
+        // (so LOAD can replay them), or one reused at 1 GiB (then no chunked LOAD).
+        let whole = size <= 256 << 20;
+        let arena = if whole {
+            2 * (size + size / 16) + (32 << 20)
+        } else {
+            64 << 20
+        };
+        let mut cfg = bringup::config(arena.min(mlx5vf::cmdif::arena::MAX_ARENA_SIZE));
         // The MTT of a 256 MiB buffer takes ~1000 mailbox blocks.
-        let mut cfg = bringup::config(size + size / 16 + (16 << 20));
         cfg.arena.mailbox_blocks = 4096;
         let pf = Hca::new(CmdIf::new(tb.pf_client(), cfg).expect("command interface"));
         pf.up(&HcaOptions {
@@ -158,19 +188,21 @@ fn save_restore(c: &mut Criterion) {
             vhca_id: 1,
             chunk_mode: false,
         };
+        let fw_chunk = Fw {
+            chunk_mode: true,
+            ..fw
+        };
         fw.suspend(SuspendOpMod::Initiator)
             .expect("suspend initiator");
         fw.suspend(SuspendOpMod::Responder)
             .expect("suspend responder");
-        let need = fw.query(false).expect("query").required_umem_size;
         let pd = fw.alloc_pd().expect("pd");
-        let buf = MigBuf::alloc(&fw, pd, need).expect("buffer");
-        let image = fw.save(&buf, false, false).expect("save").actual_image_size;
 
         let len = size as usize;
         let src = devmem::pattern(len, size);
         let mut dst = vec![1u8; len];
         let (copy, save, load) = (Cell::default(), Cell::default(), Cell::default());
+        let (csave, cload) = (Cell::default(), Cell::default());
         let fresh_copy = Cell::default();
         let vf = tb.vf(0);
         g.throughput(Throughput::Bytes(size));
@@ -178,16 +210,8 @@ fn save_restore(c: &mut Criterion) {
         g.bench_function(id("memcpy"), |b| {
             b.iter_custom(|n| timed(&copy, n, || dst.copy_from_slice(black_box(&src))))
         });
-        g.bench_function(id("save"), |b| {
-            b.iter_custom(|n| {
-                timed(&save, n, || {
-                    fw.save(&buf, false, false).expect("save");
-                })
-            })
-        });
-        // A destination as a migration finds it: device memory never written (its
-        // pages holes of the memfd, faulted in as the image lands), beside a memcpy
-        // into memory just allocated (faulted in as the copy lands).
+        // A destination as a migration finds it: memory never written (the device's
+        // pages holes of the memfd), beside a memcpy into memory just allocated.
         g.bench_function(id("memcpy_fresh"), |b| {
             b.iter_custom(|n| {
                 let mut e = Duration::ZERO;
@@ -199,39 +223,102 @@ fn save_restore(c: &mut Criterion) {
                 e
             })
         });
-        g.bench_function(id("load"), |b| {
-            b.iter_custom(|n| {
-                let mut e = Duration::ZERO;
-                for _ in 0..n {
-                    vf.devmem().zero().expect("zero device memory");
-                    e += timed(&load, 1, || fw.load(&buf, image).expect("load"));
-                }
-                e
-            })
-        });
-        let (m, s, l) = (mean(&copy), mean(&save), mean(&load));
-        let mf = mean(&fresh_copy);
-        // A filter (`-- save_restore/save`) leaves some unmeasured: no ratio then.
-        if m.is_zero() || s.is_zero() || l.is_zero() || mf.is_zero() {
+        drop(dst);
+        let mut image = 0;
+        if whole {
+            let need = fw.query(false).expect("query").required_umem_size;
+            let buf = MigBuf::alloc(&fw, pd, need).expect("buffer");
+            image = fw.save(&buf, false, false).expect("save").actual_image_size;
+            g.bench_function(id("save"), |b| {
+                b.iter_custom(|n| {
+                    timed(&save, n, || {
+                        fw.save(&buf, false, false).expect("save");
+                    })
+                })
+            });
+            g.bench_function(id("load"), |b| {
+                b.iter_custom(|n| {
+                    let mut e = Duration::ZERO;
+                    for _ in 0..n {
+                        vf.devmem().zero().expect("zero device memory");
+                        e += timed(&load, 1, || fw.load(&buf, image).expect("load"));
+                    }
+                    e
+                })
+            });
             buf.free(&fw);
-            fw.dealloc_pd(pd);
-            continue;
         }
-        summary.push(format!(
-            "save_restore {:>4} MiB (image {} B): memcpy {:?}, save {:?} = {:.2}x memcpy, \
-             load into fresh memory {:?} = {:.2}x memcpy, {:.2}x memcpy into fresh memory ({:?})",
-            size >> 20,
-            image,
-            m,
-            s,
-            m.as_secs_f64() / s.as_secs_f64(),
-            l,
-            m.as_secs_f64() / l.as_secs_f64(),
-            mf.as_secs_f64() / l.as_secs_f64(),
-            mf,
-        ));
-        buf.free(&fw);
+        // Chunk mode: the base image's first chunk, then deltas, each into its buffer.
+        let per_chunk = fw_chunk.query(false).expect("query").required_umem_size;
+        let nbufs = if whole {
+            (size / per_chunk.saturating_sub(64 << 10).max(4096) + 2) as usize
+        } else {
+            1
+        };
+        let bufs: Vec<MigBuf> = (0..nbufs)
+            .map(|_| MigBuf::alloc(&fw, pd, per_chunk).expect("chunk buffer"))
+            .collect();
+        let save_chunks = |sizes: &mut Vec<u64>| {
+            sizes.clear();
+            for k in 0.. {
+                let buf = &bufs[k % bufs.len()];
+                let r = fw_chunk.save(buf, k > 0, false).expect("chunk save");
+                sizes.push(r.actual_image_size);
+                if r.next_required_umem_size == 0 {
+                    break;
+                }
+                assert!(k < 1 << 20, "chunked SAVE does not end");
+            }
+        };
+        let mut chunks = Vec::new();
+        save_chunks(&mut chunks);
+        assert!(
+            !whole || chunks.len() <= bufs.len(),
+            "{} chunks, {} buffers",
+            chunks.len(),
+            bufs.len()
+        );
+        g.bench_function(id("save_chunked"), |b| {
+            b.iter_custom(|n| timed(&csave, n, || save_chunks(&mut Vec::new())))
+        });
+        if whole {
+            g.bench_function(id("load_chunked"), |b| {
+                b.iter_custom(|n| {
+                    let mut e = Duration::ZERO;
+                    for _ in 0..n {
+                        vf.devmem().zero().expect("zero device memory");
+                        e += timed(&cload, 1, || {
+                            for (buf, &len) in bufs.iter().zip(&chunks) {
+                                fw.load(buf, len).expect("chunk load");
+                            }
+                        });
+                    }
+                    e
+                })
+            });
+        }
+        for b in bufs {
+            b.free(&fw);
+        }
         fw.dealloc_pd(pd);
+        let (m, mf) = (mean(&copy), mean(&fresh_copy));
+        let (s, l, cs, cl) = (mean(&save), mean(&load), mean(&csave), mean(&cload));
+        // A filter (`-- save_restore/save`) leaves some unmeasured: "-" then.
+        summary.push(format!(
+            "save_restore {:>4} MiB: memcpy {m:?} (into fresh memory {mf:?}); \
+             non-chunk (image {image} B): save {s:?} = {} memcpy, load {l:?} = {} memcpy, \
+             {} memcpy into fresh memory; chunk mode ({} chunks, {} B): save {cs:?} = {} \
+             memcpy, load {cl:?} = {} memcpy, {} memcpy into fresh memory",
+            size >> 20,
+            ratio(m, s),
+            ratio(m, l),
+            ratio(mf, l),
+            chunks.len(),
+            chunks.iter().sum::<u64>(),
+            ratio(m, cs),
+            ratio(m, cl),
+            ratio(mf, cl),
+        ));
     }
     g.finish();
     for line in summary {
