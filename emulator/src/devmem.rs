@@ -202,6 +202,57 @@ impl Backing {
         bits
     }
 
+    /// Sets the bits of `bits` (one per page) of the pages of `first..first + count`
+    /// that hold memory; the others are holes. Bounded by the range, whatever the rest
+    /// of the file holds: residency from `mincore` (shared file pages: the page cache),
+    /// a page not resident confirmed a hole by SEEK_DATA (a swapped-out page is data),
+    /// which also skips a whole run of holes at once. Where the kernel cannot say,
+    /// every page of the range counts as data.
+    fn data_in(&self, first: usize, count: usize, bits: &mut [u64]) {
+        let page = DEV_MEM_PAGE_SIZE as usize;
+        let count = count.min(self.pages().saturating_sub(first));
+        let set = |bits: &mut [u64], i: usize| bits[i / 64] |= 1 << (i % 64);
+        let mut resident = vec![0u8; count];
+        // SAFETY: the range lies inside our mapping (page aligned, `count` clamped to
+        // it); mincore writes one byte per page into `resident`, which has `count`.
+        let r = unsafe {
+            libc::mincore(
+                self.ptr().add(first * page).cast(),
+                count * page,
+                resident.as_mut_ptr(),
+            )
+        };
+        if r != 0 {
+            (first..first + count).for_each(|i| set(bits, i));
+            return;
+        }
+        let mut i = 0;
+        // Each step moves `i` forward by at least one page.
+        while i < count {
+            if resident[i] & 1 != 0 {
+                set(bits, first + i);
+                i += 1;
+                continue;
+            }
+            let off = ((first + i) * page) as libc::off_t;
+            // SAFETY: lseek on an fd we own, integer arguments.
+            let d = unsafe { libc::lseek(self.file.as_raw_fd(), off, libc::SEEK_DATA) };
+            if d < 0 {
+                if std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
+                    (first + i..first + count).for_each(|k| set(bits, k));
+                }
+                return;
+            }
+            let at = d as usize / page;
+            if at <= first + i {
+                set(bits, first + i);
+                i += 1;
+            } else {
+                i = at - first;
+            }
+        }
+    }
+
     /// Writes page `index` through the file rather than the mapping: a page that is a
     /// hole gets its memory allocated and filled in one step, without the fault (and
     /// the zeroing) a store through the mapping would take.
@@ -752,7 +803,8 @@ impl DevMem {
             mem: self,
             carried: vec![0; words],
             changed: vec![0; words],
-            data: b.data_pages(),
+            data: vec![0; words],
+            probed: vec![0; words.div_ceil(64)],
             b,
             saved_index: Vec::new(),
             saved: Vec::new(),
@@ -814,9 +866,14 @@ pub struct Staging<'a> {
     carried: Vec<u64>,
     /// One bit per page put whose bytes changed (what undoing touches).
     changed: Vec<u64>,
-    /// One bit per page in a data extent when the staging began (the others are holes:
-    /// zeros, nothing to save, written through the file).
+    /// One bit per page that held memory before it was put (the others are holes:
+    /// zeros, nothing to save, written through the file), known for the words of 64
+    /// pages `probed` says: each looked up once, just before its first page is put, so
+    /// a LOAD costs in proportion to its own pages, not to all the device memory
+    /// already written (a 16 GiB function takes thousands of chunk LOADs).
     data: Vec<u64>,
+    /// One bit per word of `data` looked up.
+    probed: Vec<u64>,
     /// Pages overwritten that were not zeros, and their bytes (4 KiB each, in order).
     saved_index: Vec<u32>,
     saved: Vec<u8>,
@@ -824,6 +881,18 @@ pub struct Staging<'a> {
 }
 
 impl Staging<'_> {
+    /// Looks up which pages of word `w` (pages `64 w .. 64 w + 64`) hold memory, once.
+    fn probe(&mut self, w: usize) {
+        let Some(p) = self.probed.get_mut(w / 64) else {
+            return;
+        };
+        if *p & (1 << (w % 64)) != 0 {
+            return;
+        }
+        *p |= 1 << (w % 64);
+        self.b.data_in(w * 64, 64, &mut self.data);
+    }
+
     /// Writes page `index`. An index past the end, a page of the wrong length or a
     /// page already put is ignored (the image decoder refuses those first). A page
     /// that already holds these bytes is only compared, not written (a LOAD over the
@@ -838,6 +907,7 @@ impl Staging<'_> {
         if self.carried[word] & bit != 0 {
             return;
         }
+        self.probe(word);
         self.carried[word] |= bit;
         if self.data[word] & bit == 0 && self.b.write_page_through_file(i, data) {
             self.changed[word] |= bit;
@@ -869,6 +939,11 @@ impl Staging<'_> {
     /// the kernel allocates their memory without faulting or zeroing it).
     pub fn put_all(&mut self, pages: &[(u32, &[u8])]) {
         let page = DEV_MEM_PAGE_SIZE as usize;
+        for &(index, _) in pages {
+            if (index as usize) < self.mem.pages() {
+                self.probe(index as usize / 64);
+            }
+        }
         let mut i = 0;
         while i < pages.len() {
             let hole = |&(index, data): &(u32, &[u8])| {
@@ -933,6 +1008,8 @@ impl Staging<'_> {
             *w |= c;
         }
         if zero_rest {
+            // One walk of the data extents (a base image comes once per migration).
+            self.data = self.b.data_pages();
             for i in 0..mem.pages() {
                 let (word, bit) = (i / 64, 1u64 << (i % 64));
                 if self.carried[word] & bit != 0 {
