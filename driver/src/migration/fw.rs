@@ -248,6 +248,10 @@ impl MigBuf {
                 free,
             });
         }
+        // In address order: pages freed by an earlier buffer come back from the pool in
+        // any order, and an MTT of scattered pages makes the device write the image a
+        // page at a time (no run long enough to copy three pages in place at once).
+        pages.sort_unstable();
         let variant = MKEY_VARIANT.fetch_add(1, Ordering::Relaxed);
         let len = npages as u64 * PAGE_SIZE;
         match fw
