@@ -51,7 +51,10 @@ fn status_bytes(key: &str) -> u64 {
 fn memfd_bytes() -> u64 {
     let mut total = 0;
     let mut seen = std::collections::HashSet::new();
-    for e in std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd").flatten() {
+    for e in std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .flatten()
+    {
         let Ok(target) = std::fs::read_link(e.path()) else {
             continue;
         };
@@ -100,7 +103,11 @@ fn migrate(a: &Testbed, b: &Testbed) -> LiveReport {
 fn assert_holds(f: &Function, off: u64, data: &[u8]) {
     let mut got = vec![0u8; data.len()];
     f.devmem().read(off, &mut got).expect("device memory read");
-    assert!(got == data, "destination differs at {off:#x}+{:#x}", data.len());
+    assert!(
+        got == data,
+        "destination differs at {off:#x}+{:#x}",
+        data.len()
+    );
 }
 
 fn report(what: &str, r: &LiveReport, t: std::time::Duration, written: u64) {

@@ -1160,7 +1160,11 @@ impl state::ImageSink for RunSink<'_> {
         if left < n || !at.is_multiple_of(32) {
             return Ok(None);
         }
-        if self.piece.as_ref().is_none_or(|(d, used)| d.len() - *used < n) {
+        if self
+            .piece
+            .as_ref()
+            .is_none_or(|(d, used)| d.len() - *used < n)
+        {
             self.piece = None;
             let d = self.env.dma_direct(at, left.min(DIRECT_PIECE), true);
             self.piece = d.map_err(|e| Self::fault(at, &e))?.map(|d| (d, 0));

@@ -156,8 +156,7 @@ pub fn can_copy3() -> bool {
 /// # Safety
 /// `dst .. dst + 3 × BLOCK` must be writable and must not overlap the sources.
 pub unsafe fn copy3(dst: *mut u8, src: [&[u8]; 3]) -> Option<[u32; 3]> {
-    if !can_copy3() || !(dst as usize).is_multiple_of(32) || src.iter().any(|b| b.len() != BLOCK)
-    {
+    if !can_copy3() || !(dst as usize).is_multiple_of(32) || src.iter().any(|b| b.len() != BLOCK) {
         return None;
     }
     #[cfg(target_arch = "x86_64")]
@@ -393,10 +392,21 @@ mod tests {
             #[repr(align(32))]
             struct Dst([u8; 3 * BLOCK]);
             let mut dst = Box::new(Dst([0; 3 * BLOCK]));
-            let src = [&data[1..=BLOCK], &data[BLOCK..2 * BLOCK], &data[7..BLOCK + 7]];
+            let src = [
+                &data[1..=BLOCK],
+                &data[BLOCK..2 * BLOCK],
+                &data[7..BLOCK + 7],
+            ];
             // SAFETY: `dst` is 3 blocks of our own, 32-byte aligned, apart from `data`.
             let crcs = unsafe { copy3(dst.0.as_mut_ptr(), src) }.unwrap();
-            assert_eq!(crcs, [crc32c(false, src[0]), crc32c(false, src[1]), crc32c(false, src[2])]);
+            assert_eq!(
+                crcs,
+                [
+                    crc32c(false, src[0]),
+                    crc32c(false, src[1]),
+                    crc32c(false, src[2])
+                ]
+            );
             assert_eq!(&dst.0[..BLOCK], src[0]);
             assert_eq!(&dst.0[2 * BLOCK..], src[2]);
             // SAFETY: as above; a misaligned destination is refused, nothing written.
