@@ -1145,6 +1145,10 @@ impl state::ImageSink for RunSink<'_> {
         RunSink::put(self, b)
     }
 
+    fn in_place(&self) -> bool {
+        RunSink::in_place(self)
+    }
+
     /// In place when the next 12 KiB lie in one run the client shared, 32-byte
     /// aligned (a page-aligned buffer: the pages start on 4 KiB image offsets).
     fn put_pages3(&mut self, pages: [&[u8]; 3]) -> Result<Option<[u32; 3]>, CmdFail> {

@@ -312,6 +312,13 @@ pub trait ImageSink {
     /// Writes the next `b.len()` bytes of the image.
     fn put(&mut self, b: &[u8]) -> Result<(), Self::Error>;
 
+    /// Whether the sink writes in place, so that [`put_pages3`](ImageSink::put_pages3)
+    /// is worth trying (else every byte goes through [`put`](ImageSink::put) in whole
+    /// runs: a sink that copies on wants few, large writes).
+    fn in_place(&self) -> bool {
+        false
+    }
+
     /// Writes the next three pages of the image (each [`sum::BLOCK`] bytes, the first
     /// on a 4 KiB image offset) in place, summing them as they are copied
     /// ([`sum::copy3`]), and returns their block CRCs; `Ok(None)` (nothing written)
@@ -442,7 +449,7 @@ pub fn encode_into<S: ImageSink>(
     let page = DEV_MEM_PAGE_SIZE as usize;
     let mut copy = digests.is_some().then(|| vec![0u8; page]);
     let mut rest = parts.pages;
-    if copy.is_none() {
+    if copy.is_none() && out.sink.in_place() {
         while let [a, b, c, more @ ..] = rest {
             if a.1.len() != page || b.1.len() != page || c.1.len() != page {
                 break;
