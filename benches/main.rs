@@ -303,7 +303,11 @@ fn save_restore(c: &mut Criterion) {
         fw.dealloc_pd(pd);
         let (m, mf) = (mean(&copy), mean(&fresh_copy));
         let (s, l, cs, cl) = (mean(&save), mean(&load), mean(&csave), mean(&cload));
-        // A filter (`-- save_restore/save`) leaves some unmeasured: "-" then.
+        // A filter (`-- save_restore/save`) leaves some unmeasured: "-" then, and no
+        // line for a size it left out altogether.
+        if [m, s, l, cs, cl].iter().all(Duration::is_zero) {
+            continue;
+        }
         summary.push(format!(
             "save_restore {:>4} MiB: memcpy {m:?} (into fresh memory {mf:?}); \
              non-chunk (image {image} B): save {s:?} = {} memcpy, load {l:?} = {} memcpy, \
