@@ -406,9 +406,12 @@ fn rdma_write(c: &mut Criterion) {
 }
 
 /// One firmware command (QUERY_ISSI: a 16-byte input, a 0x70-byte output, no
-/// mailbox) from doorbell to completion, completed by polling and by EQE + MSI-X
-/// eventfd, beside a bare 64-byte unix-socket round trip; a summary line gives each
-/// ratio to the bare round trip.
+/// mailbox) from doorbell to completion, beside a bare 64-byte unix-socket round trip:
+/// completed by polling the entry (`polled`), by the command EQE with the driver's
+/// default spin window (`eqe`: the EQ polled for a moment, armed and the MSI-X eventfd
+/// waited on only past it), and by the EQE's interrupt alone (`eqe_irq`: no spin, every
+/// completion through the eventfd). A summary line gives each ratio to the bare round
+/// trip.
 fn command(c: &mut Criterion) {
     let mut g = c.benchmark_group("command");
     let bare = Cell::default();
@@ -433,33 +436,57 @@ fn command(c: &mut Criterion) {
     drop(a);
     echo.join().unwrap();
     let mut results = Vec::new();
-    for (name, events) in [("query_issi_polled", false), ("query_issi_eqe", true)] {
+    let variants = [
+        ("polled", false, None),
+        ("eqe", true, None),
+        ("eqe_irq", true, Some(Duration::ZERO)),
+    ];
+    for (name, events, spin) in variants {
         // A fresh adapter each: a brought-up function cannot be brought up again.
         let tb = Testbed::start(1);
         let hca = bringup::up(tb.vf_client(0), bringup::ARENA, events);
+        if let Some(spin) = spin {
+            hca.cmd().set_spin(spin);
+        }
         let input = mlx5vf::cmdif::new_input(mlx5_prm::Opcode::QueryIssi, 0, 16);
+        let before = hca.cmd().stats();
         let acc = Cell::default();
-        g.bench_function(name, |bch| {
+        g.bench_function(format!("query_issi_{name}"), |bch| {
             bch.iter_custom(|n| {
                 timed(&acc, n, || {
                     hca.cmd().exec(black_box(&input), 0x70).expect("QUERY_ISSI");
                 })
             })
         });
-        results.push((name, mean(&acc)));
+        let s = hca.cmd().stats();
+        let (done, irqs) = (
+            s.completed_by_polling + s.completed_by_eqe
+                - before.completed_by_polling
+                - before.completed_by_eqe,
+            s.interrupts - before.interrupts,
+        );
+        results.push((name, mean(&acc), done, irqs));
     }
     g.finish();
     let base = mean(&bare);
     if base.is_zero() {
         return;
     }
-    for (name, t) in results {
-        if !t.is_zero() {
-            println!(
-                "command {name}: {t:?} = {:.2}x the bare 64-byte socket round trip ({base:?})",
+    let figures: Vec<String> = results
+        .iter()
+        .filter(|(_, t, _, _)| !t.is_zero())
+        .map(|(name, t, done, irqs)| {
+            format!(
+                "{name} {t:?} = {:.2}x ({irqs} interrupts for {done} commands)",
                 t.as_secs_f64() / base.as_secs_f64()
-            );
-        }
+            )
+        })
+        .collect();
+    if !figures.is_empty() {
+        println!(
+            "command QUERY_ISSI round trip, to the bare 64-byte socket round trip ({base:?}): {}",
+            figures.join(", ")
+        );
     }
 }
 

@@ -343,15 +343,24 @@ fn commands_complete_by_eqe_and_msix_eventfd() {
     assert_eq!(hca.cmd().event_queue().unwrap().eqn(), Some(eqn));
     let before = hca.cmd().stats();
     let n = 300; // more than the 256-entry ring: the owner phase flips
-    for _ in 0..n {
-        exec(hca.cmd(), query_issi_in()).unwrap();
+                 // With the default spin window, then with none: every wait then arms the EQ and
+                 // sleeps on the eventfd.
+    for spin in [mlx5vf::cmdif::DEFAULT_SPIN, Duration::ZERO] {
+        hca.cmd().set_spin(spin);
+        assert_eq!(hca.cmd().spin(), spin);
+        for _ in 0..n {
+            exec(hca.cmd(), query_issi_in()).unwrap();
+        }
     }
     let s = hca.cmd().stats();
-    assert_eq!(s.completed_by_eqe - before.completed_by_eqe, n);
+    assert_eq!(s.completed_by_eqe - before.completed_by_eqe, 2 * n);
     assert_eq!(s.completed_by_polling, before.completed_by_polling);
-    assert!(s.eqes - before.eqes >= n);
+    assert!(s.eqes - before.eqes >= 2 * n);
     assert!(s.interrupts > before.interrupts, "the eventfd fired");
-    assert!(hca.cmd().event_queue().unwrap().ci() >= 300);
+    assert!(hca.cmd().event_queue().unwrap().ci() >= 600);
+    // A window past the cap is cut to it.
+    hca.cmd().set_spin(Duration::from_secs(1));
+    assert_eq!(hca.cmd().spin(), mlx5vf::cmdif::MAX_SPIN);
     hca.down().unwrap();
     assert_eq!(hca.cmd().mode(), Mode::Polling);
     assert_no_objects(&tb.vf(0), "end");

@@ -14,7 +14,7 @@ use vfu::{Dma, DmaError, IrqDesc, IrqIndexShape, IrqTable};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bar0::{Bar0, BAR0_SIZE, MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET};
-use crate::cmdq::{self, Work, WorkSender};
+use crate::cmdq::{self, Work};
 use crate::devmem::{DevMem, DevMemError, DEFAULT_DEV_MEM_SIZE};
 use crate::dma;
 use crate::fabric::Fabric;
@@ -95,7 +95,8 @@ pub struct Function {
     dma: Dma,
     firmware: FwCell,
     fabric: Arc<Fabric>,
-    cmdq: WorkSender,
+    /// The command queue's slot executors.
+    cmdq: cmdq::Engine,
     /// Bumped by every FLR / DEVICE_RESET; queued command work from an older epoch is
     /// dropped.
     epoch: AtomicU64,
@@ -167,8 +168,8 @@ impl Function {
             },
         )?;
         let irqs = IrqTable::new(&Self::irq_shapes(&config));
-        let (tx, rx) = crossbeam_channel::bounded(cmdq::DOORBELL_BACKLOG);
         let (engine, engine_rx) = dma::channel();
+        let short = id.socket_name().trim_end_matches(".sock").to_string();
         let f = Arc::new(Function {
             id,
             state: Mutex::new(FunctionState {
@@ -179,7 +180,7 @@ impl Function {
             dma: Dma::default(),
             firmware: FwCell::new(id),
             fabric,
-            cmdq: tx,
+            cmdq: cmdq::Engine::new(format!("fw-{short}")),
             epoch: AtomicU64::new(0),
             devmem,
             mig: Mutex::new(MigCtl::default()),
@@ -194,9 +195,8 @@ impl Function {
             dirty: DirtyLog::default(),
             reporter: std::sync::OnceLock::new(),
         });
-        let short = id.socket_name().trim_end_matches(".sock").to_string();
         let host: std::sync::Weak<dyn cmdq::Host> = Arc::downgrade(&f) as _;
-        cmdq::spawn_worker(host, rx, format!("fw-{short}")).map_err(FunctionError::Worker)?;
+        f.cmdq.attach(host);
         let host: std::sync::Weak<dyn dma::Host> = Arc::downgrade(&f) as _;
         dma::spawn(host.clone(), engine_rx, format!("dma-{short}"))
             .map_err(FunctionError::Worker)?;
@@ -584,8 +584,8 @@ impl Function {
         }
     }
 
-    /// Queues `mask` on the firmware worker; the caller has admitted it (one work item,
-    /// ended by the worker). A zero mask queues nothing.
+    /// Hands `mask` to the slot executors; the caller has admitted it (one work item,
+    /// ended when the last slot it rang has finished). A zero mask queues nothing.
     fn send_work(&self, mask: u32) {
         if mask == 0 {
             return;
@@ -604,13 +604,7 @@ impl Function {
             events,
             "command doorbell"
         );
-        if self.cmdq.send(work).is_err() {
-            tracing::error!(
-                vhca_id = self.id.vhca_id,
-                "firmware worker is gone; doorbell dropped"
-            );
-            self.work_done();
-        }
+        self.cmdq.ring(work);
     }
 
     /// A 4-byte write to UAR page `page`: EQ arm / consumer-index doorbells, the CQ arm

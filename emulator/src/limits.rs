@@ -12,7 +12,7 @@
 //! | CQs / QPs per function | [`MAX_CQS`] / [`MAX_QPS`] | CREATE_CQ / CREATE_QP: NO_RESOURCES |
 //! | firmware pages per function | [`MAX_FW_PAGES`] | MANAGE_PAGES(GIVE): refused with the page-count syndrome |
 //! | commands in flight per function | [`CMDQ_SLOTS`] slots, one command each | a slot already hardware-owned is not fetched twice |
-//! | doorbells queued per function | [`DOORBELL_BACKLOG`] (and [`SLOT_BACKLOG`] per slot) | the ringing thread waits (flow control), nothing is dropped |
+//! | doorbells queued per function | [`SLOT_BACKLOG`] per slot ([`CMDQ_SLOTS`] slots) | the ringing thread waits (flow control), nothing is dropped |
 //! | command input / output | [`MAX_CMD_IN_LEN`] / [`MAX_CMD_OUT_LEN`] | delivery status IN/OUT_LENGTH_ERR, the command does not run |
 //! | BAR0 access | [`MAX_ACCESS_LEN`] | `EINVAL` |
 //! | command log | [`CMD_LOG_CAPACITY`] records | the oldest are dropped |
@@ -29,7 +29,7 @@
 pub use crate::adapter::MAX_VFS;
 pub use crate::bar0::MAX_ACCESS_LEN;
 pub use crate::cmdq::mailbox::{MAX_CMD_IN_LEN, MAX_CMD_OUT_LEN};
-pub use crate::cmdq::{CMDQ_SLOTS, DOORBELL_BACKLOG, SLOT_BACKLOG};
+pub use crate::cmdq::{CMDQ_SLOTS, SLOT_BACKLOG};
 pub use crate::devmem::MAX_DEV_MEM_SIZE;
 pub use crate::dma::REPORT_RNR_TIMEOUT;
 pub use crate::firmware::page_track::{LOG_MAX_PAGE_TRACKERS, MAX_DIRTY_PAGES, MAX_TRACK_RANGES};

@@ -13,14 +13,20 @@ use mlx5_prm::{CmdStatus, DeliveryStatus};
 use super::entry::{out_header, read_chain, read_entry};
 use super::error::{opcode_name, CmdError};
 use super::init::BAR0;
-use super::slots::{Events, InFlight, Mode, Queue, Slot, Ticket};
+use super::slots::{Events, InFlight, Mode, Queue, Slot, Ticket, CI_UPDATE_EVERY};
 use super::CmdIf;
 
 /// Longest single block on the interrupt eventfd (or on the queue's condition
 /// variable) before deadlines are looked at again.
 pub(super) const EVENT_SLICE: Duration = Duration::from_millis(100);
-/// How long a waiter in event mode polls the EQ before it sleeps on the eventfd.
-const EQ_SPIN: Duration = Duration::from_micros(200);
+/// How long a waiter polls (the entries in polling mode, the command EQ in event mode)
+/// before it sleeps (on the interrupt, in event mode), unless [`CmdIf::set_spin`] says
+/// otherwise.
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
+/// The longest spin window [`CmdIf::set_spin`] accepts.
+pub const MAX_SPIN: Duration = Duration::from_micros(100);
+/// The consumer index is 24 bits wide.
+const EQ_CI_MASK: u32 = 0x00ff_ffff;
 
 /// What one round of driving completion found, outside the lock.
 #[derive(Debug, Default)]
@@ -91,11 +97,14 @@ impl CmdIf {
             q.driving = true;
             let mut events = q.events.take();
             let polling = q.mode == Mode::Polling;
-            let scan = if polling { q.outstanding() } else { Vec::new() };
+            // Spin only until the first round that found nothing: a command still
+            // running after it is waited for by sleeping.
+            let spin = if idle == 0 { q.spin } else { Duration::ZERO };
+            let scan = if polling { q.outstanding() } else { 0 };
             drop(q);
             let r = match events.as_mut() {
-                Some(ev) => self.drive_events(ev, left),
-                None => self.drive_polling(&scan),
+                Some(ev) => self.drive_events(ev, left, spin),
+                None => self.drive_polling(scan, spin.min(left)),
             };
             q = self.lock_queue();
             q.events = events;
@@ -107,56 +116,86 @@ impl CmdIf {
                     self.apply(&mut q, f.slots, polling)
                 }
                 Err(e) => {
-                    self.done.notify_all();
+                    self.wake_waiters(&q);
                     return Err(Arc::new(e));
                 }
             };
-            self.done.notify_all();
+            self.wake_waiters(&q);
             if found > 0 {
                 idle = 0;
-            } else if polling {
-                drop(q);
-                backoff(idle);
+            } else {
+                if polling {
+                    drop(q);
+                    backoff(idle);
+                    q = self.lock_queue();
+                }
                 idle = idle.saturating_add(1);
-                q = self.lock_queue();
             }
         }
     }
 
-    /// Polling mode: the slots of `scan` whose entry is back in software hands.
-    fn drive_polling(&self, scan: &[usize]) -> Result<Found, CmdError> {
+    /// Polling mode: the slots of `scan` whose entry is back in software hands, looked
+    /// at again (yielding the CPU in between) for at most `spin` until one is.
+    fn drive_polling(&self, scan: u32, spin: Duration) -> Result<Found, CmdError> {
         let mut found = Found::default();
-        for &slot in scan {
-            if slot < 32 && self.owned_by_sw(slot)? {
-                found.slots |= 1 << slot;
+        let spin_until = (!spin.is_zero()).then(|| Instant::now() + spin);
+        loop {
+            let mut left = scan;
+            while left != 0 {
+                let slot = left.trailing_zeros() as usize;
+                left &= left - 1;
+                if self.owned_by_sw(slot)? {
+                    found.slots |= 1 << slot;
+                }
             }
+            if found.slots != 0 || spin_until.map_or(true, |u| Instant::now() >= u) {
+                return Ok(found);
+            }
+            std::thread::yield_now();
         }
-        Ok(found)
     }
 
-    /// Event mode: takes EQEs; when none came, blocks on the eventfd (at most
-    /// `max_wait`, in slices) and takes them again.
-    fn drive_events(&self, ev: &mut Events, max_wait: Duration) -> Result<Found, CmdError> {
+    /// Event mode: takes EQEs; when none came, polls the ring for at most `spin` (the
+    /// window of [`CmdIf::set_spin`]), then arms the EQ and blocks on the eventfd
+    /// (at most `max_wait`, in slices) and takes them again.
+    fn drive_events(
+        &self,
+        ev: &mut Events,
+        max_wait: Duration,
+        spin: Duration,
+    ) -> Result<Found, CmdError> {
         let mut found = Found::default();
-        self.drain_eq(ev, &mut found)?;
+        self.take_eqes(ev, &mut found)?;
         if found.slots != 0 {
             return Ok(found);
         }
-        // Busy-poll the EQ (memory) for a moment before sleeping on the eventfd: a
-        // command such as QUERY_ISSI completes within tens of microseconds, while a
-        // thread woken by the eventfd waits for a CPU (on a loaded host, hundreds of
-        // microseconds). The EQE is consumed either way, and the interrupt it raised
-        // is taken off the eventfd (counted now, or by the next wait if it comes late).
-        let spin_until = Instant::now() + EQ_SPIN.min(max_wait);
-        while Instant::now() < spin_until {
-            std::thread::yield_now();
-            self.drain_eq(ev, &mut found)?;
-            if found.slots != 0 {
-                match ev.eventfd.read() {
-                    Ok(n) => found.interrupts += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(CmdError::Irq(e)),
+        // Poll the EQ (memory) for a moment before sleeping on the eventfd: a command
+        // such as QUERY_ISSI completes within tens of microseconds, while a thread woken
+        // by the eventfd waits for a CPU. The EQ is not armed meanwhile, so a completion
+        // found here cost the device no interrupt and the driver no arm doorbell.
+        let spin = spin.min(max_wait);
+        if !spin.is_zero() {
+            let spin_until = Instant::now() + spin;
+            while Instant::now() < spin_until {
+                std::thread::yield_now();
+                self.take_eqes(ev, &mut found)?;
+                if found.slots != 0 {
+                    return Ok(found);
                 }
+            }
+        }
+        if !ev.armed {
+            // An interrupt of an earlier arm, already handled through its EQE, would
+            // end the wait at once: take it off the eventfd before arming.
+            found.interrupts += read_eventfd(ev)?;
+            let (off, v) = ev.eq.doorbell(true);
+            self.post_eq_doorbell(off, v)?;
+            ev.armed = true;
+            ev.told = ev.eq.ci();
+            // An EQE the device wrote before the arm: the arm fires for it at once, and
+            // it is taken now rather than after a wakeup.
+            self.take_eqes(ev, &mut found)?;
+            if found.slots != 0 {
                 return Ok(found);
             }
         }
@@ -176,45 +215,49 @@ impl CmdIf {
                 return Err(CmdError::Irq(e));
             }
         } else if rc > 0 {
-            match ev.eventfd.read() {
-                Ok(n) => found.interrupts += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(CmdError::Irq(e)),
-            }
-            self.drain_eq(ev, &mut found)?;
+            found.interrupts += read_eventfd(ev)?;
+            self.take_eqes(ev, &mut found)?;
         }
         Ok(found)
     }
 
-    /// Consumes the command EQ, notes the slots named, then updates CI and re-arms;
-    /// scans once more after arming so an EQE written before the arm is not missed.
-    fn drain_eq(&self, ev: &mut Events, found: &mut Found) -> Result<(), CmdError> {
-        // Pass 0 takes what is there; pass 1 runs after the arm, for an EQE the device
-        // wrote while the EQ was not armed (it raised no interrupt for it).
-        for _pass in 0..2 {
-            let mut bells: Vec<(u64, [u8; 4])> = Vec::new();
-            let eqes = ev.eq.drain(&self.arena, |off, v| bells.push((off, v)))?;
-            if eqes.is_empty() {
-                break;
-            }
-            bells.push(ev.eq.doorbell(true));
-            found.eqes += eqes.len() as u64;
-            // Posted (No_reply), as a CPU's MMIO write is: the server handles a
-            // connection's messages in order, so the arm lands before the next
-            // doorbell, and waiting for a reply would cost a round trip per command.
-            for (off, v) in bells {
-                self.client().region_write_posted(BAR0, off, &v)?;
-            }
-            for e in &eqes {
-                match e.cmd_vector() {
-                    Some(vector) => found.slots |= vector,
-                    None => tracing::debug!(
-                        event_type = e.event_type(),
-                        "ignoring a non-command event on the command EQ"
-                    ),
-                }
+    /// Consumes the command EQ (at most one ring's worth) and notes the slots named,
+    /// without arming; reports the consumer index once [`CI_UPDATE_EVERY`] EQEs were
+    /// taken since it was last written.
+    fn take_eqes(&self, ev: &mut Events, found: &mut Found) -> Result<(), CmdError> {
+        let mut bells: Vec<(u64, [u8; 4])> = Vec::new();
+        let eqes = ev.eq.drain(&self.arena, |off, v| bells.push((off, v)))?;
+        if eqes.is_empty() {
+            return Ok(());
+        }
+        // The device disarms the EQ when it posts an EQE.
+        ev.armed = false;
+        found.eqes += eqes.len() as u64;
+        if !bells.is_empty() || ev.eq.ci().wrapping_sub(ev.told) & EQ_CI_MASK >= CI_UPDATE_EVERY {
+            bells.clear();
+            bells.push(ev.eq.doorbell(false));
+            ev.told = ev.eq.ci();
+        }
+        for (off, v) in bells {
+            self.post_eq_doorbell(off, v)?;
+        }
+        for e in &eqes {
+            match e.cmd_vector() {
+                Some(vector) => found.slots |= vector,
+                None => tracing::debug!(
+                    event_type = e.event_type(),
+                    "ignoring a non-command event on the command EQ"
+                ),
             }
         }
+        Ok(())
+    }
+
+    /// An EQ doorbell, posted (No_reply) as a CPU's MMIO write is: the server handles
+    /// a connection's messages in order, so it lands before the next doorbell, and
+    /// waiting for a reply would cost a round trip.
+    fn post_eq_doorbell(&self, off: u64, v: [u8; 4]) -> Result<(), CmdError> {
+        self.client().region_write_posted(BAR0, off, &v)?;
         Ok(())
     }
 
@@ -343,13 +386,21 @@ impl CmdIf {
     }
 }
 
-/// Polling back-off: yield first (the device answers within microseconds), then sleep
-/// in growing steps up to 1 ms.
+/// Interrupts counted on the eventfd (0 if none), which is left at zero.
+fn read_eventfd(ev: &Events) -> Result<u64, CmdError> {
+    match ev.eventfd.read() {
+        Ok(n) => Ok(n),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+        Err(e) => Err(CmdError::Irq(e)),
+    }
+}
+
+/// Polling back-off once the spin window found nothing: sleep in growing steps up to
+/// 1 ms.
 fn backoff(idle: u32) {
     match idle {
-        0..=63 => std::thread::yield_now(),
-        64..=255 => std::thread::sleep(Duration::from_micros(20)),
-        256..=1023 => std::thread::sleep(Duration::from_micros(200)),
+        0..=191 => std::thread::sleep(Duration::from_micros(20)),
+        192..=959 => std::thread::sleep(Duration::from_micros(200)),
         _ => std::thread::sleep(Duration::from_millis(1)),
     }
 }

@@ -53,6 +53,7 @@ use vfu::Client;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use arena::{ArenaConfig, ArenaError, DmaArena};
+pub use complete::{DEFAULT_SPIN, MAX_SPIN};
 pub use entry::new_input;
 pub use eq::{EqError, EventQueue};
 pub use error::{errno_name, opcode_name, CmdError};
@@ -229,10 +230,25 @@ impl CmdIf {
     }
 
     /// Waits on `done` (releasing the queue lock) for at most `limit`.
-    fn wait_done<'a>(&self, q: MutexGuard<'a, Queue>, limit: Duration) -> MutexGuard<'a, Queue> {
-        match self.done.wait_timeout(q, limit) {
+    fn wait_done<'a>(
+        &self,
+        mut q: MutexGuard<'a, Queue>,
+        limit: Duration,
+    ) -> MutexGuard<'a, Queue> {
+        q.waiters += 1;
+        let mut q = match self.done.wait_timeout(q, limit) {
             Ok((g, _)) => g,
             Err(e) => e.into_inner().0,
+        };
+        q.waiters -= 1;
+        q
+    }
+
+    /// Wakes the threads waiting on `done` (called with the queue lock held, after
+    /// recording what changed), if there are any: no system call otherwise.
+    fn wake_waiters(&self, q: &Queue) {
+        if q.waiters > 0 {
+            self.done.notify_all();
         }
     }
 
@@ -280,6 +296,19 @@ impl CmdIf {
         &self.arena
     }
 
+    /// How long a waiter polls before it sleeps: the entries' ownership in polling
+    /// mode (then it sleeps in growing steps), the command EQ in event mode (then it
+    /// arms the EQ and sleeps on the eventfd).
+    pub fn spin(&self) -> Duration {
+        self.lock_queue().spin
+    }
+
+    /// Sets that window, for waits from now on; at most [`MAX_SPIN`] (a longer one is
+    /// cut to it). Zero: a wait in event mode always sleeps on the interrupt.
+    pub fn set_spin(&self, spin: Duration) {
+        self.lock_queue().spin = spin.min(MAX_SPIN);
+    }
+
     /// The command EQ, in event mode.
     pub fn event_queue(&self) -> Option<EqState> {
         self.lock_queue_idle().events.as_ref().map(|e| EqState {
@@ -300,7 +329,8 @@ impl CmdIf {
     }
 
     /// Completes commands through `eq` from now on (`mlx5_cmd_use_events`). The EQ must
-    /// exist in the firmware and be armed, and `eventfd` be its MSI-X vector's.
+    /// exist in the firmware and be armed at its current consumer index, and `eventfd`
+    /// be its MSI-X vector's.
     pub fn use_events(&self, eq: EventQueue, eventfd: EventFd) -> Result<(), CmdError> {
         let mut q = self.lock_queue_idle();
         if q.mode == Mode::Events {
@@ -313,7 +343,7 @@ impl CmdIf {
         if busy > 0 {
             return Err(CmdError::BusyModeSwitch { busy });
         }
-        q.events = Some(Events { eq, eventfd });
+        q.events = Some(Events::armed(eq, eventfd));
         q.mode = Mode::Events;
         Ok(())
     }

@@ -86,9 +86,37 @@ pub(super) enum Slot {
 }
 
 /// The command EQ and the eventfd of its MSI-X vector (event mode).
+///
+/// The EQ is armed only when a waiter is about to block on the eventfd: a completion
+/// taken off the ring while a waiter polls it needs no interrupt, so the device raises
+/// none and the driver writes no arm doorbell for it (one vfio-user message less per
+/// command). The consumer index is still reported every [`CI_UPDATE_EVERY`] EQEs, so
+/// the device never sees the ring overrun.
 pub(super) struct Events {
     pub eq: EventQueue,
     pub eventfd: EventFd,
+    /// The EQ is armed as far as the driver knows: an arm doorbell was written and no
+    /// EQE has been taken since (the device disarms when it posts one).
+    pub armed: bool,
+    /// The consumer index last written to the device (arming or not).
+    pub told: u32,
+}
+
+/// EQEs taken before the consumer index is reported without arming (half the spare
+/// EQEs, as `mlx5_eq_update_ci` is called by the kernel's EQ handler).
+pub(super) const CI_UPDATE_EVERY: u32 = (mlx5_prm::cmd::eq::NUM_SPARE_EQE / 2) as u32;
+
+impl Events {
+    /// A command EQ armed (with its consumer index written) by the caller.
+    pub fn armed(eq: EventQueue, eventfd: EventFd) -> Self {
+        let told = eq.ci();
+        Events {
+            eq,
+            eventfd,
+            armed: true,
+            told,
+        }
+    }
 }
 
 /// How commands complete.
@@ -112,6 +140,10 @@ pub(super) struct Queue {
     /// A thread is driving completion (scanning entries or the EQ, or blocked on the
     /// eventfd) without the lock; the others wait on the queue's condition variable.
     pub driving: bool,
+    /// How long a waiter polls (entries or the command EQ) before it sleeps.
+    pub spin: Duration,
+    /// Threads waiting on the queue's condition variable (woken only if there are).
+    pub waiters: usize,
 }
 
 impl Queue {
@@ -125,6 +157,8 @@ impl Queue {
             mode: Mode::Polling,
             events: None,
             driving: false,
+            spin: super::complete::DEFAULT_SPIN,
+            waiters: 0,
         }
     }
 
@@ -188,14 +222,14 @@ impl Queue {
             .collect()
     }
 
-    /// Slots whose entry may come back from the device (busy or stuck).
-    pub fn outstanding(&self) -> Vec<usize> {
+    /// Slots whose entry may come back from the device (busy or stuck), as a mask.
+    pub fn outstanding(&self) -> u32 {
         self.slots
             .iter()
+            .take(32)
             .enumerate()
             .filter(|(_, s)| matches!(s, Slot::Busy(_) | Slot::Stuck(_)))
-            .map(|(i, _)| i)
-            .collect()
+            .fold(0, |m, (i, _)| m | 1 << i)
     }
 
     pub fn count(&self, f: impl Fn(&Slot) -> bool) -> usize {

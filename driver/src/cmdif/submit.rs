@@ -9,14 +9,18 @@ use zerocopy::IntoBytes;
 
 use super::entry::{build_chain, encode_entry, free_chain, in_header, ChainError};
 use super::error::{opcode_name, CmdError};
-use super::init::write32;
+use super::init::BAR0;
 use super::slots::{InFlight, Queue, Slot, Ticket};
 use super::{CmdIf, MAX_MSG_LEN, MIN_OUT_LEN};
 
 impl CmdIf {
     /// Executes one command and returns its `out_len`-byte output.
+    ///
+    /// The doorbell is posted (a REGION_WRITE without reply, as a CPU's MMIO write
+    /// is): the completion this waits for proves the device took it, so waiting for the
+    /// server's reply first would only add a socket round trip to every command.
     pub fn exec(&self, input: &[u8], out_len: usize) -> Result<Vec<u8>, CmdError> {
-        let t = self.submit(input, out_len)?;
+        let t = self.post(input, out_len, Doorbell::Posted)?;
         self.wait(t)
     }
 
@@ -45,7 +49,7 @@ impl CmdIf {
                     next += 1;
                 }
             }
-            if let Err(e) = self.ring(mask) {
+            if let Err(e) = self.ring(mask, Doorbell::Posted) {
                 let e = std::sync::Arc::new(e);
                 let mut q = self.lock_queue();
                 for (i, t) in &wave {
@@ -74,10 +78,16 @@ impl CmdIf {
             .collect()
     }
 
-    /// Posts one command (entry, mailboxes, doorbell) and returns its ticket.
+    /// Posts one command (entry, mailboxes, doorbell) and returns its ticket once the
+    /// device has taken the doorbell (the server answered the REGION_WRITE), so a
+    /// command submitted before another function's command is seen first.
     pub fn submit(&self, input: &[u8], out_len: usize) -> Result<Ticket, CmdError> {
+        self.post(input, out_len, Doorbell::Answered)
+    }
+
+    fn post(&self, input: &[u8], out_len: usize, how: Doorbell) -> Result<Ticket, CmdError> {
         let t = self.prepare(&mut self.lock_queue(), input, out_len)?;
-        if let Err(e) = self.ring(1 << t.slot) {
+        if let Err(e) = self.ring(1 << t.slot, how) {
             self.lock_queue().abandon(t, &self.arena);
             return Err(e);
         }
@@ -186,12 +196,28 @@ impl CmdIf {
     }
 
     /// The doorbell: one register write, without the queue lock.
-    fn ring(&self, mask: u32) -> Result<(), CmdError> {
+    fn ring(&self, mask: u32, how: Doorbell) -> Result<(), CmdError> {
         if mask == 0 {
             return Ok(());
         }
-        write32(&mut self.client(), CMD_DBELL_OFFSET, mask)?;
+        {
+            let mut client = self.client();
+            let v = mask.to_be_bytes();
+            match how {
+                Doorbell::Answered => client.region_write(BAR0, CMD_DBELL_OFFSET, &v)?,
+                Doorbell::Posted => client.region_write_posted(BAR0, CMD_DBELL_OFFSET, &v)?,
+            }
+        }
         self.lock_queue().stats.doorbells += 1;
         Ok(())
     }
+}
+
+/// How a command doorbell is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Doorbell {
+    /// REGION_WRITE without reply: the caller waits for the completion anyway.
+    Posted,
+    /// REGION_WRITE answered by the server: the device has the doorbell on return.
+    Answered,
 }

@@ -1,10 +1,12 @@
 //! The command queue engine of one function (mlx5-device.md §3).
 //!
-//! The socket thread turns a `cmd_dbell` write into a [`Work`] item and returns at
-//! once; a dispatcher thread per function hands each rung slot to that slot's executor
-//! thread (started the first time the slot is rung), so a slow command never blocks
-//! the vfio-user connection, and commands on different slots run concurrently, as on
-//! hardware: a short command is never queued behind a long one on another slot. For
+//! The socket thread turns a `cmd_dbell` write into a [`Work`] item and hands each rung
+//! slot to that slot's executor thread (started the first time the slot is rung), then
+//! returns at once: a slow command never blocks the vfio-user connection, and commands
+//! on different slots run concurrently, as on hardware: a short command is never queued
+//! behind a long one on another slot. There is no thread between the two: every hop
+//! from one thread to another is a wakeup, and a wakeup (a futex and, on another CPU,
+//! an IPI) costs more than the whole of a short command. For
 //! its slot, an executor fetches the entry at `cmdq_address + slot × 64` by DMA, checks it and gathers
 //! the input ([`mailbox::prepare`]), executes it ([`crate::firmware`]), scatters the
 //! output, writes `status_own` with ownership back to software, and, if the doorbell was
@@ -34,16 +36,16 @@
 //! The engine reaches its function through [`Host`], so it knows nothing of the
 //! function's other parts.
 //!
-//! Threads per function: the dispatcher, and at most [`CMDQ_SLOTS`] slot executors,
-//! each started the first time its slot is rung and ended with the function. None
-//! holds a lock while it waits for work; an executor takes the firmware's locks only
-//! as [`FwCell`] describes.
+//! Threads per function: at most [`CMDQ_SLOTS`] slot executors, each started the first
+//! time its slot is rung and ended with the function ([`Engine`] holds their
+//! queues). None holds a lock while it waits for work; an executor takes the
+//! firmware's locks only as [`FwCell`] describes.
 
 pub mod mailbox;
 
-use std::sync::{Arc, Weak};
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 
-use crossbeam_channel::{Receiver, Sender};
 use mlx5_prm::cmd::migration::SAVE_VHCA_STATE_OUT_ACTUAL_IMAGE_SIZE;
 use mlx5_prm::cmdq::{DeliveryStatus, CMD_ENTRY_SIZE};
 use mlx5_prm::ifc;
@@ -66,7 +68,7 @@ pub const CMDQ_STRIDE: u64 = 1 << CMDQ_LOG_STRIDE_DEFAULT;
 const _: () = assert!(CMDQ_STRIDE as usize >= CMD_ENTRY_SIZE);
 const _: () = assert!(CMDQ_SLOTS <= 32);
 
-/// One doorbell's worth of work for the firmware worker.
+/// One doorbell's worth of work for the slot executors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Work {
     /// Slots rung (bits at or above [`CMDQ_SLOTS`] are ignored).
@@ -79,18 +81,12 @@ pub struct Work {
     pub epoch: u64,
 }
 
-/// Doorbells queued for the dispatcher before the one ringing waits. A guest that
-/// rings faster than the firmware executes is slowed down (as PCIe flow control would)
-/// instead of growing the queue without bound. No executor ever rings its own queue (a
-/// RESUME replaying a VF's doorbells runs on the PF's), so waiting cannot deadlock.
-pub const DOORBELL_BACKLOG: usize = 1024;
-
-/// Doorbells queued for one slot's executor before the dispatcher waits (only a guest
-/// ringing a busy slot again and again gets here).
+/// Doorbells queued for one slot's executor before the one ringing waits. A guest that
+/// rings a busy slot faster than the firmware executes is slowed down (as PCIe flow
+/// control would) instead of growing the queue without bound; a function queues at
+/// most [`CMDQ_SLOTS`] × this many. No executor ever rings its own queue (a RESUME
+/// replaying a VF's doorbells runs on the PF's), so waiting cannot deadlock.
 pub const SLOT_BACKLOG: usize = 64;
-
-/// The dispatcher's end of the channel; see [`spawn_worker`].
-pub type WorkSender = Sender<Work>;
 
 /// What the engine needs of its function.
 pub trait Host: Send + Sync + 'static {
@@ -132,26 +128,56 @@ struct SlotJob {
     _admitted: Arc<Admitted>,
 }
 
-/// Starts the dispatcher of `host`'s queue (thread `name`; the slot executors are
-/// `name-sN`). It runs until the function is dropped (its sender goes away); the
-/// executors end with it.
-pub fn spawn_worker(
-    host: Weak<dyn Host>,
-    rx: Receiver<Work>,
+/// The command queue engine of one function: the queues of its slot executors.
+/// Dropping it ends them (each finishes the command it is running first).
+pub struct Engine {
+    host: OnceLock<Weak<dyn Host>>,
+    /// Thread name prefix; the executors are `name-sN`.
     name: String,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(name.clone())
-        .spawn(move || dispatch(host, rx, &name))
+    /// Set the first time the slot is rung (and its executor started).
+    slots: [OnceLock<Arc<SlotQueue>>; CMDQ_SLOTS as usize],
 }
 
-fn dispatch(host: Weak<dyn Host>, rx: Receiver<Work>, name: &str) {
-    let mut slots: Vec<Option<Sender<SlotJob>>> = (0..CMDQ_SLOTS).map(|_| None).collect();
-    while let Ok(work) = rx.recv() {
-        // The doorbell was admitted when it was rung (Function::command_doorbell); a
-        // responder suspend waits until every slot it rang has finished.
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let started = self.slots.iter().filter(|s| s.get().is_some()).count();
+        f.debug_struct("Engine")
+            .field("name", &self.name)
+            .field("executors", &started)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// An engine whose executor threads will be called `name-sN`; it runs nothing
+    /// until [`Engine::attach`] names its function.
+    pub fn new(name: String) -> Self {
+        Engine {
+            host: OnceLock::new(),
+            name,
+            slots: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+
+    /// The function whose queue this is (once; later calls change nothing).
+    pub fn attach(&self, host: Weak<dyn Host>) {
+        let _ = self.host.set(host);
+    }
+
+    /// Hands each slot `work` rang to its executor, on the ringing thread. The doorbell
+    /// was admitted when it was rung (`Function::command_doorbell`): the admission ends
+    /// when every slot it rang has finished, so a responder suspend waits for them.
+    /// Waits only while a slot already has [`SLOT_BACKLOG`] doorbells queued.
+    pub fn ring(&self, work: Work) {
+        let Some(host) = self.host.get() else {
+            tracing::error!(
+                mask = work.mask,
+                "command queue without a function; doorbell dropped"
+            );
+            return;
+        };
         let admitted = Arc::new(Admitted(host.clone()));
-        let Some(h) = host.upgrade() else { break };
+        let Some(h) = host.upgrade() else { return };
         let vhca_id = h.env().id().vhca_id;
         let valid = if CMDQ_SLOTS >= 32 {
             u32::MAX
@@ -167,7 +193,7 @@ fn dispatch(host: Weak<dyn Host>, rx: Receiver<Work>, name: &str) {
         }
         if h.env().epoch() != work.epoch {
             tracing::debug!(vhca_id, "doorbell from before a reset dropped");
-            continue;
+            return;
         }
         let mut mask = work.mask & valid;
         while mask != 0 {
@@ -178,12 +204,8 @@ fn dispatch(host: Weak<dyn Host>, rx: Receiver<Work>, name: &str) {
                 slot,
                 _admitted: Arc::clone(&admitted),
             };
-            let tx = &mut slots[usize::from(slot)];
-            if tx.is_none() {
-                *tx = spawn_slot(host.clone(), format!("{name}-s{slot}"));
-            }
-            let sent = match tx {
-                Some(tx) => tx.send(job).map_err(|e| e.into_inner()),
+            let sent = match self.executor(host, slot) {
+                Some(q) => q.push(job),
                 None => Err(job),
             };
             if let Err(job) = sent {
@@ -192,13 +214,121 @@ fn dispatch(host: Weak<dyn Host>, rx: Receiver<Work>, name: &str) {
             }
         }
     }
+
+    /// The queue of `slot`'s executor, started now if it is not running yet; `None` if
+    /// the thread cannot start (tried again at the next doorbell).
+    fn executor(&self, host: &Weak<dyn Host>, slot: u8) -> Option<&SlotQueue> {
+        let cell = &self.slots[usize::from(slot)];
+        if let Some(tx) = cell.get() {
+            return Some(tx);
+        }
+        let q = spawn_slot(host.clone(), format!("{}-s{slot}", self.name))?;
+        // Two threads ringing at once (a RESUME's replay and the guest) may both start
+        // one: the first kept, the other's executor ended.
+        if let Err(q) = cell.set(q) {
+            q.close();
+        }
+        cell.get().map(|q| &**q)
+    }
+}
+
+impl Drop for Engine {
+    /// Ends the executors: each runs what is queued (finding its function gone, it
+    /// stops) and returns.
+    fn drop(&mut self) {
+        for q in self.slots.iter().filter_map(OnceLock::get) {
+            q.close();
+        }
+    }
+}
+
+/// The doorbells queued for one slot's executor, at most [`SLOT_BACKLOG`]. A mutex and
+/// two condition variables rather than a channel: the executor goes to sleep as soon as
+/// its queue is empty (a channel's receiver spins first, burning CPU the client and the
+/// socket thread need on a busy host, for a doorbell that is rarely that close behind),
+/// and a ringer makes the wake-up system call only when the executor sleeps.
+#[derive(Default)]
+struct SlotQueue {
+    state: Mutex<SlotState>,
+    /// The executor waits here for a doorbell.
+    ready: Condvar,
+    /// A ringer waits here for room.
+    room: Condvar,
+}
+
+#[derive(Default)]
+struct SlotState {
+    jobs: VecDeque<SlotJob>,
+    /// The engine is gone: no more doorbells; the executor ends once the queue is empty.
+    closed: bool,
+    /// The executor is waiting on `ready`.
+    sleeping: bool,
+    /// Ringers waiting on `room`.
+    waiting_for_room: usize,
+}
+
+impl SlotQueue {
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        // Every update is complete before the lock is released.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `job`, waiting (the lock released) while the queue is full; gives it
+    /// back if the queue is closed.
+    fn push(&self, job: SlotJob) -> Result<(), SlotJob> {
+        let mut st = self.lock();
+        while st.jobs.len() >= SLOT_BACKLOG && !st.closed {
+            st.waiting_for_room += 1;
+            st = self.room.wait(st).unwrap_or_else(|e| e.into_inner());
+            st.waiting_for_room -= 1;
+        }
+        if st.closed {
+            return Err(job);
+        }
+        st.jobs.push_back(job);
+        let wake = st.sleeping;
+        drop(st);
+        if wake {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// The next job, waiting (the lock released) while there is none; `None` once the
+    /// queue is closed and empty.
+    fn pop(&self) -> Option<SlotJob> {
+        let mut st = self.lock();
+        loop {
+            if let Some(job) = st.jobs.pop_front() {
+                let wake = st.waiting_for_room > 0;
+                drop(st);
+                if wake {
+                    self.room.notify_one();
+                }
+                return Some(job);
+            }
+            if st.closed {
+                return None;
+            }
+            st.sleeping = true;
+            st = self.ready.wait(st).unwrap_or_else(|e| e.into_inner());
+            st.sleeping = false;
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_all();
+        self.room.notify_all();
+    }
 }
 
 /// Starts the executor of one slot; `None` if the thread cannot start.
-fn spawn_slot(host: Weak<dyn Host>, name: String) -> Option<Sender<SlotJob>> {
-    let (tx, rx) = crossbeam_channel::bounded::<SlotJob>(SLOT_BACKLOG);
+fn spawn_slot(host: Weak<dyn Host>, name: String) -> Option<Arc<SlotQueue>> {
+    let queue = Arc::new(SlotQueue::default());
+    let rx = Arc::clone(&queue);
     let spawned = std::thread::Builder::new().name(name).spawn(move || {
-        while let Ok(job) = rx.recv() {
+        while let Some(job) = rx.pop() {
             let Some(h) = host.upgrade() else { break };
             if h.env().epoch() == job.work.epoch {
                 run_slot(&*h, &job.work, job.slot);
@@ -212,7 +342,7 @@ fn spawn_slot(host: Weak<dyn Host>, name: String) -> Option<Sender<SlotJob>> {
         }
     });
     match spawned {
-        Ok(_) => Some(tx),
+        Ok(_) => Some(queue),
         Err(e) => {
             tracing::warn!(error = %e, "cannot start a slot executor; running slots inline");
             None

@@ -216,10 +216,11 @@ fn slots_of_one_doorbell_run_concurrently_and_its_admission_ends_with_the_last()
     *h.delay.lock().unwrap() = Some((u16::from(Opcode::EnableHca), Duration::from_millis(400)));
     h.post(0, Opcode::EnableHca);
     h.post(1, Opcode::QueryIssi);
-    let (tx, rx) = crossbeam_channel::bounded(DOORBELL_BACKLOG);
+    let engine = Engine::new("fw-test".into());
     let weak: Weak<dyn Host> = Arc::downgrade(&h) as _;
-    spawn_worker(weak, rx, "fw-test".into()).unwrap();
-    tx.send(h.work(0b11, false)).unwrap();
+    engine.attach(weak);
+    // Returns at once: each slot runs on its own executor.
+    engine.ring(h.work(0b11, false));
     let start = Instant::now();
     while h.status_own(1) & CMD_OWNER_HW != 0 {
         assert!(
@@ -252,5 +253,51 @@ fn slots_of_one_doorbell_run_concurrently_and_its_admission_ends_with_the_last()
     let order: Vec<u8> = log.iter().map(|r| r.slot).collect();
     assert_eq!(order, vec![1, 0], "the short command completed first");
     assert_eq!(h.fw.lock().state(), crate::firmware::HcaState::Enabled);
-    drop(tx);
+    drop(engine);
+}
+
+#[test]
+fn a_full_slot_queue_holds_the_ringer_until_the_executor_takes_one_and_a_closed_one_refuses() {
+    let h = FakeHost::new(Firmware::new(FunctionId::vf(0)));
+    let weak: Weak<dyn Host> = Arc::downgrade(&h) as _;
+    let job = || SlotJob {
+        work: h.work(1, false),
+        slot: 0,
+        _admitted: Arc::new(Admitted(weak.clone())),
+    };
+    let q = Arc::new(SlotQueue::default());
+    for _ in 0..SLOT_BACKLOG {
+        assert!(q.push(job()).is_ok());
+    }
+    let ringer = {
+        let q = Arc::clone(&q);
+        let j = job();
+        std::thread::spawn(move || q.push(j).is_ok())
+    };
+    // The ringer waits for room: it is still waiting while the queue stays full.
+    let start = Instant::now();
+    while q.lock().waiting_for_room == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the ringer never waited"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(q.lock().jobs.len(), SLOT_BACKLOG);
+    assert!(q.pop().is_some());
+    assert!(
+        ringer.join().unwrap(),
+        "the ringer queued its job once there was room"
+    );
+    assert_eq!(q.lock().jobs.len(), SLOT_BACKLOG);
+    // Closed: what is queued is still handed out, new doorbells are refused.
+    q.close();
+    assert!(q.push(job()).is_err());
+    let mut left = 0;
+    while q.pop().is_some() {
+        left += 1;
+    }
+    assert_eq!(left, SLOT_BACKLOG);
+    // Each dropped job ended its own admission.
+    assert_eq!(h.done.load(Ordering::Acquire), SLOT_BACKLOG + 2);
 }
