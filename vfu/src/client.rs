@@ -58,6 +58,14 @@ pub struct Client {
     dma: Option<DmaHandler>,
 }
 
+impl std::os::fd::AsRawFd for Client {
+    /// The connection's socket, to wait for the server hanging up (POLLRDHUP) beside
+    /// other fds; reading or writing it directly would desynchronise the protocol.
+    fn as_raw_fd(&self) -> RawFd {
+        self.chan.raw_fd()
+    }
+}
+
 impl Client {
     /// Connects to `path` and negotiates the version.
     pub fn connect(path: &Path) -> Result<Self, VfuError> {

@@ -4,8 +4,10 @@
 //! completed entry's delivery status, output and command status.
 
 use std::os::fd::AsRawFd;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use vmm_sys_util::eventfd::EventFd;
 
 use mlx5_prm::cmdq::{DELIVERY_STATUS_SHIFT, INLINE_SIZE};
 use mlx5_prm::{CmdStatus, DeliveryStatus};
@@ -126,7 +128,9 @@ impl CmdIf {
             } else {
                 if polling {
                     drop(q);
-                    backoff(idle);
+                    if let Err(e) = self.sleep(None, backoff(idle)) {
+                        return Err(Arc::new(e));
+                    }
                     q = self.lock_queue();
                 }
                 idle = idle.saturating_add(1);
@@ -148,7 +152,7 @@ impl CmdIf {
                     found.slots |= 1 << slot;
                 }
             }
-            if found.slots != 0 || spin_until.map_or(true, |u| Instant::now() >= u) {
+            if found.slots != 0 || spin_until.is_none_or(|u| Instant::now() >= u) {
                 return Ok(found);
             }
             std::thread::yield_now();
@@ -200,25 +204,49 @@ impl CmdIf {
             }
         }
         let wait = max_wait.min(EVENT_SLICE);
-        let ms = i32::try_from(wait.as_millis().max(1)).unwrap_or(i32::MAX);
-        let mut pfd = libc::pollfd {
-            fd: ev.eventfd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
+        if self.sleep(Some(&ev.eventfd), wait)? {
+            found.interrupts += read_eventfd(ev)?;
+            self.take_eqes(ev, &mut found)?;
+        }
+        Ok(found)
+    }
+
+    /// Sleeps for at most `limit` or until `eventfd` (if any) is readable; true if it
+    /// is. Fails if the server hung up meanwhile: a posted doorbell gets no answer that
+    /// could tell, and a command it carried will never complete.
+    fn sleep(&self, eventfd: Option<&EventFd>, limit: Duration) -> Result<bool, CmdError> {
+        let ts = libc::timespec {
+            tv_sec: libc::time_t::try_from(limit.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_nsec: limit.subsec_nanos().into(),
         };
-        // SAFETY: `pfd` is a valid pollfd for the duration of the call and nfds is 1;
-        // the fd belongs to the eventfd we own, which outlives the call.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        let mut pfds = [
+            libc::pollfd {
+                fd: self.socket,
+                events: libc::POLLRDHUP,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: eventfd.map_or(-1, |e| e.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let n: libc::nfds_t = if eventfd.is_some() { 2 } else { 1 };
+        // SAFETY: `pfds` and `ts` are valid for the duration of the call and `pfds`
+        // holds `n` entries; the socket belongs to our client and the eventfd to the
+        // caller, both alive across the call; no signal mask is passed.
+        let rc = unsafe { libc::ppoll(pfds.as_mut_ptr(), n, &ts, std::ptr::null()) };
         if rc < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() != std::io::ErrorKind::Interrupted {
                 return Err(CmdError::Irq(e));
             }
-        } else if rc > 0 {
-            found.interrupts += read_eventfd(ev)?;
-            self.take_eqes(ev, &mut found)?;
+            return Ok(false);
         }
-        Ok(found)
+        if pfds[0].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            return Err(CmdError::Vfu(vfu::VfuError::Disconnected));
+        }
+        Ok(eventfd.is_some() && pfds[1].revents & libc::POLLIN != 0)
     }
 
     /// Consumes the command EQ (at most one ring's worth) and notes the slots named,
@@ -395,12 +423,12 @@ fn read_eventfd(ev: &Events) -> Result<u64, CmdError> {
     }
 }
 
-/// Polling back-off once the spin window found nothing: sleep in growing steps up to
+/// Polling back-off once the spin window found nothing: sleeps in growing steps up to
 /// 1 ms.
-fn backoff(idle: u32) {
+fn backoff(idle: u32) -> Duration {
     match idle {
-        0..=191 => std::thread::sleep(Duration::from_micros(20)),
-        192..=959 => std::thread::sleep(Duration::from_micros(200)),
-        _ => std::thread::sleep(Duration::from_millis(1)),
+        0..=191 => Duration::from_micros(20),
+        192..=959 => Duration::from_micros(200),
+        _ => Duration::from_millis(1),
     }
 }

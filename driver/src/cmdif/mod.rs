@@ -117,6 +117,9 @@ impl EqState {
 pub struct CmdIf {
     /// Lock order: after `queue` is released (see the module docs); one round trip at a time.
     client: Mutex<Client>,
+    /// The connection's socket, polled for the server hanging up while a waiter sleeps
+    /// (a posted doorbell gets no answer that could fail); valid while `client` lives.
+    socket: std::os::fd::RawFd,
     arena: DmaArena,
     fw: FwRev,
     geometry: Geometry,
@@ -190,6 +193,7 @@ impl CmdIf {
             Ok((fw, geometry)) => {
                 tracing::debug!(%fw, slots = geometry.slots(), "command interface up");
                 Ok(CmdIf {
+                    socket: client.as_raw_fd(),
                     client: Mutex::new(client),
                     arena,
                     fw,
