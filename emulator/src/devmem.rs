@@ -287,8 +287,36 @@ impl Backing {
         n == want as isize
     }
 
+    /// Writes `src` at byte `off` through the file, in as many calls as the kernel
+    /// takes (each moves forward, at most `src.len()` of them): a hole gets its pages
+    /// allocated and filled without a fault and a zeroing per page, which is what a
+    /// store through the mapping into fresh memory costs (several times the copy).
+    /// False if the file refused (the caller copies through the mapping instead).
+    fn write_through_file(&self, off: usize, src: &[u8]) -> bool {
+        let mut done = 0;
+        while done < src.len() {
+            let rest = &src[done..];
+            // SAFETY: pwrite from a live slice of exactly `rest.len()` bytes to an fd
+            // we own; the offset lies inside the size-sealed file.
+            let n = unsafe {
+                libc::pwrite(
+                    self.file.as_raw_fd(),
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    (off + done) as libc::off_t,
+                )
+            };
+            if n <= 0 {
+                return false;
+            }
+            done += n as usize;
+        }
+        true
+    }
+
     /// Copies all of `from` into `self` (same size), extent by extent: a hole of
-    /// `from` becomes a hole of `self` (nothing read, nothing faulted in).
+    /// `from` becomes a hole of `self` (nothing read, nothing faulted in); a data
+    /// extent goes through the file ([`Backing::write_through_file`]).
     fn copy_from(&self, from: &Backing) {
         let page = DEV_MEM_PAGE_SIZE as usize;
         let data = from.data_pages();
@@ -301,7 +329,11 @@ impl Backing {
                 j += 1;
             }
             let (off, len) = (i * page, (j - i) * page);
-            if is_data || !self.punch(off, len) {
+            // SAFETY: `off + len` is inside `from`'s mapping (whole pages), which
+            // lives for this call and is only read.
+            let src = unsafe { std::slice::from_raw_parts(from.ptr().add(off).cast_const(), len) };
+            let through_file = is_data && self.write_through_file(off, src);
+            if !through_file && (is_data || !self.punch(off, len)) {
                 // SAFETY: `off + len` is inside both mappings (whole pages of each),
                 // which live for this call; distinct memfds, so no overlap.
                 unsafe {
