@@ -371,6 +371,19 @@ impl Backing {
     }
 }
 
+/// Drops `spent` (a device-memory copy nobody maps for the client) on a short-lived
+/// thread, so that munmap and the freeing of its pages happen off the caller's path;
+/// inline if no thread can be started.
+fn drop_elsewhere(spent: Arc<Backing>) {
+    // A thread that cannot start drops its closure, and with it `spent`, here.
+    if let Err(e) = std::thread::Builder::new()
+        .name("devmem-free".into())
+        .spawn(move || drop(spent))
+    {
+        tracing::debug!(error = %e, "freed a device memory copy inline");
+    }
+}
+
 /// Which memfds hold device memory.
 ///
 /// `shared` is the one the current attachment was offered (its mmap). While the
@@ -381,8 +394,8 @@ impl Backing {
 /// frozen is dropped, as a quiesced device drops it).
 struct Maps {
     shared: Arc<Backing>,
-    /// The device's own copy, made at start-up so a freeze cannot fail; its pages are
-    /// given back to the kernel at thaw.
+    /// The device's own copy, made at start-up so a freeze cannot fail; at thaw a fresh
+    /// one replaces it and the spent one's pages are freed off the resume's path.
     copy: Arc<Backing>,
     frozen: bool,
     /// Bumped each time `shared` is replaced (a client left).
@@ -533,7 +546,21 @@ impl DevMem {
         m.frozen = false;
         self.track().rest = None;
         let changed = m.shared.sync_from(&m.copy);
-        m.copy.release();
+        // The next freeze gets a fresh (empty) copy made now, and the spent one's pages
+        // go back to the kernel on a thread of their own: freeing a whole device
+        // memory's pages takes longer than the copy back, and sits on the resume's path
+        // otherwise. If no memfd can be made now, the spent copy is emptied in place.
+        match Backing::new(&format!("{}-frozen", self.name), self.size) {
+            Ok(fresh) => {
+                let spent = std::mem::replace(&mut m.copy, fresh);
+                drop(m);
+                drop_elsewhere(spent);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "no fresh device memory copy; emptying the spent one");
+                m.copy.release();
+            }
+        }
         changed
     }
 
