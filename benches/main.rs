@@ -768,6 +768,33 @@ fn migrate(c: &mut Criterion) {
                 bytes.get(),
             ));
         }
+        // The same stop-copy migration of a VF whose device memory was never written:
+        // its cost should not grow with the memory's size.
+        let untouched = {
+            let (c, d) = (Testbed::start_with(cfg()), Testbed::start_with(cfg()));
+            let src = MigrationDevice::new(migration_pf(&c, size), 0).expect("source VF");
+            let dst = MigrationDevice::new(migration_pf(&d, size), 0).expect("destination VF");
+            let opts = LiveOptions {
+                pre_copy: false,
+                ..LiveOptions::default()
+            };
+            let t = Cell::default();
+            g.bench_function(id("stop_copy_untouched"), |bch| {
+                bch.iter_custom(|n| {
+                    let mut e = Duration::ZERO;
+                    for _ in 0..n {
+                        let r = live::migrate(&src, &dst, &opts, &mut ()).expect("migration");
+                        e += r.total;
+                        src.set_state(MigState::Running)
+                            .expect("source back to RUNNING");
+                    }
+                    let (k, sum) = t.get();
+                    t.set((k + n, sum + e));
+                    e
+                })
+            });
+            mean(&t)
+        };
         let (m, s) = (mean(&copy), mean(&sock));
         let Some(&(_, _, whole, base_down, _, whole_bytes)) = figures.first() else {
             continue;
@@ -786,6 +813,14 @@ fn migrate(c: &mut Criterion) {
             m.as_secs_f64() / whole.as_secs_f64(),
             s.as_secs_f64() / whole.as_secs_f64(),
         ));
+        if !untouched.is_zero() {
+            summary.push(format!(
+                "migrate {:>4} MiB stop_copy_untouched (device memory never written): \
+                 {untouched:?} = {:.1}% of the written one's {whole:?}",
+                size >> 20,
+                100.0 * untouched.as_secs_f64() / whole.as_secs_f64(),
+            ));
+        }
         for &(name, pct, t, d, rounds, bytes) in &figures[1..] {
             if t.is_zero() || base_down.is_zero() {
                 continue;

@@ -350,24 +350,36 @@ impl Backing {
         let page = DEV_MEM_PAGE_SIZE as usize;
         let (a_data, b_data) = (from.data_pages(), self.data_pages());
         let mut changed = 0;
-        for i in 0..self.pages().min(from.pages()) {
-            let (w, bit) = (i / 64, 1u64 << (i % 64));
-            if (a_data[w] | b_data[w]) & bit == 0 {
-                continue;
-            }
-            let (src, dst) = (from.page_ptr(i), self.page_ptr(i));
-            // SAFETY: page `i` is inside both mappings (`page_ptr`), which live for
-            // this call; distinct memfds, so no overlap.
-            unsafe {
-                let a = std::slice::from_raw_parts(src.cast_const(), page);
-                let b = std::slice::from_raw_parts(dst.cast_const(), page);
-                if a != b {
-                    std::ptr::copy_nonoverlapping(src, dst, page);
-                    changed += 1;
+        let pages = self.pages().min(from.pages());
+        for (w, (&in_from, &in_self)) in a_data.iter().zip(&b_data).enumerate() {
+            let mut either = (in_from | in_self) & page_mask(pages, w);
+            while either != 0 {
+                let i = w * 64 + either.trailing_zeros() as usize;
+                either &= either - 1;
+                let (src, dst) = (from.page_ptr(i), self.page_ptr(i));
+                // SAFETY: page `i` is inside both mappings (`page_ptr`), which live for
+                // this call; distinct memfds, so no overlap.
+                unsafe {
+                    let a = std::slice::from_raw_parts(src.cast_const(), page);
+                    let b = std::slice::from_raw_parts(dst.cast_const(), page);
+                    if a != b {
+                        std::ptr::copy_nonoverlapping(src, dst, page);
+                        changed += 1;
+                    }
                 }
             }
         }
         changed
+    }
+}
+
+/// The bits of word `word` (pages `64 * word..`) that are pages of a `pages`-page
+/// device memory.
+fn page_mask(pages: usize, word: usize) -> u64 {
+    match pages.saturating_sub(word * 64) {
+        0 => 0,
+        n if n >= 64 => !0,
+        n => (1u64 << n) - 1,
     }
 }
 
@@ -1069,17 +1081,23 @@ impl Staging<'_> {
         if zero_rest {
             // One walk of the data extents (a base image comes once per migration).
             self.data = self.b.data_pages();
-            for i in 0..mem.pages() {
-                let (word, bit) = (i / 64, 1u64 << (i % 64));
-                if self.carried[word] & bit != 0 {
-                    continue;
+            let pages = mem.pages();
+            // A word (64 pages) at a time: an untouched device memory's words are all
+            // holes, and cost a test each.
+            for (word, (&carried, &data)) in self.carried.iter().zip(&self.data).enumerate() {
+                let mask = page_mask(pages, word);
+                let rest = !carried & mask;
+                let mut read = data & rest;
+                while read != 0 {
+                    let i = word * 64 + read.trailing_zeros() as usize;
+                    read &= read - 1;
+                    // A hole is zeros already, and is not read (reading would fault it in).
+                    if !DevMem::with_page(&self.b, i, is_zero) {
+                        // SAFETY: page `i` lies inside our mapping (`page_ptr`).
+                        unsafe { std::ptr::write_bytes(self.b.page_ptr(i), 0, page) };
+                    }
                 }
-                // A hole is zeros already, and is not read (reading would fault it in).
-                if self.data[word] & bit != 0 && !DevMem::with_page(&self.b, i, is_zero) {
-                    // SAFETY: page `i` lies inside our mapping (`page_ptr`).
-                    unsafe { std::ptr::write_bytes(self.b.page_ptr(i), 0, page) };
-                }
-                t.written[word] |= bit;
+                t.written[word] |= rest;
             }
         }
     }

@@ -23,7 +23,7 @@
 //! end le64 checksum of everything before it (the body)
 //! ```
 //!
-//! The checksum (version 2): the CRC32C of each 4 KiB block of the body (at image
+//! The checksum (since version 2): the CRC32C of each 4 KiB block of the body (at image
 //! offsets k x 4096, the last block shorter), those CRCs as le32 values in order, and
 //! xxh3-64 of them. Version 1 took xxh3-64 of the whole body; a version-1 image is
 //! refused by its version number.
@@ -473,7 +473,7 @@ mod tests {
         h.version.set(VERSION);
         h.total_len.set(0x0102_0304_0506_0708);
         let b = h.as_bytes();
-        assert_eq!(&b[..10], b"MLX5VHCA\x02\x00");
+        assert_eq!(&b[..10], b"MLX5VHCA\x03\x00");
         assert_eq!(&b[16..24], &[8, 7, 6, 5, 4, 3, 2, 1]);
         let e = SectionEntry::mandatory(SectionTag::Iseg, 0x100, 16);
         assert_eq!(&e.as_bytes()[..4], &[4, 0, 1, 0]);

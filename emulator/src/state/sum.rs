@@ -1,4 +1,4 @@
-//! The image checksum (format version 2): CRC32C of every 4 KiB block of the image
+//! The image checksum (since format version 2): CRC32C of every 4 KiB block of the image
 //! body, then xxh3-64 of those block CRCs.
 //!
 //! Version 1 took xxh3-64 of the whole body. On the machines this runs on a copy that
