@@ -659,7 +659,8 @@ fn migration_pf(tb: &Testbed, size: u64) -> std::sync::Arc<Hca> {
 /// adapter to another (each its own vfio-user server, the driver on both PFs), through
 /// the driver's streams (`migration::live`): stop-copy alone, and pre-copy with 0, 1
 /// and 10 % of the pages dirtied per round by a writer thread (at most 3 rounds, then
-/// stop-copy). Beside a memcpy of `size` bytes and a unix-socket stream of `size`
+/// stop-copy); and stop-copy of a VF whose device memory was never written, as a
+/// share of the written one's time. Beside a memcpy of `size` bytes and a unix-socket stream of `size`
 /// bytes between two threads. A summary line per size gives the migration's ratio to
 /// the memcpy and to the socket stream, and each pre-copy downtime's ratio to the
 /// downtime without pre-copy.
