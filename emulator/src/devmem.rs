@@ -412,6 +412,8 @@ struct Maps {
     frozen: bool,
     /// Bumped each time `shared` is replaced (a client left).
     attachment: u64,
+    /// Bumped at each freeze and thaw.
+    freezes: u64,
 }
 
 impl Maps {
@@ -482,6 +484,7 @@ impl DevMem {
                 copy,
                 frozen: false,
                 attachment: 0,
+                freezes: 0,
             }),
             track: Mutex::new(Track {
                 written: vec![0; pages.div_ceil(64)],
@@ -544,6 +547,7 @@ impl DevMem {
         }
         m.copy.copy_from(&m.shared);
         m.frozen = true;
+        m.freezes += 1;
         self.track().rest = None;
     }
 
@@ -556,6 +560,7 @@ impl DevMem {
             return 0;
         }
         m.frozen = false;
+        m.freezes += 1;
         self.track().rest = None;
         let changed = m.shared.sync_from(&m.copy);
         // The next freeze gets a fresh (empty) copy made now, and the spent one's pages
@@ -775,8 +780,36 @@ impl DevMem {
 
     /// Pages a delta would carry now (see [`DevMem::dirty_pages`]), counted in place:
     /// one hashing pass, nothing copied. Without a session, every page.
+    ///
+    /// Of a frozen function the list found is kept for the SAVE that follows (mlx5vf
+    /// sends QUERY just before its final SAVE), so stop-copy hashes device memory once,
+    /// not twice: kept only if the function is still frozen and nothing the device saw
+    /// was written meanwhile (a write, a LOAD, a reset, a freeze or a thaw drops it,
+    /// as they drop a chunked image's rest).
     pub fn count_dirty(&self) -> usize {
-        self.dirty_indices(&self.device()).len()
+        let (frozen, freezes) = {
+            let m = self.maps();
+            (m.frozen, m.freezes)
+        };
+        if !frozen {
+            return self.dirty_indices(&self.device()).len();
+        }
+        if let Some((list, from)) = &self.track().rest {
+            return list.len() - from;
+        }
+        let (written, baseline) = {
+            let t = self.track();
+            (t.written.clone(), t.baseline.clone())
+        };
+        let list = self.dirty_indices(&self.device());
+        let n = list.len();
+        let m = self.maps();
+        let mut t = self.track();
+        let unchanged = t.written == written && t.baseline == baseline;
+        if m.frozen && m.freezes == freezes && t.rest.is_none() && unchanged {
+            t.rest = Some((list, 0));
+        }
+        n
     }
 
     /// The pages [`DevMem::dirty_pages`] would copy, found in place (one hashing pass
@@ -1152,6 +1185,29 @@ mod tests {
         assert!(m.write(16 << 10, b"x").is_err());
         assert!(m.read(u64::MAX, &mut b).is_err());
         assert!(m.write((16 << 10) - 1, b"xy").is_err());
+    }
+
+    #[test]
+    fn a_frozen_query_s_dirty_list_serves_the_next_save_unless_something_was_written() {
+        let m = DevMem::new("t", 64 << 10).unwrap();
+        m.begin_session();
+        m.write(3 * 4096, &[1]).unwrap();
+        m.freeze();
+        assert_eq!(m.count_dirty(), 1);
+        // Kept: the SAVE takes the QUERY's list (and a second QUERY counts it again).
+        assert_eq!(m.count_dirty(), 1);
+        assert_eq!(m.save_list(false, true), (vec![3], 0));
+        // A write the device sees between the QUERY and the SAVE drops the list.
+        assert_eq!(m.count_dirty(), 1);
+        m.write(7 * 4096, &[2]).unwrap();
+        assert_eq!(m.save_list(false, true), (vec![3, 7], 0));
+        // A thaw drops it too, and a running function keeps nothing.
+        assert_eq!(m.count_dirty(), 2);
+        m.thaw();
+        assert_eq!(m.save_list(false, false).0, vec![3, 7]);
+        m.write(9 * 4096, &[3]).unwrap();
+        assert_eq!(m.count_dirty(), 3);
+        assert_eq!(m.save_list(false, false).0, vec![3, 7, 9]);
     }
 
     #[test]
