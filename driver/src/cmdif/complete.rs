@@ -21,12 +21,6 @@ use super::CmdIf;
 /// Longest single block on the interrupt eventfd (or on the queue's condition
 /// variable) before deadlines are looked at again.
 pub(super) const EVENT_SLICE: Duration = Duration::from_millis(100);
-/// How long a waiter polls (the entries in polling mode, the command EQ in event mode)
-/// before it sleeps (on the interrupt, in event mode), unless [`CmdIf::set_spin`] says
-/// otherwise.
-pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
-/// The longest spin window [`CmdIf::set_spin`] accepts.
-pub const MAX_SPIN: Duration = Duration::from_micros(100);
 /// The consumer index is 24 bits wide.
 const EQ_CI_MASK: u32 = 0x00ff_ffff;
 

@@ -53,7 +53,6 @@ use vfu::Client;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use arena::{ArenaConfig, ArenaError, DmaArena};
-pub use complete::{DEFAULT_SPIN, MAX_SPIN};
 pub use entry::new_input;
 pub use eq::{EqError, EventQueue};
 pub use error::{errno_name, opcode_name, CmdError};
@@ -61,6 +60,7 @@ pub use health::HealthFault;
 pub use init::{FwRev, Geometry, BAR0};
 pub use slots::{CmdStats, Mode, Ticket};
 use slots::{Events, Queue, Slot};
+pub use slots::{DEFAULT_SPIN, MAX_SPIN};
 
 /// The kernel's default command timeout (`tout_def_sw_val` CMD).
 pub const DEFAULT_CMD_TIMEOUT: Duration = Duration::from_secs(60);

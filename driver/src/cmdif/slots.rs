@@ -26,6 +26,13 @@ pub struct CmdStats {
     pub late_completions: u64,
 }
 
+/// How long a waiter polls (the entries in polling mode, the command EQ in event mode)
+/// before it sleeps (on the interrupt, in event mode), unless [`super::CmdIf::set_spin`] says
+/// otherwise.
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
+/// The longest spin window [`super::CmdIf::set_spin`] accepts.
+pub const MAX_SPIN: Duration = Duration::from_micros(100);
+
 /// A posted command, redeemed with [`super::CmdIf::wait`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ticket {
@@ -157,7 +164,7 @@ impl Queue {
             mode: Mode::Polling,
             events: None,
             driving: false,
-            spin: super::complete::DEFAULT_SPIN,
+            spin: DEFAULT_SPIN,
             waiters: 0,
         }
     }
